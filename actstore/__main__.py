@@ -1,0 +1,5 @@
+import sys
+
+from actstore.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""actstore.analysis: see the open issues."""

@@ -1,0 +1,64 @@
+"""The ``actstore`` command line: ``actstore ingest``, ``actstore ls``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from actstore.store import DEFAULT_STORE, Store, StoreError
+
+# Errors a user can fix from the message alone: shown as one line, not a traceback.
+_USER_ERRORS: tuple[type[BaseException], ...] = (StoreError, ValueError, FileNotFoundError)
+
+
+def _ls(args: argparse.Namespace) -> int:
+    runs = Store(args.store).runs()
+    if not runs:
+        print(f"no runs in {args.store}")
+        return 0
+    print(f"{'run':44} {'layers':>6} {'samples':>8} {'hidden':>6} {'accuracy':>8} {'size':>9}  status")
+    for run in runs:
+        layers, samples, hidden = run.shape
+        accuracy = f"{run.accuracy:.3f}" if run.accuracy is not None else "-"
+        status = "complete" if run.complete else "partial (resume with the same ingest command)"
+        print(f"{run.model + '/' + run.method:44} {layers:>6} {samples:>8} {hidden:>6} {accuracy:>8} "
+              f"{run.size_bytes() / 1e6:>7.1f}MB  {status}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="actstore", description="Hidden states of language models, stored, "
+                                     "served and analysed layer by layer.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    from actstore.ingest.cli import register as register_ingest  # torch loads only when ingest is asked for
+
+    register_ingest(sub)
+    ls = sub.add_parser("ls", help="list the runs in a store")
+    ls.add_argument("--store", type=Path, default=DEFAULT_STORE, help="store folder (default: %(default)s)")
+    ls.set_defaults(func=_ls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("actstore: interrupted; committed batches are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except _USER_ERRORS as exc:
+        if args.verbose or os.environ.get("ACTSTORE_DEBUG"):
+            raise
+        print(f"actstore: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

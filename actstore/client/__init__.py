@@ -1,0 +1,1 @@
+"""actstore.client: see the open issues."""

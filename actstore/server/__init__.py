@@ -1,0 +1,1 @@
+"""actstore.server: see the open issues."""

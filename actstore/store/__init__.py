@@ -1,0 +1,32 @@
+"""The on-disk layout of actstore: the only package that opens Zarr paths.
+
+Everything else reads and writes runs through :class:`Store`, :class:`Run` and :class:`RunWriter`.
+"""
+
+from actstore.store.errors import (
+    InvalidName,
+    RecipeMismatch,
+    RunLocked,
+    RunNotFound,
+    StoreError,
+    StoreNotWritable,
+)
+from actstore.store.names import safe_name, validate_name
+from actstore.store.run import LABELS, Run, RunWriter
+from actstore.store.store import DEFAULT_STORE, Store
+
+__all__ = [
+    "DEFAULT_STORE",
+    "LABELS",
+    "InvalidName",
+    "RecipeMismatch",
+    "Run",
+    "RunLocked",
+    "RunNotFound",
+    "RunWriter",
+    "Store",
+    "StoreError",
+    "StoreNotWritable",
+    "safe_name",
+    "validate_name",
+]

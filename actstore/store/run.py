@@ -1,0 +1,282 @@
+"""One run: the hidden states of one model under one method, with labels and provenance.
+
+On disk a run is the Zarr v3 group ``{model}/{method}``::
+
+    hidden_states  (layer, sample, hidden)  float32, sharded, Blosc-compressed
+    layer          (layer,)                 0 = embeddings (site "residual") or block 0's input norm
+    sample         (sample,)                the question's stable id in its dataset
+    subject, answer, prediction (sample,)   strings; correct (sample,) bool
+
+The sample axis only grows, and only by whole committed batches: writers append data past the
+committed end, then advance ``progress.n_committed`` in the group's attributes (an atomic file
+replace). Arrays are resized to the committed length at each commit, so a plain Zarr or xarray
+reader sees only complete samples, and a crash leaves at worst an uncommitted tail that the next
+writer truncates.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from actstore.store.errors import RecipeMismatch
+from actstore.store.layout import LABEL_CHUNK, STATE_DTYPE, StateLayout, state_compressor
+from actstore.store.lock import FolderLock
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+STATES = "hidden_states"
+LABELS = {"sample": "int64", "subject": str, "answer": str, "prediction": str, "correct": "bool"}
+LABEL_COORDS = "subject answer prediction correct"
+
+
+def folder_size(path: Path) -> int:
+    """Bytes on disk of every file below ``path``."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@dataclass
+class Run:
+    """A read-only view of one run, limited to its committed samples."""
+
+    path: Path
+    group: zarr.Group
+    model: str
+    method: str
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.group.attrs["progress"]["n_committed"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.group.attrs["progress"]["complete"])
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.group.attrs.get("accuracy")
+
+    @property
+    def hidden_states(self) -> zarr.Array:
+        return self.group[STATES]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        n_layers, _, hidden = self.hidden_states.shape
+        return (n_layers, self.n_samples, hidden)
+
+    def check_recipe(self, recipe: dict[str, Any]) -> None:
+        """Raise RecipeMismatch unless the run was made with ``recipe``."""
+        stored = self.group.attrs.get("recipe")
+        if stored != recipe:
+            raise RecipeMismatch(_mismatch_message(self.model, self.method, stored or {}, recipe))
+
+    def labels(self) -> dict[str, np.ndarray]:
+        """The per-sample coordinates of the committed samples, by name."""
+        n = self.n_samples
+        return {name: self.group[name][:n] for name in LABELS}
+
+    def size_bytes(self) -> int:
+        return folder_size(self.path)
+
+    def to_xarray(self) -> xr.Dataset:
+        """The run as a lazy xarray Dataset with named dimensions and coordinates."""
+        root = self.path.parents[1]
+        ds = xr.open_zarr(root, group=f"{self.model}/{self.method}", consolidated=False)
+        return ds.isel(sample=slice(0, self.n_samples))
+
+
+def _create_arrays(group: zarr.Group, n_layers: int, hidden: int, site: str) -> None:
+    layout = StateLayout(hidden)
+    states = group.create_array(
+        STATES,
+        shape=(n_layers, 0, hidden),
+        dtype=STATE_DTYPE,
+        chunks=layout.chunks,
+        shards=layout.shards,
+        compressors=[state_compressor()],
+        fill_value=float("nan"),
+        dimension_names=("layer", "sample", "hidden"),
+        attributes={"coordinates": LABEL_COORDS, "site": site, "token_position": "last prompt token"},
+    )
+    log.debug("created %s with chunks %s, shards %s", states.path, layout.chunks, layout.shards)
+    layer = group.create_array("layer", shape=(n_layers,), dtype="int64", dimension_names=("layer",))
+    layer[:] = np.arange(n_layers)
+    for name, dtype in LABELS.items():
+        group.create_array(name, shape=(0,), dtype=dtype, chunks=(LABEL_CHUNK,), dimension_names=("sample",))
+
+
+class RunWriter:
+    """Appends batches to a run, committing them atomically; holds the run's writer lock.
+
+    Batches are buffered in memory and committed every ``commit_seconds`` (and on ``close``), so
+    a kill loses at most that much work while commits stay cheap. Use as a context manager.
+    """
+
+    def __init__(self, run: Run, lock: FolderLock, commit_seconds: float) -> None:
+        self.run = run
+        self._lock = lock
+        self._commit_seconds = commit_seconds
+        self._pending: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        self._last_commit = time.monotonic()
+        self._truncate_uncommitted()
+
+    @classmethod
+    def open(
+        cls,
+        root: Path,
+        model: str,
+        method: str,
+        *,
+        recipe: dict[str, Any],
+        attrs: dict[str, Any],
+        n_layers: int,
+        hidden: int,
+        overwrite: bool = False,
+        commit_seconds: float = 10.0,
+    ) -> "RunWriter":
+        """Open ``model/method`` for appending, creating it (or recreating it with ``overwrite``).
+
+        Refuses a run whose recipe differs from ``recipe``: appending would mix two experiments.
+        """
+        path = root / model / method
+        path.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock(path, f"run {model}/{method}")
+        try:
+            group = zarr.open_group(root, mode="a").require_group(model).require_group(method)
+            if "recipe" not in group.attrs or overwrite:
+                group = _recreate(root, model, method, n_layers, hidden, recipe, attrs)
+            run = Run(path=path, group=group, model=model, method=method)
+            run.check_recipe(recipe)
+            return cls(run, lock, commit_seconds)
+        except BaseException:
+            lock.release()
+            raise
+
+    @property
+    def n_committed(self) -> int:
+        return self.run.n_samples
+
+    def committed_ids(self) -> np.ndarray:
+        return self.run.group["sample"][: self.n_committed]
+
+    def set_planned(self, n_planned: int) -> None:
+        """Record how many samples the run will hold when this ingest ends."""
+        progress = dict(self.run.group.attrs["progress"])
+        progress.update(n_planned=n_planned, complete=n_planned == progress["n_committed"])
+        self.run.group.attrs["progress"] = progress
+
+    def update_attrs(self, values: dict[str, Any]) -> None:
+        self.run.group.attrs.update(values)
+
+    def append_history(self, entry: dict[str, Any]) -> None:
+        """Keep a record of every ingest that touched the run (selection, versions, time)."""
+        self.update_attrs({"history": [*self.run.group.attrs.get("history", []), entry]})
+
+    def add(self, states: np.ndarray, labels: dict[str, np.ndarray]) -> None:
+        """Buffer one batch: ``states`` is (layer, batch, hidden); ``labels`` has every LABELS name."""
+        self._pending.append((np.asarray(states, dtype=STATE_DTYPE), labels))
+        if time.monotonic() - self._last_commit >= self._commit_seconds:
+            self.commit()
+
+    def commit(self) -> None:
+        """Write the buffered batches, then mark them committed (data first, then the record)."""
+        if not self._pending:
+            return
+        group = self.run.group
+        start = self.n_committed
+        states = np.concatenate([s for s, _ in self._pending], axis=1)
+        labels = {k: np.concatenate([lab[k] for _, lab in self._pending]) for k in LABELS}
+        stop = start + states.shape[1]
+        self._resize(stop)
+        group[STATES][:, start:stop] = states
+        for name, values in labels.items():
+            group[name][start:stop] = values
+        self._record_commit(stop, int(labels["correct"].sum()))
+        self._pending.clear()
+        self._last_commit = time.monotonic()
+
+    def close(self) -> None:
+        """Commit what is buffered and release the lock."""
+        try:
+            self.commit()
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> "RunWriter":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # Buffered batches are whole: keep them even when the ingest stops on an error or Ctrl-C.
+        self.close()
+
+    def _record_commit(self, n_committed: int, new_correct: int) -> None:
+        attrs = self.run.group.attrs
+        progress = dict(attrs["progress"])
+        n_correct = progress["n_correct"] + new_correct
+        progress.update(
+            n_committed=n_committed,
+            n_correct=n_correct,
+            complete=n_committed >= progress.get("n_planned", n_committed),
+        )
+        attrs.update({"progress": progress, "accuracy": n_correct / n_committed if n_committed else None})
+
+    def _resize(self, n: int) -> None:
+        group = self.run.group
+        n_layers, _, hidden = group[STATES].shape
+        group[STATES].resize((n_layers, n, hidden))
+        for name in LABELS:
+            group[name].resize((n,))
+
+    def _truncate_uncommitted(self) -> None:
+        """Drop what a crashed writer left past the committed end, and its temporary files."""
+        for leftover in self.run.path.rglob("*.partial"):
+            leftover.unlink(missing_ok=True)
+        if self.run.group[STATES].shape[1] != self.n_committed:
+            log.info("dropping an uncommitted tail left by an interrupted ingest")
+            self._resize(self.n_committed)
+
+
+def _recreate(
+    root: Path, model: str, method: str, n_layers: int, hidden: int, recipe: dict, attrs: dict
+) -> zarr.Group:
+    """Empty the run folder and lay out a fresh run; the recipe is written last, marking it usable."""
+    path = root / model / method
+    for child in path.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    group = zarr.open_group(root, mode="a").require_group(model).require_group(method)
+    _create_arrays(group, n_layers, hidden, recipe.get("site", ""))
+    group.attrs.update(
+        {
+            **attrs,
+            "actstore": {"format_version": FORMAT_VERSION, "kind": "run"},
+            "model": model,
+            "method": method,
+            "progress": {"n_committed": 0, "n_correct": 0, "n_planned": 0, "complete": False},
+            "accuracy": None,
+        }
+    )
+    group.attrs["recipe"] = recipe
+    return group
+
+
+def _mismatch_message(model: str, method: str, stored: dict, wanted: dict) -> str:
+    keys = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+    diffs = "; ".join(f"{k}: stored {stored.get(k)!r}, asked {wanted.get(k)!r}" for k in keys[:4])
+    return (
+        f"run {model}/{method} already exists with a different recipe ({diffs}). "
+        "Use another --name or method, or --overwrite to replace it"
+    )

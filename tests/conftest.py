@@ -1,0 +1,92 @@
+"""Small real things for the tests: a tiny random Llama with a tokenizer trained on the spot, and
+MMLU-format question files. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SUBJECTS = ("anatomy", "astronomy", "college_biology")
+PER_SUBJECT = 14
+WORDS = "cell bone star orbit protein heart moon gene lung planet enzyme nerve comet tissue light mass".split()
+
+
+def make_questions(seed: int = 0) -> list[dict]:
+    """MMLU-jsonl rows (answer_a..d, correct_answer, topic) of varied length, plus one header row."""
+    rng = random.Random(seed)
+    rows = []
+    for subject in SUBJECTS:
+        for i in range(PER_SUBJECT):
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 25)))
+            rows.append({
+                "question": f"Question {i} on {subject.replace('_', ' ')}: which {words}?",
+                **{f"answer_{c}": f"{c} {rng.choice(WORDS)} {rng.choice(WORDS)}" for c in "abcd"},
+                "correct_answer": "ABCD"[rng.randrange(4)],
+                "topic": subject.replace("_", " "),
+            })
+    rows.insert(20, {"question": "question", **{f"answer_{c}": c for c in "abcd"}, "correct_answer": "answer",
+                     "topic": "topic"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def questions_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "mmlu_small.jsonl", make_questions())
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 3-block random Llama and a byte-level BPE tokenizer, saved as an ordinary HF folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from actstore.ingest.prompts import build_prompt
+    from actstore.ingest.datasets import Question
+
+    corpus = [build_prompt(Question(0, r["topic"], r["question"], tuple(r[f"answer_{c}"] for c in "abcd"),
+                                    "A"), [], None) + " A B C D" for r in make_questions(1)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def ingest_cli(tiny_model, questions_file, tmp_path):
+    """Run ``actstore ingest`` in-process on the tiny model and small file; returns (exit code, store)."""
+    from actstore.cli import main
+
+    store = tmp_path / "store"
+
+    def run(*extra: str, store_path: Path = store) -> int:
+        args = ["ingest", "--store", str(store_path), "--model", str(tiny_model), "--dataset", str(questions_file),
+                "--dtype", "float32", "--batch-size", "4", *extra]
+        return main(args)
+
+    run.store = store
+    return run

@@ -1,0 +1,152 @@
+"""The store opens with plain Zarr and xarray; bad input fails clearly and leaves the store intact."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from actstore.cli import main
+from actstore.store import InvalidName, Store, safe_name, validate_name
+from conftest import make_questions, write_jsonl
+
+
+def snapshot(root) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def filled(ingest_cli):
+    assert ingest_cli("--methods", "0shot,1shot", "--per-subject", "4") == 0
+    return ingest_cli
+
+
+def test_plain_zarr_and_xarray_open_the_store(filled):
+    ds = xr.open_zarr(filled.store, group="tiny-llama/0shot", consolidated=False)
+    assert ds.hidden_states.dims == ("layer", "sample", "hidden")
+    assert ds.hidden_states.shape == (4, 12, 32)
+    for name in ("subject", "answer", "prediction", "correct"):
+        assert ds[name].dims == ("sample",) and name in ds.coords
+    assert list(ds.layer.values) == [0, 1, 2, 3]
+    assert set(ds.subject.values) == {"anatomy", "astronomy", "college_biology"}
+    group = zarr.open_group(filled.store, mode="r")["tiny-llama/0shot"]
+    assert group["hidden_states"].metadata.dimension_names == ("layer", "sample", "hidden")
+    np.testing.assert_array_equal(group["hidden_states"][2], ds.hidden_states[2].values)
+    assert not np.isnan(ds.hidden_states.values).any()
+    attrs = zarr.open_group(filled.store, mode="r")["tiny-llama/1shot"].attrs.asdict()
+    assert attrs["recipe"]["k"] == 1 and attrs["recipe"]["dataset"]["sha256"]
+    assert len(attrs["prompt"]["shot_ids"]["anatomy"]) == 1
+    assert 0 <= attrs["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("bad", ["..", "a/b", "../x", "", ".hidden", "x" * 200, "a..b"])
+def test_names_that_could_escape_the_root_are_refused(bad):
+    with pytest.raises(InvalidName):
+        validate_name(bad)
+
+
+def test_safe_name_keeps_hub_ids_readable():
+    assert safe_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB--SmolLM2-135M"
+    assert safe_name("../../etc") == "etc"
+
+
+def test_cli_refuses_an_escaping_name(ingest_cli, tmp_path, capsys):
+    assert ingest_cli("--name", "../escaped", "--limit", "2") == 1
+    assert "invalid model name" in capsys.readouterr().err
+    assert not (tmp_path / "escaped").exists()
+
+
+def _csv_folder(root, dev_rows):
+    (root / "test").mkdir(parents=True)
+    (root / "dev").mkdir()
+    (root / "test" / "anatomy_test.csv").write_text("What is a bone?,a,b,c,d,B\nWhat is skin?,a,b,c,d,A\n")
+    (root / "dev" / "anatomy_dev.csv").write_text("".join(f"Dev {i}?,a,b,c,d,C\n" for i in range(dev_rows)))
+    return root
+
+
+BAD_INPUTS = {
+    "missing model": (["--model", "/nonexistent/model"], "model not found"),
+    "bad json": (["--dataset", "{bad_json}"], "not valid JSON"),
+    "bad answer": (["--dataset", "{bad_answer}"], "answer must be one of A-D"),
+    "three choices": (["--dataset", "{three_choices}"], "exactly 4 text choices"),
+    "empty dataset": (["--dataset", "{empty}"], "no questions"),
+    "unknown subject": (["--subjects", "anatomy,alchemy"], "unknown subject(s) alchemy"),
+    "k over pool": (["--dataset", "{csv}", "--methods", "3shot"], "needs 3 shots"),
+    "k over 5": (["--methods", "6shot"], "exceeds the shot pool"),
+    "unwritable store": (["--store", "{file}/store"], "cannot write the store"),
+    "other recipe": (["--methods", "0shot", "--per-subject", "4", "--site", "residual"], "different recipe"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_a_one_line_error_and_the_store_is_intact(filled, tmp_path, capsys, case):
+    good = make_questions()
+    files = {
+        "bad_json": tmp_path / "bad.jsonl",
+        "bad_answer": write_jsonl(tmp_path / "answer.jsonl", good[:3] + [{**good[3], "correct_answer": "E"}]),
+        "three_choices": write_jsonl(tmp_path / "three.jsonl", [{k: v for k, v in good[0].items() if k != "answer_d"}]),
+        "empty": tmp_path / "empty.jsonl",
+        "csv": _csv_folder(tmp_path / "mmlu_csv", dev_rows=2),
+        "file": tmp_path / "a_file",
+    }
+    files["bad_json"].write_text(json.dumps(good[0]) + "\n{not json\n")
+    files["empty"].write_text("\n")
+    files["file"].write_text("")
+    args, message = BAD_INPUTS[case]
+    before = snapshot(filled.store)
+    capsys.readouterr()
+    assert filled(*[a.format(**files) for a in args]) == 1
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in last_line and last_line.startswith("actstore: error:")
+    assert snapshot(filled.store) == before
+
+
+def test_rerun_does_nothing_and_raising_per_subject_appends(filled, capsys):
+    before = snapshot(filled.store)
+    capsys.readouterr()
+    assert filled("--methods", "0shot,1shot", "--per-subject", "4") == 0
+    assert capsys.readouterr().out.count("up to date") == 2
+    assert snapshot(filled.store) == before
+
+    old = Store(filled.store).run("tiny-llama", "0shot")
+    old_states, old_ids = old.hidden_states[:], old.labels()["sample"]
+    assert filled("--methods", "0shot", "--per-subject", "6") == 0
+    new = Store(filled.store).run("tiny-llama", "0shot")
+    assert new.n_samples == 18 and new.complete
+    np.testing.assert_array_equal(new.hidden_states[:, :12], old_states)
+    np.testing.assert_array_equal(new.labels()["sample"][:12], old_ids)
+    assert len(set(new.labels()["sample"].tolist())) == 18
+    assert [h["added"] for h in new.attrs["history"]] == [12, 6]
+
+
+def test_overwrite_replaces_a_run_of_another_recipe(filled):
+    assert filled("--methods", "0shot", "--per-subject", "2", "--site", "residual", "--overwrite") == 0
+    run = Store(filled.store).run("tiny-llama", "0shot")
+    assert run.attrs["recipe"]["site"] == "residual" and run.n_samples == 6
+
+
+def test_ls_lists_runs(filled, capsys):
+    capsys.readouterr()
+    assert main(["ls", "--store", str(filled.store)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-llama/0shot" in out and "tiny-llama/1shot" in out and "complete" in out
+
+
+def test_dry_run_writes_nothing(ingest_cli, capsys):
+    assert ingest_cli("--methods", "0shot,2shot", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "tiny-llama/0shot" in out and "tiny-llama/2shot" in out
+    assert not ingest_cli.store.exists()
+
+
+def test_csv_folder_takes_shots_from_dev(tiny_model, tmp_path):
+    data = _csv_folder(tmp_path / "mmlu_csv", dev_rows=5)
+    store = tmp_path / "s"
+    assert main(["ingest", "--store", str(store), "--model", str(tiny_model), "--dataset", str(data),
+                 "--methods", "2shot", "--dtype", "float32"]) == 0
+    run = Store(store).run("tiny-llama", "2shot")
+    assert run.n_samples == 2  # no test question held out when a dev split exists
+    assert run.attrs["recipe"]["shot_source"].startswith("dev split")
