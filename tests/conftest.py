@@ -40,6 +40,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Shrink chunks and shards so the tiny model's 32-wide states span many of both, as real runs do."""
+    from actstore.store import layout
+
+    monkeypatch.setattr(layout, "INNER_CHUNK_BYTES", 8 * 4 * 32)  # 8 samples per inner chunk
+    monkeypatch.setattr(layout, "SHARD_BYTES", 32 * 4 * 32)  # 32 samples per shard
+
+
 @pytest.fixture(scope="session")
 def questions_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "mmlu_small.jsonl", make_questions())

@@ -150,3 +150,24 @@ def test_csv_folder_takes_shots_from_dev(tiny_model, tmp_path):
     run = Store(store).run("tiny-llama", "2shot")
     assert run.n_samples == 2  # no test question held out when a dev split exists
     assert run.attrs["recipe"]["shot_source"].startswith("dev split")
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_fast_reader_equals_zarr_for_layers_ranges_and_single_samples(ingest_cli, tmp_path, monkeypatch, parallel):
+    from actstore.store import reader
+
+    monkeypatch.setattr(reader, "_PARALLEL_BYTES", 0 if parallel else 1 << 40)
+    rows = [r for seed in range(3) for r in make_questions(seed)]
+    data = write_jsonl(tmp_path / "more.jsonl", rows)
+    assert ingest_cli("--dataset", str(data), "--methods", "0shot") == 0
+    run = Store(ingest_cli.store).run("tiny-llama", "0shot")
+    full = run.hidden_states[:]
+    n = run.n_samples
+    assert run.reader.direct and n > run.hidden_states.shards[1] * 3  # spans several shards
+    np.testing.assert_array_equal(run.read_states([0, 1, 2, 3]), full)
+    for start, stop in [(0, 1), (n - 1, n), (5, 70), (32, 64), (3, 3), (30, 34)]:
+        np.testing.assert_array_equal(run.read_states([2, 0], start, stop), full[[2, 0], start:stop])
+    with pytest.raises(IndexError):
+        run.read_states([4])
+    with pytest.raises(IndexError):
+        run.read_states([0], 0, n + 1)

