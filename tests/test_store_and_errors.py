@@ -171,3 +171,14 @@ def test_fast_reader_equals_zarr_for_layers_ranges_and_single_samples(ingest_cli
         run.read_states([4])
     with pytest.raises(IndexError):
         run.read_states([0], 0, n + 1)
+
+
+def test_listing_needs_no_torch(filled):
+    import subprocess
+    import sys
+
+    code = ("import sys; from actstore.cli import main; code = main(['ls', '--store', sys.argv[1]]); "
+            "assert 'torch' not in sys.modules and 'dask' not in sys.modules; sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code, str(filled.store)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "tiny-llama/0shot" in done.stdout

@@ -49,6 +49,17 @@ class ModelSource:
         return cls(model, gguf_file)
 
     @property
+    def model_id(self) -> str:
+        """The model's identity without the folder it happens to sit in: a hub id, folder or file name."""
+        if self.gguf_file:
+            return self.gguf_file
+        return Path(self.path).name if Path(self.path).exists() else self.path
+
+    @property
+    def location(self) -> str:
+        return str(Path(self.path) / self.gguf_file) if self.gguf_file else self.path
+
+    @property
     def default_name(self) -> str:
         if self.gguf_file:
             return Path(self.gguf_file).stem

@@ -96,7 +96,7 @@ class Ingest:
     def _recipe(self, method: Method, source: ModelSource) -> dict:
         """Everything that decides the stored values; a run only ever holds samples of one recipe."""
         recipe = {
-            "model_id": self.base.path if not self.base.gguf_file else f"{self.base.path}/{self.base.gguf_file}",
+            "model_id": self.base.model_id,  # with the fingerprint, not the path: stores move between machines
             "model_fingerprint": self._fingerprint(self.base),
             "method": method.name,
             "k": method.k,
@@ -109,7 +109,7 @@ class Ingest:
             "dataset": {"name": self.dataset.name, "sha256": self.dataset.sha256},
         }
         if method.finetuned:
-            recipe["checkpoint"] = {"path": source.path, "fingerprint": self._fingerprint(source)}
+            recipe["checkpoint"] = {"model_id": source.model_id, "fingerprint": self._fingerprint(source)}
         return recipe
 
     def _pending(self, method: Method, recipe: dict) -> list[Question]:
@@ -162,11 +162,12 @@ class Ingest:
     def _provenance(self, loaded: LoadedModel, method: Method, extractor: StateExtractor) -> dict:
         tok = loaded.tokenizer
         return {
-            "model_id": self.base.path,
+            "model_id": self.base.model_id,
+            "model_location": self.base.location,
             "model_name": self.name,
             "revision": getattr(loaded.model.config, "_commit_hash", None),
             "architecture": type(loaded.model).__name__,
-            "base_model": self.base.path if method.finetuned else None,
+            "checkpoint_location": loaded.source.location if method.finetuned else None,
             "tokenizer": {
                 "name_or_path": tok.name_or_path,
                 "class": type(tok).__name__,
