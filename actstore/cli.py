@@ -1,4 +1,4 @@
-"""The ``actstore`` command line: ``actstore ingest``, ``actstore ls``."""
+"""The ``actstore`` command line: ``ingest``, ``ls``, ``serve``, ``query``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import os
 import sys
 from pathlib import Path
 
+from actstore.client import ActstoreError
 from actstore.store import DEFAULT_STORE, Store, StoreError
 
 # Errors a user can fix from the message alone: shown as one line, not a traceback.
-_USER_ERRORS: tuple[type[BaseException], ...] = (StoreError, ValueError, FileNotFoundError)
+_USER_ERRORS: tuple[type[BaseException], ...] = (StoreError, ValueError, FileNotFoundError, ActstoreError)
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -35,8 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     from actstore.ingest.cli import register as register_ingest  # torch loads only when ingest is asked for
+    from actstore.client.cli import register as register_query
+    from actstore.server.cli import register as register_serve
 
     register_ingest(sub)
+    register_serve(sub)
+    register_query(sub)
     ls = sub.add_parser("ls", help="list the runs in a store")
     ls.add_argument("--store", type=Path, default=DEFAULT_STORE, help="store folder (default: %(default)s)")
     ls.set_defaults(func=_ls)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from actstore.ingest.options import DTYPE_NAMES, PACKAGED_SMOLLM2, SITES, IngestOptions
-from actstore.store import DEFAULT_STORE
+from actstore.store import DEFAULT_STORE, VISIBILITIES
 
 
 def _csv(text: str) -> list[str]:
@@ -49,6 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a run made with a different recipe")
     p.add_argument("--commit-seconds", type=float, default=10.0,
                    help="commit buffered batches at least this often (default 10): the most work a kill loses")
+    p.add_argument("--group", help="owner group of the runs this ingest creates (for a served, shared store)")
+    p.add_argument("--visibility", choices=VISIBILITIES,
+                   help="who may read new runs when served (default: private with --group, else public)")
+    p.add_argument("--share-with", type=_csv, default=[], help="comma list of groups for --visibility shared")
     p.add_argument("--dry-run", action="store_true", help="print questions, tokens, time and size; write nothing")
     p.set_defaults(func=run)
 
@@ -61,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         methods=args.methods, dataset=args.dataset, subjects=args.subjects, per_subject=args.per_subject,
         limit=args.limit, site=args.site, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
         shot_seed=None if args.fixed_shot_order else args.shot_seed, overwrite=args.overwrite,
-        commit_seconds=args.commit_seconds,
+        commit_seconds=args.commit_seconds, group=args.group, visibility=args.visibility,
+        shared_with=args.share_with,
     )
     ingest = Ingest(opts)
     if args.dry_run:

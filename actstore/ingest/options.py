@@ -29,3 +29,11 @@ class IngestOptions:
     shot_seed: int | None = 42
     overwrite: bool = False
     commit_seconds: float = 10.0
+    group: str | None = None  # owner group of new runs
+    visibility: str | None = None  # private, shared or public; default: private with a group, else public
+    shared_with: list[str] = field(default_factory=list)
+
+    def access(self) -> dict:
+        """The access of runs this ingest creates; existing runs keep theirs (owners change it via the server)."""
+        visibility = self.visibility or ("private" if self.group else "public")
+        return {"owner_group": self.group, "visibility": visibility, "shared_with": list(self.shared_with)}

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterator
 
-import numcodecs
 import numpy as np
 from tqdm import tqdm
 
@@ -22,6 +21,7 @@ from actstore.ingest.options import IngestOptions
 from actstore.ingest.prompts import PROMPT_FORMAT, build_prompt
 from actstore.ingest.selection import Selection, select, storage_order
 from actstore.store import Store, safe_name, validate_name
+from actstore.store.layout import compressed_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ class Ingest:
         self.base = ModelSource.resolve(opts.model, opts.gguf_file)
         self.checkpoint = ModelSource.resolve(opts.checkpoint) if opts.checkpoint else None
         self.name = validate_name(opts.name, "model name") if opts.name else safe_name(self.base.default_name)
+        for group in filter(None, [opts.group, *opts.shared_with]):
+            validate_name(group, "group name")
         self.dataset: Dataset = load_dataset(opts.dataset)
         self.selection: Selection = select(self.dataset, opts.subjects, opts.per_subject, opts.limit)
         self.store = Store(opts.store)
@@ -189,6 +191,7 @@ class Ingest:
             "device": str(loaded.device),
             "sample_order": "by subject, then question length, then id; appended ingests follow",
             "created": _now(),
+            "access": self.opts.access(),
         }
 
     def _history_entry(self, n_added: int, batch_size: int) -> dict:
@@ -263,7 +266,7 @@ def estimate(ingest: Ingest, plan: Plan) -> dict:
     started = time.perf_counter()
     states, _ = extractor(sample)
     seconds_per_token = (time.perf_counter() - started) / (len(sample) * max(lengths[middle : middle + batch_size]))
-    ratio = states.nbytes / len(numcodecs.Blosc("zstd", 1, numcodecs.Blosc.SHUFFLE).encode(states))
+    ratio = states.nbytes / compressed_nbytes(states)
     result.update(
         tokens=int(sum(lengths)),
         seconds=_padded_tokens(lengths, batch_size) * seconds_per_token,

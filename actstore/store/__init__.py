@@ -12,7 +12,7 @@ from actstore.store.errors import (
     StoreNotWritable,
 )
 from actstore.store.names import safe_name, validate_name
-from actstore.store.run import LABELS, Run, RunWriter
+from actstore.store.run import LABELS, VISIBILITIES, Run, RunWriter
 from actstore.store.store import DEFAULT_STORE, Store
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreNotWritable",
+    "VISIBILITIES",
     "safe_name",
     "validate_name",
 ]

@@ -9,13 +9,17 @@ Two access patterns decide the layout (figures in README.md, section "Storage la
 
 Values are stored as float32, whatever the compute dtype: bf16 and fp16 embed exactly in float32, and
 Blosc's byte shuffle turns the all-zero low mantissa bytes of bf16-valued floats into nothing, so the
-file is smaller than raw fp16 while staying lossless and readable by any Zarr reader.
+file is smaller than raw fp16 while staying lossless and readable by any Zarr reader. LZ4HC level 3
+compresses real states as well as zstd level 1 (1.53x below raw fp16), encodes as fast, and decodes
+about 10x faster (measured on SmolLM2 states; see README.md), which is what serving single samples needs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numcodecs
+import numpy as np
 from zarr.codecs import BloscCodec
 
 STATE_DTYPE = "float32"
@@ -53,9 +57,18 @@ class StateLayout:
         return (1, self.shard_samples, self.hidden)
 
 
+BLOSC_CNAME, BLOSC_LEVEL = "lz4hc", 3
+
+
 def state_compressor() -> BloscCodec:
-    """Blosc zstd level 1 with byte shuffle: fast to write, ~1.5x smaller than raw fp16 for bf16 states."""
-    return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=4)
+    """Blosc LZ4HC level 3 with byte shuffle: ~1.5x smaller than raw fp16 for bf16 states, fast both ways."""
+    return BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_LEVEL, shuffle="shuffle", typesize=4)
+
+
+def compressed_nbytes(states: np.ndarray) -> int:
+    """What ``states`` would take on disk under the states' codec (for estimates before writing)."""
+    codec = numcodecs.Blosc(BLOSC_CNAME, BLOSC_LEVEL, numcodecs.Blosc.SHUFFLE)
+    return len(codec.encode(np.ascontiguousarray(states, dtype=STATE_DTYPE)))
 
 
 LABEL_CHUNK = 65536

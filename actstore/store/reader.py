@@ -81,7 +81,7 @@ class StateReader:
         first = shard * self.shard_samples
         lo, hi = max(start, first), min(stop, first + self.shard_samples)
         chunks = range((lo - first) // self.inner_samples, -(-(hi - first) // self.inner_samples))
-        path = self.folder / "c" / str(layer) / str(shard) / "0"
+        path = f"{self.folder}/c/{layer}/{shard}/0"
         index = self._index(path)
         if index is None:
             out[lo - start : hi - start] = np.nan
@@ -102,12 +102,12 @@ class StateReader:
             values = np.frombuffer(numcodecs.blosc.decompress(encoded), dtype="<f4").reshape(-1, self.hidden)
             out[c_lo - start : c_hi - start] = values[c_lo - c_first : c_hi - c_first]
 
-    def _index(self, path: Path) -> _Index | None:
+    def _index(self, path: str) -> _Index | None:
         try:
-            stat = path.stat()
+            stat = os.stat(path)
         except FileNotFoundError:
             return None
-        key = (str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        key = (path, stat.st_ino, stat.st_mtime_ns, stat.st_size)
         with self._lock:
             cached = self._indexes.get(key)
         if cached is not None:

@@ -39,6 +39,8 @@ FORMAT_VERSION = 1
 STATES = "hidden_states"
 LABELS = {"sample": "int64", "subject": str, "answer": str, "prediction": str, "correct": "bool"}
 LABEL_COORDS = "subject answer prediction correct"
+VISIBILITIES = ("private", "shared", "public")
+DEFAULT_ACCESS = {"owner_group": None, "visibility": "public", "shared_with": []}
 
 
 def folder_size(path: Path) -> int:
@@ -71,9 +73,9 @@ class Run:
     def accuracy(self) -> float | None:
         return self.group.attrs.get("accuracy")
 
-    @property
+    @cached_property
     def hidden_states(self) -> zarr.Array:
-        return self.group[STATES]
+        return self.group[STATES]  # opened once: a Run is a snapshot as of one commit
 
     @cached_property
     def reader(self) -> StateReader:
@@ -94,6 +96,29 @@ class Run:
             raise IndexError(f"layers {bad} outside 0..{n_layers - 1} of {self.model}/{self.method}")
         return self.reader.read(list(layers), start, stop)
 
+    def read_rows(self, layers: list[int], positions: np.ndarray) -> np.ndarray:
+        """States of ``layers`` at sample ``positions`` (any order), as (layer, position, hidden) float32.
+
+        Neighbouring positions are read as one span, so memory is bounded by the span of the positions
+        asked for: callers stream large selections in blocks.
+        """
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.empty((len(layers), len(positions), self.hidden_states.shape[2]), dtype=np.float32)
+        if len(positions) == 0:
+            return out
+        order = np.argsort(positions, kind="stable")
+        ordered = positions[order]
+        gap = self.hidden_states.chunks[1]  # farther apart than an inner chunk: read separately
+        for span in np.split(np.arange(len(ordered)), np.nonzero(np.diff(ordered) > gap)[0] + 1):
+            lo, hi = int(ordered[span[0]]), int(ordered[span[-1]]) + 1
+            out[:, order[span]] = self.read_states(layers, lo, hi)[:, ordered[span] - lo]
+        return out
+
+    @property
+    def access(self) -> dict[str, Any]:
+        """Who may read the run: ``owner_group``, ``visibility`` (private, shared, public), ``shared_with``."""
+        return {**DEFAULT_ACCESS, **self.group.attrs.get("access", {})}
+
     @property
     def shape(self) -> tuple[int, int, int]:
         n_layers, _, hidden = self.hidden_states.shape
@@ -106,7 +131,11 @@ class Run:
             raise RecipeMismatch(_mismatch_message(self.model, self.method, stored or {}, recipe))
 
     def labels(self) -> dict[str, np.ndarray]:
-        """The per-sample coordinates of the committed samples, by name."""
+        """The per-sample coordinates of the committed samples, by name (read once per Run; do not modify)."""
+        return self._labels
+
+    @cached_property
+    def _labels(self) -> dict[str, np.ndarray]:
         n = self.n_samples
         return {name: self.group[name][:n] for name in LABELS}
 

@@ -10,7 +10,8 @@ import zarr
 
 from actstore.store.errors import RunNotFound, StoreNotWritable
 from actstore.store.names import validate_name
-from actstore.store.run import Run, RunWriter
+from actstore.store.lock import FolderLock
+from actstore.store.run import VISIBILITIES, Run, RunWriter
 
 DEFAULT_STORE = Path("actstore-data")
 
@@ -20,6 +21,7 @@ class Store:
 
     def __init__(self, root: str | os.PathLike[str] = DEFAULT_STORE) -> None:
         self.root = Path(root)
+        self._cache: dict[tuple[str, str], tuple[tuple[int, int, int], Run]] = {}
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -54,14 +56,40 @@ class Store:
         self.ensure_writable()
         return RunWriter.open(self.root, model, method, **kwargs)
 
+    def set_access(self, model: str, method: str, access: dict[str, Any]) -> Run:
+        """Change who may read a run (owner, visibility, shared groups); waits for no writer, refuses if one holds it."""
+        run = self.run(model, method)
+        access = {**run.access, **access}
+        if access["visibility"] not in VISIBILITIES:
+            raise ValueError(f"visibility must be one of {', '.join(VISIBILITIES)}, not {access['visibility']!r}")
+        for group in [access["owner_group"], *access["shared_with"]]:
+            if group is not None:
+                validate_name(group, "group name")
+        lock = FolderLock(run.path, f"run {model}/{method}")
+        try:
+            writable = zarr.open_group(self.root, mode="a")[f"{model}/{method}"]
+            writable.attrs["access"] = access
+        finally:
+            lock.release()
+        return self.run(model, method)
+
     def _open(self, model: str, method: str) -> Run | None:
+        """The run as of its last commit; reused while its metadata file is unchanged (commits replace it)."""
         path = self.root / model / method
-        if not (path / "zarr.json").exists():
+        try:
+            stat = (path / "zarr.json").stat()
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        cached = self._cache.get((model, method))
+        if cached is not None and cached[0] == version:
+            return cached[1]
         group = zarr.open_group(self.root, mode="r")[f"{model}/{method}"]
         if "recipe" not in group.attrs:  # a creation that has not finished, or not a run
             return None
-        return Run(path=path, group=group, model=model, method=method)
+        run = Run(path=path, group=group, model=model, method=method)
+        self._cache[(model, method)] = (version, run)
+        return run
 
     def ensure_writable(self) -> None:
         """Create the store if needed; raise StoreNotWritable early, before any expensive work."""

@@ -1,0 +1,118 @@
+"""``actstore query``: talk to an actstore server from the shell (runs, describe, get, labels, share)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from actstore.protocol import DEFAULT_ADDRESS
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _span(text: str) -> slice:
+    start, _, stop = text.partition(":")
+    if not stop:
+        raise argparse.ArgumentTypeError(f"expected START:STOP, got {text!r}")
+    return slice(int(start), int(stop))
+
+
+def _layers(text: str) -> slice | list[int]:
+    return _span(text) if ":" in text else [int(v) for v in _csv(text)]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("query", help="query an actstore server", description=__doc__.split(": ", 1)[1])
+    p.add_argument("--address", default=os.environ.get("ACTSTORE_ADDRESS", DEFAULT_ADDRESS),
+                   help="server HOST:PORT (default: $ACTSTORE_ADDRESS or %(default)s)")
+    p.add_argument("--token-file", type=Path, help="file holding the bearer token (default: $ACTSTORE_TOKEN)")
+    p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+    p.add_argument("--tls-ca", type=Path, help="connect with TLS, trusting this PEM certificate")
+    sub = p.add_subparsers(dest="query", required=True)
+
+    runs = sub.add_parser("runs", help="list the runs you may read")
+    runs.add_argument("--model")
+    runs.add_argument("--method")
+
+    for name, text in (("describe", "one run's shape, labels, accuracy and provenance (JSON)"),
+                       ("get", "hidden states to a file"), ("labels", "sample labels to a file or the screen"),
+                       ("share", "change who may read a run (owner group only)")):
+        q = sub.add_parser(name, help=text)
+        q.add_argument("model")
+        q.add_argument("method")
+        if name in ("get", "labels"):
+            q.add_argument("--samples", type=_csv, help="comma list of sample ids")
+            q.add_argument("--positions", type=_span, help="START:STOP along the run's sample axis")
+            q.add_argument("--subject", type=_csv, help="comma list of subjects to keep")
+            q.add_argument("--answer", type=_csv, help="comma list of answer letters to keep")
+        if name == "get":
+            q.add_argument("--layers", type=_layers, help="comma list (3,7) or range START:STOP (default: all)")
+            q.add_argument("--hidden", type=_span, help="START:STOP of hidden dimensions")
+            q.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+            q.add_argument("--allow-lossy", action="store_true", help="accept float16 even where it rounds")
+            q.add_argument("--out", type=Path, required=True, help="a .npy, .nc or .zarr path")
+        if name == "labels":
+            q.add_argument("--out", type=Path, help="a .csv path (default: print)")
+        if name == "share":
+            q.add_argument("visibility", choices=["private", "shared", "public"])
+            q.add_argument("--with", dest="shared_with", type=_csv, default=[], help="groups, for 'shared'")
+    p.set_defaults(func=run)
+
+
+def _client(args: argparse.Namespace):
+    from actstore.client import Client
+
+    token = args.token_file.read_text().strip() if args.token_file else os.environ.get("ACTSTORE_TOKEN")
+    return Client(args.address, token=token, tls=args.tls_ca or args.tls)
+
+
+def _selection(args: argparse.Namespace) -> dict:
+    samples = [int(s) for s in args.samples] if args.samples else args.positions
+    return {"samples": samples, "subject": args.subject, "answer": args.answer}
+
+
+def run(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.query == "runs":
+            found = client.runs(model=args.model, method=args.method)
+            print(f"{'run':44} {'layers':>6} {'samples':>8} {'hidden':>6} {'accuracy':>8}  access")
+            for r in found:
+                accuracy = f"{r['accuracy']:.3f}" if r["accuracy"] is not None else "-"
+                access = r["visibility"] + (f" (owner {r['owner_group']})" if r["owner_group"] else "")
+                print(f"{r['model'] + '/' + r['method']:44} {r['n_layers']:>6} {r['n_samples']:>8} "
+                      f"{r['hidden']:>6} {accuracy:>8}  {access}")
+        elif args.query == "describe":
+            print(json.dumps(client.describe(args.model, args.method), indent=2))
+        elif args.query == "share":
+            info = client.set_visibility(args.model, args.method, args.visibility, args.shared_with)
+            print(f"{args.model}/{args.method}: {info['visibility']}"
+                  + (f" with {', '.join(info['shared_with'])}" if info["shared_with"] else ""))
+        elif args.query == "labels":
+            frame = client.labels(args.model, args.method, **_selection(args)).to_dataframe()
+            if args.out:
+                frame.to_csv(args.out)
+            else:
+                print(frame.to_string())
+        else:
+            states = client.hidden_states(args.model, args.method, layers=args.layers, hidden=args.hidden,
+                                          dtype=args.dtype, allow_lossy=args.allow_lossy, **_selection(args))
+            _save(states, args.out)
+            print(f"wrote {args.out}: {dict(states.sizes)} {states.dtype}")
+    return 0
+
+
+def _save(states, out: Path) -> None:
+    if out.suffix == ".npy":
+        np.save(out, states.values)
+    elif out.suffix == ".nc":
+        states.to_dataset().to_netcdf(out)
+    elif out.suffix == ".zarr":
+        states.to_dataset().to_zarr(out, mode="w-", consolidated=False)
+    else:
+        raise ValueError(f"--out must end in .npy, .nc or .zarr, not {out.suffix or out.name!r}")

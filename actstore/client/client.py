@@ -1,0 +1,234 @@
+"""The Python client: runs, labels and hidden states from an actstore server, as xarray objects."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import xarray as xr
+
+from actstore.protocol import CHANNEL_OPTIONS, DEFAULT_ADDRESS, DTYPE_ENUMS, DTYPE_NAMES, VISIBILITY_ENUMS, VISIBILITY_NAMES
+from actstore.v1 import actstore_pb2 as pb
+from actstore.v1 import actstore_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+Layers = int | Sequence[int] | range | slice | None
+Labels = str | Sequence[str] | None
+
+
+class ActstoreError(Exception):
+    """A call the server refused or failed: ``code`` is the gRPC status, the message is the server's."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Client:
+    """A connection to an actstore server.
+
+    >>> with Client("127.0.0.1:50051", token=...) as client:
+    ...     states = client.hidden_states("SmolLM2-135M-Instruct.Q4_1", "5shot", layers=7, subject="anatomy")
+    ...     states.values  # numpy (layer, sample, hidden)
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        token: str | None = None,
+        tls: bool | str | Path = False,
+        timeout: float | None = None,
+        retries: int = 4,
+    ) -> None:
+        """``tls``: True for the system's CA roots, or the path of a PEM CA bundle (e.g. a self-signed cert)."""
+        if tls:
+            roots = None if tls is True else Path(tls).read_bytes()
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._timeout = timeout
+        self._retries = retries
+        self._catalog = pb_grpc.CatalogServiceStub(self._channel)
+        self._data = pb_grpc.DataServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- catalog ----------------------------------------------------------------------------------
+
+    def runs(self, model: str | None = None, method: str | None = None, page_size: int = 100) -> list[dict]:
+        """Every run this caller may read, as dicts, following the server's pages."""
+        found, token = [], ""
+        while True:
+            page = self._call(self._catalog.ListRuns, pb.ListRunsRequest(
+                model=model or "", method=method or "", page_size=page_size, page_token=token))
+            found += [_summary(r) for r in page.runs]
+            token = page.next_page_token
+            if not token:
+                return found
+
+    def describe(self, model: str, method: str) -> dict:
+        info = self._call(self._catalog.DescribeRun, pb.DescribeRunRequest(run=_ref(model, method)))
+        return _info(info)
+
+    def set_visibility(self, model: str, method: str, visibility: str, shared_with: Iterable[str] = ()) -> dict:
+        """Owner only: make a run private, shared with named groups, or public."""
+        if visibility not in VISIBILITY_ENUMS:
+            raise ValueError(f"visibility must be one of {', '.join(VISIBILITY_ENUMS)}")
+        info = self._call(self._catalog.SetVisibility, pb.SetVisibilityRequest(
+            run=_ref(model, method), visibility=VISIBILITY_ENUMS[visibility], shared_with=list(shared_with)))
+        return _info(info)
+
+    # -- data -------------------------------------------------------------------------------------
+
+    def labels(self, model: str, method: str, samples: Sequence[int] | slice | None = None,
+               subject: Labels = None, answer: Labels = None, **filters: Labels) -> xr.Dataset:
+        """Per-sample labels (subject, answer, prediction, correct) indexed by sample id."""
+        request = pb.ReadLabelsRequest(run=_ref(model, method),
+                                       samples=_samples(samples, {"subject": subject, "answer": answer, **filters}))
+        response = self._call(self._data.ReadLabels, request)
+        return xr.Dataset(coords=_label_coords(response.labels), attrs={"run_complete": response.run_complete})
+
+    def hidden_states(
+        self,
+        model: str,
+        method: str,
+        layers: Layers = None,
+        samples: Sequence[int] | slice | None = None,
+        subject: Labels = None,
+        answer: Labels = None,
+        hidden: slice | None = None,
+        dtype: str = "float32",
+        allow_lossy: bool = False,
+        **filters: Labels,
+    ) -> xr.DataArray:
+        """States as a DataArray (layer, sample, hidden) with the sample labels as coordinates.
+
+        ``samples``: a list of sample ids, or a slice of positions along the run's sample axis;
+        ``subject``, ``answer`` (and ``prediction``, ``correct``): keep samples with these labels.
+        """
+        request = pb.ReadStatesRequest(
+            run=_ref(model, method), samples=_samples(samples, {"subject": subject, "answer": answer, **filters}),
+            dtype=DTYPE_ENUMS[dtype], allow_lossy=allow_lossy, **_layers(layers))
+        if hidden is not None:
+            request.hidden_range.CopyFrom(_range(hidden))
+        header, data = self._retry(lambda: self._stream(request))
+        return xr.DataArray(
+            data, dims=tuple(header.dims),
+            coords={"layer": list(header.layers), **_label_coords(header.labels),
+                    "hidden": np.arange(header.hidden_start, header.hidden_start + data.shape[2])},
+            name="hidden_states", attrs={"model": model, "method": method, "run_complete": header.run_complete})
+
+    def _stream(self, request: pb.ReadStatesRequest) -> tuple[pb.StatesHeader, np.ndarray]:
+        stream = self._data.ReadStates(request, metadata=self._metadata, timeout=self._timeout)
+        try:
+            header = None
+            received = 0
+            for message in stream:
+                if header is None:
+                    header = message.header
+                    data = np.empty(tuple(header.shape), dtype=DTYPE_NAMES[header.dtype])
+                    flat = data.reshape(-1).view(np.uint8)
+                chunk = message.chunk
+                flat[chunk.offset : chunk.offset + len(chunk.data)] = np.frombuffer(chunk.data, dtype=np.uint8)
+                received += len(chunk.data)
+        finally:
+            stream.cancel()  # a no-op once complete; stops the server's work if we leave early
+        if received != flat.size:
+            raise ActstoreError(grpc.StatusCode.DATA_LOSS, f"received {received} of {flat.size} bytes")
+        return header, data
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _call(self, method: Callable[..., T], request: Any) -> T:
+        return self._retry(lambda: method(request, metadata=self._metadata, timeout=self._timeout))
+
+    def _retry(self, attempt: Callable[[], T]) -> T:
+        """Retry UNAVAILABLE (server starting, restarting, or a run briefly locked) with exponential backoff."""
+        for n in range(self._retries + 1):
+            try:
+                return attempt()
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code is grpc.StatusCode.UNAVAILABLE and n < self._retries:
+                    delay = 0.2 * 2**n
+                    log.info("server unavailable (%s); retrying in %.1f s", exc.details(), delay)
+                    time.sleep(delay)
+                    continue
+                raise ActstoreError(code, exc.details() or "") from None
+        raise AssertionError("unreachable")
+
+
+def _ref(model: str, method: str) -> pb.RunRef:
+    return pb.RunRef(model=model, method=method)
+
+
+def _range(s: slice | range) -> pb.Range:
+    if s.step not in (None, 1):
+        raise ValueError("only contiguous ranges (step 1) are supported")
+    if s.start is None or s.stop is None:
+        raise ValueError("a range needs a start and a stop")
+    return pb.Range(start=s.start, stop=s.stop)
+
+
+def _layers(layers: Layers) -> dict:
+    if layers is None:
+        return {}
+    if isinstance(layers, int):
+        return {"layers": [layers]}
+    if isinstance(layers, (slice, range)):
+        return {"layer_range": _range(layers)}
+    return {"layers": list(layers)}
+
+
+def _samples(samples: Sequence[int] | slice | None, filters: dict[str, Labels]) -> pb.SampleSelection:
+    selection = pb.SampleSelection(filters=[
+        pb.LabelFilter(name=name, values=[str(v) for v in ([values] if isinstance(values, (str, bool)) else values)])
+        for name, values in filters.items() if values is not None])
+    if isinstance(samples, slice):
+        selection.positions.CopyFrom(_range(samples))
+    elif samples is not None:
+        selection.ids.extend(int(i) for i in samples)
+    return selection
+
+
+def _label_coords(labels: pb.Labels) -> dict[str, Any]:
+    return {
+        "sample": np.asarray(labels.sample, dtype=np.int64),
+        **{name: ("sample", np.asarray(getattr(labels, name), dtype=object))
+           for name in ("subject", "answer", "prediction")},
+        "correct": ("sample", np.asarray(labels.correct, dtype=bool)),
+    }
+
+
+def _summary(s: pb.RunSummary) -> dict:
+    return {
+        "model": s.run.model, "method": s.run.method, "n_layers": s.n_layers, "n_samples": s.n_samples,
+        "hidden": s.hidden, "accuracy": s.accuracy if s.HasField("accuracy") else None, "complete": s.complete,
+        "owner_group": s.access.owner_group or None, "visibility": VISIBILITY_NAMES.get(s.access.visibility),
+        "shared_with": list(s.access.shared_with),
+    }
+
+
+def _info(info: pb.RunInfo) -> dict:
+    return {
+        **_summary(info.summary), "dtype": info.dtype, "layers": list(info.layers),
+        "labels": {lv.name: list(lv.values) for lv in info.labels}, "size_bytes": info.size_bytes,
+        "recipe": json.loads(info.recipe_json or "{}"), "attributes": json.loads(info.attributes_json or "{}"),
+    }

@@ -1,0 +1,108 @@
+"""Building and running the gRPC server: services, health, reflection, TLS, graceful shutdown."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from actstore.protocol import CHANNEL_OPTIONS, DEFAULT_ADDRESS
+from actstore.server.auth import Authenticator
+from actstore.server.service import CatalogService, DataService
+from actstore.store import Store
+from actstore.v1 import actstore_pb2 as pb
+from actstore.v1 import actstore_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[name].full_name for name in ("CatalogService", "DataService")]
+DEFAULT_MAX_RESPONSE_MB = 4096
+SHUTDOWN_GRACE_S = 30.0
+
+
+@dataclass
+class ServerConfig:
+    store: Path
+    address: str = DEFAULT_ADDRESS
+    auth_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_response_mb: float = DEFAULT_MAX_RESPONSE_MB
+    workers: int = 8
+
+
+class Server:
+    """A running actstore server; ``port`` is the bound port (useful with an address ending in :0)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        if not (config.store / "zarr.json").exists():
+            raise ValueError(f"no actstore store at {config.store} (run `actstore ingest --store {config.store}`)")
+        if bool(config.tls_cert) != bool(config.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        self.config = config
+        self.auth = Authenticator.from_file(config.auth_file)
+        store = Store(config.store)
+        max_bytes = int(config.max_response_mb * 2**20)
+        self.grpc = grpc.server(ThreadPoolExecutor(max_workers=config.workers), options=CHANNEL_OPTIONS)
+        pb_grpc.add_CatalogServiceServicer_to_server(CatalogService(store, self.auth, max_bytes), self.grpc)
+        pb_grpc.add_DataServiceServicer_to_server(DataService(store, self.auth, max_bytes), self.grpc)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.grpc)
+        self.port = self._bind()
+
+    def _bind(self) -> int:
+        if self.config.tls_cert:
+            credentials = grpc.ssl_server_credentials(
+                [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())])
+            return self.grpc.add_secure_port(self.config.address, credentials)
+        return self.grpc.add_insecure_port(self.config.address)
+
+    def start(self) -> None:
+        self.grpc.start()
+        for name in ["", *SERVICE_NAMES]:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        host = self.config.address.rsplit(":", 1)[0]
+        log.info("actstore serving %s on %s:%d%s", self.config.store, host, self.port,
+                 " with TLS" if self.config.tls_cert else "")
+        if self.auth.open:
+            exposed = "" if _is_loopback(host) else " -- WARNING: this address is reachable from other machines"
+            log.warning("open access: no auth file, every caller reads every run%s", exposed)
+
+    def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
+        """Flip health to NOT_SERVING, refuse new calls, let in-flight streams finish within ``grace``."""
+        log.info("shutting down: health NOT_SERVING, finishing in-flight calls (up to %.0f s)", grace)
+        self.health.enter_graceful_shutdown()
+        self.grpc.stop(grace).wait()
+        log.info("stopped")
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = Server(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    stop.wait()
+    server.stop()

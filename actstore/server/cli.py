@@ -1,0 +1,30 @@
+"""``actstore serve``: put a store on the network over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from actstore.protocol import DEFAULT_ADDRESS
+from actstore.store import DEFAULT_STORE
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve a store over gRPC", description=__doc__.split(": ", 1)[1])
+    p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="store folder (default: %(default)s)")
+    p.add_argument("--address", default=DEFAULT_ADDRESS,
+                   help="HOST:PORT to listen on (default: %(default)s; port 0 picks a free one)")
+    p.add_argument("--auth", type=Path, help="TOML file mapping bearer tokens to groups (default: open access)")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key: serve over TLS)")
+    p.add_argument("--tls-key", type=Path, help="PEM private key")
+    p.add_argument("--max-response-mb", type=float, default=4096,
+                   help="largest answer one request may ask for, in MiB (default: %(default)s)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from actstore.server.app import ServerConfig, serve
+
+    serve(ServerConfig(store=args.store, address=args.address, auth_file=args.auth, tls_cert=args.tls_cert,
+                       tls_key=args.tls_key, max_response_mb=args.max_response_mb))
+    return 0

@@ -1,0 +1,81 @@
+"""Turning a ReadStates / ReadLabels request into layers, sample positions and a hidden slice.
+
+Every failure names what was asked and what exists, and maps to one gRPC status (see service.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from actstore.v1 import actstore_pb2 as pb
+
+LABEL_NAMES = ("subject", "answer", "prediction", "correct")
+
+
+class BadRequest(ValueError):
+    """Malformed or empty selection: INVALID_ARGUMENT."""
+
+
+class NotFound(LookupError):
+    """A layer or sample id the run does not have: NOT_FOUND."""
+
+
+def _range(r: pb.Range, size: int, what: str) -> range:
+    if r.start < 0 or r.stop > size or r.start >= r.stop:
+        raise BadRequest(f"{what} range {r.start}:{r.stop} is empty or outside 0:{size}")
+    return range(r.start, r.stop)
+
+
+def layers(request: pb.ReadStatesRequest, n_layers: int) -> list[int]:
+    if request.layers and request.HasField("layer_range"):
+        raise BadRequest("give layers or layer_range, not both")
+    if request.HasField("layer_range"):
+        return list(_range(request.layer_range, n_layers, "layer"))
+    chosen = list(request.layers) or list(range(n_layers))
+    unknown = [layer for layer in chosen if not 0 <= layer < n_layers]
+    if unknown:
+        raise NotFound(f"no layer {unknown[0]}: the run has layers 0..{n_layers - 1}")
+    return chosen
+
+
+def hidden(request: pb.ReadStatesRequest, size: int) -> slice:
+    if not request.HasField("hidden_range"):
+        return slice(0, size)
+    r = _range(request.hidden_range, size, "hidden")
+    return slice(r.start, r.stop)
+
+
+def positions(selection: pb.SampleSelection, labels: dict[str, np.ndarray]) -> np.ndarray:
+    """Positions along the run's sample axis, in the order asked for (ids) or stored (range, filters)."""
+    ids = labels["sample"]
+    n = len(ids)
+    if selection.ids and selection.HasField("positions"):
+        raise BadRequest("give sample ids or a position range, not both")
+    if selection.ids:
+        wanted = np.asarray(selection.ids, dtype=np.int64)
+        order = np.argsort(ids)
+        found = np.searchsorted(ids, wanted, sorter=order)
+        found = np.minimum(found, n - 1) if n else found
+        hits = order[found] if n else found
+        missing = wanted[(ids[hits] != wanted)] if n else wanted
+        if len(missing):
+            raise NotFound(f"{len(missing)} sample id(s) not in this run's committed samples, e.g. {missing[:5].tolist()}")
+        chosen = hits
+    elif selection.HasField("positions"):
+        span = _range(selection.positions, n, "sample position")
+        chosen = np.arange(span.start, span.stop)
+    else:
+        chosen = np.arange(n)
+    keep = np.ones(len(chosen), dtype=bool)
+    for f in selection.filters:
+        if f.name not in LABEL_NAMES:
+            raise BadRequest(f"unknown label {f.name!r}; filter on {', '.join(LABEL_NAMES)}")
+        if not f.values:
+            raise BadRequest(f"label filter {f.name!r} has no values")
+        column = labels[f.name][chosen]
+        values = [v.lower() == "true" for v in f.values] if f.name == "correct" else list(f.values)
+        keep &= np.isin(column, values)
+    chosen = chosen[keep]
+    if len(chosen) == 0:
+        raise BadRequest("the selection matches no sample")
+    return chosen

@@ -1,0 +1,234 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Visibility(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VISIBILITY_UNSPECIFIED: _ClassVar[Visibility]
+    VISIBILITY_PRIVATE: _ClassVar[Visibility]
+    VISIBILITY_SHARED: _ClassVar[Visibility]
+    VISIBILITY_PUBLIC: _ClassVar[Visibility]
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+VISIBILITY_UNSPECIFIED: Visibility
+VISIBILITY_PRIVATE: Visibility
+VISIBILITY_SHARED: Visibility
+VISIBILITY_PUBLIC: Visibility
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT16: DType
+
+class RunRef(_message.Message):
+    __slots__ = ("model", "method")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    method: str
+    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
+
+class Access(_message.Message):
+    __slots__ = ("owner_group", "visibility", "shared_with")
+    OWNER_GROUP_FIELD_NUMBER: _ClassVar[int]
+    VISIBILITY_FIELD_NUMBER: _ClassVar[int]
+    SHARED_WITH_FIELD_NUMBER: _ClassVar[int]
+    owner_group: str
+    visibility: Visibility
+    shared_with: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, owner_group: _Optional[str] = ..., visibility: _Optional[_Union[Visibility, str]] = ..., shared_with: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RunSummary(_message.Message):
+    __slots__ = ("run", "n_layers", "n_samples", "hidden", "accuracy", "complete", "access")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    N_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    N_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_FIELD_NUMBER: _ClassVar[int]
+    run: RunRef
+    n_layers: int
+    n_samples: int
+    hidden: int
+    accuracy: float
+    complete: bool
+    access: Access
+    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., n_layers: _Optional[int] = ..., n_samples: _Optional[int] = ..., hidden: _Optional[int] = ..., accuracy: _Optional[float] = ..., complete: _Optional[bool] = ..., access: _Optional[_Union[Access, _Mapping]] = ...) -> None: ...
+
+class ListRunsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token", "model", "method")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    model: str
+    method: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
+
+class ListRunsResponse(_message.Message):
+    __slots__ = ("runs", "next_page_token")
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    runs: _containers.RepeatedCompositeFieldContainer[RunSummary]
+    next_page_token: str
+    def __init__(self, runs: _Optional[_Iterable[_Union[RunSummary, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DescribeRunRequest(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: RunRef
+    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ...) -> None: ...
+
+class LabelValues(_message.Message):
+    __slots__ = ("name", "values")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RunInfo(_message.Message):
+    __slots__ = ("summary", "dtype", "layers", "labels", "size_bytes", "recipe_json", "attributes_json")
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_JSON_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_JSON_FIELD_NUMBER: _ClassVar[int]
+    summary: RunSummary
+    dtype: str
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    labels: _containers.RepeatedCompositeFieldContainer[LabelValues]
+    size_bytes: int
+    recipe_json: str
+    attributes_json: str
+    def __init__(self, summary: _Optional[_Union[RunSummary, _Mapping]] = ..., dtype: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[_Union[LabelValues, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., recipe_json: _Optional[str] = ..., attributes_json: _Optional[str] = ...) -> None: ...
+
+class SetVisibilityRequest(_message.Message):
+    __slots__ = ("run", "visibility", "shared_with")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    VISIBILITY_FIELD_NUMBER: _ClassVar[int]
+    SHARED_WITH_FIELD_NUMBER: _ClassVar[int]
+    run: RunRef
+    visibility: Visibility
+    shared_with: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., visibility: _Optional[_Union[Visibility, str]] = ..., shared_with: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Range(_message.Message):
+    __slots__ = ("start", "stop")
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    stop: int
+    def __init__(self, start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
+
+class SampleSelection(_message.Message):
+    __slots__ = ("ids", "positions", "filters")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    positions: Range
+    filters: _containers.RepeatedCompositeFieldContainer[LabelFilter]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Union[Range, _Mapping]] = ..., filters: _Optional[_Iterable[_Union[LabelFilter, _Mapping]]] = ...) -> None: ...
+
+class LabelFilter(_message.Message):
+    __slots__ = ("name", "values")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReadStatesRequest(_message.Message):
+    __slots__ = ("run", "layers", "layer_range", "samples", "hidden_range", "dtype", "allow_lossy")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_RANGE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_RANGE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_LOSSY_FIELD_NUMBER: _ClassVar[int]
+    run: RunRef
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    layer_range: Range
+    samples: SampleSelection
+    hidden_range: Range
+    dtype: DType
+    allow_lossy: bool
+    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., layers: _Optional[_Iterable[int]] = ..., layer_range: _Optional[_Union[Range, _Mapping]] = ..., samples: _Optional[_Union[SampleSelection, _Mapping]] = ..., hidden_range: _Optional[_Union[Range, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., allow_lossy: _Optional[bool] = ...) -> None: ...
+
+class StatesHeader(_message.Message):
+    __slots__ = ("shape", "dtype", "dims", "layers", "labels", "hidden_start", "run_complete")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_START_FIELD_NUMBER: _ClassVar[int]
+    RUN_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    dims: _containers.RepeatedScalarFieldContainer[str]
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    labels: Labels
+    hidden_start: int
+    run_complete: bool
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., dims: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[int]] = ..., labels: _Optional[_Union[Labels, _Mapping]] = ..., hidden_start: _Optional[int] = ..., run_complete: _Optional[bool] = ...) -> None: ...
+
+class Labels(_message.Message):
+    __slots__ = ("sample", "subject", "answer", "prediction", "correct")
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    sample: _containers.RepeatedScalarFieldContainer[int]
+    subject: _containers.RepeatedScalarFieldContainer[str]
+    answer: _containers.RepeatedScalarFieldContainer[str]
+    prediction: _containers.RepeatedScalarFieldContainer[str]
+    correct: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, sample: _Optional[_Iterable[int]] = ..., subject: _Optional[_Iterable[str]] = ..., answer: _Optional[_Iterable[str]] = ..., prediction: _Optional[_Iterable[str]] = ..., correct: _Optional[_Iterable[bool]] = ...) -> None: ...
+
+class StatesChunk(_message.Message):
+    __slots__ = ("offset", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ReadStatesResponse(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: StatesHeader
+    chunk: StatesChunk
+    def __init__(self, header: _Optional[_Union[StatesHeader, _Mapping]] = ..., chunk: _Optional[_Union[StatesChunk, _Mapping]] = ...) -> None: ...
+
+class ReadLabelsRequest(_message.Message):
+    __slots__ = ("run", "samples")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    run: RunRef
+    samples: SampleSelection
+    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., samples: _Optional[_Union[SampleSelection, _Mapping]] = ...) -> None: ...
+
+class ReadLabelsResponse(_message.Message):
+    __slots__ = ("labels", "run_complete")
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    RUN_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    labels: Labels
+    run_complete: bool
+    def __init__(self, labels: _Optional[_Union[Labels, _Mapping]] = ..., run_complete: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,53 @@
+"""Start a real ``actstore serve`` in a subprocess on a free port, for the tests."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class ServerProcess:
+    def __init__(self, store: Path, log: Path, *extra: str) -> None:
+        self.log = log
+        self._log_file = log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "actstore", "serve", "--store", str(store), "--address", "127.0.0.1:0", *extra],
+            stdout=self._log_file, stderr=subprocess.STDOUT)
+        self.port = self._wait_for_port()
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _wait_for_port(self) -> int:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            found = re.search(r"on 127\.0\.0\.1:(\d+)", self.log.read_text())
+            if found:
+                return int(found.group(1))
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()}")
+            time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def wait(self, timeout: float = 60) -> int:
+        """Wait for the server to exit by itself (after a signal already sent)."""
+        code = self.proc.wait(timeout=timeout)
+        self._log_file.close()
+        return code
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+        self._log_file.close()
+        return self.proc.returncode
