@@ -231,14 +231,22 @@ class DataService(_Base, pb_grpc.DataServiceServicer):
 
 def _chunks(blocks: Iterator[np.ndarray]) -> Iterator[bytes]:
     """Re-cut blocks of any size into messages of CHUNK_BYTES (the last one shorter): few, full messages."""
-    pending = bytearray()
+    pending = b""
     for block in blocks:
-        pending += memoryview(block).cast("B")
-        while len(pending) >= CHUNK_BYTES:
-            yield bytes(pending[:CHUNK_BYTES])
-            del pending[:CHUNK_BYTES]
+        view = memoryview(block).cast("B")
+        if pending:
+            take = CHUNK_BYTES - len(pending)
+            pending += bytes(view[:take])
+            view = view[take:]
+            if len(pending) < CHUNK_BYTES:
+                continue
+            yield pending
+        whole = len(view) - len(view) % CHUNK_BYTES
+        for start in range(0, whole, CHUNK_BYTES):
+            yield bytes(view[start : start + CHUNK_BYTES])
+        pending = bytes(view[whole:])
     if pending:
-        yield bytes(pending)
+        yield pending
 
 
 def _blocks(run: Run, layers: list[int], positions: np.ndarray, cols: slice, dtype: np.dtype,
@@ -252,7 +260,7 @@ def _blocks(run: Run, layers: list[int], positions: np.ndarray, cols: slice, dty
     groups = [layers] if len(positions) <= step else [[layer] for layer in layers]
     for group in groups:
         for start in range(0, len(positions), step):
-            block = run.read_rows(group, positions[start : start + step])[:, :, cols]
+            block = _read(run, group, positions[start : start + step])[:, :, cols]
             if dtype != block.dtype:
                 converted = block.astype(dtype)
                 if not allow_lossy and not np.array_equal(converted.astype(block.dtype), block):
@@ -260,3 +268,10 @@ def _blocks(run: Run, layers: list[int], positions: np.ndarray, cols: slice, dty
                                 "or allow lossy")
                 block = converted
             yield np.ascontiguousarray(block)
+
+
+def _read(run: Run, layers: list[int], positions: np.ndarray) -> np.ndarray:
+    first = int(positions[0])
+    if np.array_equal(positions, np.arange(first, first + len(positions))):  # a range: no gather needed
+        return run.read_states(layers, first, first + len(positions))
+    return run.read_rows(layers, positions)
