@@ -105,6 +105,15 @@ def test_ids_and_label_filters_select_the_right_samples(served):
         assert (only.subject.values == "anatomy").all() and only.sizes["sample"] == (labels["subject"] == "anatomy").sum()
 
 
+def test_stored_chunks_are_forwarded_exactly_including_partial_edges(served):
+    server, store, _ = served
+    run = Store(store).run(*BIG)
+    with client(server) as c:
+        got = c.hidden_states(*BIG, layers=[1, 0], samples=slice(5, 9003))  # edges inside inner chunks
+    np.testing.assert_array_equal(got.values, run.hidden_states[[1, 0], 5:9003])
+    assert got.sample.values[0] == 5 and got.sizes["sample"] == 8998
+
+
 def test_float16_only_when_lossless_or_allowed(served):
     server, store, _ = served
     expected = Store(store).run("tiny-llama", "0shot").hidden_states[1]

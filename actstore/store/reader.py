@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,31 +77,62 @@ class StateReader:
                 job.result()
         return out
 
+    def encoded(self, layer: int, start: int, stop: int) -> Iterator[tuple[int, int, bytes | np.ndarray]]:
+        """Samples ``start:stop`` of one layer as (first sample, number of samples, payload) pieces in order.
+
+        Inner chunks that lie wholly inside the range come as their stored Blosc bytes, untouched; the
+        partial chunks at the ends come decoded, as (rows, hidden) arrays. Needs a direct-readable array.
+        """
+        for shard in range(start // self.shard_samples, -(-stop // self.shard_samples)):
+            first = shard * self.shard_samples
+            lo, hi = max(start, first), min(stop, first + self.shard_samples)
+            index = self._index(self._shard_path(layer, shard))
+            inner = range((lo - first) // self.inner_samples, -(-(hi - first) // self.inner_samples))
+            whole = [c for c in inner if first + c * self.inner_samples >= lo
+                     and first + (c + 1) * self.inner_samples <= hi
+                     and index is not None and index.offsets[c] != _MISSING]
+            raw = self._pread_chunks(layer, shard, index, whole[0], whole[-1] + 1) if whole else {}
+            for chunk in inner:
+                c_first = first + chunk * self.inner_samples
+                c_lo, c_hi = max(lo, c_first), min(hi, c_first + self.inner_samples)
+                if chunk in raw:
+                    yield c_lo, c_hi - c_lo, raw[chunk]
+                else:
+                    rows = np.empty((c_hi - c_lo, self.hidden), dtype=np.float32)
+                    self._read_shard(layer, shard, rows, c_lo, c_hi)
+                    yield c_lo, c_hi - c_lo, rows
+
+    def _pread_chunks(self, layer: int, shard: int, index: _Index | None, first: int, stop: int) -> dict[int, bytes]:
+        """The stored bytes of inner chunks first..stop-1 of a shard (those present), with one ``pread``."""
+        if index is None:
+            return {}
+        offsets, sizes = index.offsets[first:stop], index.sizes[first:stop]
+        present = offsets != _MISSING
+        if not present.any():
+            return {}
+        begin = int(offsets[present].min())
+        with open(self._shard_path(layer, shard), "rb") as handle:
+            raw = os.pread(handle.fileno(), int((offsets[present] + sizes[present]).max()) - begin, begin)
+        return {first + i: raw[int(o) - begin : int(o + n) - begin]
+                for i, (o, n, ok) in enumerate(zip(offsets, sizes, present)) if ok}
+
     def _read_shard(self, layer: int, shard: int, out: np.ndarray, start: int, stop: int) -> None:
-        """Fill ``out`` (samples start:stop) from one shard with one ``pread`` of the inner chunks needed."""
+        """Fill ``out`` (samples start:stop) from one shard, decoding only the inner chunks needed."""
         first = shard * self.shard_samples
         lo, hi = max(start, first), min(stop, first + self.shard_samples)
         chunks = range((lo - first) // self.inner_samples, -(-(hi - first) // self.inner_samples))
-        path = f"{self.folder}/c/{layer}/{shard}/0"
-        index = self._index(path)
-        if index is None:
-            out[lo - start : hi - start] = np.nan
-            return
-        offsets, sizes = index.offsets[chunks.start : chunks.stop], index.sizes[chunks.start : chunks.stop]
-        present = offsets != _MISSING
-        if present.any():
-            begin = int(offsets[present].min())
-            with open(path, "rb") as handle:
-                raw = os.pread(handle.fileno(), int((offsets[present] + sizes[present]).max()) - begin, begin)
-        for chunk, offset, size, ok in zip(chunks, offsets, sizes, present):
+        raw = self._pread_chunks(layer, shard, self._index(self._shard_path(layer, shard)), chunks.start, chunks.stop)
+        for chunk in chunks:
             c_first = first + chunk * self.inner_samples
             c_lo, c_hi = max(lo, c_first), min(hi, c_first + self.inner_samples)
-            if not ok:
+            if chunk not in raw:
                 out[c_lo - start : c_hi - start] = np.nan
                 continue
-            encoded = raw[int(offset) - begin : int(offset + size) - begin]
-            values = np.frombuffer(numcodecs.blosc.decompress(encoded), dtype="<f4").reshape(-1, self.hidden)
+            values = np.frombuffer(numcodecs.blosc.decompress(raw[chunk]), dtype="<f4").reshape(-1, self.hidden)
             out[c_lo - start : c_hi - start] = values[c_lo - c_first : c_hi - c_first]
+
+    def _shard_path(self, layer: int, shard: int) -> str:
+        return f"{self.folder}/c/{layer}/{shard}/0"
 
     def _index(self, path: str) -> _Index | None:
         try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -86,15 +87,29 @@ class Run:
 
         Much faster than slicing ``hidden_states`` through zarr-python for whole layers and single samples.
         """
+        stop = self.n_samples if stop is None else stop
+        self._check_bounds(layers, start, stop)
+        return self.reader.read(list(layers), start, stop)
+
+    def _check_bounds(self, layers: list[int], start: int, stop: int) -> None:
         n = self.n_samples
-        stop = n if stop is None else stop
         if not 0 <= start <= stop <= n:
             raise IndexError(f"samples {start}:{stop} outside the {n} committed samples of {self.model}/{self.method}")
         n_layers = self.hidden_states.shape[0]
         bad = [layer for layer in layers if not 0 <= layer < n_layers]
         if bad:
             raise IndexError(f"layers {bad} outside 0..{n_layers - 1} of {self.model}/{self.method}")
-        return self.reader.read(list(layers), start, stop)
+
+    def encoded_states(self, layer: int, start: int, stop: int) -> Iterator[tuple[int, int, bytes | np.ndarray]]:
+        """One layer's samples ``start:stop`` as stored Blosc chunks where whole, decoded rows at the ends.
+
+        For servers that forward chunks without decoding them; see StateReader.encoded.
+        """
+        self._check_bounds([layer], start, stop)
+        if not self.reader.direct:
+            yield start, stop - start, self.reader.read([layer], start, stop)[0]
+            return
+        yield from self.reader.encoded(layer, start, stop)
 
     def read_rows(self, layers: list[int], positions: np.ndarray) -> np.ndarray:
         """States of ``layers`` at sample ``positions`` (any order), as (layer, position, hidden) float32.

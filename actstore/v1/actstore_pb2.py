@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61\x63tstore/v1/actstore.proto\x12\x0b\x61\x63tstore.v1\"\'\n\x06RunRef\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\"_\n\x06\x41\x63\x63\x65ss\x12\x13\n\x0bowner_group\x18\x01 \x01(\t\x12+\n\nvisibility\x18\x02 \x01(\x0e\x32\x17.actstore.v1.Visibility\x12\x13\n\x0bshared_with\x18\x03 \x03(\t\"\xbe\x01\n\nRunSummary\x12 \n\x03run\x18\x01 \x01(\x0b\x32\x13.actstore.v1.RunRef\x12\x10\n\x08n_layers\x18\x02 \x01(\x03\x12\x11\n\tn_samples\x18\x03 \x01(\x03\x12\x0e\n\x06hidden\x18\x04 \x01(\x03\x12\x15\n\x08\x61\x63\x63uracy\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x63omplete\x18\x06 \x01(\x08\x12#\n\x06\x61\x63\x63\x65ss\x18\x07 \x01(\x0b\x32\x13.actstore.v1.AccessB\x0b\n\t_accuracy\"W\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\"R\n\x10ListRunsResponse\x12%\n\x04runs\x18\x01 \x03(\x0b\x32\x17.actstore.v1.RunSummary\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x12\x44\x65scribeRunRequest\x12 \n\x03run\x18\x01 \x01(\x0b\x32\x13.actstore.v1.RunRef\"+\n\x0bLabelValues\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\xbe\x01\n\x07RunInfo\x12(\n\x07summary\x18\x01 \x01(\x0b\x32\x17.actstore.v1.RunSummary\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06layers\x18\x03 \x03(\x03\x12(\n\x06labels\x18\x04 \x03(\x0b\x32\x18.actstore.v1.LabelValues\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x13\n\x0brecipe_json\x18\x06 \x01(\t\x12\x17\n\x0f\x61ttributes_json\x18\x07 \x01(\t\"z\n\x14SetVisibilityRequest\x12 \n\x03run\x18\x01 \x01(\x0b\x32\x13.actstore.v1.RunRef\x12+\n\nvisibility\x18\x02 \x01(\x0e\x32\x17.actstore.v1.Visibility\x12\x13\n\x0bshared_with\x18\x03 \x03(\t\"$\n\x05Range\x12\r\n\x05start\x18\x01 \x01(\x03\x12\x0c\n\x04stop\x18\x02 \x01(\x03\"\x83\x01\n\x0fSampleSelection\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12*\n\tpositions\x18\x02 \x01(\x0b\x32\x12.actstore.v1.RangeH\x00\x88\x01\x01\x12)\n\x07\x66ilters\x18\x03 \x03(\x0b\x32\x18.actstore.v1.LabelFilterB\x0c\n\n_positions\"+\n\x0bLabelFilter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\xaa\x02\n\x11ReadStatesRequest\x12 \n\x03run\x18\x01 \x01(\x0b\x32\x13.actstore.v1.RunRef\x12\x0e\n\x06layers\x18\x02 \x03(\x03\x12,\n\x0blayer_range\x18\x03 \x01(\x0b\x32\x12.actstore.v1.RangeH\x00\x88\x01\x01\x12-\n\x07samples\x18\x04 \x01(\x0b\x32\x1c.actstore.v1.SampleSelection\x12-\n\x0chidden_range\x18\x05 \x01(\x0b\x32\x12.actstore.v1.RangeH\x01\x88\x01\x01\x12!\n\x05\x64type\x18\x06 \x01(\x0e\x32\x12.actstore.v1.DType\x12\x13\n\x0b\x61llow_lossy\x18\x07 \x01(\x08\x42\x0e\n\x0c_layer_rangeB\x0f\n\r_hidden_range\"\xaf\x01\n\x0cStatesHeader\x12\r\n\x05shape\x18\x01 \x03(\x03\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.actstore.v1.DType\x12\x0c\n\x04\x64ims\x18\x03 \x03(\t\x12\x0e\n\x06layers\x18\x04 \x03(\x03\x12#\n\x06labels\x18\x05 \x01(\x0b\x32\x13.actstore.v1.Labels\x12\x14\n\x0chidden_start\x18\x06 \x01(\x03\x12\x14\n\x0crun_complete\x18\x07 \x01(\x08\"^\n\x06Labels\x12\x0e\n\x06sample\x18\x01 \x03(\x03\x12\x0f\n\x07subject\x18\x02 \x03(\t\x12\x0e\n\x06\x61nswer\x18\x03 \x03(\t\x12\x12\n\nprediction\x18\x04 \x03(\t\x12\x0f\n\x07\x63orrect\x18\x05 \x03(\x08\"+\n\x0bStatesChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"h\n\x12ReadStatesResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.actstore.v1.StatesHeader\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.actstore.v1.StatesChunk\"d\n\x11ReadLabelsRequest\x12 \n\x03run\x18\x01 \x01(\x0b\x32\x13.actstore.v1.RunRef\x12-\n\x07samples\x18\x02 \x01(\x0b\x32\x1c.actstore.v1.SampleSelection\"O\n\x12ReadLabelsResponse\x12#\n\x06labels\x18\x01 \x01(\x0b\x32\x13.actstore.v1.Labels\x12\x14\n\x0crun_complete\x18\x02 \x01(\x08*n\n\nVisibility\x12\x1a\n\x16VISIBILITY_UNSPECIFIED\x10\x00\x12\x16\n\x12VISIBILITY_PRIVATE\x10\x01\x12\x15\n\x11VISIBILITY_SHARED\x10\x02\x12\x15\n\x11VISIBILITY_PUBLIC\x10\x03*D\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x32\xe9\x01\n\x0e\x43\x61talogService\x12G\n\x08ListRuns\x12\x1c.actstore.v1.ListRunsRequest\x1a\x1d.actstore.v1.ListRunsResponse\x12\x44\n\x0b\x44\x65scribeRun\x12\x1f.actstore.v1.DescribeRunRequest\x1a\x14.actstore.v1.RunInfo\x12H\n\rSetVisibility\x12!.actstore.v1.SetVisibilityRequest\x1a\x14.actstore.v1.RunInfo2\xad\x01\n\x0b\x44\x61taService\x12O\n\nReadStates\x12\x1e.actstore.v1.ReadStatesRequest\x1a\x1f.actstore.v1.ReadStatesResponse0\x01\x12M\n\nReadLabels\x12\x1e.actstore.v1.ReadLabelsRequest\x1a\x1f.actstore.v1.ReadLabelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61\x63tstore/v1/actstore.proto\x12\x0b\x61\x63tstore.v1\"\'\n\x06RunRef\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\"_\n\x06\x41\x63\x63\x65ss\x12\x13\n\x0bowner_group\x18\x01 \x01(\t\x12+\n\nvisibility\x18\x02 \x01(\x0e\x32\x17.actstore.v1.Visibility\x12\x13\n\x0bshared_with\x18\x03 \x03(\t\"\xbe\x01\n\nRunSummary\x12 \n\x03run\x18\x01 \x01(\x0b\x32\x13.actstore.v1.RunRef\x12\x10\n\x08n_layers\x18\x02 \x01(\x03\x12\x11\n\tn_samples\x18\x03 \x01(\x03\x12\x0e\n\x06hidden\x18\x04 \x01(\x03\x12\x15\n\x08\x61\x63\x63uracy\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x63omplete\x18\x06 \x01(\x08\x12#\n\x06\x61\x63\x63\x65ss\x18\x07 \x01(\x0b\x32\x13.actstore.v1.AccessB\x0b\n\t_accuracy\"W\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\"R\n\x10ListRunsResponse\x12%\n\x04runs\x18\x01 \x03(\x0b\x32\x17.actstore.v1.RunSummary\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x12\x44\x65scribeRunRequest\x12 \n\x03run\x18\x01 \x01(\x0b\x32\x13.actstore.v1.RunRef\"+\n\x0bLabelValues\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\xbe\x01\n\x07RunInfo\x12(\n\x07summary\x18\x01 \x01(\x0b\x32\x17.actstore.v1.RunSummary\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06layers\x18\x03 \x03(\x03\x12(\n\x06labels\x18\x04 \x03(\x0b\x32\x18.actstore.v1.LabelValues\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x13\n\x0brecipe_json\x18\x06 \x01(\t\x12\x17\n\x0f\x61ttributes_json\x18\x07 \x01(\t\"z\n\x14SetVisibilityRequest\x12 \n\x03run\x18\x01 \x01(\x0b\x32\x13.actstore.v1.RunRef\x12+\n\nvisibility\x18\x02 \x01(\x0e\x32\x17.actstore.v1.Visibility\x12\x13\n\x0bshared_with\x18\x03 \x03(\t\"$\n\x05Range\x12\r\n\x05start\x18\x01 \x01(\x03\x12\x0c\n\x04stop\x18\x02 \x01(\x03\"\x83\x01\n\x0fSampleSelection\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12*\n\tpositions\x18\x02 \x01(\x0b\x32\x12.actstore.v1.RangeH\x00\x88\x01\x01\x12)\n\x07\x66ilters\x18\x03 \x03(\x0b\x32\x18.actstore.v1.LabelFilterB\x0c\n\n_positions\"+\n\x0bLabelFilter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\xc0\x02\n\x11ReadStatesRequest\x12 \n\x03run\x18\x01 \x01(\x0b\x32\x13.actstore.v1.RunRef\x12\x0e\n\x06layers\x18\x02 \x03(\x03\x12,\n\x0blayer_range\x18\x03 \x01(\x0b\x32\x12.actstore.v1.RangeH\x00\x88\x01\x01\x12-\n\x07samples\x18\x04 \x01(\x0b\x32\x1c.actstore.v1.SampleSelection\x12-\n\x0chidden_range\x18\x05 \x01(\x0b\x32\x12.actstore.v1.RangeH\x01\x88\x01\x01\x12!\n\x05\x64type\x18\x06 \x01(\x0e\x32\x12.actstore.v1.DType\x12\x13\n\x0b\x61llow_lossy\x18\x07 \x01(\x08\x12\x14\n\x0c\x61\x63\x63\x65pt_blosc\x18\x08 \x01(\x08\x42\x0e\n\x0c_layer_rangeB\x0f\n\r_hidden_range\"\xaf\x01\n\x0cStatesHeader\x12\r\n\x05shape\x18\x01 \x03(\x03\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.actstore.v1.DType\x12\x0c\n\x04\x64ims\x18\x03 \x03(\t\x12\x0e\n\x06layers\x18\x04 \x03(\x03\x12#\n\x06labels\x18\x05 \x01(\x0b\x32\x13.actstore.v1.Labels\x12\x14\n\x0chidden_start\x18\x06 \x01(\x03\x12\x14\n\x0crun_complete\x18\x07 \x01(\x08\"^\n\x06Labels\x12\x0e\n\x06sample\x18\x01 \x03(\x03\x12\x0f\n\x07subject\x18\x02 \x03(\t\x12\x0e\n\x06\x61nswer\x18\x03 \x03(\t\x12\x12\n\nprediction\x18\x04 \x03(\t\x12\x0f\n\x07\x63orrect\x18\x05 \x03(\x08\"+\n\x0bStatesChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x93\x01\n\x12ReadStatesResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.actstore.v1.StatesHeader\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.actstore.v1.StatesChunk\x12)\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x19.actstore.v1.EncodedBlock\"[\n\x0c\x45ncodedBlock\x12\x13\n\x0blayer_index\x18\x01 \x01(\x03\x12\x14\n\x0csample_start\x18\x02 \x01(\x03\x12\x11\n\tn_samples\x18\x03 \x01(\x03\x12\r\n\x05\x62losc\x18\x04 \x01(\x0c\"d\n\x11ReadLabelsRequest\x12 \n\x03run\x18\x01 \x01(\x0b\x32\x13.actstore.v1.RunRef\x12-\n\x07samples\x18\x02 \x01(\x0b\x32\x1c.actstore.v1.SampleSelection\"O\n\x12ReadLabelsResponse\x12#\n\x06labels\x18\x01 \x01(\x0b\x32\x13.actstore.v1.Labels\x12\x14\n\x0crun_complete\x18\x02 \x01(\x08*n\n\nVisibility\x12\x1a\n\x16VISIBILITY_UNSPECIFIED\x10\x00\x12\x16\n\x12VISIBILITY_PRIVATE\x10\x01\x12\x15\n\x11VISIBILITY_SHARED\x10\x02\x12\x15\n\x11VISIBILITY_PUBLIC\x10\x03*D\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x32\xe9\x01\n\x0e\x43\x61talogService\x12G\n\x08ListRuns\x12\x1c.actstore.v1.ListRunsRequest\x1a\x1d.actstore.v1.ListRunsResponse\x12\x44\n\x0b\x44\x65scribeRun\x12\x1f.actstore.v1.DescribeRunRequest\x1a\x14.actstore.v1.RunInfo\x12H\n\rSetVisibility\x12!.actstore.v1.SetVisibilityRequest\x1a\x14.actstore.v1.RunInfo2\xad\x01\n\x0b\x44\x61taService\x12O\n\nReadStates\x12\x1e.actstore.v1.ReadStatesRequest\x1a\x1f.actstore.v1.ReadStatesResponse0\x01\x12M\n\nReadLabels\x12\x1e.actstore.v1.ReadLabelsRequest\x1a\x1f.actstore.v1.ReadLabelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'actstore.v1.actstore_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VISIBILITY']._serialized_start=2091
-  _globals['_VISIBILITY']._serialized_end=2201
-  _globals['_DTYPE']._serialized_start=2203
-  _globals['_DTYPE']._serialized_end=2271
+  _globals['_VISIBILITY']._serialized_start=2250
+  _globals['_VISIBILITY']._serialized_end=2360
+  _globals['_DTYPE']._serialized_start=2362
+  _globals['_DTYPE']._serialized_end=2430
   _globals['_RUNREF']._serialized_start=43
   _globals['_RUNREF']._serialized_end=82
   _globals['_ACCESS']._serialized_start=84
@@ -60,21 +60,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LABELFILTER']._serialized_start=1137
   _globals['_LABELFILTER']._serialized_end=1180
   _globals['_READSTATESREQUEST']._serialized_start=1183
-  _globals['_READSTATESREQUEST']._serialized_end=1481
-  _globals['_STATESHEADER']._serialized_start=1484
-  _globals['_STATESHEADER']._serialized_end=1659
-  _globals['_LABELS']._serialized_start=1661
-  _globals['_LABELS']._serialized_end=1755
-  _globals['_STATESCHUNK']._serialized_start=1757
-  _globals['_STATESCHUNK']._serialized_end=1800
-  _globals['_READSTATESRESPONSE']._serialized_start=1802
-  _globals['_READSTATESRESPONSE']._serialized_end=1906
-  _globals['_READLABELSREQUEST']._serialized_start=1908
-  _globals['_READLABELSREQUEST']._serialized_end=2008
-  _globals['_READLABELSRESPONSE']._serialized_start=2010
-  _globals['_READLABELSRESPONSE']._serialized_end=2089
-  _globals['_CATALOGSERVICE']._serialized_start=2274
-  _globals['_CATALOGSERVICE']._serialized_end=2507
-  _globals['_DATASERVICE']._serialized_start=2510
-  _globals['_DATASERVICE']._serialized_end=2683
+  _globals['_READSTATESREQUEST']._serialized_end=1503
+  _globals['_STATESHEADER']._serialized_start=1506
+  _globals['_STATESHEADER']._serialized_end=1681
+  _globals['_LABELS']._serialized_start=1683
+  _globals['_LABELS']._serialized_end=1777
+  _globals['_STATESCHUNK']._serialized_start=1779
+  _globals['_STATESCHUNK']._serialized_end=1822
+  _globals['_READSTATESRESPONSE']._serialized_start=1825
+  _globals['_READSTATESRESPONSE']._serialized_end=1972
+  _globals['_ENCODEDBLOCK']._serialized_start=1974
+  _globals['_ENCODEDBLOCK']._serialized_end=2065
+  _globals['_READLABELSREQUEST']._serialized_start=2067
+  _globals['_READLABELSREQUEST']._serialized_end=2167
+  _globals['_READLABELSRESPONSE']._serialized_start=2169
+  _globals['_READLABELSRESPONSE']._serialized_end=2248
+  _globals['_CATALOGSERVICE']._serialized_start=2433
+  _globals['_CATALOGSERVICE']._serialized_end=2666
+  _globals['_DATASERVICE']._serialized_start=2669
+  _globals['_DATASERVICE']._serialized_end=2842
 # @@protoc_insertion_point(module_scope)

@@ -152,7 +152,7 @@ class LabelFilter(_message.Message):
     def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReadStatesRequest(_message.Message):
-    __slots__ = ("run", "layers", "layer_range", "samples", "hidden_range", "dtype", "allow_lossy")
+    __slots__ = ("run", "layers", "layer_range", "samples", "hidden_range", "dtype", "allow_lossy", "accept_blosc")
     RUN_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     LAYER_RANGE_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,7 @@ class ReadStatesRequest(_message.Message):
     HIDDEN_RANGE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     ALLOW_LOSSY_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_BLOSC_FIELD_NUMBER: _ClassVar[int]
     run: RunRef
     layers: _containers.RepeatedScalarFieldContainer[int]
     layer_range: Range
@@ -167,7 +168,8 @@ class ReadStatesRequest(_message.Message):
     hidden_range: Range
     dtype: DType
     allow_lossy: bool
-    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., layers: _Optional[_Iterable[int]] = ..., layer_range: _Optional[_Union[Range, _Mapping]] = ..., samples: _Optional[_Union[SampleSelection, _Mapping]] = ..., hidden_range: _Optional[_Union[Range, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., allow_lossy: _Optional[bool] = ...) -> None: ...
+    accept_blosc: bool
+    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., layers: _Optional[_Iterable[int]] = ..., layer_range: _Optional[_Union[Range, _Mapping]] = ..., samples: _Optional[_Union[SampleSelection, _Mapping]] = ..., hidden_range: _Optional[_Union[Range, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., allow_lossy: _Optional[bool] = ..., accept_blosc: _Optional[bool] = ...) -> None: ...
 
 class StatesHeader(_message.Message):
     __slots__ = ("shape", "dtype", "dims", "layers", "labels", "hidden_start", "run_complete")
@@ -210,12 +212,26 @@ class StatesChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ReadStatesResponse(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "blocks")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
     header: StatesHeader
     chunk: StatesChunk
-    def __init__(self, header: _Optional[_Union[StatesHeader, _Mapping]] = ..., chunk: _Optional[_Union[StatesChunk, _Mapping]] = ...) -> None: ...
+    blocks: _containers.RepeatedCompositeFieldContainer[EncodedBlock]
+    def __init__(self, header: _Optional[_Union[StatesHeader, _Mapping]] = ..., chunk: _Optional[_Union[StatesChunk, _Mapping]] = ..., blocks: _Optional[_Iterable[_Union[EncodedBlock, _Mapping]]] = ...) -> None: ...
+
+class EncodedBlock(_message.Message):
+    __slots__ = ("layer_index", "sample_start", "n_samples", "blosc")
+    LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_START_FIELD_NUMBER: _ClassVar[int]
+    N_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BLOSC_FIELD_NUMBER: _ClassVar[int]
+    layer_index: int
+    sample_start: int
+    n_samples: int
+    blosc: bytes
+    def __init__(self, layer_index: _Optional[int] = ..., sample_start: _Optional[int] = ..., n_samples: _Optional[int] = ..., blosc: _Optional[bytes] = ...) -> None: ...
 
 class ReadLabelsRequest(_message.Message):
     __slots__ = ("run", "samples")
