@@ -45,18 +45,20 @@ def hidden(request: pb.ReadStatesRequest, size: int) -> slice:
     return slice(r.start, r.stop)
 
 
-def positions(selection: pb.SampleSelection, labels: dict[str, np.ndarray]) -> np.ndarray:
-    """Positions along the run's sample axis, in the order asked for (ids) or stored (range, filters)."""
+def positions(selection: pb.SampleSelection, labels: dict[str, np.ndarray], id_order: np.ndarray) -> np.ndarray:
+    """Positions along the run's sample axis, in the order asked for (ids) or stored (range, filters).
+
+    ``id_order`` is the argsort of ``labels["sample"]`` (computed once per run snapshot).
+    """
     ids = labels["sample"]
     n = len(ids)
     if selection.ids and selection.HasField("positions"):
         raise BadRequest("give sample ids or a position range, not both")
     if selection.ids:
         wanted = np.asarray(selection.ids, dtype=np.int64)
-        order = np.argsort(ids)
-        found = np.searchsorted(ids, wanted, sorter=order)
+        found = np.searchsorted(ids, wanted, sorter=id_order)
         found = np.minimum(found, n - 1) if n else found
-        hits = order[found] if n else found
+        hits = id_order[found] if n else found
         missing = wanted[(ids[hits] != wanted)] if n else wanted
         if len(missing):
             raise NotFound(f"{len(missing)} sample id(s) not in this run's committed samples, e.g. {missing[:5].tolist()}")

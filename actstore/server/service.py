@@ -194,7 +194,7 @@ class DataService(_Base, pb_grpc.DataServiceServicer):
     @rpc
     def ReadLabels(self, request: pb.ReadLabelsRequest, context, caller: Caller) -> pb.ReadLabelsResponse:
         run = self.readable_run(request.run, caller)
-        positions = selection.positions(request.samples, run.labels())
+        positions = selection.positions(request.samples, run.labels(), run.sample_order)
         return pb.ReadLabelsResponse(labels=_labels(run, positions), run_complete=run.complete)
 
     @rpc
@@ -202,7 +202,7 @@ class DataService(_Base, pb_grpc.DataServiceServicer):
         run = self.readable_run(request.run, caller)
         n_layers, _, n_hidden = run.shape
         layers = selection.layers(request, n_layers)
-        positions = selection.positions(request.samples, run.labels())
+        positions = selection.positions(request.samples, run.labels(), run.sample_order)
         cols = selection.hidden(request, n_hidden)
         if request.dtype not in DTYPE_NAMES:
             raise selection.BadRequest(f"unknown dtype {request.dtype}")

@@ -23,7 +23,7 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
-_MISSING = np.uint64(2**64 - 1)
+_MISSING = 2**64 - 1
 _PARALLEL_BYTES = 4 << 20
 _POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="actstore-decode")
 numcodecs.blosc.set_nthreads(1)  # parallelism comes from decoding several chunks at once
@@ -90,7 +90,7 @@ class StateReader:
             inner = range((lo - first) // self.inner_samples, -(-(hi - first) // self.inner_samples))
             whole = [c for c in inner if first + c * self.inner_samples >= lo
                      and first + (c + 1) * self.inner_samples <= hi
-                     and index is not None and index.offsets[c] != _MISSING]
+                     and index is not None and int(index.offsets[c]) != _MISSING]
             raw = self._pread_chunks(layer, shard, index, whole[0], whole[-1] + 1) if whole else {}
             for chunk in inner:
                 c_first = first + chunk * self.inner_samples
@@ -106,15 +106,18 @@ class StateReader:
         """The stored bytes of inner chunks first..stop-1 of a shard (those present), with one ``pread``."""
         if index is None:
             return {}
-        offsets, sizes = index.offsets[first:stop], index.sizes[first:stop]
-        present = offsets != _MISSING
-        if not present.any():
+        offsets, sizes = index.offsets[first:stop].tolist(), index.sizes[first:stop].tolist()
+        present = [i for i, offset in enumerate(offsets) if offset != _MISSING]
+        if not present:
             return {}
-        begin = int(offsets[present].min())
-        with open(self._shard_path(layer, shard), "rb") as handle:
-            raw = os.pread(handle.fileno(), int((offsets[present] + sizes[present]).max()) - begin, begin)
-        return {first + i: raw[int(o) - begin : int(o + n) - begin]
-                for i, (o, n, ok) in enumerate(zip(offsets, sizes, present)) if ok}
+        begin = min(offsets[i] for i in present)
+        end = max(offsets[i] + sizes[i] for i in present)
+        fd = os.open(self._shard_path(layer, shard), os.O_RDONLY)
+        try:
+            raw = os.pread(fd, end - begin, begin)
+        finally:
+            os.close(fd)
+        return {first + i: raw[offsets[i] - begin : offsets[i] + sizes[i] - begin] for i in present}
 
     def _read_shard(self, layer: int, shard: int, out: np.ndarray, start: int, stop: int) -> None:
         """Fill ``out`` (samples start:stop) from one shard, decoding only the inner chunks needed."""

@@ -150,6 +150,11 @@ class Run:
         return self._labels
 
     @cached_property
+    def sample_order(self) -> np.ndarray:
+        """``argsort`` of the sample ids, kept per Run: finds the positions of ids with a binary search."""
+        return np.argsort(self.labels()["sample"], kind="stable")
+
+    @cached_property
     def _labels(self) -> dict[str, np.ndarray]:
         n = self.n_samples
         return {name: self.group[name][:n] for name in LABELS}
