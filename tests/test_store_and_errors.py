@@ -182,3 +182,39 @@ def test_listing_needs_no_torch(filled):
     done = subprocess.run([sys.executable, "-c", code, str(filled.store)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "tiny-llama/0shot" in done.stdout
+
+
+def test_readers_see_only_whole_committed_samples_while_a_writer_commits(tmp_path):
+    import threading
+
+    store = Store(tmp_path / "store")
+    hidden, batch, batches = 32, 5, 60
+
+    def batch_of(start):
+        ids = np.arange(start, start + batch)
+        states = (ids[None, :, None] * 10 + np.arange(3)[:, None, None] + np.zeros(hidden)).astype(np.float32)
+        return states, {"sample": ids, "subject": np.array(["s"] * batch, dtype=object),
+                        "answer": np.array(["A"] * batch, dtype=object),
+                        "prediction": np.array(["A"] * batch, dtype=object), "correct": np.ones(batch, dtype=bool)}
+
+    writer = store.writer("m", "0shot", recipe={"r": 1}, attrs={}, n_layers=3, hidden=hidden, commit_seconds=0)
+    writer.add(*batch_of(0))
+
+    def write():
+        for b in range(1, batches):
+            writer.add(*batch_of(b * batch))
+        writer.close()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    reads = 0
+    while thread.is_alive() or reads == 0:
+        run = Store(store.root).run("m", "0shot")
+        n = run.n_samples
+        got = run.read_states([0, 2], 0, n)
+        ids = run.labels()["sample"]
+        assert n % batch == 0 and len(ids) == n
+        np.testing.assert_array_equal(got[:, :, 0], ids[None, :] * 10 + np.array([[0], [2]]))
+        reads += 1
+    thread.join()
+    assert Store(store.root).run("m", "0shot").n_samples == batch * batches and reads > 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import time
@@ -40,7 +41,7 @@ _STATUS = [
     (AuthError, grpc.StatusCode.UNAUTHENTICATED),
     (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
     ((RunNotFound, selection.NotFound), grpc.StatusCode.NOT_FOUND),
-    ((InvalidName, selection.BadRequest, ValueError), grpc.StatusCode.INVALID_ARGUMENT),
+    ((InvalidName, selection.BadRequest), grpc.StatusCode.INVALID_ARGUMENT),
     (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Lossy, grpc.StatusCode.FAILED_PRECONDITION),
     (RunLocked, grpc.StatusCode.UNAVAILABLE),
@@ -66,7 +67,7 @@ def rpc(method: Callable) -> Callable:
                 log.exception("internal error in %s", name, exc_info=exc)
             context.abort(code, str(exc) if code is not grpc.StatusCode.INTERNAL else "internal server error")
 
-    if method.__name__ == "ReadStates":  # server streaming: the generator runs after the handler returns
+    if inspect.isgeneratorfunction(method):  # server streaming: the body runs as the response is consumed
 
         @functools.wraps(method)
         def streaming(self, request, context):

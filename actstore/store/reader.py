@@ -59,7 +59,7 @@ class StateReader:
             self.shard_samples = array.shards[1]
             self.inner_samples = array.chunks[1]
             self.hidden = array.shape[2]
-        self._indexes: dict[tuple[str, int, int, int], _Index] = {}
+        self._indexes: dict[str, tuple[tuple[int, int, int], _Index]] = {}
         self._lock = threading.Lock()
 
     def read(self, layers: list[int], start: int, stop: int) -> np.ndarray:
@@ -84,74 +84,68 @@ class StateReader:
         partial chunks at the ends come decoded, as (rows, hidden) arrays. Needs a direct-readable array.
         """
         for shard in range(start // self.shard_samples, -(-stop // self.shard_samples)):
-            first = shard * self.shard_samples
-            lo, hi = max(start, first), min(stop, first + self.shard_samples)
-            index = self._index(self._shard_path(layer, shard))
-            inner = range((lo - first) // self.inner_samples, -(-(hi - first) // self.inner_samples))
-            whole = [c for c in inner if first + c * self.inner_samples >= lo
-                     and first + (c + 1) * self.inner_samples <= hi
-                     and index is not None and int(index.offsets[c]) != _MISSING]
-            raw = self._pread_chunks(layer, shard, index, whole[0], whole[-1] + 1) if whole else {}
-            for chunk in inner:
-                c_first = first + chunk * self.inner_samples
-                c_lo, c_hi = max(lo, c_first), min(hi, c_first + self.inner_samples)
-                if chunk in raw:
-                    yield c_lo, c_hi - c_lo, raw[chunk]
+            for c_lo, c_hi, c_first, stored in self._chunks_of(layer, shard, start, stop):
+                if stored is not None and c_lo == c_first and c_hi - c_lo == self.inner_samples:
+                    yield c_lo, c_hi - c_lo, stored
                 else:
-                    rows = np.empty((c_hi - c_lo, self.hidden), dtype=np.float32)
-                    self._read_shard(layer, shard, rows, c_lo, c_hi)
-                    yield c_lo, c_hi - c_lo, rows
+                    yield c_lo, c_hi - c_lo, self._decode(stored, c_lo - c_first, c_hi - c_first)
 
-    def _pread_chunks(self, layer: int, shard: int, index: _Index | None, first: int, stop: int) -> dict[int, bytes]:
-        """The stored bytes of inner chunks first..stop-1 of a shard (those present), with one ``pread``."""
-        if index is None:
-            return {}
-        offsets, sizes = index.offsets[first:stop].tolist(), index.sizes[first:stop].tolist()
-        present = [i for i, offset in enumerate(offsets) if offset != _MISSING]
-        if not present:
-            return {}
-        begin = min(offsets[i] for i in present)
-        end = max(offsets[i] + sizes[i] for i in present)
-        fd = os.open(self._shard_path(layer, shard), os.O_RDONLY)
+    def _read_shard(self, layer: int, shard: int, out: np.ndarray, start: int, stop: int) -> None:
+        """Fill ``out`` (samples start:stop) from one shard, decoding only the inner chunks needed."""
+        for c_lo, c_hi, c_first, stored in self._chunks_of(layer, shard, start, stop):
+            out[c_lo - start : c_hi - start] = self._decode(stored, c_lo - c_first, c_hi - c_first)
+
+    def _chunks_of(self, layer: int, shard: int, start: int, stop: int) -> list[tuple[int, int, int, bytes | None]]:
+        """(lo, hi, chunk's first sample, stored bytes or None) for each inner chunk of ``shard`` in start:stop.
+
+        Index and bytes come from one open file descriptor, so a writer replacing the shard file
+        meanwhile (commits replace whole files) cannot pair one version's index with another's bytes.
+        """
+        first = shard * self.shard_samples
+        lo, hi = max(start, first), min(stop, first + self.shard_samples)
+        chunks = range((lo - first) // self.inner_samples, -(-(hi - first) // self.inner_samples))
+        stored = self._pread_chunks(layer, shard, chunks.start, chunks.stop)
+        pieces = []
+        for chunk in chunks:
+            c_first = first + chunk * self.inner_samples
+            pieces.append((max(lo, c_first), min(hi, c_first + self.inner_samples), c_first, stored.get(chunk)))
+        return pieces
+
+    def _decode(self, stored: bytes | None, lo: int, hi: int) -> np.ndarray:
+        if stored is None:  # never written: the fill value
+            return np.full((hi - lo, self.hidden), np.nan, dtype=np.float32)
+        return np.frombuffer(numcodecs.blosc.decompress(stored), dtype="<f4").reshape(-1, self.hidden)[lo:hi]
+
+    def _pread_chunks(self, layer: int, shard: int, first: int, stop: int) -> dict[int, bytes]:
+        """The stored bytes of a shard's inner chunks first..stop-1 (those present), with one ``pread``."""
+        path = f"{self.folder}/c/{layer}/{shard}/0"
         try:
-            raw = os.pread(fd, end - begin, begin)
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return {}
+        try:
+            index = self._index(fd, path)
+            offsets, sizes = index.offsets[first:stop].tolist(), index.sizes[first:stop].tolist()
+            present = [i for i, offset in enumerate(offsets) if offset != _MISSING]
+            if not present:
+                return {}
+            begin = min(offsets[i] for i in present)
+            raw = os.pread(fd, max(offsets[i] + sizes[i] for i in present) - begin, begin)
         finally:
             os.close(fd)
         return {first + i: raw[offsets[i] - begin : offsets[i] + sizes[i] - begin] for i in present}
 
-    def _read_shard(self, layer: int, shard: int, out: np.ndarray, start: int, stop: int) -> None:
-        """Fill ``out`` (samples start:stop) from one shard, decoding only the inner chunks needed."""
-        first = shard * self.shard_samples
-        lo, hi = max(start, first), min(stop, first + self.shard_samples)
-        chunks = range((lo - first) // self.inner_samples, -(-(hi - first) // self.inner_samples))
-        raw = self._pread_chunks(layer, shard, self._index(self._shard_path(layer, shard)), chunks.start, chunks.stop)
-        for chunk in chunks:
-            c_first = first + chunk * self.inner_samples
-            c_lo, c_hi = max(lo, c_first), min(hi, c_first + self.inner_samples)
-            if chunk not in raw:
-                out[c_lo - start : c_hi - start] = np.nan
-                continue
-            values = np.frombuffer(numcodecs.blosc.decompress(raw[chunk]), dtype="<f4").reshape(-1, self.hidden)
-            out[c_lo - start : c_hi - start] = values[c_lo - c_first : c_hi - c_first]
-
-    def _shard_path(self, layer: int, shard: int) -> str:
-        return f"{self.folder}/c/{layer}/{shard}/0"
-
-    def _index(self, path: str) -> _Index | None:
-        try:
-            stat = os.stat(path)
-        except FileNotFoundError:
-            return None
-        key = (path, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    def _index(self, fd: int, path: str) -> _Index:
+        """The shard's chunk index (at the file's end), cached per version of the file."""
+        stat = os.fstat(fd)
+        version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         with self._lock:
-            cached = self._indexes.get(key)
-        if cached is not None:
-            return cached
+            cached = self._indexes.get(path)
+        if cached is not None and cached[0] == version:
+            return cached[1]
         n = self.shard_samples // self.inner_samples
-        with open(path, "rb") as handle:
-            raw = os.pread(handle.fileno(), 16 * n, stat.st_size - 16 * n - 4)
-        table = np.frombuffer(raw, dtype="<u8").reshape(n, 2)
+        table = np.frombuffer(os.pread(fd, 16 * n, stat.st_size - 16 * n - 4), dtype="<u8").reshape(n, 2)
         index = _Index(offsets=table[:, 0].copy(), sizes=table[:, 1].copy())
         with self._lock:
-            self._indexes[key] = index
+            self._indexes[path] = (version, index)
         return index
