@@ -212,6 +212,17 @@ def test_a_cancelled_stream_stops_server_work(served):
     assert sent < total / 4
 
 
+def test_a_passed_deadline_stops_server_work(served):
+    server, _, _ = served
+    before = server.output().count("cancelled by the client")
+    with client(server, timeout=0.05, retries=0) as c:
+        assert status_of(lambda: c.hidden_states(*BIG, layers=0)) == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while server.output().count("cancelled by the client") == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.output().count("cancelled by the client") == before + 1
+
+
 def test_health_and_reflection(served):
     server, _, _ = served
     with grpc.insecure_channel(server.address) as channel:
