@@ -1,0 +1,101 @@
+"""Analysis building blocks against scikit-learn and DADApy called directly."""
+
+import numpy as np
+import pytest
+from sklearn.neighbors import NearestNeighbors
+
+from actstore.analysis.neighbours import knn
+from actstore.analysis.rows import first_unique_rows, per_subject_mask
+
+
+def blobs(n=600, d=40, centers=4, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, centers, n)
+    means = rng.normal(scale=8.0, size=(centers, d))
+    return means[labels] + rng.normal(size=(n, d)), labels
+
+
+def test_first_unique_rows_keeps_first_occurrences_in_order():
+    x = np.array([[1, 2], [3, 4], [1, 2], [5, 6], [3, 4], [7, 8]], dtype=np.float32)
+    kept, dropped = first_unique_rows(x)
+    assert kept.tolist() == [0, 1, 3, 5] and dropped.tolist() == [2, 4]
+
+
+def test_per_subject_mask_caps_each_subject_in_order():
+    subjects = np.array(["a", "b", "a", "a", "b", "c"])
+    assert per_subject_mask(subjects, 2).tolist() == [0, 1, 2, 4, 5]
+
+
+@pytest.mark.parametrize("block_bytes", [1 << 30, 4096])  # one block, and many
+def test_knn_equals_scikit_learn_brute_force(monkeypatch, block_bytes):
+    from actstore.analysis import neighbours
+
+    monkeypatch.setattr(neighbours, "BLOCK_BYTES", block_bytes)
+    x, _ = blobs()
+    dist, idx = knn(x, 30)
+    ref_dist, ref_idx = NearestNeighbors(n_neighbors=31, algorithm="brute").fit(x).kneighbors(x)
+    assert (idx[:, 0] == np.arange(len(x))).all() and (dist[:, 0] == 0).all()
+    # both use the dot-product expansion: distances agree to its rounding (~1e-6 at these norms)
+    np.testing.assert_allclose(dist, ref_dist, atol=1e-5)
+    assert (idx == ref_idx).mean() > 0.999
+    mismatched = idx != ref_idx  # only where two neighbours lie at the same distance, up to rounding
+    true = np.linalg.norm(x[np.arange(len(x))[:, None]] - x[idx], axis=-1)
+    ref_true = np.linalg.norm(x[np.arange(len(x))[:, None]] - x[ref_idx], axis=-1)
+    np.testing.assert_allclose(true[mismatched], ref_true[mismatched], atol=1e-5)
+
+
+def test_knn_with_ties_returns_valid_neighbour_sets():
+    grid = np.array([[i, j] for i in range(10) for j in range(10)], dtype=np.float64)  # many exact ties
+    dist, idx = knn(grid, 8)
+    true = np.sqrt(((grid[:, None] - grid[None]) ** 2).sum(-1))
+    np.testing.assert_allclose(dist, np.take_along_axis(true, idx, axis=1), atol=1e-12)
+    assert (np.diff(dist, axis=1) >= -1e-12).all()
+    np.testing.assert_allclose(dist[:, 1:], np.sort(true, axis=1)[:, 1:9], atol=1e-12)
+
+
+def test_knn_rejects_a_bad_maxk():
+    with pytest.raises(ValueError):
+        knn(np.zeros((5, 2)), 5)
+
+
+def test_layer_metrics_equal_dadapy_computing_its_own_neighbours():
+    from dadapy import Data
+    from sklearn.metrics import adjusted_rand_score
+
+    from actstore.analysis.density import DensityParams, analyse_layer, neighbours_needed
+
+    x, blob = blobs(n=800, d=12, centers=5)
+    subjects = np.array([f"s{b}" for b in blob])
+    answers = np.array(list("ABCD"))[np.random.default_rng(1).integers(0, 4, len(x))]
+    params = DensityParams(maxk=60, gride_range_max=32, id_scale_index=2, density_k=12, z=1.6)
+    maxk = neighbours_needed(params, subjects, answers)
+    dist, idx = knn(x, maxk)
+    got = analyse_layer(dist, idx, subjects, answers, params)
+
+    plain = Data(coordinates=x, maxk=params.maxk, n_jobs=1)
+    plain.compute_distances(maxk=params.maxk)
+    ids, _, _ = plain.return_id_scaling_gride(range_max=params.gride_range_max)
+    id_2nn = plain.compute_id_2NN(set_attr=False)[0]
+    plain.set_id(ids[params.id_scale_index])
+    plain.compute_density_kNN(k=params.density_k)
+    assignment = plain.compute_clustering_ADP(Z=params.z, halo=False)
+
+    np.testing.assert_allclose(got.ids_gride, ids, rtol=1e-6)
+    assert got.id_2nn == pytest.approx(id_2nn, rel=1e-6)
+    assert got.n_clusters == plain.N_clusters
+    np.testing.assert_array_equal(got.assignment, assignment)
+    assert got.ari_subject == pytest.approx(adjusted_rand_score(subjects, assignment))
+    assert got.ari_subject > 0.9 and abs(got.ari_answer) < 0.05  # the blobs are the subjects
+    assert got.overlap_subject > 0.9 and 0.1 < got.overlap_answer < 0.45
+    assert 0 < got.core_fraction <= 1
+
+
+def test_label_overlap_by_hand():
+    from actstore.analysis.density import label_overlap
+
+    # 4 points on a line: labels a a b b; k = int(1.0 * class size 2) = 2 neighbours each
+    x = np.array([[0.0], [1.0], [2.5], [3.5]])
+    _, idx = knn(x, 3)
+    labels = np.array(["a", "a", "b", "b"])
+    # point 0: neighbours 1 (a), 2 (b) -> 1/2; point 1: 0 (a), 2 (b) -> 1/2; point 2: 3, 1 -> 1/2; point 3: 2, 1 -> 1/2
+    assert label_overlap(idx, labels, 1.0) == pytest.approx(0.5)
