@@ -1,5 +1,7 @@
 """Analysis building blocks against scikit-learn and DADApy called directly."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from sklearn.neighbors import NearestNeighbors
@@ -99,3 +101,84 @@ def test_label_overlap_by_hand():
     labels = np.array(["a", "a", "b", "b"])
     # point 0: neighbours 1 (a), 2 (b) -> 1/2; point 1: 0 (a), 2 (b) -> 1/2; point 2: 3, 1 -> 1/2; point 3: 2, 1 -> 1/2
     assert label_overlap(idx, labels, 1.0) == pytest.approx(0.5)
+
+
+def test_layer_analysis_of_a_stored_run_is_cached(ingest_cli, tmp_path):
+    from actstore.analysis.density import DensityParams
+    from actstore.analysis.layers import Mask, analyse
+    from actstore.store import Store
+    from conftest import make_questions, write_jsonl
+
+    data = write_jsonl(tmp_path / "more.jsonl", [r for seed in range(4) for r in make_questions(seed)])
+    assert ingest_cli("--dataset", str(data), "--methods", "0shot") == 0
+    run = Store(ingest_cli.store).run("tiny-llama", "0shot")
+    params = DensityParams(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8)
+    first, kept = analyse(run, 2, params, Mask(per_subject=30))
+    assert len(kept) == 90 and len(first.assignment) == 90 and first.n_clusters >= 1
+    again, kept_again = analyse(run, 2, params, Mask(per_subject=30))
+    np.testing.assert_array_equal(again.assignment, first.assignment)
+    assert again.ari_subject == first.ari_subject and again.id == first.id
+    assert kept_again.tolist() == kept.tolist()
+    sweep, _ = analyse(run, 2, DensityParams(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8, z=0.5),
+                       Mask(per_subject=30))
+    assert sweep.n_clusters >= first.n_clusters  # a lower Z merges less
+    derived = run.path / "derived"
+    entries = {kind: [p for p in (derived / kind).iterdir() if p.is_dir()] for kind in ("neighbours", "density")}
+    assert len(entries["neighbours"]) == 1  # one neighbour graph served both parameter sets
+    assert len(entries["density"]) == 2
+
+
+@pytest.fixture
+def small_run(ingest_cli, tmp_path):
+    from conftest import make_questions, write_jsonl
+
+    data = write_jsonl(tmp_path / "more.jsonl", [r for seed in range(4) for r in make_questions(seed)])
+    assert ingest_cli("--dataset", str(data), "--methods", "0shot") == 0
+    return ingest_cli.store
+
+
+SMALL = dict(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8)
+
+
+def test_layers_in_parallel_on_a_local_cluster_with_a_failing_layer(small_run):
+    from actstore.analysis.density import DensityParams
+    from actstore.analysis.scheduler import analyse_layers, dask_client
+
+    with dask_client(n_workers=2) as client:
+        outcomes = {o.layer: o for o in analyse_layers(client, small_run, [("tiny-llama", "0shot")], [0, 1, 2, 3],
+                                                       DensityParams(**SMALL))}
+    assert sorted(outcomes) == [0, 1, 2, 3]
+    assert all(outcomes[layer].error is None and outcomes[layer].result.n_clusters >= 1 for layer in (1, 2, 3))
+    # layer 0 holds the last token's (normed) embedding: the same ":" for every prompt
+    assert outcomes[0].result is None and "1 distinct rows" in outcomes[0].error
+
+
+def test_an_existing_dask_cluster_runs_the_analysis(small_run, tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from actstore.analysis.density import DensityParams
+    from actstore.analysis.scheduler import analyse_layers, dask_client
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    bin_dir = Path(sys.executable).parent
+    scheduler = subprocess.Popen([bin_dir / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                  "--dashboard-address", ":0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen([bin_dir / "dask", "worker", address, "--nthreads", "1", "--no-dashboard"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)
+        with dask_client(address) as client:
+            client.wait_for_workers(1, timeout=60)
+            outcomes = list(analyse_layers(client, small_run, [("tiny-llama", "0shot")], [2], DensityParams(**SMALL)))
+        assert outcomes[0].error is None and outcomes[0].result.n_clusters >= 1
+    finally:
+        worker.terminate()
+        scheduler.terminate()
+        worker.wait(30)
+        scheduler.wait(30)

@@ -16,6 +16,8 @@ writer truncates.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import time
@@ -32,6 +34,7 @@ import zarr
 from actstore.store.errors import RecipeMismatch
 from actstore.store.layout import LABEL_CHUNK, STATE_DTYPE, StateLayout, state_compressor
 from actstore.store.lock import FolderLock
+from actstore.store.names import validate_name
 from actstore.store.reader import StateReader
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,7 @@ STATES = "hidden_states"
 LABELS = {"sample": "int64", "subject": str, "answer": str, "prediction": str, "correct": "bool"}
 LABEL_COORDS = "subject answer prediction correct"
 VISIBILITIES = ("private", "shared", "public")
+DERIVED = "derived"
 DEFAULT_ACCESS = {"owner_group": None, "visibility": "public", "shared_with": []}
 
 
@@ -128,6 +132,35 @@ class Run:
             lo, hi = int(ordered[span[0]]), int(ordered[span[-1]]) + 1
             out[:, order[span]] = self.read_states(layers, lo, hi)[:, ordered[span] - lo]
         return out
+
+    def content_key(self) -> str:
+        """Identifies the run's committed content: runs only grow, so recipe + sample count pins the values."""
+        recipe = json.dumps(self.group.attrs.get("recipe"), sort_keys=True)
+        return hashlib.sha256(f"{recipe}|{self.n_samples}".encode()).hexdigest()[:16]
+
+    def save_derived(self, kind: str, key: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+        """Keep something computed from this run (a neighbour graph, analysis results) under ``derived/``.
+
+        Arrays are written first and the attributes last, with ``complete`` set: a reader never takes
+        a half-written entry. Writers of the same key write the same values, so races are harmless.
+        """
+        group = zarr.open_group(self.path, mode="a").require_group(f"{DERIVED}/{validate_name(kind, 'kind')}")
+        entry = group.require_group(validate_name(key, "key"))
+        for name, values in arrays.items():
+            entry.create_array(name, shape=values.shape, dtype=values.dtype, overwrite=True,
+                               chunks=values.shape or None)[...] = values
+        entry.attrs.put({**attrs, "complete": True})
+
+    def load_derived(self, kind: str, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """(arrays, attributes) saved under ``kind/key``, or None when absent or unfinished."""
+        path = self.path / DERIVED / kind / key
+        if not (path / "zarr.json").exists():
+            return None
+        entry = zarr.open_group(path, mode="r")
+        attrs = entry.attrs.asdict()
+        if not attrs.get("complete"):
+            return None
+        return {name: array[...] for name, array in entry.arrays()}, attrs
 
     @property
     def access(self) -> dict[str, Any]:

@@ -1,0 +1,81 @@
+"""Analysing one layer of a stored run, with its neighbour graph and results cached in the store.
+
+The neighbour graph is the expensive part and does not depend on the density parameters, so it is
+kept per (run content, layer, mask, maxk) and every later analysis or parameter sweep of that layer
+starts from it; results are kept per parameters too, so asking twice returns at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+
+import numpy as np
+
+from actstore.analysis.density import DensityParams, LayerDensity, analyse_layer, neighbours_needed
+from actstore.analysis.neighbours import knn
+from actstore.analysis.rows import first_unique_rows, per_subject_mask
+from actstore.store import Run
+
+log = logging.getLogger(__name__)
+
+_ARRAYS = ("ids_gride", "assignment", "peak_log_density", "saddle_log_density")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mask:
+    """Which samples enter the analysis: the first ``per_subject`` of each subject, or every sample."""
+
+    per_subject: int | None = None
+
+    def positions(self, run: Run) -> np.ndarray:
+        subjects = run.labels()["subject"]
+        return np.arange(len(subjects)) if self.per_subject is None else per_subject_mask(subjects, self.per_subject)
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def neighbour_graph(run: Run, layer: int, mask: Mask, maxk: int) -> dict[str, np.ndarray]:
+    """distances, indices (over the kept rows), kept and dropped positions; from the cache when there."""
+    key = _key("knn", run.content_key(), layer, mask.per_subject, maxk)
+    cached = run.load_derived("neighbours", key)
+    if cached is not None:
+        return cached[0]
+    positions = mask.positions(run)
+    x = run.read_rows([layer], positions)[0].astype(np.float64)
+    kept, dropped = first_unique_rows(x)
+    if dropped.size:
+        log.info("%s/%s layer %d: %d duplicate rows dropped", run.model, run.method, layer, dropped.size)
+    if len(kept) <= maxk:  # e.g. layer 0 of most runs: every prompt ends with the same token
+        raise ValueError(f"layer {layer} has {len(kept)} distinct rows of {len(positions)} after dropping "
+                         f"duplicates; the analysis needs more than maxk={maxk}")
+    distances, indices = knn(x[kept], maxk)
+    graph = {"distances": distances, "indices": indices.astype(np.int32), "kept": positions[kept],
+             "dropped": positions[dropped]}
+    run.save_derived("neighbours", key, graph, {"layer": layer, "maxk": maxk, "per_subject": mask.per_subject})
+    return graph
+
+
+def analyse(run: Run, layer: int, params: DensityParams, mask: Mask = Mask()) -> tuple[LayerDensity, np.ndarray]:
+    """The layer's density metrics and the positions of the samples they cover (duplicates dropped)."""
+    key = _key("density", run.content_key(), layer, mask.per_subject, dataclasses.asdict(params))
+    cached = run.load_derived("density", key)
+    if cached is not None:
+        arrays, attrs = cached
+        scalars = {f.name: attrs[f.name] for f in dataclasses.fields(LayerDensity) if f.name not in _ARRAYS}
+        return LayerDensity(**scalars, **{name: arrays[name] for name in _ARRAYS}), arrays["positions"]
+    labels = run.labels()
+    positions = mask.positions(run)
+    maxk = neighbours_needed(params, labels["subject"][positions], labels["answer"][positions])
+    graph = neighbour_graph(run, layer, mask, maxk)
+    kept = graph["kept"]
+    result = analyse_layer(graph["distances"], graph["indices"], labels["subject"][kept], labels["answer"][kept],
+                           params)
+    values = dataclasses.asdict(result)
+    run.save_derived("density", key, {**{name: np.asarray(values[name]) for name in _ARRAYS}, "positions": kept},
+                     {name: value for name, value in values.items() if name not in _ARRAYS} | {"layer": layer})
+    return result, kept
