@@ -182,3 +182,41 @@ def test_an_existing_dask_cluster_runs_the_analysis(small_run, tmp_path):
         scheduler.terminate()
         worker.wait(30)
         scheduler.wait(30)
+
+
+def test_comparison_equals_dadapy_overlap_and_sklearn_ari():
+    from dadapy import Data
+    from sklearn.metrics import adjusted_rand_score
+
+    from actstore.analysis.compare import common_samples, compare_layer
+
+    x, blob = blobs(n=500, d=10, centers=3)
+    y = x + np.random.default_rng(3).normal(scale=2.0, size=x.shape)  # the same samples, perturbed
+    ids_a, ids_b = np.arange(500), np.random.default_rng(4).permutation(np.arange(100, 600))
+    in_a, in_b = common_samples(ids_a, ids_b)
+    assert (ids_a[in_a] == ids_b[in_b]).all() and len(in_a) == 400 and (np.diff(in_a) > 0).all()
+    y_stored = np.empty((500, 10))
+    y_stored[in_b] = y[ids_a[in_a]]  # run b stores its samples in its own order
+    other = blob[::-1].copy()
+    got = compare_layer(x[in_a], y_stored[in_b], blob[in_a], other[in_a])
+    plain = Data(coordinates=x[in_a], maxk=30, n_jobs=1)
+    plain.compute_distances(maxk=30)
+    assert got.data_overlap == pytest.approx(plain.return_data_overlap(coordinates=y[ids_a[in_a]], k=30))
+    assert got.ari_clusters == pytest.approx(adjusted_rand_score(blob[in_a], other[in_a]))
+    assert got.n_common == 400 and 0.2 < got.data_overlap < 1
+
+
+def test_dendrogram_of_density_peaks():
+    from scipy.cluster.hierarchy import dendrogram
+
+    from actstore.analysis.compare import density_peak_dendrogram
+    from actstore.analysis.density import DensityParams, analyse_layer
+
+    x, blob = blobs(n=900, d=6, centers=6, seed=5)
+    labels = np.array([f"s{b}" for b in blob])
+    dist, idx = knn(x, 100)
+    result = analyse_layer(dist, idx, labels, labels, DensityParams(maxk=100, gride_range_max=32, id_scale_index=2))
+    tree = density_peak_dendrogram(result, labels)
+    assert len(tree.clusters) >= 2 and tree.linkage.shape == (len(tree.clusters) - 1, 4)
+    assert (tree.sizes > 30).all() and len(set(tree.labels)) == len(tree.labels)  # one blob per peak
+    assert len(dendrogram(tree.linkage, no_plot=True, labels=tree.labels)["ivl"]) == len(tree.clusters)
