@@ -4,7 +4,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.neighbors import NearestNeighbors
 
 from actstore.analysis.neighbours import knn
 from actstore.analysis.rows import first_unique_rows, per_subject_mask
@@ -28,22 +27,25 @@ def test_per_subject_mask_caps_each_subject_in_order():
     assert per_subject_mask(subjects, 2).tolist() == [0, 1, 2, 4, 5]
 
 
-@pytest.mark.parametrize("block_bytes", [1 << 30, 4096])  # one block, and many
-def test_knn_equals_scikit_learn_brute_force(monkeypatch, block_bytes):
-    from actstore.analysis import neighbours
-
-    monkeypatch.setattr(neighbours, "BLOCK_BYTES", block_bytes)
+def test_knn_is_exact_and_self_first():
     x, _ = blobs()
     dist, idx = knn(x, 30)
-    ref_dist, ref_idx = NearestNeighbors(n_neighbors=31, algorithm="brute").fit(x).kneighbors(x)
     assert (idx[:, 0] == np.arange(len(x))).all() and (dist[:, 0] == 0).all()
-    # both use the dot-product expansion: distances agree to its rounding (~1e-6 at these norms)
-    np.testing.assert_allclose(dist, ref_dist, atol=1e-5)
-    assert (idx == ref_idx).mean() > 0.999
-    mismatched = idx != ref_idx  # only where two neighbours lie at the same distance, up to rounding
-    true = np.linalg.norm(x[np.arange(len(x))[:, None]] - x[idx], axis=-1)
-    ref_true = np.linalg.norm(x[np.arange(len(x))[:, None]] - x[ref_idx], axis=-1)
-    np.testing.assert_allclose(true[mismatched], ref_true[mismatched], atol=1e-5)
+    true = np.linalg.norm(x[:, None] - x[None], axis=-1)  # direct float64 differences, no expansion
+    np.fill_diagonal(true, -1.0)
+    np.testing.assert_allclose(dist[:, 1:], np.sort(true, axis=1)[:, 1:31], atol=1e-9)
+    np.testing.assert_allclose(np.take_along_axis(true, idx[:, 1:], axis=1), dist[:, 1:], atol=1e-9)
+
+
+def test_self_is_moved_first_when_rounding_misplaces_it():
+    from actstore.analysis.neighbours import _put_self_first
+
+    indices, distances = np.array([7, 3, 9, 4]), np.array([0.0, 0.0, 1.0, 2.0])
+    _put_self_first(3, distances, indices)
+    assert indices.tolist() == [3, 7, 9, 4] and distances.tolist() == [0.0, 0.0, 1.0, 2.0]
+    indices, distances = np.array([7, 5, 9, 4]), np.array([0.0, 0.5, 1.0, 2.0])
+    _put_self_first(3, distances, indices)  # absent: the farthest makes room
+    assert indices.tolist() == [3, 7, 5, 9] and distances.tolist() == [0.0, 0.0, 0.5, 1.0]
 
 
 def test_knn_with_ties_returns_valid_neighbour_sets():
