@@ -222,3 +222,14 @@ def test_dendrogram_of_density_peaks():
     assert len(tree.clusters) >= 2 and tree.linkage.shape == (len(tree.clusters) - 1, 4)
     assert (tree.sizes > 30).all() and len(set(tree.labels)) == len(tree.labels)  # one blob per peak
     assert len(dendrogram(tree.linkage, no_plot=True, labels=tree.labels)["ivl"]) == len(tree.clusters)
+
+
+def test_first_unique_rows_survives_hash_collisions(monkeypatch):
+    import builtins
+
+    from actstore.analysis import rows
+
+    monkeypatch.setattr(builtins, "hash", lambda _: 7)  # every row collides
+    x = np.array([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0], [5.0, 6.0]])
+    kept, dropped = rows.first_unique_rows(x)
+    assert kept.tolist() == [0, 1, 3] and dropped.tolist() == [2]

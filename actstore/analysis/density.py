@@ -58,6 +58,7 @@ def neighbours_needed(params: DensityParams, subjects: np.ndarray, answers: np.n
 def analyse_layer(distances: np.ndarray, indices: np.ndarray, subjects: np.ndarray, answers: np.ndarray,
                   params: DensityParams = PAPER) -> LayerDensity:
     """All per-layer metrics from a neighbour graph (``knn`` output, self first, duplicates already removed)."""
+    subjects, answers = _codes(subjects), _codes(answers)  # integer labels: every later step is faster
     maxk = params.maxk
     data = Data(distances=(distances[:, : maxk + 1], indices[:, : maxk + 1]), maxk=maxk, n_jobs=1, verbose=False)
     ids, _, _ = data.return_id_scaling_gride(range_max=params.gride_range_max)
@@ -80,15 +81,19 @@ def analyse_layer(distances: np.ndarray, indices: np.ndarray, subjects: np.ndarr
     )
 
 
+def _codes(labels: np.ndarray) -> np.ndarray:
+    return np.unique(labels, return_inverse=True)[1]
+
+
 def label_overlap(indices: np.ndarray, labels: np.ndarray, class_fraction: float) -> float:
     """Mean share of same-label points among each point's k nearest (k = class_fraction x its class size),
     weighted by 1 / class size so that every class counts equally (the study's definition)."""
-    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     ks = (class_fraction * counts[inverse]).astype(int)
     if ks.max() > indices.shape[1] - 1:
         raise ValueError(f"label overlap needs {ks.max()} neighbours, the graph holds {indices.shape[1] - 1}")
-    same = inverse[indices[:, 1:]] == inverse[:, None]
-    shares = np.array([same[i, :k].mean() if k > 0 else np.nan for i, k in enumerate(ks)])
-    weights = 1.0 / counts[inverse]
-    valid = ~np.isnan(shares)
-    return float(np.sum(shares[valid] * weights[valid]) / np.sum(weights[valid]))
+    same = np.cumsum(inverse[indices[:, 1 : ks.max() + 1]] == inverse[:, None], axis=1)
+    valid = ks > 0
+    shares = same[valid, ks[valid] - 1] / ks[valid]
+    weights = 1.0 / counts[inverse[valid]]
+    return float(np.sum(shares * weights) / np.sum(weights))

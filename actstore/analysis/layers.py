@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections import OrderedDict
 
 import numpy as np
 
@@ -39,12 +40,28 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+_recent_graphs: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+RECENT_GRAPHS = 4  # kept in memory too: a parameter sweep on a layer reads its graph once
+
+
 def neighbour_graph(run: Run, layer: int, mask: Mask, maxk: int) -> dict[str, np.ndarray]:
-    """distances, indices (over the kept rows), kept and dropped positions; from the cache when there."""
-    key = _key("knn", run.content_key(), layer, mask.per_subject, maxk)
-    cached = run.load_derived("neighbours", key)
-    if cached is not None:
-        return cached[0]
+    """distances, indices (over the kept rows), kept and dropped positions, with at least ``maxk``
+    neighbours; from memory or the store when a graph that large is there, computed (and kept) otherwise."""
+    key = _key("knn", run.content_key(), layer, mask.per_subject)
+    graph = _recent_graphs.get(key)
+    if graph is None or graph["indices"].shape[1] <= maxk:
+        cached = run.load_derived("neighbours", key)
+        graph = cached[0] if cached is not None and cached[0]["indices"].shape[1] > maxk else None
+        if graph is None:
+            graph = _compute_graph(run, layer, mask, maxk, key)
+        _recent_graphs[key] = graph
+        while len(_recent_graphs) > RECENT_GRAPHS:
+            _recent_graphs.popitem(last=False)
+    _recent_graphs.move_to_end(key)
+    return graph
+
+
+def _compute_graph(run: Run, layer: int, mask: Mask, maxk: int, key: str) -> dict[str, np.ndarray]:
     positions = mask.positions(run)
     x = run.read_rows([layer], positions)[0].astype(np.float64)
     kept, dropped = first_unique_rows(x)

@@ -11,12 +11,19 @@ import numpy as np
 
 
 def first_unique_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, dropped) row indices of ``x``: kept ascending, each the first of its identical rows."""
-    contiguous = np.ascontiguousarray(x)
-    as_bytes = contiguous.view(np.dtype((np.void, contiguous.dtype.itemsize * contiguous.shape[1])))
-    _, first = np.unique(as_bytes.ravel(), return_index=True)
+    """(kept, dropped) row indices of ``x``: kept ascending, each the first of its identical rows.
+
+    Rows are grouped by a hash of their bytes (far faster than sorting whole rows), then every row is
+    compared with the first row of its group, so a hash collision can never merge different rows.
+    """
+    rows = np.ascontiguousarray(x)
+    hashes = np.fromiter((hash(row.tobytes()) for row in rows), dtype=np.int64, count=len(rows))
+    _, first, group = np.unique(hashes, return_index=True, return_inverse=True)
+    if not (rows == rows[first[group]]).all():  # a collision: fall back to comparing whole rows
+        _, first = np.unique(rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel(),
+                             return_index=True)
     kept = np.sort(first)
-    dropped = np.setdiff1d(np.arange(len(x)), kept, assume_unique=True)
+    dropped = np.setdiff1d(np.arange(len(rows)), kept, assume_unique=True)
     return kept, dropped
 
 

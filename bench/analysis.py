@@ -1,0 +1,111 @@
+"""Analysis benchmark: actstore's cached, Dask-parallel path against plain DADApy, side by side.
+
+    .venv/bin/python bench/analysis.py [--dims 576 4096] [--samples 9181]
+
+Structured synthetic states (57 subjects as Gaussian clusters, random answers), N = 9,181:
+1. one layer, first request: actstore (read, dedup, kNN, all metrics, cache writes) vs plain DADApy
+   computing its own neighbours (Data(coordinates=X), compute_distances(maxk), the same calls);
+   the same ID, clusters and assignment asserted. Target ratio <= 1.0.
+2. a sweep on one layer (Z in {0.5, 1, 1.6, 2.1} x density k in {8, 16} x both class fractions):
+   actstore reusing its cached neighbour graph vs plain DADApy redoing each setting. Target >= 8x.
+3. 8 layers on 2 Dask workers vs 1 (d = 576). Target >= 1.7x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from dadapy import Data
+from threadpoolctl import threadpool_limits
+
+from actstore.analysis.density import PAPER, DensityParams
+from actstore.analysis.layers import analyse
+from actstore.analysis.scheduler import analyse_layers, dask_client
+from actstore.store import Store
+
+SUBJECTS = 57
+
+
+def write_run(root: Path, n: int, d: int, n_layers: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    subjects = rng.integers(0, SUBJECTS, n)
+    answers = np.array(list("ABCD"))[rng.integers(0, 4, n)]
+    with Store(root).writer("synthetic", f"d{d}", recipe={"d": d, "seed": seed}, attrs={}, n_layers=n_layers,
+                            hidden=d) as writer:
+        states = np.empty((n_layers, n, d), dtype=np.float32)
+        for layer in range(n_layers):  # clusters fading with depth, as subjects do in the study
+            means = rng.normal(scale=3.0 / (1 + layer), size=(SUBJECTS, d))
+            states[layer] = means[subjects] + rng.normal(size=(n, d))
+        writer.add(states, {"sample": np.arange(n), "subject": np.array([f"s{s}" for s in subjects], dtype=object),
+                            "answer": answers.astype(object), "prediction": answers.astype(object),
+                            "correct": np.ones(n, dtype=bool)})
+
+
+def plain_dadapy(x: np.ndarray, labels: np.ndarray, params: DensityParams) -> tuple:
+    """The same analysis with DADApy computing its own neighbours, as a user would without actstore."""
+    from sklearn.metrics import adjusted_rand_score
+
+    data = Data(coordinates=x.astype(np.float64), maxk=params.maxk, n_jobs=1)
+    data.compute_distances(maxk=params.maxk)
+    ids, _, _ = data.return_id_scaling_gride(range_max=params.gride_range_max)
+    data.compute_id_2NN(set_attr=False)
+    data.set_id(ids[params.id_scale_index])
+    data.compute_density_kNN(k=params.density_k)
+    assignment = data.compute_clustering_ADP(Z=params.z, halo=False)
+    data.compute_clustering_ADP(Z=params.z, halo=True)
+    adjusted_rand_score(labels, assignment)
+    return ids, np.asarray(assignment)
+
+
+def timed(work):
+    started = time.perf_counter()
+    out = work()
+    return time.perf_counter() - started, out
+
+
+SWEEP = [replace(PAPER, z=z, density_k=k, subject_fraction=f, answer_fraction=f / 3)
+         for z in (0.5, 1.0, 1.6, 2.1) for k in (8, 16) for f in (0.3, 0.15)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", type=int, nargs="+", default=[576, 4096])
+    parser.add_argument("--samples", type=int, default=9181)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, threadpool_limits(limits=None):
+        root = Path(tmp) / "store"
+        for d in args.dims:
+            write_run(root, args.samples, d, n_layers=8 if d == 576 else 1)
+            run = Store(root).run("synthetic", f"d{d}")
+            x, subjects = run.read_states([0])[0], run.labels()["subject"]
+            ours_s, (ours, _) = timed(lambda: analyse(run, 0, PAPER))
+            plain_s, (ids, assignment) = timed(lambda: plain_dadapy(x, subjects, PAPER))
+            np.testing.assert_allclose(ours.ids_gride, ids, rtol=1e-6)
+            assert np.array_equal(ours.assignment, assignment), "clusterings differ"
+            print(f"d={d}: one layer, first request: actstore {ours_s:.2f} s, plain DADApy {plain_s:.2f} s: "
+                  f"ratio {ours_s / plain_s:.2f} (target <= 1.0); same ID and {ours.n_clusters} clusters")
+            sweep_s, _ = timed(lambda: [analyse(run, 0, p) for p in SWEEP])
+            plain_sweep_s, _ = timed(lambda: [plain_dadapy(x, subjects, p) for p in SWEEP])
+            print(f"d={d}: sweep of {len(SWEEP)} settings: actstore {sweep_s:.2f} s, plain DADApy {plain_sweep_s:.2f} s:"
+                  f" {plain_sweep_s / sweep_s:.1f}x faster (target >= 8)")
+        if 576 in args.dims:
+            seconds = {}
+            for workers in (1, 2):
+                shutil.rmtree(root / "synthetic" / "d576" / "derived", ignore_errors=True)
+                with dask_client(n_workers=workers) as client:
+                    client.submit(sum, [1]).result()  # workers up before timing
+                    seconds[workers], outcomes = timed(lambda: list(analyse_layers(
+                        client, root, [("synthetic", "d576")], list(range(8)), PAPER)))
+                assert all(o.error is None for o in outcomes), [o.error for o in outcomes]
+            print(f"8 layers (d=576): 1 worker {seconds[1]:.1f} s, 2 workers {seconds[2]:.1f} s: "
+                  f"{seconds[1] / seconds[2]:.2f}x (target >= 1.7)")
+
+
+if __name__ == "__main__":
+    main()
