@@ -25,7 +25,7 @@ class ModelError(ValueError):
     """The model cannot be found or loaded; the message says where actstore looked."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSource:
     """Where a model comes from: a folder or hub id, optionally a GGUF file inside it."""
 

@@ -68,8 +68,8 @@ class Ingest:
         self.store = Store(opts.store)
         self.device = resolve_device(opts.device)
         self.dtype = resolve_dtype(opts.dtype, self.device)
-        self._fingerprints: dict[str, str] = {}
-        self._loaded: dict[str, LoadedModel] = {}
+        self._fingerprints: dict[ModelSource, str] = {}
+        self._loaded: dict[ModelSource, LoadedModel] = {}
 
     # -- planning -------------------------------------------------------------------------------
 
@@ -90,10 +90,9 @@ class Ingest:
             )
 
     def _fingerprint(self, source: ModelSource) -> str:
-        key = f"{source.path}::{source.gguf_file}"
-        if key not in self._fingerprints:
-            self._fingerprints[key] = source.fingerprint()
-        return self._fingerprints[key]
+        if source not in self._fingerprints:
+            self._fingerprints[source] = source.fingerprint()
+        return self._fingerprints[source]
 
     def _recipe(self, method: Method, source: ModelSource) -> dict:
         """Everything that decides the stored values; a run only ever holds samples of one recipe."""
@@ -124,10 +123,9 @@ class Ingest:
     # -- running --------------------------------------------------------------------------------
 
     def model(self, source: ModelSource) -> LoadedModel:
-        key = f"{source.path}::{source.gguf_file}"
-        if key not in self._loaded:
-            self._loaded[key] = load_model(source, self.device, self.dtype)
-        return self._loaded[key]
+        if source not in self._loaded:
+            self._loaded[source] = load_model(source, self.device, self.dtype)
+        return self._loaded[source]
 
     def run(self, plan: Plan) -> RunReport:
         """Run the model over the plan's pending questions, committing as it goes; resumable at any kill."""
