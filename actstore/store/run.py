@@ -7,11 +7,11 @@ On disk a run is the Zarr v3 group ``{model}/{method}``::
     sample         (sample,)                the question's stable id in its dataset
     subject, answer, prediction (sample,)   strings; correct (sample,) bool
 
-The sample axis only grows, and only by whole committed batches: writers append data past the
-committed end, then advance ``progress.n_committed`` in the group's attributes (an atomic file
-replace). Arrays are resized to the committed length at each commit, so a plain Zarr or xarray
-reader sees only complete samples, and a crash leaves at worst an uncommitted tail that the next
-writer truncates.
+The sample axis only grows, and only by whole committed batches: a commit grows the arrays, writes
+the data past the committed end, then advances ``progress.n_committed`` in the group's attributes
+(an atomic file replace). Between commits the arrays hold exactly the committed samples, so plain
+Zarr or xarray readers see only complete ones; Run reads the committed prefix at all times; a crash
+leaves at worst an uncommitted tail that the next writer truncates.
 """
 
 from __future__ import annotations
