@@ -150,10 +150,7 @@ class Client:
                 flat[chunk.offset : chunk.offset + len(chunk.data)] = np.frombuffer(chunk.data, dtype=np.uint8)
                 received += len(chunk.data)
                 for block in message.blocks:  # stored chunks, forwarded undecoded by the server
-                    rows = np.frombuffer(numcodecs.blosc.decompress(block.blosc), dtype="<f4")
-                    start = block.sample_start
-                    data[block.layer_index, start : start + block.n_samples] = rows.reshape(block.n_samples, -1)
-                    received += rows.nbytes
+                    received += _decode_block(block, data[block.layer_index])
         finally:
             stream.cancel()  # a no-op once complete; stops the server's work if we leave early
         if received != flat.size:
@@ -179,6 +176,20 @@ class Client:
                     continue
                 raise ActstoreError(code, exc.details() or "") from None
         raise AssertionError("unreachable")
+
+
+def _decode_block(block: pb.EncodedBlock, layer: np.ndarray) -> int:
+    """Decode a run of stored chunks into ``layer`` (sample, hidden); returns the bytes written."""
+    row, offset = block.sample_start, 0
+    encoded = memoryview(block.blosc)
+    for size in block.chunk_bytes:
+        rows = np.frombuffer(numcodecs.blosc.decompress(encoded[offset : offset + size]), dtype="<f4")
+        rows = rows.reshape(-1, layer.shape[1])
+        layer[row : row + len(rows)] = rows
+        row, offset = row + len(rows), offset + size
+    if row != block.sample_start + block.n_samples:
+        raise ActstoreError(grpc.StatusCode.DATA_LOSS, "a stored block decoded to the wrong number of rows")
+    return block.n_samples * layer.shape[1] * 4
 
 
 def _ref(model: str, method: str) -> pb.RunRef:

@@ -247,23 +247,39 @@ def _raw_chunks(blocks: Iterator[np.ndarray]) -> Iterator[Message]:
 
 
 def _stored_chunks(run: Run, layers: list[int], first: int, n: int) -> Iterator[Message]:
-    """A sample range of whole rows as the stored Blosc chunks, ~1 MiB of them per message, undecoded."""
+    """A sample range of whole rows as the stored Blosc chunks, undecoded: runs of consecutive chunks
+    travel as one EncodedBlock, about CHUNK_BYTES of them per message."""
     row_bytes = run.shape[2] * 4
-    blocks, wire, carried = [], 0, 0
+    blocks: list[pb.EncodedBlock] = []
+    wire = carried = 0
     for index, layer in enumerate(layers):
+        pieces: list[bytes] = []
+        run_start = run_count = 0
         for start, count, payload in run.encoded_states(layer, first, first + n):
             if isinstance(payload, bytes):
-                blocks.append(pb.EncodedBlock(layer_index=index, sample_start=start - first, n_samples=count,
-                                              blosc=payload))
+                if not pieces:
+                    run_start, run_count = start - first, 0
+                pieces.append(payload)
+                run_count += count
                 wire, carried = wire + len(payload), carried + count * row_bytes
-                if wire >= CHUNK_BYTES:
-                    yield pb.ReadStatesResponse(blocks=blocks), carried
-                    blocks, wire, carried = [], 0, 0
             else:  # a partial chunk at either end of the range, decoded
                 offset = (index * n + start - first) * row_bytes
                 yield pb.ReadStatesResponse(chunk=pb.StatesChunk(offset=offset, data=payload.tobytes())), payload.nbytes
+            if pieces and (wire >= CHUNK_BYTES or not isinstance(payload, bytes)):
+                blocks.append(_encoded_block(index, run_start, run_count, pieces))
+                pieces = []
+            if wire >= CHUNK_BYTES:
+                yield pb.ReadStatesResponse(blocks=blocks), carried
+                blocks, wire, carried = [], 0, 0
+        if pieces:
+            blocks.append(_encoded_block(index, run_start, run_count, pieces))
     if blocks:
         yield pb.ReadStatesResponse(blocks=blocks), carried
+
+
+def _encoded_block(layer_index: int, sample_start: int, n_samples: int, pieces: list[bytes]) -> pb.EncodedBlock:
+    return pb.EncodedBlock(layer_index=layer_index, sample_start=sample_start, n_samples=n_samples,
+                           blosc=b"".join(pieces), chunk_bytes=[len(p) for p in pieces])
 
 
 def _is_range(positions: np.ndarray) -> bool:

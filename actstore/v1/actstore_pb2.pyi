@@ -222,16 +222,18 @@ class ReadStatesResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[StatesHeader, _Mapping]] = ..., chunk: _Optional[_Union[StatesChunk, _Mapping]] = ..., blocks: _Optional[_Iterable[_Union[EncodedBlock, _Mapping]]] = ...) -> None: ...
 
 class EncodedBlock(_message.Message):
-    __slots__ = ("layer_index", "sample_start", "n_samples", "blosc")
+    __slots__ = ("layer_index", "sample_start", "n_samples", "blosc", "chunk_bytes")
     LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_START_FIELD_NUMBER: _ClassVar[int]
     N_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     BLOSC_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     layer_index: int
     sample_start: int
     n_samples: int
     blosc: bytes
-    def __init__(self, layer_index: _Optional[int] = ..., sample_start: _Optional[int] = ..., n_samples: _Optional[int] = ..., blosc: _Optional[bytes] = ...) -> None: ...
+    chunk_bytes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer_index: _Optional[int] = ..., sample_start: _Optional[int] = ..., n_samples: _Optional[int] = ..., blosc: _Optional[bytes] = ..., chunk_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReadLabelsRequest(_message.Message):
     __slots__ = ("run", "samples")
