@@ -1,4 +1,4 @@
-"""The ``actstore`` command line: ``ingest``, ``ls``, ``serve``, ``query``."""
+"""The ``actstore`` command line: ``ingest``, ``ls``, ``serve``, ``query``, ``analyze``."""
 
 from __future__ import annotations
 
@@ -37,11 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from actstore.ingest.cli import register as register_ingest  # torch loads only when ingest is asked for
     from actstore.client.cli import register as register_query
+    from actstore.client.cli import register_analyze
     from actstore.server.cli import register as register_serve
 
     register_ingest(sub)
     register_serve(sub)
     register_query(sub)
+    register_analyze(sub)
     ls = sub.add_parser("ls", help="list the runs in a store")
     ls.add_argument("--store", type=Path, default=DEFAULT_STORE, help="store folder (default: %(default)s)")
     ls.set_defaults(func=_ls)

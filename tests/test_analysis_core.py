@@ -163,6 +163,8 @@ def test_an_existing_dask_cluster_runs_the_analysis(small_run, tmp_path):
 
     from actstore.analysis.density import DensityParams
     from actstore.analysis.scheduler import analyse_layers, dask_client
+    from actstore.client import Client
+    from serving import ServerProcess
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -179,6 +181,13 @@ def test_an_existing_dask_cluster_runs_the_analysis(small_run, tmp_path):
             client.wait_for_workers(1, timeout=60)
             outcomes = list(analyse_layers(client, small_run, [("tiny-llama", "0shot")], [2], DensityParams(**SMALL)))
         assert outcomes[0].error is None and outcomes[0].result.n_clusters >= 1
+        server = ServerProcess(small_run, tmp_path / "server.log", "--scheduler", address)
+        try:  # the server sends its analyses to that cluster
+            with Client(server.address) as c:
+                table = c.analyze("tiny-llama", ["0shot"], layers=[3], **SMALL).result()
+            assert table.n_clusters.sel(layer=3).item() >= 1
+        finally:
+            server.stop()
     finally:
         worker.terminate()
         scheduler.terminate()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from distributed import Client, LocalCluster, as_completed
+from distributed import Client, Future, LocalCluster, as_completed
 from threadpoolctl import threadpool_limits
 
 from actstore.analysis.density import DensityParams, LayerDensity
@@ -53,12 +53,18 @@ def _task(store: str, model: str, method: str, layer: int, params: DensityParams
     return LayerOutcome(model, method, layer, result, positions, None)
 
 
+def submit_layers(client: Client, store: Path, runs: list[tuple[str, str]], layers: list[int],
+                  params: DensityParams, mask: Mask = Mask()) -> list[Future]:
+    """One task per (run, layer); each future's result is a LayerOutcome."""
+    return [client.submit(_task, str(store), model, method, layer, params, mask, pure=False,
+                          key=f"actstore-{model}-{method}-{layer}-{os.urandom(4).hex()}")
+            for model, method in runs for layer in layers]
+
+
 def analyse_layers(client: Client, store: Path, runs: list[tuple[str, str]], layers: list[int],
                    params: DensityParams, mask: Mask = Mask()) -> Iterator[LayerOutcome]:
     """Submit one task per (run, layer) and yield outcomes as they finish (not in order)."""
-    futures = [client.submit(_task, str(store), model, method, layer, params, mask, pure=False,
-                             key=f"actstore-{model}-{method}-{layer}-{os.urandom(4).hex()}")
-               for model, method in runs for layer in layers]
+    futures = submit_layers(client, store, runs, layers, params, mask)
     try:
         for future in as_completed(futures):
             yield future.result()

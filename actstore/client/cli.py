@@ -27,13 +27,56 @@ def _layers(text: str) -> slice | list[int]:
     return _span(text) if ":" in text else [int(v) for v in _csv(text)]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("query", help="query an actstore server", description=__doc__.split(": ", 1)[1])
+def _connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=os.environ.get("ACTSTORE_ADDRESS", DEFAULT_ADDRESS),
                    help="server HOST:PORT (default: $ACTSTORE_ADDRESS or %(default)s)")
     p.add_argument("--token-file", type=Path, help="file holding the bearer token (default: $ACTSTORE_TOKEN)")
     p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
     p.add_argument("--tls-ca", type=Path, help="connect with TLS, trusting this PEM certificate")
+
+
+def register_analyze(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("analyze", help="run the study's density analyses on a server, with progress",
+                              description="Start density analyses of MODEL's runs on the server, watch them, "
+                                          "print the per-layer table.")
+    _connection(p)
+    p.add_argument("model")
+    p.add_argument("--methods", type=_csv, required=True, help="comma list of methods (runs of MODEL)")
+    p.add_argument("--layers", type=_layers, help="comma list or START:STOP (default: every layer but 0)")
+    p.add_argument("--per-subject", type=int, help="analyse the first N samples of each subject (the study: 200)")
+    p.add_argument("--preset", default="paper", help="parameter preset (default: paper, the study's)")
+    for name, kind in (("maxk", int), ("density-k", int), ("z", float), ("subject-fraction", float),
+                       ("answer-fraction", float)):
+        p.add_argument(f"--{name}", type=kind, help="override the preset")
+    p.add_argument("--out", type=Path, help="also write the table to this .csv")
+    p.set_defaults(func=run_analyze)
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    layers = list(range(args.layers.start, args.layers.stop)) if isinstance(args.layers, slice) else args.layers
+    params = {name: getattr(args, name) for name in ("maxk", "density_k", "z", "subject_fraction",
+                                                      "answer_fraction") if getattr(args, name) is not None}
+    with _client(args) as client:
+        job = client.analyze(args.model, args.methods, layers=layers, preset=args.preset,
+                             per_subject=args.per_subject, **params)
+        with tqdm(unit="layer", desc=f"job {job.id}") as bar:
+            for event in job.watch():
+                bar.total = event.layers_total
+                bar.set_postfix_str(event.stage)
+                bar.update(event.layers_done - bar.n)
+        table = job.result()
+    frame = table.to_dataframe()
+    print(frame.to_string(float_format=lambda v: f"{v:.3f}"))
+    if args.out:
+        frame.to_csv(args.out)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("query", help="query an actstore server", description=__doc__.split(": ", 1)[1])
+    _connection(p)
     sub = p.add_subparsers(dest="query", required=True)
 
     runs = sub.add_parser("runs", help="list the runs you may read")

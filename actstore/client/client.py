@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,6 +61,7 @@ class Client:
         self._retries = retries
         self._catalog = pb_grpc.CatalogServiceStub(self._channel)
         self._data = pb_grpc.DataServiceStub(self._channel)
+        self._analysis = pb_grpc.AnalysisServiceStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -157,6 +158,23 @@ class Client:
             raise ActstoreError(grpc.StatusCode.DATA_LOSS, f"received {received} of {flat.size} bytes")
         return header, data
 
+    # -- analyses ---------------------------------------------------------------------------------
+
+    def analyze(self, model: str, methods: Sequence[str], layers: Sequence[int] | range | None = None,
+                preset: str = "paper", per_subject: int | None = None, request_id: str = "",
+                **params: float) -> "AnalysisJob":
+        """Start the density analyses of ``model``'s runs ``methods`` at ``layers`` (default: all but 0).
+
+        ``params`` override the preset: maxk, gride_range_max, id_scale_index, density_k, z,
+        subject_fraction, answer_fraction. Returns at once; see AnalysisJob.watch and .result.
+        """
+        request = pb.StartAnalysisRequest(
+            runs=[_ref(model, m) for m in methods], layers=list(layers or []), preset=preset,
+            params=pb.AnalysisParams(**params), request_id=request_id)
+        if per_subject is not None:
+            request.per_subject = per_subject
+        return AnalysisJob(self, self._call(self._analysis.StartAnalysis, request).job_id)
+
     # -- plumbing ---------------------------------------------------------------------------------
 
     def _call(self, method: Callable[..., T], request: Any) -> T:
@@ -176,6 +194,72 @@ class Client:
                     continue
                 raise ActstoreError(code, exc.details() or "") from None
         raise AssertionError("unreachable")
+
+
+class AnalysisJob:
+    """A running analysis: ``watch()`` yields progress, ``result()`` waits and returns an xarray Dataset."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+        self._done: pb.Job | None = None
+
+    def status(self) -> pb.Job:
+        return self.client._call(self.client._analysis.GetJob, pb.JobRef(job_id=self.id))
+
+    def watch(self) -> Iterator[pb.Job]:
+        """The job after each change (layers done, stage), ending when it is done or cancelled."""
+        stream = self.client._analysis.WatchJob(pb.JobRef(job_id=self.id), metadata=self.client._metadata)
+        try:
+            yield from stream
+        except grpc.RpcError as exc:
+            raise ActstoreError(exc.code(), exc.details() or "") from None
+
+    def cancel(self) -> pb.Job:
+        return self.client._call(self.client._analysis.CancelJob, pb.JobRef(job_id=self.id))
+
+    def result(self) -> xr.Dataset:
+        """Wait for the job and return its table: every metric over (run, layer)."""
+        return results_dataset(self._final())
+
+    def assignments(self, run: str, layer: int) -> xr.DataArray:
+        """The clusters of one layer of one run (``"model/method"``), indexed by sample id."""
+        for r in self._final().results:
+            if f"{r.run.model}/{r.run.method}" == run and r.layer == layer and not r.error:
+                return xr.DataArray(np.asarray(r.assignment), dims="sample",
+                                    coords={"sample": np.asarray(r.sample_ids)}, name="cluster")
+        raise KeyError(f"no result for {run} layer {layer} in job {self.id}")
+
+    def _final(self) -> pb.Job:
+        if self._done is None:
+            last = None
+            for last in self.watch():
+                pass
+            if last is None or last.state != pb.JOB_STATE_DONE:
+                state = pb.JobState.Name(last.state) if last is not None else "unknown"
+                raise ActstoreError(grpc.StatusCode.CANCELLED, f"job {self.id} ended as {state}")
+            self._done = last
+        return self._done
+
+
+METRICS = ("id", "id_2nn", "n_clusters", "core_fraction", "ari_subject", "ari_answer", "overlap_subject",
+           "overlap_answer")
+
+
+def results_dataset(job: pb.Job) -> xr.Dataset:
+    """A job's results as a Dataset: metrics over (run, layer), NaN where a layer failed (see ``error``)."""
+    runs = sorted({f"{r.run.model}/{r.run.method}" for r in job.results})
+    layers = sorted({r.layer for r in job.results})
+    table = {m: np.full((len(runs), len(layers)), np.nan) for m in METRICS}
+    errors = np.full((len(runs), len(layers)), "", dtype=object)
+    for r in job.results:
+        i, j = runs.index(f"{r.run.model}/{r.run.method}"), layers.index(r.layer)
+        errors[i, j] = r.error
+        if not r.error:
+            for m in METRICS:
+                table[m][i, j] = getattr(r, m)
+    return xr.Dataset({m: (("run", "layer"), v) for m, v in table.items()} | {"error": (("run", "layer"), errors)},
+                      coords={"run": runs, "layer": layers}, attrs={"job_id": job.job_id})
 
 
 def _decode_block(block: pb.EncodedBlock, layer: np.ndarray) -> int:

@@ -23,7 +23,8 @@ from actstore.v1 import actstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[name].full_name for name in ("CatalogService", "DataService")]
+SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[name].full_name
+                 for name in ("CatalogService", "DataService", "AnalysisService")]
 DEFAULT_MAX_RESPONSE_MB = 4096
 SHUTDOWN_GRACE_S = 30.0
 
@@ -37,6 +38,8 @@ class ServerConfig:
     tls_key: Path | None = None
     max_response_mb: float = DEFAULT_MAX_RESPONSE_MB
     workers: int = 8
+    scheduler: str | None = None  # Dask scheduler address for analyses; None: a local cluster on first use
+    dask_workers: int | None = None  # local cluster size (default: one per core)
 
 
 class Server:
@@ -54,12 +57,26 @@ class Server:
         self.grpc = grpc.server(ThreadPoolExecutor(max_workers=config.workers), options=CHANNEL_OPTIONS)
         pb_grpc.add_CatalogServiceServicer_to_server(CatalogService(store, self.auth, max_bytes), self.grpc)
         pb_grpc.add_DataServiceServicer_to_server(DataService(store, self.auth, max_bytes), self.grpc)
+        self.jobs = self._analysis(store, max_bytes)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.grpc)
         self.port = self._bind()
+
+    def _analysis(self, store: Store, max_bytes: int):
+        """AnalysisService, when the analysis extra (dask, dadapy) is installed."""
+        try:
+            from actstore.server.analysis_service import AnalysisService
+            from actstore.server.jobs import JobManager
+        except ImportError as exc:
+            log.warning("analyses disabled: %s (install actstore[analysis])", exc)
+            return None
+        jobs = JobManager(self.config.store, self.config.scheduler, self.config.dask_workers)
+        pb_grpc.add_AnalysisServiceServicer_to_server(AnalysisService(store, self.auth, max_bytes, jobs=jobs),
+                                                      self.grpc)
+        return jobs
 
     def _bind(self) -> int:
         if self.config.tls_cert:
@@ -84,6 +101,8 @@ class Server:
         log.info("shutting down: health NOT_SERVING, finishing in-flight calls (up to %.0f s)", grace)
         self.health.enter_graceful_shutdown()
         self.grpc.stop(grace).wait()
+        if self.jobs is not None:
+            self.jobs.close()
         log.info("stopped")
 
 

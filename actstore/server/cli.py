@@ -19,6 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-key", type=Path, help="PEM private key")
     p.add_argument("--max-response-mb", type=float, default=4096,
                    help="largest answer one request may ask for, in MiB (default: %(default)s)")
+    p.add_argument("--scheduler", help="Dask scheduler address for analyses (default: a local cluster on first use)")
+    p.add_argument("--dask-workers", type=int, help="local Dask worker processes (default: one per core)")
     p.set_defaults(func=run)
 
 
@@ -26,5 +28,6 @@ def run(args: argparse.Namespace) -> int:
     from actstore.server.app import ServerConfig, serve
 
     serve(ServerConfig(store=args.store, address=args.address, auth_file=args.auth, tls_cert=args.tls_cert,
-                       tls_key=args.tls_key, max_response_mb=args.max_response_mb))
+                       tls_key=args.tls_key, max_response_mb=args.max_response_mb, scheduler=args.scheduler,
+                       dask_workers=args.dask_workers))
     return 0

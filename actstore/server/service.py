@@ -40,7 +40,7 @@ class Lossy(Exception):
 _STATUS = [
     (AuthError, grpc.StatusCode.UNAUTHENTICATED),
     (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
-    ((RunNotFound, selection.NotFound), grpc.StatusCode.NOT_FOUND),
+    ((RunNotFound, selection.NotFound, LookupError), grpc.StatusCode.NOT_FOUND),
     ((InvalidName, selection.BadRequest), grpc.StatusCode.INVALID_ARGUMENT),
     (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Lossy, grpc.StatusCode.FAILED_PRECONDITION),

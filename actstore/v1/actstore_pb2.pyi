@@ -19,6 +19,14 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_UNSPECIFIED: _ClassVar[DType]
     DTYPE_FLOAT32: _ClassVar[DType]
     DTYPE_FLOAT16: _ClassVar[DType]
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_QUEUED: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_DONE: _ClassVar[JobState]
+    JOB_STATE_CANCELLED: _ClassVar[JobState]
 VISIBILITY_UNSPECIFIED: Visibility
 VISIBILITY_PRIVATE: Visibility
 VISIBILITY_SHARED: Visibility
@@ -26,6 +34,11 @@ VISIBILITY_PUBLIC: Visibility
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
+JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_QUEUED: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_DONE: JobState
+JOB_STATE_CANCELLED: JobState
 
 class RunRef(_message.Message):
     __slots__ = ("model", "method")
@@ -250,3 +263,91 @@ class ReadLabelsResponse(_message.Message):
     labels: Labels
     run_complete: bool
     def __init__(self, labels: _Optional[_Union[Labels, _Mapping]] = ..., run_complete: _Optional[bool] = ...) -> None: ...
+
+class AnalysisParams(_message.Message):
+    __slots__ = ("maxk", "gride_range_max", "id_scale_index", "density_k", "z", "subject_fraction", "answer_fraction")
+    MAXK_FIELD_NUMBER: _ClassVar[int]
+    GRIDE_RANGE_MAX_FIELD_NUMBER: _ClassVar[int]
+    ID_SCALE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_K_FIELD_NUMBER: _ClassVar[int]
+    Z_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    maxk: int
+    gride_range_max: int
+    id_scale_index: int
+    density_k: int
+    z: float
+    subject_fraction: float
+    answer_fraction: float
+    def __init__(self, maxk: _Optional[int] = ..., gride_range_max: _Optional[int] = ..., id_scale_index: _Optional[int] = ..., density_k: _Optional[int] = ..., z: _Optional[float] = ..., subject_fraction: _Optional[float] = ..., answer_fraction: _Optional[float] = ...) -> None: ...
+
+class StartAnalysisRequest(_message.Message):
+    __slots__ = ("runs", "layers", "preset", "params", "per_subject", "request_id")
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    PER_SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    runs: _containers.RepeatedCompositeFieldContainer[RunRef]
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    preset: str
+    params: AnalysisParams
+    per_subject: int
+    request_id: str
+    def __init__(self, runs: _Optional[_Iterable[_Union[RunRef, _Mapping]]] = ..., layers: _Optional[_Iterable[int]] = ..., preset: _Optional[str] = ..., params: _Optional[_Union[AnalysisParams, _Mapping]] = ..., per_subject: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class JobRef(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class LayerResult(_message.Message):
+    __slots__ = ("run", "layer", "error", "id", "ids_gride", "id_2nn", "n_clusters", "core_fraction", "ari_subject", "ari_answer", "overlap_subject", "overlap_answer", "sample_ids", "assignment")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    IDS_GRIDE_FIELD_NUMBER: _ClassVar[int]
+    ID_2NN_FIELD_NUMBER: _ClassVar[int]
+    N_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    CORE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    ARI_SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    ARI_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    run: RunRef
+    layer: int
+    error: str
+    id: float
+    ids_gride: _containers.RepeatedScalarFieldContainer[float]
+    id_2nn: float
+    n_clusters: int
+    core_fraction: float
+    ari_subject: float
+    ari_answer: float
+    overlap_subject: float
+    overlap_answer: float
+    sample_ids: _containers.RepeatedScalarFieldContainer[int]
+    assignment: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., layer: _Optional[int] = ..., error: _Optional[str] = ..., id: _Optional[float] = ..., ids_gride: _Optional[_Iterable[float]] = ..., id_2nn: _Optional[float] = ..., n_clusters: _Optional[int] = ..., core_fraction: _Optional[float] = ..., ari_subject: _Optional[float] = ..., ari_answer: _Optional[float] = ..., overlap_subject: _Optional[float] = ..., overlap_answer: _Optional[float] = ..., sample_ids: _Optional[_Iterable[int]] = ..., assignment: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("job_id", "state", "stage", "layers_done", "layers_total", "results")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_DONE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    state: JobState
+    stage: str
+    layers_done: int
+    layers_total: int
+    results: _containers.RepeatedCompositeFieldContainer[LayerResult]
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., stage: _Optional[str] = ..., layers_done: _Optional[int] = ..., layers_total: _Optional[int] = ..., results: _Optional[_Iterable[_Union[LayerResult, _Mapping]]] = ...) -> None: ...

@@ -305,3 +305,211 @@ class DataService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AnalysisServiceStub:
+    """Runs the study's density analyses next to the data, one Dask task per (run, layer); results are
+    cached in the store, so asking twice returns at once.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.StartAnalysis = channel.unary_unary(
+                '/actstore.v1.AnalysisService/StartAnalysis',
+                request_serializer=actstore_dot_v1_dot_actstore__pb2.StartAnalysisRequest.SerializeToString,
+                response_deserializer=actstore_dot_v1_dot_actstore__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/actstore.v1.AnalysisService/GetJob',
+                request_serializer=actstore_dot_v1_dot_actstore__pb2.JobRef.SerializeToString,
+                response_deserializer=actstore_dot_v1_dot_actstore__pb2.Job.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/actstore.v1.AnalysisService/WatchJob',
+                request_serializer=actstore_dot_v1_dot_actstore__pb2.JobRef.SerializeToString,
+                response_deserializer=actstore_dot_v1_dot_actstore__pb2.Job.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/actstore.v1.AnalysisService/CancelJob',
+                request_serializer=actstore_dot_v1_dot_actstore__pb2.JobRef.SerializeToString,
+                response_deserializer=actstore_dot_v1_dot_actstore__pb2.Job.FromString,
+                _registered_method=True)
+
+
+class AnalysisServiceServicer:
+    """Runs the study's density analyses next to the data, one Dask task per (run, layer); results are
+    cached in the store, so asking twice returns at once.
+    """
+
+    def StartAnalysis(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """The job now, then again each time a layer finishes or its state changes, until it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AnalysisServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'StartAnalysis': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartAnalysis,
+                    request_deserializer=actstore_dot_v1_dot_actstore__pb2.StartAnalysisRequest.FromString,
+                    response_serializer=actstore_dot_v1_dot_actstore__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=actstore_dot_v1_dot_actstore__pb2.JobRef.FromString,
+                    response_serializer=actstore_dot_v1_dot_actstore__pb2.Job.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=actstore_dot_v1_dot_actstore__pb2.JobRef.FromString,
+                    response_serializer=actstore_dot_v1_dot_actstore__pb2.Job.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=actstore_dot_v1_dot_actstore__pb2.JobRef.FromString,
+                    response_serializer=actstore_dot_v1_dot_actstore__pb2.Job.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'actstore.v1.AnalysisService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('actstore.v1.AnalysisService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AnalysisService:
+    """Runs the study's density analyses next to the data, one Dask task per (run, layer); results are
+    cached in the store, so asking twice returns at once.
+    """
+
+    @staticmethod
+    def StartAnalysis(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actstore.v1.AnalysisService/StartAnalysis',
+            actstore_dot_v1_dot_actstore__pb2.StartAnalysisRequest.SerializeToString,
+            actstore_dot_v1_dot_actstore__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actstore.v1.AnalysisService/GetJob',
+            actstore_dot_v1_dot_actstore__pb2.JobRef.SerializeToString,
+            actstore_dot_v1_dot_actstore__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/actstore.v1.AnalysisService/WatchJob',
+            actstore_dot_v1_dot_actstore__pb2.JobRef.SerializeToString,
+            actstore_dot_v1_dot_actstore__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actstore.v1.AnalysisService/CancelJob',
+            actstore_dot_v1_dot_actstore__pb2.JobRef.SerializeToString,
+            actstore_dot_v1_dot_actstore__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,64 @@
+"""AnalysisService: start, watch, cancel density analyses of the runs a caller may read."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from actstore.analysis.layers import Mask
+from actstore.server import selection
+from actstore.server.auth import Caller
+from actstore.server.jobs import Job, JobManager, params_from
+from actstore.server.service import _Base, rpc
+from actstore.v1 import actstore_pb2 as pb
+from actstore.v1 import actstore_pb2_grpc as pb_grpc
+
+WATCH_POLL_S = 1.0  # a watcher also notices a cancelled client within this time
+
+
+class AnalysisService(_Base, pb_grpc.AnalysisServiceServicer):
+    def __init__(self, *args, jobs: JobManager, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.jobs = jobs
+
+    @rpc
+    def StartAnalysis(self, request: pb.StartAnalysisRequest, context, caller: Caller) -> pb.Job:
+        if not request.runs:
+            raise selection.BadRequest("name at least one run")
+        runs = [self.readable_run(ref, caller) for ref in request.runs]
+        params = params_from(request)
+        n_layers = min(run.shape[0] for run in runs)
+        layers = list(request.layers) or list(range(1, n_layers))
+        unknown = [layer for layer in layers if not 0 <= layer < n_layers]
+        if unknown:
+            raise selection.NotFound(f"no layer {unknown[0]}: the runs have layers 0..{n_layers - 1}")
+        if request.HasField("per_subject") and request.per_subject < 1:
+            raise selection.BadRequest("per_subject must be at least 1")
+        mask = Mask(request.per_subject if request.HasField("per_subject") else None)
+        job = self.jobs.start([(r.model, r.method) for r in runs], layers, params, mask, request.request_id)
+        return job.to_proto()
+
+    @rpc
+    def GetJob(self, request: pb.JobRef, context, caller: Caller) -> pb.Job:
+        return self.jobs.get(request.job_id).to_proto()
+
+    @rpc
+    def CancelJob(self, request: pb.JobRef, context, caller: Caller) -> pb.Job:
+        job = self.jobs.get(request.job_id)
+        self.jobs.cancel(job)
+        return job.to_proto()
+
+    @rpc
+    def WatchJob(self, request: pb.JobRef, context, caller: Caller) -> Iterator[pb.Job]:
+        job: Job = self.jobs.get(request.job_id)
+        seen = None
+        while context.is_active():
+            with job.changed:  # snapshot and end test under one lock: the last message is the final state
+                state = (job.state, job.stage, len(job.outcomes))
+                if state == seen:
+                    job.changed.wait(WATCH_POLL_S)
+                    continue
+                snapshot, ended = job.to_proto(), job.finished
+            seen = state
+            yield snapshot
+            if ended:
+                return

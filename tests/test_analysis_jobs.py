@@ -1,0 +1,102 @@
+"""Analysis jobs over a real server: start, watch, result, cache hit, cancel, bad parameter, forbidden run."""
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from actstore.cli import main
+from actstore.client import ActstoreError, Client
+from actstore.client.client import AnalysisJob
+from actstore.v1 import actstore_pb2 as pb
+from conftest import make_questions, write_jsonl
+from serving import ServerProcess
+
+SMALL = dict(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("jobs")
+    data = write_jsonl(root / "q.jsonl", [r for seed in range(4) for r in make_questions(seed)])
+    common = ["ingest", "--store", str(root / "store"), "--model", str(tiny_model), "--dataset", str(data),
+              "--dtype", "float32"]
+    assert main([*common, "--methods", "0shot,1shot", "--group", "lab-a", "--visibility", "public"]) == 0
+    assert main([*common, "--methods", "2shot", "--group", "lab-b"]) == 0  # private to lab-b
+    (root / "auth.toml").write_text('[tokens]\n"tok-a" = "lab-a"\n"tok-b" = "lab-b"\n')
+    process = ServerProcess(root / "store", root / "log", "--auth", str(root / "auth.toml"), "--dask-workers", "2")
+    yield process
+    process.stop()
+
+
+def test_start_watch_result_and_cache_hit(server):
+    with Client(server.address, token="tok-a") as c:
+        job = c.analyze("tiny-llama", ["0shot", "1shot"], layers=[1, 2, 3], **SMALL)
+        events = list(job.watch())
+        assert events[-1].layers_done == events[-1].layers_total == 6
+        assert [e.layers_done for e in events] == sorted(e.layers_done for e in events)
+        table = job.result()
+        assert table.n_clusters.shape == (2, 3) and (table.n_clusters >= 1).all()
+        assert np.isfinite(table.ari_subject).all() and ((table.overlap_subject >= 0) & (table.overlap_subject <= 1)).all()
+        clusters = job.assignments("tiny-llama/0shot", 2)
+        assert clusters.sizes["sample"] > 100
+        started = time.perf_counter()
+        again = c.analyze("tiny-llama", ["0shot", "1shot"], layers=[1, 2, 3], **SMALL).result()
+        assert time.perf_counter() - started < 10  # from the store's cache
+        np.testing.assert_array_equal(again.n_clusters, table.n_clusters)
+        np.testing.assert_allclose(again.ari_subject, table.ari_subject)
+
+
+def test_request_id_makes_retries_idempotent_and_layer_zero_reports_its_error(server):
+    with Client(server.address, token="tok-a") as c:
+        first = c.analyze("tiny-llama", ["0shot"], layers=[0, 1], request_id="retry-1", **SMALL)
+        second = c.analyze("tiny-llama", ["0shot"], layers=[0, 1], request_id="retry-1", **SMALL)
+        assert first.id == second.id
+        table = first.result()
+        assert "distinct rows" in table.error.sel(layer=0).item() and table.error.sel(layer=1).item() == ""
+
+
+def test_cancel(server):
+    with Client(server.address, token="tok-a") as c:
+        job = c.analyze("tiny-llama", ["0shot", "1shot"], layers=[1, 2, 3], maxk=40, gride_range_max=32,
+                        id_scale_index=2, density_k=9)
+        assert job.cancel().state == pb.JOB_STATE_CANCELLED  # layers take far longer than this call
+        with pytest.raises(ActstoreError) as caught:
+            job.result()
+        assert "CANCELLED" in caught.value.message
+        assert job.status().state == pb.JOB_STATE_CANCELLED
+
+
+@pytest.mark.parametrize("kwargs,code", [
+    (dict(methods=["0shot"], layers=[99]), grpc.StatusCode.NOT_FOUND),
+    (dict(methods=["0shot"], z=-1.0), grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(methods=["0shot"], density_k=500), grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(methods=["0shot"], preset="nope"), grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(methods=["9shot"]), grpc.StatusCode.NOT_FOUND),
+    (dict(methods=["2shot"]), grpc.StatusCode.PERMISSION_DENIED),
+])
+def test_bad_requests(server, kwargs, code):
+    with Client(server.address, token="tok-a") as c:
+        with pytest.raises(ActstoreError) as caught:
+            c.analyze("tiny-llama", **kwargs)
+        assert caught.value.code == code
+
+
+def test_unknown_job(server):
+    with Client(server.address, token="tok-a") as c:
+        with pytest.raises(ActstoreError) as caught:
+            AnalysisJob(c, "no-such-job").status()
+        assert caught.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_analyze_cli_prints_the_table(server, capsys, monkeypatch):
+    monkeypatch.setenv("ACTSTORE_TOKEN", "tok-a")
+    assert main(["analyze", "--address", server.address, "tiny-llama", "--methods", "0shot", "--layers", "1:3",
+                 "--maxk", "20", "--density-k", "8"]) == 1  # gride scales beyond maxk=20 with the paper preset
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    assert main(["analyze", "--address", server.address, "tiny-llama", "--methods", "0shot,1shot", "--layers",
+                 "1,2", "--maxk", "120", "--per-subject", "45"]) == 0
+    out = capsys.readouterr().out
+    assert "n_clusters" in out and "tiny-llama/1shot" in out and "tiny-llama/0shot" in out
+    assert "distinct rows" not in out  # 135 samples: every layer analysed
