@@ -36,6 +36,8 @@ def test_start_watch_result_and_cache_hit(server):
         events = list(job.watch())
         assert events[-1].layers_done == events[-1].layers_total == 6
         assert [e.layers_done for e in events] == sorted(e.layers_done for e in events)
+        assert sum(len(e.results) for e in events) == 6  # each layer's result sent once, as it finished
+        assert len(job.status().results) == 6
         table = job.result()
         assert table.n_clusters.shape == (2, 3) and (table.n_clusters >= 1).all()
         assert np.isfinite(table.ari_subject).all() and ((table.overlap_subject >= 0) & (table.overlap_subject <= 1)).all()

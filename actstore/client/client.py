@@ -208,7 +208,8 @@ class AnalysisJob:
         return self.client._call(self.client._analysis.GetJob, pb.JobRef(job_id=self.id))
 
     def watch(self) -> Iterator[pb.Job]:
-        """The job after each change (layers done, stage), ending when it is done or cancelled."""
+        """The job after each change (layers done, stage), ending when it is done or cancelled; each event
+        holds the results of the layers finished since the previous one."""
         stream = self.client._analysis.WatchJob(pb.JobRef(job_id=self.id), metadata=self.client._metadata)
         try:
             yield from stream
@@ -231,13 +232,16 @@ class AnalysisJob:
         raise KeyError(f"no result for {run} layer {layer} in job {self.id}")
 
     def _final(self) -> pb.Job:
+        """The ended job with every layer's results, gathered from the watch events."""
         if self._done is None:
-            last = None
+            last, results = None, []
             for last in self.watch():
-                pass
+                results.extend(last.results)
             if last is None or last.state != pb.JOB_STATE_DONE:
                 state = pb.JobState.Name(last.state) if last is not None else "unknown"
                 raise ActstoreError(grpc.StatusCode.CANCELLED, f"job {self.id} ended as {state}")
+            del last.results[:]
+            last.results.extend(results)
             self._done = last
         return self._done
 

@@ -49,16 +49,17 @@ class AnalysisService(_Base, pb_grpc.AnalysisServiceServicer):
 
     @rpc
     def WatchJob(self, request: pb.JobRef, context, caller: Caller) -> Iterator[pb.Job]:
+        """Each event carries the layers finished since the previous one (the first: all so far)."""
         job: Job = self.jobs.get(request.job_id)
-        seen = None
+        seen, sent = None, 0
         while context.is_active():
             with job.changed:  # snapshot and end test under one lock: the last message is the final state
                 state = (job.state, job.stage, len(job.outcomes))
                 if state == seen:
                     job.changed.wait(WATCH_POLL_S)
                     continue
-                snapshot, ended = job.to_proto(), job.finished
-            seen = state
+                snapshot, ended = job.to_proto(since=sent), job.finished  # only results not sent yet
+            seen, sent = state, state[2]
             yield snapshot
             if ended:
                 return

@@ -75,10 +75,11 @@ class Job:
     def finished(self) -> bool:
         return self.state in (pb.JOB_STATE_DONE, pb.JOB_STATE_CANCELLED)
 
-    def to_proto(self) -> pb.Job:
+    def to_proto(self, since: int = 0) -> pb.Job:
+        """The job with the results of layers ``since`` onwards (in finishing order)."""
         with self.changed:
             return pb.Job(job_id=self.id, state=self.state, stage=self.stage, layers_done=len(self.outcomes),
-                          layers_total=self.total, results=[_result(o) for o in self.outcomes])
+                          layers_total=self.total, results=[_result(o) for o in self.outcomes[since:]])
 
 
 def _result(o: LayerOutcome) -> pb.LayerResult:

@@ -358,7 +358,8 @@ class AnalysisServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchJob(self, request, context):
-        """The job now, then again each time a layer finishes or its state changes, until it ends.
+        """The job now, then again each time a layer finishes or its state changes, until it ends. Each
+        event's results are those finished since the previous event (the first event's: all so far).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
