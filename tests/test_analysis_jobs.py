@@ -43,6 +43,8 @@ def test_start_watch_result_and_cache_hit(server):
         assert np.isfinite(table.ari_subject).all() and ((table.overlap_subject >= 0) & (table.overlap_subject <= 1)).all()
         clusters = job.assignments("tiny-llama/0shot", 2)
         assert clusters.sizes["sample"] > 100
+        stored = c.labels("tiny-llama", "0shot")  # cluster coordinates are sample ids, not positions
+        assert set(clusters.sample.values.tolist()) == set(stored.sample.values.tolist())
         started = time.perf_counter()
         again = c.analyze("tiny-llama", ["0shot", "1shot"], layers=[1, 2, 3], **SMALL).result()
         assert time.perf_counter() - started < 10  # from the store's cache

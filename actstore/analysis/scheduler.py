@@ -39,18 +39,20 @@ class LayerOutcome:
     method: str
     layer: int
     result: LayerDensity | None
-    positions: np.ndarray | None  # the samples the result covers (mask, duplicates dropped)
+    sample_ids: np.ndarray | None  # ids of the samples the result covers (mask applied, duplicates dropped)
     error: str | None
 
 
 def _task(store: str, model: str, method: str, layer: int, params: DensityParams, mask: Mask) -> LayerOutcome:
     with threadpool_limits(limits=1):
         try:
-            result, positions = analyse(Store(store).run(model, method), layer, params, mask)
+            run = Store(store).run(model, method)
+            result, positions = analyse(run, layer, params, mask)
+            sample_ids = run.labels()["sample"][positions]
         except Exception as exc:  # a failed layer reports its error; the others go on
             log.exception("layer %d of %s/%s failed", layer, model, method)
             return LayerOutcome(model, method, layer, None, None, f"{type(exc).__name__}: {exc}")
-    return LayerOutcome(model, method, layer, result, positions, None)
+    return LayerOutcome(model, method, layer, result, sample_ids, None)
 
 
 def submit_layers(client: Client, store: Path, runs: list[tuple[str, str]], layers: list[int],
