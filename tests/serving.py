@@ -10,11 +10,11 @@ from pathlib import Path
 
 
 class ServerProcess:
-    def __init__(self, store: Path, log: Path, *extra: str) -> None:
+    def __init__(self, store: Path, log: Path, *extra: str, address: str = "127.0.0.1:0") -> None:
         self.log = log
         self._log_file = log.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "actstore", "serve", "--store", str(store), "--address", "127.0.0.1:0", *extra],
+            [sys.executable, "-m", "actstore", "serve", "--store", str(store), "--address", address, *extra],
             stdout=self._log_file, stderr=subprocess.STDOUT)
         self.port = self._wait_for_port()
         self.address = f"127.0.0.1:{self.port}"

@@ -246,20 +246,10 @@ def test_client_retries_while_the_server_starts(tmp_path, served):
         thread = threading.Thread(target=lambda: found.update(runs=c.runs()))
         thread.start()
         time.sleep(0.3)
-        late = ServerProcessAt(store, tmp_path / "late.log", port)
+        late = ServerProcess(store, tmp_path / "late.log", address=f"127.0.0.1:{port}")
         thread.join(timeout=60)
         late.stop()
     assert len(found["runs"]) == 5  # open access: every run
-
-
-def ServerProcessAt(store, log, port):
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen([sys.executable, "-m", "actstore", "serve", "--store", str(store), "--address",
-                             f"127.0.0.1:{port}"], stdout=log.open("w"), stderr=subprocess.STDOUT)
-    proc.stop = lambda: (proc.terminate(), proc.wait(30))
-    return proc
 
 
 def _self_signed(tmp_path):

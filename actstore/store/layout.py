@@ -25,6 +25,7 @@ from zarr.codecs import BloscCodec
 STATE_DTYPE = "float32"
 INNER_CHUNK_BYTES = 64 * 1024
 SHARD_BYTES = 4 * 1024 * 1024
+LABEL_CHUNK = 65536  # samples per chunk of the 1-D label arrays
 
 
 def _floor_pow2(x: float) -> int:
@@ -70,5 +71,3 @@ def compressed_nbytes(states: np.ndarray) -> int:
     codec = numcodecs.Blosc(BLOSC_CNAME, BLOSC_LEVEL, numcodecs.Blosc.SHUFFLE)
     return len(codec.encode(np.ascontiguousarray(states, dtype=STATE_DTYPE)))
 
-
-LABEL_CHUNK = 65536
