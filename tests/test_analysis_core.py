@@ -27,9 +27,15 @@ def test_per_subject_mask_caps_each_subject_in_order():
     assert per_subject_mask(subjects, 2).tolist() == [0, 1, 2, 4, 5]
 
 
-def test_knn_is_exact_and_self_first():
+# "torch-cpu" runs the GPU code path (torch, blocked top-k) on the CPU, so CI checks it without a GPU
+DEVICES = ["cpu", "torch-cpu"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_knn_is_exact_and_self_first(device, monkeypatch):
+    monkeypatch.setattr("actstore.analysis.neighbours.BLOCK_BYTES", 8 * 600 * 7)  # several blocks of 7 rows
     x, _ = blobs()
-    dist, idx = knn(x, 30)
+    dist, idx = knn(x, 30, device=device)
     assert (idx[:, 0] == np.arange(len(x))).all() and (dist[:, 0] == 0).all()
     true = np.linalg.norm(x[:, None] - x[None], axis=-1)  # direct float64 differences, no expansion
     np.fill_diagonal(true, -1.0)
@@ -48,9 +54,10 @@ def test_self_is_moved_first_when_rounding_misplaces_it():
     assert indices.tolist() == [3, 7, 5, 9] and distances.tolist() == [0.0, 0.0, 0.5, 1.0]
 
 
-def test_knn_with_ties_returns_valid_neighbour_sets():
+@pytest.mark.parametrize("device", DEVICES)
+def test_knn_with_ties_returns_valid_neighbour_sets(device):
     grid = np.array([[i, j] for i in range(10) for j in range(10)], dtype=np.float64)  # many exact ties
-    dist, idx = knn(grid, 8)
+    dist, idx = knn(grid, 8, device=device)
     true = np.sqrt(((grid[:, None] - grid[None]) ** 2).sum(-1))
     np.testing.assert_allclose(dist, np.take_along_axis(true, idx, axis=1), atol=1e-12)
     assert (np.diff(dist, axis=1) >= -1e-12).all()

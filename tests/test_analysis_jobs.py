@@ -34,8 +34,8 @@ def test_start_watch_result_and_cache_hit(server):
     with Client(server.address, token="tok-a") as c:
         job = c.analyze("tiny-llama", ["0shot", "1shot"], layers=[1, 2, 3], **SMALL)
         events = list(job.watch())
-        assert events[-1].layers_done == events[-1].layers_total == 6
-        assert [e.layers_done for e in events] == sorted(e.layers_done for e in events)
+        assert events[-1].tasks_done == events[-1].tasks_total == 6
+        assert [e.tasks_done for e in events] == sorted(e.tasks_done for e in events)
         assert sum(len(e.results) for e in events) == 6  # each layer's result sent once, as it finished
         assert len(job.status().results) == 6
         table = job.result()
@@ -100,7 +100,63 @@ def test_analyze_cli_prints_the_table(server, capsys, monkeypatch):
                  "--maxk", "20", "--density-k", "8"]) == 1  # gride scales beyond maxk=20 with the paper preset
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
     assert main(["analyze", "--address", server.address, "tiny-llama", "--methods", "0shot,1shot", "--layers",
-                 "1,2", "--maxk", "120", "--per-subject", "45"]) == 0
+                 "1,2", "--maxk", "120", "--per-subject", "45", "--compare", "0shot,1shot"]) == 0
     out = capsys.readouterr().out
     assert "n_clusters" in out and "tiny-llama/1shot" in out and "tiny-llama/0shot" in out
+    assert "tiny-llama/0shot vs tiny-llama/1shot" in out and "data_overlap" in out
     assert "distinct rows" not in out  # 135 samples: every layer analysed
+
+
+def test_compare_two_runs_and_dendrograms(server):
+    from dadapy import Data
+    from sklearn.metrics import adjusted_rand_score
+
+    from actstore.analysis.neighbours import knn
+
+    with Client(server.address, token="tok-a") as c:
+        job = c.compare("tiny-llama", "0shot", "1shot", layers=[1, 2], **SMALL)
+        events = list(job.watch())
+        assert events[-1].tasks_done == events[-1].tasks_total == 6  # 2 runs x 2 layers + 2 comparisons
+        table = job.result()
+        pair = "tiny-llama/0shot vs tiny-llama/1shot"
+        assert table.pair.values.tolist() == [pair] and table.run.size == 2
+        for layer in (1, 2):
+            a, b = (job.assignments(f"tiny-llama/{m}", layer) for m in ("0shot", "1shot"))
+            common = np.intersect1d(a.sample, b.sample)
+            got = table.sel(pair=pair, layer=layer)
+            assert got.n_common == len(common) and got.compare_error.item() == ""
+            assert got.ari_clusters == pytest.approx(adjusted_rand_score(a.sel(sample=common), b.sel(sample=common)))
+            x, y = (c.hidden_states("tiny-llama", m, layers=layer, samples=common.tolist()).values[0]
+                    for m in ("0shot", "1shot"))
+            plain = Data(distances=knn(x, 30), maxk=30, n_jobs=1)
+            assert got.data_overlap == pytest.approx(plain.return_data_overlap(distances=knn(y, 30), k=30))
+            for run, clusters in ((f"tiny-llama/{m}", job.assignments(f"tiny-llama/{m}", layer)) for m in ("0shot", "1shot")):
+                ids, sizes = np.unique(clusters, return_counts=True)
+                large = ids[sizes > 30]
+                tree = job.dendrogram(run, layer)
+                if len(large) < 2:
+                    assert tree is None
+                else:
+                    assert tree["clusters"].tolist() == large.tolist()
+                    assert tree["linkage"].shape == (len(large) - 1, 4) and len(tree["labels"]) == len(large)
+
+
+def test_bad_comparisons(server):
+    with Client(server.address, token="tok-a") as c:
+        for args, code in ((("0shot", "0shot"), grpc.StatusCode.INVALID_ARGUMENT),
+                           (("0shot", "tiny-llama/2shot"), grpc.StatusCode.PERMISSION_DENIED),
+                           (("0shot", "other-model/1shot"), grpc.StatusCode.NOT_FOUND)):
+            with pytest.raises(ActstoreError) as caught:
+                c.compare("tiny-llama", *args, **SMALL)
+            assert caught.value.code == code, args
+
+
+def test_a_job_is_visible_to_its_group_only(server):
+    with Client(server.address, token="tok-a") as a, Client(server.address, token="tok-b") as b:
+        job = a.analyze("tiny-llama", ["0shot"], layers=[1], **SMALL)
+        with pytest.raises(ActstoreError) as caught:
+            AnalysisJob(b, job.id).status()
+        assert caught.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(ActstoreError):
+            AnalysisJob(b, job.id).cancel()
+        assert job.result().n_clusters.size == 1

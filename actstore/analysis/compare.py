@@ -34,6 +34,8 @@ def common_samples(ids_a: np.ndarray, ids_b: np.ndarray) -> tuple[np.ndarray, np
 def compare_layer(x_a: np.ndarray, x_b: np.ndarray, assignment_a: np.ndarray, assignment_b: np.ndarray,
                   k: int = OVERLAP_K) -> LayerComparison:
     """Rows of ``x_a`` and ``x_b`` are the same samples in the same order (see common_samples)."""
+    if len(x_a) <= k:
+        raise ValueError(f"the runs share {len(x_a)} analysed samples; the data overlap needs more than k={k}")
     dist_a, idx_a = knn(x_a, k)
     dist_b, idx_b = knn(x_b, k)
     overlap = Data(distances=(dist_a, idx_a), maxk=k, n_jobs=1).return_data_overlap(distances=(dist_b, idx_b), k=k)

@@ -15,6 +15,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from actstore.analysis.compare import OVERLAP_K, LayerComparison, common_samples, compare_layer
 from actstore.analysis.density import DensityParams, LayerDensity, analyse_layer, neighbours_needed
 from actstore.analysis.neighbours import knn
 from actstore.analysis.rows import first_unique_rows, per_subject_mask
@@ -96,3 +97,21 @@ def analyse(run: Run, layer: int, params: DensityParams, mask: Mask = Mask()) ->
     run.save_derived("density", key, {**{name: np.asarray(values[name]) for name in _ARRAYS}, "positions": kept},
                      {name: value for name, value in values.items() if name not in _ARRAYS} | {"layer": layer})
     return result, kept
+
+
+def compare(run_a: Run, run_b: Run, layer: int, params: DensityParams, mask: Mask = Mask(),
+            k: int = OVERLAP_K) -> LayerComparison:
+    """Two runs at one layer, on the samples both analysed; cached in run a's ``derived/comparisons``.
+    Each run's analysis comes from its cache when there (a job analyses both runs first)."""
+    key = _key("compare", run_a.content_key(), run_b.content_key(), layer, mask.per_subject,
+               dataclasses.asdict(params), k)
+    cached = run_a.load_derived("comparisons", key)
+    if cached is not None:
+        return LayerComparison(**{f.name: cached[1][f.name] for f in dataclasses.fields(LayerComparison)})
+    (result_a, kept_a), (result_b, kept_b) = analyse(run_a, layer, params, mask), analyse(run_b, layer, params, mask)
+    in_a, in_b = common_samples(run_a.labels()["sample"][kept_a], run_b.labels()["sample"][kept_b])
+    comparison = compare_layer(run_a.read_rows([layer], kept_a[in_a])[0], run_b.read_rows([layer], kept_b[in_b])[0],
+                               result_a.assignment[in_a], result_b.assignment[in_b], k)
+    run_a.save_derived("comparisons", key, {}, dataclasses.asdict(comparison) | {"layer": layer,
+                       "other": f"{run_b.model}/{run_b.method}"})
+    return comparison

@@ -1,4 +1,4 @@
-"""Running layer analyses in parallel on Dask: one task per (run, layer).
+"""Running layer analyses in parallel on Dask: one task per (run, layer), one per compared pair at a layer.
 
 By default a local cluster of worker processes sized to the machine, one thread each, with BLAS and
 DADApy limited to one thread per worker so that n workers use n cores and nothing oversubscribes them.
@@ -17,11 +17,14 @@ import numpy as np
 from distributed import Client, Future, LocalCluster, as_completed
 from threadpoolctl import threadpool_limits
 
+from actstore.analysis.compare import OVERLAP_K, Dendrogram, LayerComparison, density_peak_dendrogram
 from actstore.analysis.density import DensityParams, LayerDensity
-from actstore.analysis.layers import Mask, analyse
+from actstore.analysis.layers import Mask, analyse, compare
 from actstore.store import Store
 
 log = logging.getLogger(__name__)
+
+RunName = tuple[str, str]  # (model, method)
 
 
 def dask_client(address: str | None = None, n_workers: int | None = None) -> Client:
@@ -41,6 +44,20 @@ class LayerOutcome:
     result: LayerDensity | None
     sample_ids: np.ndarray | None  # ids of the samples the result covers (mask applied, duplicates dropped)
     error: str | None
+    dendrogram: Dendrogram | None = None  # None also when fewer than two clusters are large enough
+
+
+@dataclass
+class ComparisonOutcome:
+    a: RunName
+    b: RunName
+    layer: int
+    result: LayerComparison | None
+    error: str | None
+
+
+def _error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _task(store: str, model: str, method: str, layer: int, params: DensityParams, mask: Mask) -> LayerOutcome:
@@ -48,25 +65,54 @@ def _task(store: str, model: str, method: str, layer: int, params: DensityParams
         try:
             run = Store(store).run(model, method)
             result, positions = analyse(run, layer, params, mask)
-            sample_ids = run.labels()["sample"][positions]
+            labels = run.labels()
         except Exception as exc:  # a failed layer reports its error; the others go on
             log.exception("layer %d of %s/%s failed", layer, model, method)
-            return LayerOutcome(model, method, layer, None, None, f"{type(exc).__name__}: {exc}")
-    return LayerOutcome(model, method, layer, result, sample_ids, None)
+            return LayerOutcome(model, method, layer, None, None, _error(exc))
+    try:
+        dendrogram = density_peak_dendrogram(result, labels["subject"][positions])
+    except ValueError:  # too few large clusters to draw one
+        dendrogram = None
+    return LayerOutcome(model, method, layer, result, labels["sample"][positions], None, dendrogram)
 
 
-def submit_layers(client: Client, store: Path, runs: list[tuple[str, str]], layers: list[int],
-                  params: DensityParams, mask: Mask = Mask()) -> list[Future]:
-    """One task per (run, layer); each future's result is a LayerOutcome."""
-    return [client.submit(_task, str(store), model, method, layer, params, mask, pure=False,
-                          key=f"actstore-{model}-{method}-{layer}-{os.urandom(4).hex()}")
-            for model, method in runs for layer in layers]
+def _compare_task(store: str, a: LayerOutcome, b: LayerOutcome, params: DensityParams, mask: Mask,
+                  k: int) -> ComparisonOutcome:
+    """Runs after both runs' analyses of the layer (their outcomes are its inputs), reusing their cache."""
+    names, layer = ((a.model, a.method), (b.model, b.method)), a.layer
+    failed = [f"{o.model}/{o.method}: {o.error}" for o in (a, b) if o.error]
+    if failed:
+        return ComparisonOutcome(*names, layer, None, "; ".join(failed))
+    with threadpool_limits(limits=1):
+        try:
+            found = Store(store)
+            result = compare(found.run(*names[0]), found.run(*names[1]), layer, params, mask, k)
+        except Exception as exc:
+            log.exception("comparing %s with %s at layer %d failed", *names, layer)
+            return ComparisonOutcome(*names, layer, None, _error(exc))
+    return ComparisonOutcome(*names, layer, result, None)
 
 
-def analyse_layers(client: Client, store: Path, runs: list[tuple[str, str]], layers: list[int],
-                   params: DensityParams, mask: Mask = Mask()) -> Iterator[LayerOutcome]:
-    """Submit one task per (run, layer) and yield outcomes as they finish (not in order)."""
-    futures = submit_layers(client, store, runs, layers, params, mask)
+def submit_layers(client: Client, store: Path, runs: list[RunName], layers: list[int], params: DensityParams,
+                  mask: Mask = Mask(), pairs: list[tuple[RunName, RunName]] = (), k: int = OVERLAP_K) -> list[Future]:
+    """One task per (run, layer), for ``runs`` and the runs of ``pairs``, and one per (pair, layer)
+    after its two analyses. Results: LayerOutcome or ComparisonOutcome."""
+    tag = os.urandom(4).hex()
+    every = list(dict.fromkeys([*runs, *(run for pair in pairs for run in pair)]))
+    analyses = {(run, layer): client.submit(_task, str(store), *run, layer, params, mask, pure=False,
+                                            key=f"actstore-{run[0]}-{run[1]}-{layer}-{tag}")
+                for run in every for layer in layers}
+    comparisons = [client.submit(_compare_task, str(store), analyses[a, layer], analyses[b, layer], params, mask, k,
+                                 pure=False, key=f"actstore-compare-{a[0]}-{a[1]}-{b[0]}-{b[1]}-{layer}-{tag}")
+                   for a, b in pairs for layer in layers]
+    return [*analyses.values(), *comparisons]
+
+
+def analyse_layers(client: Client, store: Path, runs: list[RunName], layers: list[int], params: DensityParams,
+                   mask: Mask = Mask(), pairs: list[tuple[RunName, RunName]] = (),
+                   k: int = OVERLAP_K) -> Iterator[LayerOutcome | ComparisonOutcome]:
+    """Submit the tasks (see submit_layers) and yield their outcomes as they finish (not in order)."""
+    futures = submit_layers(client, store, runs, layers, params, mask, pairs, k)
     try:
         for future in as_completed(futures):
             yield future.result()

@@ -41,14 +41,16 @@ def register_analyze(subparsers: argparse._SubParsersAction) -> None:
                                           "print the per-layer table.")
     _connection(p)
     p.add_argument("model")
-    p.add_argument("--methods", type=_csv, required=True, help="comma list of methods (runs of MODEL)")
+    p.add_argument("--methods", type=_csv, default=[], help="comma list of methods (runs of MODEL) to analyse")
     p.add_argument("--layers", type=_layers, help="comma list or START:STOP (default: every layer but 0)")
     p.add_argument("--per-subject", type=int, help="analyse the first N samples of each subject (the study: 200)")
     p.add_argument("--preset", default="paper", help="parameter preset (default: paper, the study's)")
     for name, kind in (("maxk", int), ("density-k", int), ("z", float), ("subject-fraction", float),
                        ("answer-fraction", float)):
         p.add_argument(f"--{name}", type=kind, help="override the preset")
-    p.add_argument("--out", type=Path, help="also write the table to this .csv")
+    p.add_argument("--compare", type=_csv, action="append", default=[], metavar="A,B",
+                   help="also compare two methods (or MODEL/METHOD runs) layer by layer; repeatable")
+    p.add_argument("--out", type=Path, help="also write the tables to this .csv (comparisons to *-compare.csv)")
     p.set_defaults(func=run_analyze)
 
 
@@ -58,19 +60,23 @@ def run_analyze(args: argparse.Namespace) -> int:
     layers = list(range(args.layers.start, args.layers.stop)) if isinstance(args.layers, slice) else args.layers
     params = {name: getattr(args, name) for name in ("maxk", "density_k", "z", "subject_fraction",
                                                       "answer_fraction") if getattr(args, name) is not None}
+    if any(len(pair) != 2 for pair in args.compare):
+        raise ValueError("--compare takes two runs: A,B")
     with _client(args) as client:
         job = client.analyze(args.model, args.methods, layers=layers, preset=args.preset,
-                             per_subject=args.per_subject, **params)
-        with tqdm(unit="layer", desc=f"job {job.id}") as bar:
+                             per_subject=args.per_subject, compare=[tuple(pair) for pair in args.compare], **params)
+        with tqdm(unit="task", desc=f"job {job.id}") as bar:
             for event in job.watch():
-                bar.total = event.layers_total
+                bar.total = event.tasks_total
                 bar.set_postfix_str(event.stage)
-                bar.update(event.layers_done - bar.n)
+                bar.update(event.tasks_done - bar.n)
         table = job.result()
-    frame = table.to_dataframe()
-    print(frame.to_string(float_format=lambda v: f"{v:.3f}"))
-    if args.out:
-        frame.to_csv(args.out)
+    for dim, suffix in (("run", ""), ("pair", "-compare")):
+        if dim in table.dims:
+            frame = table[[name for name in table.data_vars if dim in table[name].dims]].to_dataframe()
+            print(frame.to_string(float_format=lambda v: f"{v:.3f}"))
+            if args.out:
+                frame.to_csv(args.out.with_name(args.out.stem + suffix + args.out.suffix))
     return 0
 
 

@@ -162,18 +162,31 @@ class Client:
 
     def analyze(self, model: str, methods: Sequence[str], layers: Sequence[int] | range | None = None,
                 preset: str = "paper", per_subject: int | None = None, request_id: str = "",
+                compare: Sequence[tuple[str, str]] = (), compare_k: int | None = None,
                 **params: float) -> "AnalysisJob":
         """Start the density analyses of ``model``'s runs ``methods`` at ``layers`` (default: all but 0).
 
-        ``params`` override the preset: maxk, gride_range_max, id_scale_index, density_k, z,
-        subject_fraction, answer_fraction. Returns at once; see AnalysisJob.watch and .result.
+        ``compare``: pairs of runs to compare at each layer, each a method of ``model`` or a
+        ``"model/method"`` of another model, e.g. ``[("0shot", "5shot")]``; both runs of a pair are
+        analysed too. ``params`` override the preset: maxk, gride_range_max, id_scale_index, density_k,
+        z, subject_fraction, answer_fraction. Returns at once; see AnalysisJob.watch and .result.
         """
         request = pb.StartAnalysisRequest(
             runs=[_ref(model, m) for m in methods], layers=list(layers or []), preset=preset,
-            params=pb.AnalysisParams(**params), request_id=request_id)
+            params=pb.AnalysisParams(**params), request_id=request_id,
+            compare=[pb.RunPair(a=_run_of(model, a), b=_run_of(model, b)) for a, b in compare])
         if per_subject is not None:
             request.per_subject = per_subject
+        if compare_k is not None:
+            request.compare_k = compare_k
         return AnalysisJob(self, self._call(self._analysis.StartAnalysis, request).job_id)
+
+    def compare(self, model: str, method_a: str, method_b: str, layers: Sequence[int] | range | None = None,
+                **options: Any) -> "AnalysisJob":
+        """Compare two runs layer by layer (data overlap, ARI between clusterings): ``method_b`` may be a
+        ``"model/method"`` of another model. ``options`` as for ``analyze``; the job's result holds both
+        runs' metrics and the comparison (``data_overlap``, ``ari_clusters`` over (pair, layer))."""
+        return self.analyze(model, [], layers, compare=[(method_a, method_b)], **options)
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -220,28 +233,45 @@ class AnalysisJob:
         return self.client._call(self.client._analysis.CancelJob, pb.JobRef(job_id=self.id))
 
     def result(self) -> xr.Dataset:
-        """Wait for the job and return its table: every metric over (run, layer)."""
+        """Wait for the job and return its table: every metric over (run, layer), comparisons over
+        (pair, layer)."""
         return results_dataset(self._final())
+
+    def dendrogram(self, run: str, layer: int) -> dict[str, Any] | None:
+        """The density-peak dendrogram of one layer of one run (``"model/method"``), or None when fewer
+        than two clusters have more than 30 points: ``linkage`` is ready for
+        ``scipy.cluster.hierarchy.dendrogram(linkage, labels=labels)``."""
+        d = self._layer(run, layer).dendrogram
+        if not d.clusters:
+            return None
+        return {"clusters": np.asarray(d.clusters), "sizes": np.asarray(d.sizes), "labels": list(d.labels),
+                "linkage": np.asarray(d.linkage).reshape(-1, 4)}
 
     def assignments(self, run: str, layer: int) -> xr.DataArray:
         """The clusters of one layer of one run (``"model/method"``), indexed by sample id."""
+        r = self._layer(run, layer)
+        return xr.DataArray(np.asarray(r.assignment), dims="sample", coords={"sample": np.asarray(r.sample_ids)},
+                            name="cluster")
+
+    def _layer(self, run: str, layer: int) -> pb.LayerResult:
         for r in self._final().results:
-            if f"{r.run.model}/{r.run.method}" == run and r.layer == layer and not r.error:
-                return xr.DataArray(np.asarray(r.assignment), dims="sample",
-                                    coords={"sample": np.asarray(r.sample_ids)}, name="cluster")
+            if _name(r.run) == run and r.layer == layer and not r.error:
+                return r
         raise KeyError(f"no result for {run} layer {layer} in job {self.id}")
 
     def _final(self) -> pb.Job:
         """The ended job with every layer's results, gathered from the watch events."""
         if self._done is None:
-            last, results = None, []
+            last, results, comparisons = None, [], []
             for last in self.watch():
                 results.extend(last.results)
+                comparisons.extend(last.comparisons)
             if last is None or last.state != pb.JOB_STATE_DONE:
                 state = pb.JobState.Name(last.state) if last is not None else "unknown"
                 raise ActstoreError(grpc.StatusCode.CANCELLED, f"job {self.id} ended as {state}")
-            del last.results[:]
+            del last.results[:], last.comparisons[:]
             last.results.extend(results)
+            last.comparisons.extend(comparisons)
             self._done = last
         return self._done
 
@@ -250,20 +280,38 @@ METRICS = ("id", "id_2nn", "n_clusters", "core_fraction", "ari_subject", "ari_an
            "overlap_answer")
 
 
+COMPARISON_METRICS = ("n_common", "data_overlap", "ari_clusters")
+
+
 def results_dataset(job: pb.Job) -> xr.Dataset:
-    """A job's results as a Dataset: metrics over (run, layer), NaN where a layer failed (see ``error``)."""
-    runs = sorted({f"{r.run.model}/{r.run.method}" for r in job.results})
-    layers = sorted({r.layer for r in job.results})
-    table = {m: np.full((len(runs), len(layers)), np.nan) for m in METRICS}
-    errors = np.full((len(runs), len(layers)), "", dtype=object)
-    for r in job.results:
-        i, j = runs.index(f"{r.run.model}/{r.run.method}"), layers.index(r.layer)
+    """A job's results as a Dataset: metrics over (run, layer) and comparisons over (pair, layer, named
+    "model/a vs model/b"), NaN where a task failed (its reason in ``error`` / ``compare_error``)."""
+    layers = sorted({r.layer for r in [*job.results, *job.comparisons]})
+    runs = _table(job.results, lambda r: _name(r.run), layers, METRICS, "run", "error")
+    pairs = _table(job.comparisons, lambda c: f"{_name(c.runs.a)} vs {_name(c.runs.b)}", layers,
+                   COMPARISON_METRICS, "pair", "compare_error")
+    return xr.merge([runs, pairs]).assign_attrs(job_id=job.job_id)
+
+
+def _table(results: Sequence[Any], row: Callable[[Any], str], layers: list[int], metrics: Sequence[str],
+           dim: str, error: str) -> xr.Dataset:
+    rows = sorted({row(r) for r in results})
+    table = {m: np.full((len(rows), len(layers)), np.nan) for m in metrics}
+    errors = np.full((len(rows), len(layers)), "", dtype=object)
+    for r in results:
+        i, j = rows.index(row(r)), layers.index(r.layer)
         errors[i, j] = r.error
         if not r.error:
-            for m in METRICS:
+            for m in metrics:
                 table[m][i, j] = getattr(r, m)
-    return xr.Dataset({m: (("run", "layer"), v) for m, v in table.items()} | {"error": (("run", "layer"), errors)},
-                      coords={"run": runs, "layer": layers}, attrs={"job_id": job.job_id})
+    if not rows:
+        return xr.Dataset()
+    return xr.Dataset({m: ((dim, "layer"), v) for m, v in table.items()} | {error: ((dim, "layer"), errors)},
+                      coords={dim: rows, "layer": layers})
+
+
+def _name(ref: pb.RunRef) -> str:
+    return f"{ref.model}/{ref.method}"
 
 
 def _decode_block(block: pb.EncodedBlock, layer: np.ndarray) -> int:
@@ -282,6 +330,12 @@ def _decode_block(block: pb.EncodedBlock, layer: np.ndarray) -> int:
 
 def _ref(model: str, method: str) -> pb.RunRef:
     return pb.RunRef(model=model, method=method)
+
+
+def _run_of(model: str, name: str) -> pb.RunRef:
+    """A method of ``model``, or a ``"model/method"`` naming another model's run."""
+    other, _, method = name.rpartition("/")
+    return _ref(other or model, method)
 
 
 def _range(s: slice | range) -> pb.Range:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from actstore.analysis.compare import OVERLAP_K
 from actstore.analysis.layers import Mask
 from actstore.server import selection
 from actstore.server.auth import Caller
@@ -22,11 +23,17 @@ class AnalysisService(_Base, pb_grpc.AnalysisServiceServicer):
 
     @rpc
     def StartAnalysis(self, request: pb.StartAnalysisRequest, context, caller: Caller) -> pb.Job:
-        if not request.runs:
-            raise selection.BadRequest("name at least one run")
+        if not request.runs and not request.compare:
+            raise selection.BadRequest("name at least one run or pair of runs to compare")
         runs = [self.readable_run(ref, caller) for ref in request.runs]
+        pairs = [(self.readable_run(pair.a, caller), self.readable_run(pair.b, caller)) for pair in request.compare]
+        if any((a.model, a.method) == (b.model, b.method) for a, b in pairs):
+            raise selection.BadRequest("a run compared with itself")
+        k = request.compare_k if request.HasField("compare_k") else OVERLAP_K
+        if k < 1:
+            raise selection.BadRequest("compare_k must be at least 1")
         params = params_from(request)
-        n_layers = min(run.shape[0] for run in runs)
+        n_layers = min(run.shape[0] for run in [*runs, *(run for pair in pairs for run in pair)])
         layers = list(request.layers) or list(range(1, n_layers))
         unknown = [layer for layer in layers if not 0 <= layer < n_layers]
         if unknown:
@@ -34,23 +41,24 @@ class AnalysisService(_Base, pb_grpc.AnalysisServiceServicer):
         if request.HasField("per_subject") and request.per_subject < 1:
             raise selection.BadRequest("per_subject must be at least 1")
         mask = Mask(request.per_subject if request.HasField("per_subject") else None)
-        job = self.jobs.start([(r.model, r.method) for r in runs], layers, params, mask, request.request_id)
+        job = self.jobs.start(caller.group, [(r.model, r.method) for r in runs], layers, params, mask,
+                              [((a.model, a.method), (b.model, b.method)) for a, b in pairs], k, request.request_id)
         return job.to_proto()
 
     @rpc
     def GetJob(self, request: pb.JobRef, context, caller: Caller) -> pb.Job:
-        return self.jobs.get(request.job_id).to_proto()
+        return self.jobs.get(request.job_id, caller.group).to_proto()
 
     @rpc
     def CancelJob(self, request: pb.JobRef, context, caller: Caller) -> pb.Job:
-        job = self.jobs.get(request.job_id)
+        job = self.jobs.get(request.job_id, caller.group)
         self.jobs.cancel(job)
         return job.to_proto()
 
     @rpc
     def WatchJob(self, request: pb.JobRef, context, caller: Caller) -> Iterator[pb.Job]:
         """Each event carries the layers finished since the previous one (the first: all so far)."""
-        job: Job = self.jobs.get(request.job_id)
+        job: Job = self.jobs.get(request.job_id, caller.group)
         seen, sent = None, 0
         while context.is_active():
             with job.changed:  # snapshot and end test under one lock: the last message is the final state

@@ -1,8 +1,9 @@
 """Analysis jobs on the server: started, watched and cancelled over gRPC, run on Dask.
 
-A job is one request: several runs x several layers, each (run, layer) one Dask task. Jobs live in
-memory; their results live in the store (see analysis.layers), so a job asked again after a restart
-finishes at once from the cache.
+A job is one request: several runs x several layers, each (run, layer) one Dask task, plus one task
+per compared pair of runs at each layer. Jobs live in memory, visible to the group that started them,
+and are forgotten an hour after they end; their results live in the store (see analysis.layers), so a
+job asked again, later or after a restart, finishes at once from the cache.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -17,13 +19,14 @@ from distributed import as_completed
 
 from actstore.analysis.density import PAPER, DensityParams
 from actstore.analysis.layers import Mask
-from actstore.analysis.scheduler import LayerOutcome, dask_client, submit_layers
+from actstore.analysis.scheduler import ComparisonOutcome, LayerOutcome, RunName, dask_client, submit_layers
 from actstore.server.selection import BadRequest
 from actstore.v1 import actstore_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 PRESETS = {"paper": PAPER}
+KEEP_ENDED_S = 3600.0  # an ended job (and its results, kept in memory for watchers) is forgotten after this
 
 
 class JobNotFound(LookupError):
@@ -51,12 +54,14 @@ def params_from(request: pb.StartAnalysisRequest) -> DensityParams:
 
 
 class Job:
-    def __init__(self, job_id: str, total: int) -> None:
+    def __init__(self, job_id: str, group: str | None, total: int) -> None:
         self.id = job_id
+        self.group = group  # the caller's group: only it sees the job
         self.state = pb.JOB_STATE_QUEUED
         self.stage = "queued"
         self.total = total
-        self.outcomes: list[LayerOutcome] = []
+        self.outcomes: list[LayerOutcome | ComparisonOutcome] = []  # in finishing order
+        self.ended_at: float | None = None
         self.changed = threading.Condition()
         self.futures: list = []
         self.client = None
@@ -68,6 +73,8 @@ class Job:
                 return False
             for name, value in values.items():
                 setattr(self, name, value)
+            if self.finished:
+                self.ended_at = time.monotonic()
             self.changed.notify_all()
             return True
 
@@ -76,10 +83,24 @@ class Job:
         return self.state in (pb.JOB_STATE_DONE, pb.JOB_STATE_CANCELLED)
 
     def to_proto(self, since: int = 0) -> pb.Job:
-        """The job with the results of layers ``since`` onwards (in finishing order)."""
+        """The job with the outcomes of tasks ``since`` onwards (in finishing order)."""
         with self.changed:
-            return pb.Job(job_id=self.id, state=self.state, stage=self.stage, layers_done=len(self.outcomes),
-                          layers_total=self.total, results=[_result(o) for o in self.outcomes[since:]])
+            new = self.outcomes[since:]
+            return pb.Job(job_id=self.id, state=self.state, stage=self.stage, tasks_done=len(self.outcomes),
+                          tasks_total=self.total, results=[_result(o) for o in new if isinstance(o, LayerOutcome)],
+                          comparisons=[_comparison(o) for o in new if isinstance(o, ComparisonOutcome)])
+
+
+def _comparison(o: ComparisonOutcome) -> pb.LayerComparison:
+    out = pb.LayerComparison(runs=_pair(o.a, o.b), layer=o.layer, error=o.error or "")
+    if o.result is not None:
+        out.MergeFrom(pb.LayerComparison(n_common=o.result.n_common, data_overlap=o.result.data_overlap,
+                                         ari_clusters=o.result.ari_clusters))
+    return out
+
+
+def _pair(a: RunName, b: RunName) -> pb.RunPair:
+    return pb.RunPair(a=pb.RunRef(model=a[0], method=a[1]), b=pb.RunRef(model=b[0], method=b[1]))
 
 
 def _result(o: LayerOutcome) -> pb.LayerResult:
@@ -91,6 +112,10 @@ def _result(o: LayerOutcome) -> pb.LayerResult:
             core_fraction=r.core_fraction, ari_subject=r.ari_subject, ari_answer=r.ari_answer,
             overlap_subject=r.overlap_subject, overlap_answer=r.overlap_answer,
             sample_ids=o.sample_ids.tolist(), assignment=r.assignment.tolist()))
+    if o.dendrogram is not None:
+        d = o.dendrogram
+        out.dendrogram.CopyFrom(pb.Dendrogram(clusters=d.clusters.tolist(), sizes=d.sizes.tolist(), labels=d.labels,
+                                              linkage=d.linkage.ravel().tolist()))
     return out
 
 
@@ -111,24 +136,35 @@ class JobManager:
                 self._client = dask_client(self._scheduler, self._workers)
             return self._client
 
-    def start(self, runs: list[tuple[str, str]], layers: list[int], params: DensityParams, mask: Mask,
-              request_id: str) -> Job:
+    def start(self, group: str | None, runs: list[RunName], layers: list[int], params: DensityParams, mask: Mask,
+              pairs: list[tuple[RunName, RunName]], k: int, request_id: str) -> Job:
         with self._lock:
-            if request_id and request_id in self._by_request:
-                return self._jobs[self._by_request[request_id]]
-            job = Job(uuid.uuid4().hex[:16], len(runs) * len(layers))
+            self._forget_ended()
+            request = (group, request_id)
+            if request_id and request in self._by_request:
+                return self._jobs[self._by_request[request]]
+            n_runs = len(set(runs) | {run for pair in pairs for run in pair})
+            job = Job(uuid.uuid4().hex[:16], group, (n_runs + len(pairs)) * len(layers))
             self._jobs[job.id] = job
             if request_id:
-                self._by_request[request_id] = job.id
-        threading.Thread(target=self._run, args=(job, runs, layers, params, mask), daemon=True,
+                self._by_request[request] = job.id
+        threading.Thread(target=self._run, args=(job, runs, layers, params, mask, pairs, k), daemon=True,
                          name=f"job-{job.id}").start()
         return job
 
-    def get(self, job_id: str) -> Job:
+    def get(self, job_id: str, group: str | None) -> Job:
         job = self._jobs.get(job_id)
-        if job is None:
-            raise JobNotFound(f"no job {job_id!r} (jobs live in the server's memory until it restarts)")
+        if job is None or job.group != group:  # another group's job is as good as absent
+            raise JobNotFound(f"no job {job_id!r} (jobs are kept in the server's memory for "
+                              f"{KEEP_ENDED_S / 3600:g} h after they end, and until it restarts)")
         return job
+
+    def _forget_ended(self) -> None:
+        now = time.monotonic()
+        ended = {job_id for job_id, job in self._jobs.items() if job.ended_at and now - job.ended_at > KEEP_ENDED_S}
+        for job_id in ended:
+            del self._jobs[job_id]
+        self._by_request = {request: job_id for request, job_id in self._by_request.items() if job_id not in ended}
 
     def cancel(self, job: Job) -> None:
         if job.update(state=pb.JOB_STATE_CANCELLED, stage="cancelled") and job.client is not None:
@@ -138,11 +174,11 @@ class JobManager:
         if self._client is not None:
             self._client.close()
 
-    def _run(self, job: Job, runs, layers, params, mask) -> None:
+    def _run(self, job: Job, runs, layers, params, mask, pairs, k) -> None:
         job.update(stage="starting workers" if self._client is None else "submitting")
         try:
             client = self.client()
-            futures = submit_layers(client, self.store, runs, layers, params, mask)
+            futures = submit_layers(client, self.store, runs, layers, params, mask, pairs, k)
             if not job.update(client=client, futures=futures, state=pb.JOB_STATE_RUNNING, stage="running"):
                 client.cancel(futures)  # cancelled while starting
                 return

@@ -283,20 +283,32 @@ class AnalysisParams(_message.Message):
     def __init__(self, maxk: _Optional[int] = ..., gride_range_max: _Optional[int] = ..., id_scale_index: _Optional[int] = ..., density_k: _Optional[int] = ..., z: _Optional[float] = ..., subject_fraction: _Optional[float] = ..., answer_fraction: _Optional[float] = ...) -> None: ...
 
 class StartAnalysisRequest(_message.Message):
-    __slots__ = ("runs", "layers", "preset", "params", "per_subject", "request_id")
+    __slots__ = ("runs", "layers", "preset", "params", "per_subject", "request_id", "compare", "compare_k")
     RUNS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     PER_SUBJECT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPARE_FIELD_NUMBER: _ClassVar[int]
+    COMPARE_K_FIELD_NUMBER: _ClassVar[int]
     runs: _containers.RepeatedCompositeFieldContainer[RunRef]
     layers: _containers.RepeatedScalarFieldContainer[int]
     preset: str
     params: AnalysisParams
     per_subject: int
     request_id: str
-    def __init__(self, runs: _Optional[_Iterable[_Union[RunRef, _Mapping]]] = ..., layers: _Optional[_Iterable[int]] = ..., preset: _Optional[str] = ..., params: _Optional[_Union[AnalysisParams, _Mapping]] = ..., per_subject: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    compare: _containers.RepeatedCompositeFieldContainer[RunPair]
+    compare_k: int
+    def __init__(self, runs: _Optional[_Iterable[_Union[RunRef, _Mapping]]] = ..., layers: _Optional[_Iterable[int]] = ..., preset: _Optional[str] = ..., params: _Optional[_Union[AnalysisParams, _Mapping]] = ..., per_subject: _Optional[int] = ..., request_id: _Optional[str] = ..., compare: _Optional[_Iterable[_Union[RunPair, _Mapping]]] = ..., compare_k: _Optional[int] = ...) -> None: ...
+
+class RunPair(_message.Message):
+    __slots__ = ("a", "b")
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    a: RunRef
+    b: RunRef
+    def __init__(self, a: _Optional[_Union[RunRef, _Mapping]] = ..., b: _Optional[_Union[RunRef, _Mapping]] = ...) -> None: ...
 
 class JobRef(_message.Message):
     __slots__ = ("job_id",)
@@ -305,7 +317,7 @@ class JobRef(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class LayerResult(_message.Message):
-    __slots__ = ("run", "layer", "error", "id", "ids_gride", "id_2nn", "n_clusters", "core_fraction", "ari_subject", "ari_answer", "overlap_subject", "overlap_answer", "sample_ids", "assignment")
+    __slots__ = ("run", "layer", "error", "id", "ids_gride", "id_2nn", "n_clusters", "core_fraction", "ari_subject", "ari_answer", "overlap_subject", "overlap_answer", "sample_ids", "assignment", "dendrogram")
     RUN_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -320,6 +332,7 @@ class LayerResult(_message.Message):
     OVERLAP_ANSWER_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    DENDROGRAM_FIELD_NUMBER: _ClassVar[int]
     run: RunRef
     layer: int
     error: str
@@ -334,20 +347,51 @@ class LayerResult(_message.Message):
     overlap_answer: float
     sample_ids: _containers.RepeatedScalarFieldContainer[int]
     assignment: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., layer: _Optional[int] = ..., error: _Optional[str] = ..., id: _Optional[float] = ..., ids_gride: _Optional[_Iterable[float]] = ..., id_2nn: _Optional[float] = ..., n_clusters: _Optional[int] = ..., core_fraction: _Optional[float] = ..., ari_subject: _Optional[float] = ..., ari_answer: _Optional[float] = ..., overlap_subject: _Optional[float] = ..., overlap_answer: _Optional[float] = ..., sample_ids: _Optional[_Iterable[int]] = ..., assignment: _Optional[_Iterable[int]] = ...) -> None: ...
+    dendrogram: Dendrogram
+    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., layer: _Optional[int] = ..., error: _Optional[str] = ..., id: _Optional[float] = ..., ids_gride: _Optional[_Iterable[float]] = ..., id_2nn: _Optional[float] = ..., n_clusters: _Optional[int] = ..., core_fraction: _Optional[float] = ..., ari_subject: _Optional[float] = ..., ari_answer: _Optional[float] = ..., overlap_subject: _Optional[float] = ..., overlap_answer: _Optional[float] = ..., sample_ids: _Optional[_Iterable[int]] = ..., assignment: _Optional[_Iterable[int]] = ..., dendrogram: _Optional[_Union[Dendrogram, _Mapping]] = ...) -> None: ...
+
+class Dendrogram(_message.Message):
+    __slots__ = ("clusters", "sizes", "labels", "linkage")
+    CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    LINKAGE_FIELD_NUMBER: _ClassVar[int]
+    clusters: _containers.RepeatedScalarFieldContainer[int]
+    sizes: _containers.RepeatedScalarFieldContainer[int]
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    linkage: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, clusters: _Optional[_Iterable[int]] = ..., sizes: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., linkage: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class LayerComparison(_message.Message):
+    __slots__ = ("runs", "layer", "error", "n_common", "data_overlap", "ari_clusters")
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    N_COMMON_FIELD_NUMBER: _ClassVar[int]
+    DATA_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    ARI_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    runs: RunPair
+    layer: int
+    error: str
+    n_common: int
+    data_overlap: float
+    ari_clusters: float
+    def __init__(self, runs: _Optional[_Union[RunPair, _Mapping]] = ..., layer: _Optional[int] = ..., error: _Optional[str] = ..., n_common: _Optional[int] = ..., data_overlap: _Optional[float] = ..., ari_clusters: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "stage", "layers_done", "layers_total", "results")
+    __slots__ = ("job_id", "state", "stage", "tasks_done", "tasks_total", "results", "comparisons")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
-    LAYERS_DONE_FIELD_NUMBER: _ClassVar[int]
-    LAYERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    TASKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    TASKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    COMPARISONS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     stage: str
-    layers_done: int
-    layers_total: int
+    tasks_done: int
+    tasks_total: int
     results: _containers.RepeatedCompositeFieldContainer[LayerResult]
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., stage: _Optional[str] = ..., layers_done: _Optional[int] = ..., layers_total: _Optional[int] = ..., results: _Optional[_Iterable[_Union[LayerResult, _Mapping]]] = ...) -> None: ...
+    comparisons: _containers.RepeatedCompositeFieldContainer[LayerComparison]
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., stage: _Optional[str] = ..., tasks_done: _Optional[int] = ..., tasks_total: _Optional[int] = ..., results: _Optional[_Iterable[_Union[LayerResult, _Mapping]]] = ..., comparisons: _Optional[_Iterable[_Union[LayerComparison, _Mapping]]] = ...) -> None: ...

@@ -308,8 +308,8 @@ class DataService:
 
 
 class AnalysisServiceStub:
-    """Runs the study's density analyses next to the data, one Dask task per (run, layer); results are
-    cached in the store, so asking twice returns at once.
+    """Runs the study's density analyses next to the data, one Dask task per (run, layer) and one per
+    compared pair of runs at a layer; results are cached in the store, so asking twice returns at once.
     """
 
     def __init__(self, channel):
@@ -341,8 +341,8 @@ class AnalysisServiceStub:
 
 
 class AnalysisServiceServicer:
-    """Runs the study's density analyses next to the data, one Dask task per (run, layer); results are
-    cached in the store, so asking twice returns at once.
+    """Runs the study's density analyses next to the data, one Dask task per (run, layer) and one per
+    compared pair of runs at a layer; results are cached in the store, so asking twice returns at once.
     """
 
     def StartAnalysis(self, request, context):
@@ -358,8 +358,9 @@ class AnalysisServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchJob(self, request, context):
-        """The job now, then again each time a layer finishes or its state changes, until it ends. Each
-        event's results are those finished since the previous event (the first event's: all so far).
+        """The job now, then again each time a task finishes or its state changes, until it ends. Each
+        event's results and comparisons are those finished since the previous event (the first event's:
+        all so far).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -403,8 +404,8 @@ def add_AnalysisServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AnalysisService:
-    """Runs the study's density analyses next to the data, one Dask task per (run, layer); results are
-    cached in the store, so asking twice returns at once.
+    """Runs the study's density analyses next to the data, one Dask task per (run, layer) and one per
+    compared pair of runs at a layer; results are cached in the store, so asking twice returns at once.
     """
 
     @staticmethod
