@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 _ARRAYS = ("ids_gride", "assignment", "peak_log_density", "saddle_log_density")
 
 
+class NotAnalysed(LookupError):
+    """Asked for stored results only (``compute=False``) and there are none for these parameters."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Mask:
     """Which samples enter the analysis: the first ``per_subject`` of each subject, or every sample."""
@@ -78,14 +82,18 @@ def _compute_graph(run: Run, layer: int, mask: Mask, maxk: int, key: str) -> dic
     return graph
 
 
-def analyse(run: Run, layer: int, params: DensityParams, mask: Mask = Mask()) -> tuple[LayerDensity, np.ndarray]:
-    """The layer's density metrics and the positions of the samples they cover (duplicates dropped)."""
+def analyse(run: Run, layer: int, params: DensityParams, mask: Mask = Mask(),
+            compute: bool = True) -> tuple[LayerDensity, np.ndarray]:
+    """The layer's density metrics and the positions of the samples they cover (duplicates dropped):
+    from the store when they are there, else computed and stored (or NotAnalysed when not ``compute``)."""
     key = _key("density", run.content_key(), layer, mask.per_subject, dataclasses.asdict(params))
     cached = run.load_derived("density", key)
     if cached is not None:
         arrays, attrs = cached
         scalars = {f.name: attrs[f.name] for f in dataclasses.fields(LayerDensity) if f.name not in _ARRAYS}
         return LayerDensity(**scalars, **{name: arrays[name] for name in _ARRAYS}), arrays["positions"]
+    if not compute:
+        raise NotAnalysed(f"{run.model}/{run.method} layer {layer}")
     labels = run.labels()
     positions = mask.positions(run)
     maxk = neighbours_needed(params, labels["subject"][positions], labels["answer"][positions])
@@ -100,7 +108,7 @@ def analyse(run: Run, layer: int, params: DensityParams, mask: Mask = Mask()) ->
 
 
 def compare(run_a: Run, run_b: Run, layer: int, params: DensityParams, mask: Mask = Mask(),
-            k: int = OVERLAP_K) -> LayerComparison:
+            k: int = OVERLAP_K, compute: bool = True) -> LayerComparison:
     """Two runs at one layer, on the samples both analysed; cached in run a's ``derived/comparisons``.
     Each run's analysis comes from its cache when there (a job analyses both runs first)."""
     key = _key("compare", run_a.content_key(), run_b.content_key(), layer, mask.per_subject,
@@ -108,6 +116,8 @@ def compare(run_a: Run, run_b: Run, layer: int, params: DensityParams, mask: Mas
     cached = run_a.load_derived("comparisons", key)
     if cached is not None:
         return LayerComparison(**{f.name: cached[1][f.name] for f in dataclasses.fields(LayerComparison)})
+    if not compute:
+        raise NotAnalysed(f"{run_a.model}/{run_a.method} vs {run_b.model}/{run_b.method} layer {layer}")
     (result_a, kept_a), (result_b, kept_b) = analyse(run_a, layer, params, mask), analyse(run_b, layer, params, mask)
     in_a, in_b = common_samples(run_a.labels()["sample"][kept_a], run_b.labels()["sample"][kept_b])
     comparison = compare_layer(run_a.read_rows([layer], kept_a[in_a])[0], run_b.read_rows([layer], kept_b[in_b])[0],

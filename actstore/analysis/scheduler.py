@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 
 from actstore.analysis.compare import OVERLAP_K, Dendrogram, LayerComparison, density_peak_dendrogram
 from actstore.analysis.density import DensityParams, LayerDensity
-from actstore.analysis.layers import Mask, analyse, compare
+from actstore.analysis.layers import Mask, NotAnalysed, analyse, compare
 from actstore.store import Store
 
 log = logging.getLogger(__name__)
@@ -60,15 +60,19 @@ def _error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _task(store: str, model: str, method: str, layer: int, params: DensityParams, mask: Mask) -> LayerOutcome:
-    with threadpool_limits(limits=1):
-        try:
-            run = Store(store).run(model, method)
-            result, positions = analyse(run, layer, params, mask)
-            labels = run.labels()
-        except Exception as exc:  # a failed layer reports its error; the others go on
-            log.exception("layer %d of %s/%s failed", layer, model, method)
-            return LayerOutcome(model, method, layer, None, None, _error(exc))
+def layer_outcome(store: Store, model: str, method: str, layer: int, params: DensityParams, mask: Mask,
+                  compute: bool = True) -> LayerOutcome:
+    """One (run, layer) analysis with its dendrogram; an error becomes the outcome's ``error``, except
+    NotAnalysed (no stored result and ``compute`` off), which is raised."""
+    try:
+        run = store.run(model, method)
+        result, positions = analyse(run, layer, params, mask, compute)
+        labels = run.labels()
+    except NotAnalysed:
+        raise
+    except Exception as exc:  # a failed layer reports its error; the others go on
+        log.exception("layer %d of %s/%s failed", layer, model, method)
+        return LayerOutcome(model, method, layer, None, None, _error(exc))
     try:
         dendrogram = density_peak_dendrogram(result, labels["subject"][positions])
     except ValueError:  # too few large clusters to draw one
@@ -76,21 +80,33 @@ def _task(store: str, model: str, method: str, layer: int, params: DensityParams
     return LayerOutcome(model, method, layer, result, labels["sample"][positions], None, dendrogram)
 
 
-def _compare_task(store: str, a: LayerOutcome, b: LayerOutcome, params: DensityParams, mask: Mask,
-                  k: int) -> ComparisonOutcome:
-    """Runs after both runs' analyses of the layer (their outcomes are its inputs), reusing their cache."""
+def comparison_outcome(store: Store, a: LayerOutcome, b: LayerOutcome, params: DensityParams, mask: Mask,
+                       k: int = OVERLAP_K, compute: bool = True) -> ComparisonOutcome:
+    """Two runs compared at the layer of their outcomes (reusing their cached analyses)."""
     names, layer = ((a.model, a.method), (b.model, b.method)), a.layer
     failed = [f"{o.model}/{o.method}: {o.error}" for o in (a, b) if o.error]
     if failed:
         return ComparisonOutcome(*names, layer, None, "; ".join(failed))
-    with threadpool_limits(limits=1):
-        try:
-            found = Store(store)
-            result = compare(found.run(*names[0]), found.run(*names[1]), layer, params, mask, k)
-        except Exception as exc:
-            log.exception("comparing %s with %s at layer %d failed", *names, layer)
-            return ComparisonOutcome(*names, layer, None, _error(exc))
+    try:
+        result = compare(store.run(*names[0]), store.run(*names[1]), layer, params, mask, k, compute)
+    except NotAnalysed:
+        raise
+    except Exception as exc:
+        log.exception("comparing %s with %s at layer %d failed", *names, layer)
+        return ComparisonOutcome(*names, layer, None, _error(exc))
     return ComparisonOutcome(*names, layer, result, None)
+
+
+def _task(store: str, model: str, method: str, layer: int, params: DensityParams, mask: Mask) -> LayerOutcome:
+    with threadpool_limits(limits=1):
+        return layer_outcome(Store(store), model, method, layer, params, mask)
+
+
+def _compare_task(store: str, a: LayerOutcome, b: LayerOutcome, params: DensityParams, mask: Mask,
+                  k: int) -> ComparisonOutcome:
+    """Runs after both runs' analyses of the layer (their outcomes are its inputs)."""
+    with threadpool_limits(limits=1):
+        return comparison_outcome(Store(store), a, b, params, mask, k)
 
 
 def submit_layers(client: Client, store: Path, runs: list[RunName], layers: list[int], params: DensityParams,

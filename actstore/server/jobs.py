@@ -85,10 +85,14 @@ class Job:
     def to_proto(self, since: int = 0) -> pb.Job:
         """The job with the outcomes of tasks ``since`` onwards (in finishing order)."""
         with self.changed:
-            new = self.outcomes[since:]
             return pb.Job(job_id=self.id, state=self.state, stage=self.stage, tasks_done=len(self.outcomes),
-                          tasks_total=self.total, results=[_result(o) for o in new if isinstance(o, LayerOutcome)],
-                          comparisons=[_comparison(o) for o in new if isinstance(o, ComparisonOutcome)])
+                          tasks_total=self.total, **outcome_messages(self.outcomes[since:]))
+
+
+def outcome_messages(outcomes: list[LayerOutcome | ComparisonOutcome]) -> dict[str, list]:
+    """The ``results`` and ``comparisons`` fields of a Job message holding these outcomes."""
+    return {"results": [_result(o) for o in outcomes if isinstance(o, LayerOutcome)],
+            "comparisons": [_comparison(o) for o in outcomes if isinstance(o, ComparisonOutcome)]}
 
 
 def _comparison(o: ComparisonOutcome) -> pb.LayerComparison:
