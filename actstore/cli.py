@@ -1,4 +1,4 @@
-"""The ``actstore`` command line: ``ingest``, ``ls``, ``serve``, ``query``, ``analyze``."""
+"""The ``actstore`` command line: ``ingest``, ``ls``, ``serve``, ``query``, ``analyze``, ``study``, ``plot``."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import os
 import sys
 from pathlib import Path
 
+from actstore.analysis import NotAnalysed
 from actstore.client import ActstoreError
 from actstore.store import DEFAULT_STORE, Store, StoreError
 
 # Errors a user can fix from the message alone: shown as one line, not a traceback.
-_USER_ERRORS: tuple[type[BaseException], ...] = (StoreError, ValueError, FileNotFoundError, ActstoreError)
+_USER_ERRORS: tuple[type[BaseException], ...] = (StoreError, ValueError, FileNotFoundError, ActstoreError,
+                                                 NotAnalysed)
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -39,11 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     from actstore.client.cli import register as register_query
     from actstore.client.cli import register_analyze
     from actstore.server.cli import register as register_serve
+    from actstore.study.cli import register as register_study
 
     register_ingest(sub)
     register_serve(sub)
     register_query(sub)
     register_analyze(sub)
+    register_study(sub)
     ls = sub.add_parser("ls", help="list the runs in a store")
     ls.add_argument("--store", type=Path, default=DEFAULT_STORE, help="store folder (default: %(default)s)")
     ls.set_defaults(func=_ls)

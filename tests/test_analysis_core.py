@@ -171,7 +171,7 @@ def test_an_existing_dask_cluster_runs_the_analysis(small_run, tmp_path):
     from actstore.analysis.density import DensityParams
     from actstore.analysis.scheduler import analyse_layers, dask_client
     from actstore.client import Client
-    from serving import ServerProcess
+    from actstore.server.process import ServerProcess
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -237,6 +237,7 @@ def test_dendrogram_of_density_peaks():
     tree = density_peak_dendrogram(result, labels)
     assert len(tree.clusters) >= 2 and tree.linkage.shape == (len(tree.clusters) - 1, 4)
     assert (tree.sizes > 30).all() and len(set(tree.labels)) == len(tree.labels)  # one blob per peak
+    assert (tree.majority_share == 1.0).all()  # each peak's cluster is one blob's points
     assert len(dendrogram(tree.linkage, no_plot=True, labels=tree.labels)["ivl"]) == len(tree.clusters)
 
 

@@ -11,7 +11,7 @@ from actstore.client import ActstoreError, Client
 from actstore.client.client import AnalysisJob
 from actstore.v1 import actstore_pb2 as pb
 from conftest import make_questions, write_jsonl
-from serving import ServerProcess
+from actstore.server.process import ServerProcess
 
 SMALL = dict(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8)
 
@@ -139,6 +139,7 @@ def test_compare_two_runs_and_dendrograms(server):
                 else:
                     assert tree["clusters"].tolist() == large.tolist()
                     assert tree["linkage"].shape == (len(large) - 1, 4) and len(tree["labels"]) == len(large)
+                    assert ((tree["majority_share"] > 0) & (tree["majority_share"] <= 1)).all()
 
 
 def test_bad_comparisons(server):

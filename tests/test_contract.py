@@ -9,7 +9,7 @@ import numpy as np
 
 from actstore.client import Client
 from actstore.store import Store
-from serving import ServerProcess
+from actstore.server.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from actstore.cli import main
 from actstore.client import ActstoreError, Client
 from actstore.store import Store
-from serving import ServerProcess
+from actstore.server.process import ServerProcess
 
 TOKENS = {"tok-a": "lab-a", "tok-b": "lab-b", "tok-c": "lab-c"}
 BIG = ("synthetic", "big")  # 2 layers x 24,000 samples x 1024: 98 MB per layer, far above 4 MiB messages

@@ -1,9 +1,12 @@
-"""Density analyses of stored layers (issue 4, in progress).
+"""The study's density analyses of stored layers (REFERENCE.md, section 1).
 
-Built so far: ``rows`` (the study's sample mask; exact duplicates dropped keeping order), ``neighbours``
-(exact kNN in the precomputed form DADApy takes) and ``density`` (per-layer ID, density, ADP clusters,
-ARI and label overlap with DADApy fed those neighbours), each checked against scikit-learn and DADApy.
-``layers`` caches neighbour graphs and results in the run's ``derived`` group, ``scheduler`` runs one Dask
-task per (run, layer), ``compare`` holds run comparisons and the density-peak dendrogram. Still to come:
-jobs over gRPC, the client's ``analyze``, the ``analyze`` CLI, and kNN on CUDA.
+``rows`` (the sample mask; exact duplicates dropped keeping order), ``neighbours`` (exact kNN, on the
+GPU when there is one), ``density`` (per-layer ID, density, ADP clusters, ARI, label overlap, with
+DADApy fed those neighbours), ``compare`` (two runs at a layer; the density-peak dendrogram),
+``layers`` (all of it for a stored run, cached in the run's ``derived`` group), ``scheduler`` (one Dask
+task per (run, layer) and per compared pair). Importing this package alone loads nothing heavy.
 """
+
+
+class NotAnalysed(LookupError):
+    """Asked for stored results only (``compute=False``) and there are none for these parameters."""

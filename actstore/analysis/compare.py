@@ -48,6 +48,7 @@ class Dendrogram:
     clusters: np.ndarray  # ids of the clusters drawn (those with more than DENDROGRAM_MIN_POINTS points)
     sizes: np.ndarray
     labels: list[str]  # each cluster's most common label (e.g. subject)
+    majority_share: np.ndarray  # the share of its points that label holds
     linkage: np.ndarray  # scipy linkage matrix, ready for scipy.cluster.hierarchy.dendrogram
 
 
@@ -62,9 +63,10 @@ def density_peak_dendrogram(result: LayerDensity, labels: np.ndarray,
     saddles = result.saddle_log_density[np.ix_(keep, keep)]
     dissimilarity = result.peak_log_density.max() - saddles
     upper = dissimilarity[np.triu_indices(len(keep), k=1)]
-    majority = []
+    majority, share = [], []
     for cluster in keep:
         values, counts = np.unique(labels[result.assignment == cluster], return_counts=True)
         majority.append(str(values[counts.argmax()]))
+        share.append(counts.max() / counts.sum())
     return Dendrogram(clusters=keep, sizes=sizes[np.isin(ids, keep)], labels=majority,
-                      linkage=linkage(upper, method="weighted"))
+                      majority_share=np.asarray(share), linkage=linkage(upper, method="weighted"))

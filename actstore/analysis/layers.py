@@ -15,6 +15,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from actstore.analysis import NotAnalysed
 from actstore.analysis.compare import OVERLAP_K, LayerComparison, common_samples, compare_layer
 from actstore.analysis.density import DensityParams, LayerDensity, analyse_layer, neighbours_needed
 from actstore.analysis.neighbours import knn
@@ -24,10 +25,6 @@ from actstore.store import Run
 log = logging.getLogger(__name__)
 
 _ARRAYS = ("ids_gride", "assignment", "peak_log_density", "saddle_log_density")
-
-
-class NotAnalysed(LookupError):
-    """Asked for stored results only (``compute=False``) and there are none for these parameters."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,8 @@ from threadpoolctl import threadpool_limits
 
 from actstore.analysis.compare import OVERLAP_K, Dendrogram, LayerComparison, density_peak_dendrogram
 from actstore.analysis.density import DensityParams, LayerDensity
-from actstore.analysis.layers import Mask, NotAnalysed, analyse, compare
+from actstore.analysis import NotAnalysed
+from actstore.analysis.layers import Mask, analyse, compare
 from actstore.store import Store
 
 log = logging.getLogger(__name__)

@@ -238,26 +238,14 @@ class AnalysisJob:
         return results_dataset(self._final())
 
     def dendrogram(self, run: str, layer: int) -> dict[str, Any] | None:
-        """The density-peak dendrogram of one layer of one run (``"model/method"``), or None when fewer
-        than two clusters have more than 30 points: ``linkage`` is ready for
-        ``scipy.cluster.hierarchy.dendrogram(linkage, labels=labels)``."""
-        d = self._layer(run, layer).dendrogram
-        if not d.clusters:
-            return None
-        return {"clusters": np.asarray(d.clusters), "sizes": np.asarray(d.sizes), "labels": list(d.labels),
-                "linkage": np.asarray(d.linkage).reshape(-1, 4)}
+        """The density-peak dendrogram of one layer of one run (``"model/method"``): see dendrogram_of."""
+        return dendrogram_of(self._final(), run, layer)
 
     def assignments(self, run: str, layer: int) -> xr.DataArray:
         """The clusters of one layer of one run (``"model/method"``), indexed by sample id."""
-        r = self._layer(run, layer)
+        r = _layer_result(self._final(), run, layer)
         return xr.DataArray(np.asarray(r.assignment), dims="sample", coords={"sample": np.asarray(r.sample_ids)},
                             name="cluster")
-
-    def _layer(self, run: str, layer: int) -> pb.LayerResult:
-        for r in self._final().results:
-            if _name(r.run) == run and r.layer == layer and not r.error:
-                return r
-        raise KeyError(f"no result for {run} layer {layer} in job {self.id}")
 
     def _final(self) -> pb.Job:
         """The ended job with every layer's results, gathered from the watch events."""
@@ -281,6 +269,24 @@ METRICS = ("id", "id_2nn", "n_clusters", "core_fraction", "ari_subject", "ari_an
 
 
 COMPARISON_METRICS = ("n_common", "data_overlap", "ari_clusters")
+
+
+def dendrogram_of(job: pb.Job, run: str, layer: int) -> dict[str, Any] | None:
+    """The dendrogram of one layer of one run (``"model/method"``) in a job's results, or None when fewer
+    than two clusters have more than 30 points: ``linkage`` is ready for
+    ``scipy.cluster.hierarchy.dendrogram(linkage, labels=labels)``; ``labels`` are majority subjects, holding ``majority_share`` of each cluster."""
+    d = _layer_result(job, run, layer).dendrogram
+    if not d.clusters:
+        return None
+    return {"clusters": np.asarray(d.clusters), "sizes": np.asarray(d.sizes), "labels": list(d.labels),
+            "majority_share": np.asarray(d.majority_share), "linkage": np.asarray(d.linkage).reshape(-1, 4)}
+
+
+def _layer_result(job: pb.Job, run: str, layer: int) -> pb.LayerResult:
+    for r in job.results:
+        if _name(r.run) == run and r.layer == layer and not r.error:
+            return r
+    raise KeyError(f"no result for {run} layer {layer} in job {job.job_id or '(stored results)'}")
 
 
 def results_dataset(job: pb.Job) -> xr.Dataset:

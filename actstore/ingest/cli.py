@@ -20,10 +20,8 @@ def _positive(text: str) -> int:
     return value
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("ingest", help="store the hidden states of a model on a question set",
-                              description=__doc__.split(": ", 1)[1])
-    p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="store folder (default: %(default)s)")
+def add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --gguf-file, --checkpoint, --name, --methods, --dataset: shared with ``actstore study``."""
     p.add_argument("--model", default=PACKAGED_SMOLLM2,
                    help="model folder, hub id (local cache only when offline), .gguf file, or 'smollm2' "
                         "for the packaged SmolLM2-135M-Instruct (default)")
@@ -34,6 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="comma list of 0shot, 1shot..5shot, finetuned[-TAG] (default: 0shot)")
     p.add_argument("--dataset", default="mmlu",
                    help="'mmlu' (packaged test split, default), an MMLU CSV folder (dev/, test/) or a JSONL file")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("ingest", help="store the hidden states of a model on a question set",
+                              description=__doc__.split(": ", 1)[1])
+    p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="store folder (default: %(default)s)")
+    add_source_arguments(p)
     p.add_argument("--subjects", type=_csv, help="comma list of subject ids (default: all)")
     p.add_argument("--per-subject", type=_positive, help="at most N questions per subject (the study: 200)")
     p.add_argument("--limit", type=_positive, help="at most N questions in all")
@@ -68,14 +73,23 @@ def run(args: argparse.Namespace) -> int:
         commit_seconds=args.commit_seconds, group=args.group, visibility=args.visibility,
         shared_with=args.share_with,
     )
-    ingest = Ingest(opts)
     if args.dry_run:
+        ingest = Ingest(opts)
         print(f"{'run':40} {'questions':>9} {'tokens':>10} {'est. time':>10} {'est. size':>10}")
         for plan in ingest.plans():
             e = estimate(ingest, plan)
             print(f"{e['run']:40} {e['questions']:>9} {e['tokens']:>10} {e['seconds']:>9.0f}s "
                   f"{e['bytes'] / 1e6:>8.1f}MB")
         return 0
+    ingest_all(opts)
+    return 0
+
+
+def ingest_all(opts: IngestOptions) -> str:
+    """Ingest every method of ``opts``, printing one line per run; returns the model's name in the store."""
+    from actstore.ingest.pipeline import Ingest
+
+    ingest = Ingest(opts)
     ingest.store.ensure_writable()
     for plan in ingest.plans():
         if not plan.pending:
@@ -85,4 +99,4 @@ def run(args: argparse.Namespace) -> int:
         accuracy = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
         print(f"{r.model}/{r.method}: +{r.added} questions ({r.samples} stored), accuracy {accuracy}, "
               f"{r.size_bytes / 1e6:.1f} MB on disk, {r.seconds:.1f} s, {r.added / r.seconds:.1f} questions/s")
-    return 0
+    return ingest.name

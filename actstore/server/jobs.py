@@ -119,7 +119,8 @@ def _result(o: LayerOutcome) -> pb.LayerResult:
     if o.dendrogram is not None:
         d = o.dendrogram
         out.dendrogram.CopyFrom(pb.Dendrogram(clusters=d.clusters.tolist(), sizes=d.sizes.tolist(), labels=d.labels,
-                                              linkage=d.linkage.ravel().tolist()))
+                                              linkage=d.linkage.ravel().tolist(),
+                                              majority_share=d.majority_share.tolist()))
     return out
 
 

@@ -351,16 +351,18 @@ class LayerResult(_message.Message):
     def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., layer: _Optional[int] = ..., error: _Optional[str] = ..., id: _Optional[float] = ..., ids_gride: _Optional[_Iterable[float]] = ..., id_2nn: _Optional[float] = ..., n_clusters: _Optional[int] = ..., core_fraction: _Optional[float] = ..., ari_subject: _Optional[float] = ..., ari_answer: _Optional[float] = ..., overlap_subject: _Optional[float] = ..., overlap_answer: _Optional[float] = ..., sample_ids: _Optional[_Iterable[int]] = ..., assignment: _Optional[_Iterable[int]] = ..., dendrogram: _Optional[_Union[Dendrogram, _Mapping]] = ...) -> None: ...
 
 class Dendrogram(_message.Message):
-    __slots__ = ("clusters", "sizes", "labels", "linkage")
+    __slots__ = ("clusters", "sizes", "labels", "linkage", "majority_share")
     CLUSTERS_FIELD_NUMBER: _ClassVar[int]
     SIZES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     LINKAGE_FIELD_NUMBER: _ClassVar[int]
+    MAJORITY_SHARE_FIELD_NUMBER: _ClassVar[int]
     clusters: _containers.RepeatedScalarFieldContainer[int]
     sizes: _containers.RepeatedScalarFieldContainer[int]
     labels: _containers.RepeatedScalarFieldContainer[str]
     linkage: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, clusters: _Optional[_Iterable[int]] = ..., sizes: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., linkage: _Optional[_Iterable[float]] = ...) -> None: ...
+    majority_share: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, clusters: _Optional[_Iterable[int]] = ..., sizes: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., linkage: _Optional[_Iterable[float]] = ..., majority_share: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class LayerComparison(_message.Message):
     __slots__ = ("runs", "layer", "error", "n_common", "data_overlap", "ari_clusters")

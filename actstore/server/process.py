@@ -1,4 +1,4 @@
-"""Start a real ``actstore serve`` in a subprocess on a free port, for the tests."""
+"""``actstore serve`` in a subprocess on a free local port: what the study job talks to, and the tests."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from pathlib import Path
 
 
 class ServerProcess:
+    """A server started on ``address`` (port 0: a free one), its output in ``log``; stopped with SIGTERM,
+    which lets it finish in-flight calls and shut its Dask workers down."""
+
     def __init__(self, store: Path, log: Path, *extra: str, address: str = "127.0.0.1:0") -> None:
         self.log = log
         self._log_file = log.open("w")
@@ -26,9 +29,10 @@ class ServerProcess:
             if found:
                 return int(found.group(1))
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()}")
+                raise RuntimeError(f"the server exited at start:\n{self.log.read_text()}")
             time.sleep(0.05)
-        raise RuntimeError("server did not start")
+        self.proc.kill()
+        raise RuntimeError(f"the server did not start within 60 s; its output is in {self.log}")
 
     def output(self) -> str:
         return self.log.read_text()
@@ -51,3 +55,9 @@ class ServerProcess:
             self.proc.wait(timeout=60)
         self._log_file.close()
         return self.proc.returncode
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

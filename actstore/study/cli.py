@@ -1,0 +1,71 @@
+"""``actstore study`` (the main job, end to end) and ``actstore plot`` (its figures from a store)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from actstore.ingest.cli import _csv, _positive, add_source_arguments
+from actstore.store import DEFAULT_STORE
+from actstore.study.job import METHODS, PER_SUBJECT, SUBJECTS
+
+
+def _pair(text: str) -> tuple[str, str]:
+    pair = _csv(text)
+    if len(pair) != 2:
+        raise argparse.ArgumentTypeError(f"expected two methods A,B, got {text!r}")
+    return pair[0], pair[1]
+
+
+def _subjects(text: str) -> list[str]:
+    return [] if text == "all" else _csv(text)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "study", help="the study's analysis of a model, end to end: ingest, serve, analyse, figures",
+        description="Ingest a model on MMLU under several methods, serve the store on a free local port, run "
+                    "the study's density analyses of every method and layer through the client, compare two "
+                    "methods layer by layer, write figures, tables and a summary, stop the server. A rerun "
+                    "reuses what is stored.")
+    p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="store folder (default: %(default)s)")
+    p.add_argument("--results", type=Path, default=Path("results"), help="output folder (default: %(default)s)")
+    add_source_arguments(p)
+    p.set_defaults(methods=METHODS)
+    p.add_argument("--subjects", type=_subjects,
+                   help=f"comma list of subject ids, or 'all' (the study) (default: every subject, except on the "
+                        f"packaged MMLU: {','.join(SUBJECTS)})")
+    p.add_argument("--per-subject", type=_positive, default=PER_SUBJECT,
+                   help="questions per subject (default: %(default)s; the study: 200)")
+    p.add_argument("--compare", type=_pair, default=("0shot", "5shot"), metavar="A,B",
+                   help="two methods compared layer by layer (default: 0shot,5shot)")
+    p.add_argument("--dask-workers", type=_positive, help="the server's Dask worker processes (default: one per core)")
+    p.set_defaults(func=run_study_command)
+
+    plot = subparsers.add_parser("plot", help="draw a study's figures from the analyses stored in a store",
+                                 description="Write layers.png, the dendrogram of an early layer, the CSV tables "
+                                             "and summary.md for a model's runs, from their stored `paper` analyses.")
+    plot.add_argument("--store", type=Path, default=DEFAULT_STORE, help="store folder (default: %(default)s)")
+    plot.add_argument("--model", required=True, help="model name in the store (see actstore ls)")
+    plot.add_argument("--methods", type=_csv, help="comma list of methods (default: every run of the model)")
+    plot.add_argument("--compare", type=_pair, default=("0shot", "5shot"), metavar="A,B",
+                      help="the pair whose data overlap is drawn (default: 0shot,5shot)")
+    plot.add_argument("--out", type=Path, required=True, help="output folder")
+    plot.set_defaults(func=run_plot_command)
+
+
+def run_study_command(args: argparse.Namespace) -> int:
+    from actstore.study.job import StudyOptions, run_study
+
+    run_study(StudyOptions(store=args.store, results=args.results, model=args.model, gguf_file=args.gguf_file,
+                           checkpoint=args.checkpoint, name=args.name, dataset=args.dataset, subjects=args.subjects, methods=args.methods,
+                           per_subject=args.per_subject, compare=args.compare, dask_workers=args.dask_workers))
+    return 0
+
+
+def run_plot_command(args: argparse.Namespace) -> int:
+    from actstore.study.stored import plot_stored
+
+    for path in plot_stored(args.store, args.model, args.methods, args.out, args.compare):
+        print(path)
+    return 0

@@ -1,0 +1,107 @@
+"""The main job: ingest a model on MMLU under several methods, serve the store on a local port, run the
+study's analyses through the client as a remote user would, and write the results.
+
+Every step reuses what is already there: the ingest skips stored questions, the server answers
+analyses from the store's cache, so a rerun redraws the results in seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from actstore.client import Client
+from actstore.ingest.options import PACKAGED_SMOLLM2, IngestOptions
+from actstore.server.process import ServerProcess
+from actstore.store import DEFAULT_STORE
+
+log = logging.getLogger(__name__)
+
+METHODS = ["0shot", "1shot", "2shot", "5shot"]
+# The default size: 50 questions from each of 8 MMLU subjects with short questions, from eight fields
+# (400 questions per method; the whole job in about 6 minutes here with the environment built). The
+# density analyses need many samples per subject (density k = 16, dendrogram clusters over 30 points):
+# 3 questions from each of the 57 subjects gave one cluster at most layers and no subject label
+# overlap at all (k = int(0.3 x 3) = 0).
+SUBJECTS = ["world_religions", "conceptual_physics", "elementary_mathematics", "high_school_geography",
+            "medical_genetics", "management", "human_aging", "electrical_engineering"]
+PER_SUBJECT = 50
+
+
+@dataclass
+class StudyOptions:
+    store: Path = DEFAULT_STORE
+    results: Path = Path("results")
+    model: str = PACKAGED_SMOLLM2
+    gguf_file: str | None = None
+    checkpoint: str | None = None
+    name: str | None = None
+    dataset: str = "mmlu"
+    subjects: list[str] | None = None  # None: SUBJECTS of the packaged MMLU, else all; []: every subject
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    per_subject: int | None = PER_SUBJECT
+    compare: tuple[str, str] = ("0shot", "5shot")
+    dask_workers: int | None = None
+
+
+def run_study(opts: StudyOptions) -> list[Path]:
+    """The whole job; returns the files written under ``opts.results``."""
+    from actstore.ingest.cli import ingest_all  # loads torch
+
+    print(f"[1/4] ingest: {', '.join(opts.methods)} into {opts.store}", flush=True)
+    model = ingest_all(IngestOptions(store=opts.store, model=opts.model, gguf_file=opts.gguf_file,
+                                     checkpoint=opts.checkpoint, name=opts.name, methods=opts.methods,
+                                     dataset=opts.dataset, subjects=_subjects(opts),
+                                     per_subject=opts.per_subject))
+    opts.results.mkdir(parents=True, exist_ok=True)
+    extra = ["--dask-workers", str(opts.dask_workers)] if opts.dask_workers else []
+    with ServerProcess(opts.store, opts.results / "server.log", *extra) as server:
+        print(f"[2/4] serving {opts.store} on {server.address} (log: {opts.results / 'server.log'})", flush=True)
+        with Client(server.address, retries=8) as client:
+            written = _analyse_through(client, model, opts)
+        code = server.stop()
+    if code != 0:
+        raise RuntimeError(f"the server exited with {code}; see {opts.results / 'server.log'}")
+    print("[4/4] server stopped cleanly; results in", opts.results.resolve())
+    for path in written:
+        print("  ", path)
+    return written
+
+
+def _subjects(opts: StudyOptions) -> list[str] | None:
+    if opts.subjects is None:
+        return list(SUBJECTS) if opts.dataset == "mmlu" else None
+    return opts.subjects or None
+
+
+def _analyse_through(client: Client, model: str, opts: StudyOptions) -> list[Path]:
+    from actstore.study.report import write_results  # matplotlib loads only when results are written
+
+    runs = {r["method"]: r for r in client.runs(model=model) if r["method"] in opts.methods}
+    for method in opts.methods:
+        r = runs[method]
+        print(f"   {model}/{method}: {r['n_samples']} questions, {r['n_layers']} layers x {r['hidden']}, "
+              f"accuracy {r['accuracy']:.3f}")
+    n_layers = min(r["n_layers"] for r in runs.values())
+    last = opts.methods[-1]
+    sample = client.hidden_states(model, last, layers=n_layers // 2, samples=slice(0, 8))
+    print(f"   fetched a slice of {model}/{last}: layer {n_layers // 2}, samples {sample.sample.values.tolist()}, "
+          f"shape {dict(sample.sizes)}")
+    pairs = [opts.compare] if set(opts.compare) <= set(opts.methods) else []
+    job = client.analyze(model, opts.methods, layers=range(1, n_layers), preset="paper", compare=pairs)
+    print(f"[3/4] analyses: {len(opts.methods)} methods x {n_layers - 1} layers"
+          + (f", {' vs '.join(opts.compare)} compared per layer" if pairs else "") + f" (job {job.id})", flush=True)
+    with tqdm(unit="task", desc="analyses") as bar:
+        for event in job.watch():
+            bar.total = event.tasks_total
+            bar.set_postfix_str(event.stage)
+            bar.update(event.tasks_done - bar.n)
+    results = job.result()
+    failed = int((results.error != "").sum())
+    if failed:
+        log.warning("%d layer analyses failed (reasons in summary.md)", failed)
+    return write_results(opts.results, model, results, {m: runs[m]["accuracy"] for m in opts.methods},
+                         {m: runs[m]["n_samples"] for m in opts.methods}, job.dendrogram)

@@ -1,0 +1,155 @@
+"""Writing a study's results: CSV tables, the figures and ``summary.md`` (accuracy, transition layer).
+
+The input is the table of an analysis job (metrics over (run, layer), comparisons over (pair, layer)),
+whether it came from a server (``actstore study``) or from a store (``actstore plot``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from actstore.study import figures
+
+log = logging.getLogger(__name__)
+
+Dendrograms = Callable[[str, int], "dict[str, Any] | None"]  # (run "model/method", layer) -> tree or None
+MIN_SUBJECT_ARI = 0.05  # below this peak there is no subject clustering whose end could be placed
+
+
+def method_table(results: xr.Dataset, model: str) -> xr.Dataset:
+    """The job's table with runs named by method and pairs by their methods ("0shot vs 5shot")."""
+    prefix = f"{model}/"
+    table = results.assign_coords(run=[str(r).removeprefix(prefix) for r in results.run.values]).rename(run="method")
+    if "pair" in table.dims:
+        table = table.assign_coords(pair=[str(p).replace(prefix, "") for p in table.pair.values])
+    return table
+
+
+def reference_method(methods: list[str]) -> str:
+    """The method with the most in-context examples (the study's transition is clearest with 5 shots)."""
+    shots = {m: int(found.group(1)) for m in methods if (found := re.fullmatch(r"(\d+)shot", m))}
+    return max(shots, key=shots.get) if shots else methods[-1]
+
+
+def transition(ari_subject: xr.DataArray) -> dict[str, Any]:
+    """Where the subject ARI crosses half its peak: ``fall``, the first layer after the peak below half
+    (the study's picture: subjects organise the early layers, then give way), and ``rise``, the first
+    layer at or above half. The transition ``layer`` is the fall, or the rise when the ARI never falls;
+    None when the peak is under MIN_SUBJECT_ARI."""
+    peak = int(np.argmax(ari_subject.fillna(-np.inf).values))
+    values, layers = ari_subject.values, ari_subject.layer.values
+    found = {"peak_layer": int(layers[peak]), "peak": float(values[peak]), "rise": None, "fall": None, "layer": None}
+    if found["peak"] >= MIN_SUBJECT_ARI:
+        half = found["peak"] / 2
+        found["rise"] = int(layers[np.nonzero(values >= half)[0][0]])
+        after = np.nonzero(values[peak:] < half)[0]
+        found["fall"] = int(layers[peak + after[0]]) if after.size else None
+        found["layer"] = found["fall"] if found["fall"] is not None else found["rise"]
+    return found
+
+
+def write_results(out: Path, model: str, results: xr.Dataset, accuracy: dict[str, float | None],
+                  n_samples: dict[str, int], dendrograms: Dendrograms) -> list[Path]:
+    """Write layers.csv, comparison.csv, layers.png, a dendrogram of an early layer and summary.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = method_table(results, model)
+    methods = [str(m) for m in table.method.values]
+    written = [out / "layers.csv"]
+    table[[v for v in table.data_vars if "method" in table[v].dims]].to_dataframe().to_csv(written[0])
+    if "pair" in table.dims:
+        written.append(out / "comparison.csv")
+        table[[v for v in table.data_vars if "pair" in table[v].dims]].to_dataframe().to_csv(written[-1])
+    n_layers = int(table.layer.max()) + 1
+    written.append(figures.layer_profiles(table, out / "layers.png",
+                                          f"{model} on MMLU: {_sizes(n_samples)}, the study's parameters"))
+    reference = reference_method(methods)
+    found = transition(table.ari_subject.sel({"method": reference}))
+    tree_layer, tree = _early_dendrogram(table, model, reference, n_layers, dendrograms)
+    if tree is not None:
+        written.append(figures.peak_dendrogram(
+            tree, out / f"dendrogram-{reference}-layer{tree_layer}.png",
+            f"{model}, {reference}, layer {tree_layer}:\ndensity peaks of clusters over 30 points, by majority subject"))
+    summary = out / "summary.md"
+    summary.write_text(_summary(model, table, accuracy, n_samples, reference, found, tree_layer, written, n_layers))
+    return [*written, summary]
+
+
+def _early_dendrogram(table: xr.Dataset, model: str, method: str, n_layers: int,
+                      dendrograms: Dendrograms) -> tuple[int | None, dict[str, Any] | None]:
+    """The first-half layer of ``method`` with the highest subject ARI that has a dendrogram to draw."""
+    ari = table.ari_subject.sel({"method": method})
+    early = ari.where(ari.layer < n_layers / 2, drop=True)
+    for layer in early.layer.values[np.argsort(-early.fillna(-np.inf).values, kind="stable")]:
+        try:
+            tree = dendrograms(f"{model}/{method}", int(layer))
+        except KeyError:  # the layer failed
+            continue
+        if tree is not None:
+            return int(layer), tree
+    return None, None
+
+
+def _sizes(n_samples: dict[str, int]) -> str:
+    counts = sorted(set(n_samples.values()))
+    return f"{counts[0]} questions" if len(counts) == 1 else f"{counts[0]}-{counts[-1]} questions"
+
+
+def _at(values: xr.DataArray, pick: Callable) -> str:
+    if values.isnull().all():
+        return "-"
+    index = int(pick(values.fillna(-np.inf if pick is np.argmax else np.inf).values))
+    return f"{float(values[index]):.3f} (layer {int(values.layer[index])})"
+
+
+def _summary(model: str, table: xr.Dataset, accuracy: dict[str, float | None], n_samples: dict[str, int],
+             reference: str, found: dict[str, Any], tree_layer: int | None, written: list[Path],
+             n_layers: int) -> str:
+    half = n_layers / 2
+    lines = [f"# {model} on MMLU, layer by layer", "",
+             f"{_sizes(n_samples)} per method, every stored sample analysed; layers 1-{n_layers - 1} of "
+             f"{n_layers} (0 is the embedding); the study's parameters (`paper`: Gride ID at scale 16, kNN "
+             "density k = 16, ADP Z = 1.6, label overlap class fractions 0.3 (subjects) and 0.1 (answers), "
+             "data overlap k = 30).", "",
+             "| method | questions | accuracy | ID peak | subject ARI max | answer ARI max | answer overlap max "
+             "| clusters, first half / second half |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for method in table.method.values:
+        row = table.sel({"method": method})
+        clusters = [float(row.n_clusters.where(cond).mean()) for cond in (row.layer < half, row.layer >= half)]
+        acc = accuracy.get(str(method))
+        lines.append(f"| {method} | {n_samples.get(str(method), '-')} | {'-' if acc is None else f'{acc:.3f}'} "
+                     f"| {_at(row.id, np.argmax)} | {_at(row.ari_subject, np.argmax)} | "
+                     f"{_at(row.ari_answer, np.argmax)} | {_at(row.overlap_answer, np.argmax)} | "
+                     f"{clusters[0]:.1f} / {clusters[1]:.1f} |")
+    lines += ["", "## Transition layer", ""]
+    if found["layer"] is None:
+        lines.append(f"No transition layer: the subject ARI of {reference} peaks at {found['peak']:.3f} (layer "
+                     f"{found['peak_layer']}), below {MIN_SUBJECT_ARI}: no subject clustering to place.")
+    elif found["fall"] is not None:
+        lines.append(f"The subject ARI of {reference} rises above half its peak at layer {found['rise']}, peaks at "
+                     f"{found['peak']:.3f} at layer {found['peak_layer']} and first falls below half of it at "
+                     f"**layer {found['fall']}** of {n_layers}: the transition layer, where subject clusters give "
+                     "way (the study places Llama-3-8B's near mid-depth, the subject ARI falling by layers 14-17 "
+                     "of 32).")
+    else:
+        lines.append(f"The subject ARI of {reference} never falls back: it first reaches half its peak at **layer "
+                     f"{found['rise']}** of {n_layers} and peaks at {found['peak']:.3f} at layer "
+                     f"{found['peak_layer']}. The transition layer here is that rise, where subject clusters "
+                     "form; in the study (Llama-3-8B) they form in the first layers and give way near mid-depth.")
+    for pair in table.pair.values if "pair" in table.dims else []:
+        overlap = table.data_overlap.sel(pair=pair)
+        lines.append(f"\nData overlap {pair}: lowest {_at(overlap, np.argmin)}, highest {_at(overlap, np.argmax)}.")
+    errors = [f"{r}/{int(layer)}: {e}" for r in table.method.values for layer, e in
+              zip(table.layer.values, table.error.sel({"method": r}).values) if e]
+    if errors:
+        lines += ["", "Layers that failed: " + "; ".join(errors)]
+    lines += ["", "## Files", ""] + [f"- `{p.name}`" for p in written]
+    if tree_layer is None:
+        lines.append("- no dendrogram: no early layer has two clusters of more than 30 points at this size")
+    return "\n".join(lines) + "\n"

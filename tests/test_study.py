@@ -1,0 +1,81 @@
+"""The main job end to end at a tiny size: ingest -> server -> client -> analyses -> figures and tables."""
+
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from actstore.cli import main
+from actstore.store import Store
+from conftest import make_questions, write_jsonl
+
+METHODS = ["0shot", "1shot", "2shot", "5shot"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("study")
+    data = write_jsonl(root / "q.jsonl", [r for seed in range(4) for r in make_questions(seed)])
+    args = ["study", "--store", str(root / "store"), "--results", str(root / "results"), "--model", str(tiny_model),
+            "--dataset", str(data), "--per-subject", "60", "--dask-workers", "2"]
+    assert main(args) == 0
+    return root, args
+
+
+def test_the_job_writes_figures_tables_and_summary(study):
+    root, _ = study
+    results = root / "results"
+    layers = pd.read_csv(results / "layers.csv")
+    assert sorted(layers.method.unique()) == METHODS and sorted(layers.layer.unique()) == [1, 2, 3]
+    assert (layers.error.isna()).all(), layers.error  # every layer analysed
+    assert (layers.id > 0).all() and (layers.n_clusters >= 1).all() and np.isfinite(layers.id_2nn).all()
+    for name in ("ari_subject", "ari_answer"):
+        assert layers[name].between(-1, 1).all()
+    for name in ("overlap_subject", "overlap_answer", "core_fraction"):
+        assert layers[name].between(0, 1).all()
+    comparison = pd.read_csv(results / "comparison.csv")
+    assert comparison.pair.unique().tolist() == ["0shot vs 5shot"] and len(comparison) == 3
+    assert comparison.data_overlap.between(0, 1).all() and (comparison.n_common == 153).all()
+
+    from matplotlib.image import imread
+
+    figure = imread(results / "layers.png")
+    assert figure.shape[0] > 600 and figure.shape[1] > 1000 and figure.std() > 0.05  # drawn, not blank
+
+    summary = (results / "summary.md").read_text()
+    store = Store(root / "store")
+    for method in METHODS:
+        run = store.run("tiny-llama", method)
+        assert f"| {method} | 153 | {run.accuracy:.3f} |" in summary
+    assert "## Transition layer" in summary and "layers.png" in summary
+    assert "\nstopped\n" in (results / "server.log").read_text()  # SIGTERM: graceful shutdown, Dask closed
+
+
+def test_a_rerun_reuses_everything_and_plot_draws_the_same_from_the_store(study, capsys, tmp_path):
+    root, args = study
+    first = (root / "results" / "layers.csv").read_text()
+    started = time.perf_counter()
+    assert main(args) == 0
+    assert time.perf_counter() - started < 60
+    assert capsys.readouterr().out.count("up to date, nothing to do") == len(METHODS)
+    assert (root / "results" / "layers.csv").read_text() == first
+
+    assert main(["plot", "--store", str(root / "store"), "--model", "tiny-llama", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "layers.csv").read_text() == first
+    assert (tmp_path / "comparison.csv").read_text() == (root / "results" / "comparison.csv").read_text()
+    assert (tmp_path / "layers.png").stat().st_size > 10_000
+
+
+def test_plot_says_what_is_not_analysed(study, capsys, tmp_path, tiny_model):
+    root, args = study
+    store = str(root / "store")
+    assert main(["plot", "--store", store, "--model", "nope", "--out", str(tmp_path)]) == 1
+    assert "no runs of model 'nope'" in capsys.readouterr().err
+    dataset = args[args.index("--dataset") + 1]
+    assert main(["ingest", "--store", store, "--model", str(tiny_model), "--dataset", dataset, "--methods", "3shot",
+                 "--per-subject", "60"]) == 0
+    assert main(["plot", "--store", store, "--model", "tiny-llama", "--methods", "0shot,3shot", "--out",
+                 str(tmp_path)]) == 1
+    assert "no stored analyses (preset paper) for tiny-llama: 3shot layer 1, 3shot layer 2" in capsys.readouterr().err
+    assert not (tmp_path / "layers.csv").exists()
