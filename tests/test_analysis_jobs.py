@@ -161,3 +161,19 @@ def test_a_job_is_visible_to_its_group_only(server):
         with pytest.raises(ActstoreError):
             AnalysisJob(b, job.id).cancel()
         assert job.result().n_clusters.size == 1
+
+
+def test_ended_jobs_are_forgotten_after_a_while(monkeypatch, tmp_path):
+    from actstore.server import jobs
+
+    manager = jobs.JobManager(tmp_path)
+    ended, running = jobs.Job("ended", None, 1), jobs.Job("running", None, 1)
+    manager._jobs, manager._by_request = {"ended": ended, "running": running}, {(None, "retry"): "ended"}
+    ended.update(state=pb.JOB_STATE_DONE, stage="done")
+    manager._forget_ended()
+    assert set(manager._jobs) == {"ended", "running"}  # an hour has not passed
+    monkeypatch.setattr(jobs, "KEEP_ENDED_S", 0.0)
+    manager._forget_ended()
+    assert set(manager._jobs) == {"running"} and not manager._by_request
+    with pytest.raises(jobs.JobNotFound):
+        manager.get("ended", None)

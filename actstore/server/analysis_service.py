@@ -57,7 +57,7 @@ class AnalysisService(_Base, pb_grpc.AnalysisServiceServicer):
 
     @rpc
     def WatchJob(self, request: pb.JobRef, context, caller: Caller) -> Iterator[pb.Job]:
-        """Each event carries the layers finished since the previous one (the first: all so far)."""
+        """Each event carries the tasks finished since the previous one (the first: all so far)."""
         job: Job = self.jobs.get(request.job_id, caller.group)
         seen, sent = None, 0
         while context.is_active():
