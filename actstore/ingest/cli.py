@@ -20,7 +20,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def add_source_arguments(p: argparse.ArgumentParser) -> None:
+def add_source_arguments(p: argparse.ArgumentParser, methods: tuple[str, ...] = ("0shot",)) -> None:
     """--model, --gguf-file, --checkpoint, --name, --methods, --dataset: shared with ``actstore study``."""
     p.add_argument("--model", default=PACKAGED_SMOLLM2,
                    help="model folder, hub id (local cache only when offline), .gguf file, or 'smollm2' "
@@ -28,8 +28,8 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf-file", help="GGUF file inside --model's folder")
     p.add_argument("--checkpoint", help="fine-tuned model for method 'finetuned' (stored under --model's name)")
     p.add_argument("--name", help="model name in the store (default: derived from --model)")
-    p.add_argument("--methods", "--method", type=_csv, default=["0shot"],
-                   help="comma list of 0shot, 1shot..5shot, finetuned[-TAG] (default: 0shot)")
+    p.add_argument("--methods", "--method", type=_csv, default=list(methods),
+                   help=f"comma list of 0shot, 1shot..5shot, finetuned[-TAG] (default: {','.join(methods)})")
     p.add_argument("--dataset", default="mmlu",
                    help="'mmlu' (packaged test split, default), an MMLU CSV folder (dev/, test/) or a JSONL file")
 

@@ -30,13 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "reuses what is stored.")
     p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="store folder (default: %(default)s)")
     p.add_argument("--results", type=Path, default=Path("results"), help="output folder (default: %(default)s)")
-    add_source_arguments(p)
-    p.set_defaults(methods=METHODS)
+    add_source_arguments(p, methods=tuple(METHODS))
     p.add_argument("--subjects", type=_subjects,
-                   help=f"comma list of subject ids, or 'all' (the study) (default: every subject, except on the "
-                        f"packaged MMLU: {','.join(SUBJECTS)})")
-    p.add_argument("--per-subject", type=_positive, default=PER_SUBJECT,
-                   help="questions per subject (default: %(default)s; the study: 200)")
+                   help="comma list of subject ids, or 'all' (default: every subject, except for the embedded "
+                        f"default size on the packaged MMLU: {PER_SUBJECT} questions of {','.join(SUBJECTS)})")
+    p.add_argument("--per-subject", type=_positive,
+                   help=f"questions per subject, over every subject unless --subjects (default: {PER_SUBJECT}; "
+                        "200 runs the study's 9,181 questions)")
     p.add_argument("--compare", type=_pair, default=("0shot", "5shot"), metavar="A,B",
                    help="two methods compared layer by layer (default: 0shot,5shot)")
     p.add_argument("--dask-workers", type=_positive, help="the server's Dask worker processes (default: one per core)")

@@ -24,7 +24,7 @@ METHODS = ["0shot", "1shot", "2shot", "5shot"]
 # The default size: 50 questions from each of 8 MMLU subjects with short questions, from eight fields
 # (400 questions per method; the whole job in about 6 minutes here with the environment built). The
 # density analyses need many samples per subject (density k = 16, dendrogram clusters over 30 points):
-# 3 questions from each of the 57 subjects gave one cluster at most layers and no subject label
+# 3 questions from each of the 57 subjects gave one cluster at almost every layer and no subject label
 # overlap at all (k = int(0.3 x 3) = 0).
 SUBJECTS = ["world_religions", "conceptual_physics", "elementary_mathematics", "high_school_geography",
             "medical_genetics", "management", "human_aging", "electrical_engineering"]
@@ -40,9 +40,9 @@ class StudyOptions:
     checkpoint: str | None = None
     name: str | None = None
     dataset: str = "mmlu"
-    subjects: list[str] | None = None  # None: SUBJECTS of the packaged MMLU, else all; []: every subject
+    subjects: list[str] | None = None  # None: see _selection; []: every subject
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    per_subject: int | None = PER_SUBJECT
+    per_subject: int | None = None  # None: see _selection
     compare: tuple[str, str] = ("0shot", "5shot")
     dask_workers: int | None = None
 
@@ -54,8 +54,7 @@ def run_study(opts: StudyOptions) -> list[Path]:
     print(f"[1/4] ingest: {', '.join(opts.methods)} into {opts.store}", flush=True)
     model = ingest_all(IngestOptions(store=opts.store, model=opts.model, gguf_file=opts.gguf_file,
                                      checkpoint=opts.checkpoint, name=opts.name, methods=opts.methods,
-                                     dataset=opts.dataset, subjects=_subjects(opts),
-                                     per_subject=opts.per_subject))
+                                     dataset=opts.dataset, **_selection(opts)))
     opts.results.mkdir(parents=True, exist_ok=True)
     extra = ["--dask-workers", str(opts.dask_workers)] if opts.dask_workers else []
     with ServerProcess(opts.store, opts.results / "server.log", *extra) as server:
@@ -71,10 +70,12 @@ def run_study(opts: StudyOptions) -> list[Path]:
     return written
 
 
-def _subjects(opts: StudyOptions) -> list[str] | None:
-    if opts.subjects is None:
-        return list(SUBJECTS) if opts.dataset == "mmlu" else None
-    return opts.subjects or None
+def _selection(opts: StudyOptions) -> dict:
+    """The embedded default size (SUBJECTS x PER_SUBJECT on the packaged MMLU) unless asked otherwise: a
+    per-subject count alone covers every subject (200: the study's 9,181 questions)."""
+    if opts.subjects is None and opts.per_subject is None and opts.dataset == "mmlu":
+        return {"subjects": list(SUBJECTS), "per_subject": PER_SUBJECT}
+    return {"subjects": opts.subjects or None, "per_subject": opts.per_subject or PER_SUBJECT}
 
 
 def _analyse_through(client: Client, model: str, opts: StudyOptions) -> list[Path]:
