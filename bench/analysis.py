@@ -114,8 +114,8 @@ def main() -> None:
                   f"{ours_s / bare_s:.2f}.)")
             sweep_s, _ = timed(lambda: [analyse(run, 0, p) for p in SWEEP])
             plain_sweep_s, _ = timed(lambda: [plain_dadapy(x, subjects, answers, p) for p in SWEEP])
-            print(f"d={d}: sweep of {len(SWEEP)} settings: actstore {sweep_s:.2f} s, plain DADApy {plain_sweep_s:.2f} s:"
-                  f" {plain_sweep_s / sweep_s:.1f}x faster (target >= 8)")
+            print(f"d={d}: sweep of {len(SWEEP)} settings: actstore {sweep_s:.2f} s, plain DADApy "
+                  f"{plain_sweep_s:.2f} s: {plain_sweep_s / sweep_s:.1f}x faster (target >= 8)")
         if 576 in args.dims:
             seconds = {}
             for workers in (1, 2):

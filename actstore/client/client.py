@@ -274,7 +274,8 @@ COMPARISON_METRICS = ("n_common", "data_overlap", "ari_clusters")
 def dendrogram_of(job: pb.Job, run: str, layer: int) -> dict[str, Any] | None:
     """The dendrogram of one layer of one run (``"model/method"``) in a job's results, or None when fewer
     than two clusters have more than 30 points: ``linkage`` is ready for
-    ``scipy.cluster.hierarchy.dendrogram(linkage, labels=labels)``; ``labels`` are majority subjects, holding ``majority_share`` of each cluster."""
+    ``scipy.cluster.hierarchy.dendrogram(linkage, labels=labels)``; ``labels`` are majority subjects,
+    holding ``majority_share`` of each cluster."""
     d = _layer_result(job, run, layer).dendrogram
     if not d.clusters:
         return None

@@ -58,7 +58,8 @@ def run_study_command(args: argparse.Namespace) -> int:
     from actstore.study.job import StudyOptions, run_study
 
     run_study(StudyOptions(store=args.store, results=args.results, model=args.model, gguf_file=args.gguf_file,
-                           checkpoint=args.checkpoint, name=args.name, dataset=args.dataset, subjects=args.subjects, methods=args.methods,
+                           checkpoint=args.checkpoint, name=args.name, dataset=args.dataset, subjects=args.subjects,
+                           methods=args.methods,
                            per_subject=args.per_subject, compare=args.compare, dask_workers=args.dask_workers))
     return 0
 

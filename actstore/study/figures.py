@@ -27,8 +27,8 @@ def layer_profiles(table: xr.Dataset, path: Path, title: str) -> Path:
     fig = Figure(figsize=(15, 8.5), layout="constrained")
     axes = fig.subplots(2, 3, sharex=True).ravel()
     colours = _colours(len(table.method))
-    for ax, (name, label, chance) in zip(axes, PANELS):
-        for method, colour in zip(table.method.values, colours):
+    for ax, (name, label, chance) in zip(axes, PANELS, strict=False):  # the last axis: comparisons
+        for method, colour in zip(table.method.values, colours, strict=True):
             ax.plot(table.layer, table[name].sel({"method": method}), marker="o", markersize=3, color=colour,
                     label=str(method))
         if chance is not None:

@@ -51,22 +51,21 @@ def run_study(opts: StudyOptions) -> list[Path]:
     """The whole job; returns the files written under ``opts.results``."""
     from actstore.ingest.cli import ingest_all  # loads torch
 
-    print(f"[1/4] ingest: {', '.join(opts.methods)} into {opts.store}", flush=True)
+    log.info("[1/4] ingest: %s into %s", ", ".join(opts.methods), opts.store)
     model = ingest_all(IngestOptions(store=opts.store, model=opts.model, gguf_file=opts.gguf_file,
                                      checkpoint=opts.checkpoint, name=opts.name, methods=opts.methods,
                                      dataset=opts.dataset, **_selection(opts)))
     opts.results.mkdir(parents=True, exist_ok=True)
     extra = ["--dask-workers", str(opts.dask_workers)] if opts.dask_workers else []
     with ServerProcess(opts.store, opts.results / "server.log", *extra) as server:
-        print(f"[2/4] serving {opts.store} on {server.address} (log: {opts.results / 'server.log'})", flush=True)
+        log.info("[2/4] serving %s on %s (log: %s)", opts.store, server.address, opts.results / "server.log")
         with Client(server.address, retries=8) as client:
             written = _analyse_through(client, model, opts)
         code = server.stop()
     if code != 0:
         raise RuntimeError(f"the server exited with {code}; see {opts.results / 'server.log'}")
-    print("[4/4] server stopped cleanly; results in", opts.results.resolve())
-    for path in written:
-        print("  ", path)
+    log.info("[4/4] server stopped cleanly; results in %s\n%s", opts.results.resolve(),
+             "\n".join(f"   {path}" for path in written))
     return written
 
 
@@ -84,17 +83,17 @@ def _analyse_through(client: Client, model: str, opts: StudyOptions) -> list[Pat
     runs = {r["method"]: r for r in client.runs(model=model) if r["method"] in opts.methods}
     for method in opts.methods:
         r = runs[method]
-        print(f"   {model}/{method}: {r['n_samples']} questions, {r['n_layers']} layers x {r['hidden']}, "
-              f"accuracy {r['accuracy']:.3f}")
+        log.info("   %s/%s: %d questions, %d layers x %d, accuracy %.3f", model, method, r["n_samples"],
+                 r["n_layers"], r["hidden"], r["accuracy"])
     n_layers = min(r["n_layers"] for r in runs.values())
     last = opts.methods[-1]
     sample = client.hidden_states(model, last, layers=n_layers // 2, samples=slice(0, 8))
-    print(f"   fetched a slice of {model}/{last}: layer {n_layers // 2}, samples {sample.sample.values.tolist()}, "
-          f"shape {dict(sample.sizes)}")
+    log.info("   fetched a slice of %s/%s: layer %d, samples %s, shape %s", model, last, n_layers // 2,
+             sample.sample.values.tolist(), dict(sample.sizes))
     pairs = [opts.compare] if set(opts.compare) <= set(opts.methods) else []
     job = client.analyze(model, opts.methods, layers=range(1, n_layers), preset="paper", compare=pairs)
-    print(f"[3/4] analyses: {len(opts.methods)} methods x {n_layers - 1} layers"
-          + (f", {' vs '.join(opts.compare)} compared per layer" if pairs else "") + f" (job {job.id})", flush=True)
+    log.info("[3/4] analyses: %d methods x %d layers%s (job %s)", len(opts.methods), n_layers - 1,
+             f", {' vs '.join(opts.compare)} compared per layer" if pairs else "", job.id)
     with tqdm(unit="task", desc="analyses") as bar:
         for event in job.watch():
             bar.total = event.tasks_total

@@ -75,7 +75,8 @@ def write_results(out: Path, model: str, results: xr.Dataset, accuracy: dict[str
     if tree is not None:
         written.append(figures.peak_dendrogram(
             tree, out / f"dendrogram-{reference}-layer{tree_layer}.png",
-            f"{model}, {reference}, layer {tree_layer}:\ndensity peaks of clusters over 30 points, by majority subject"))
+            f"{model}, {reference}, layer {tree_layer}:\n"
+            "density peaks of clusters over 30 points, by majority subject"))
     summary = out / "summary.md"
     summary.write_text(_summary(model, table, accuracy, n_samples, reference, found, tree_layer, written, n_layers))
     return [*written, summary]
