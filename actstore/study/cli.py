@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"default size on the packaged MMLU: {PER_SUBJECT} questions of {','.join(SUBJECTS)})")
     p.add_argument("--per-subject", type=_positive,
                    help=f"questions per subject, over every subject unless --subjects (default: {PER_SUBJECT}; "
-                        "200 runs the study's 9,181 questions)")
+                        "200 is the study's size)")
     p.add_argument("--compare", type=_pair, default=("0shot", "5shot"), metavar="A,B",
                    help="two methods compared layer by layer (default: 0shot,5shot)")
     p.add_argument("--dask-workers", type=_positive, help="the server's Dask worker processes (default: one per core)")

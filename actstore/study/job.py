@@ -71,7 +71,7 @@ def run_study(opts: StudyOptions) -> list[Path]:
 
 def _selection(opts: StudyOptions) -> dict:
     """The embedded default size (SUBJECTS x PER_SUBJECT on the packaged MMLU) unless asked otherwise: a
-    per-subject count alone covers every subject (200: the study's 9,181 questions)."""
+    per-subject count alone covers every subject (200: the study's size)."""
     if opts.subjects is None and opts.per_subject is None and opts.dataset == "mmlu":
         return {"subjects": list(SUBJECTS), "per_subject": PER_SUBJECT}
     return {"subjects": opts.subjects or None, "per_subject": opts.per_subject or PER_SUBJECT}
