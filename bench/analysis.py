@@ -10,7 +10,8 @@ Structured synthetic states (57 subjects as Gaussian clusters, random answers), 
    DADApy without the label overlaps is printed too.
 2. a sweep on one layer (Z in {0.5, 1, 1.6, 2.1} x density k in {8, 16} x both class fractions):
    actstore reusing its cached neighbour graph vs plain DADApy redoing each setting. Target >= 8x.
-3. 8 layers on 2 Dask workers vs 1 (d = 576). Target >= 1.7x.
+3. comparing two runs at a layer from their stored neighbour graphs vs recomputing kNN (same result).
+4. 8 layers on 2 Dask workers vs 1 (d = 576). Target >= 1.7x.
 """
 
 from __future__ import annotations
@@ -26,19 +27,20 @@ import numpy as np
 from dadapy import Data
 from threadpoolctl import threadpool_limits
 
+from actstore.analysis.compare import compare_layer
 from actstore.analysis.density import PAPER, DensityParams
-from actstore.analysis.layers import analyse
+from actstore.analysis.layers import analyse, compare
 from actstore.analysis.scheduler import analyse_layers, dask_client
 from actstore.store import Store
 
 SUBJECTS = 57
 
 
-def write_run(root: Path, n: int, d: int, n_layers: int, seed: int = 0) -> None:
+def write_run(root: Path, n: int, d: int, n_layers: int, seed: int = 0, method: str | None = None) -> None:
     rng = np.random.default_rng(seed)
     subjects = rng.integers(0, SUBJECTS, n)
     answers = np.array(list("ABCD"))[rng.integers(0, 4, n)]
-    with Store(root).writer("synthetic", f"d{d}", recipe={"d": d, "seed": seed}, attrs={}, n_layers=n_layers,
+    with Store(root).writer("synthetic", method or f"d{d}", recipe={"d": d, "seed": seed}, attrs={}, n_layers=n_layers,
                             hidden=d) as writer:
         states = np.empty((n_layers, n, d), dtype=np.float32)
         for layer in range(n_layers):  # clusters fading with depth, as subjects do in the study
@@ -71,6 +73,20 @@ def plain_dadapy(x: np.ndarray, subjects: np.ndarray, answers: np.ndarray, param
         found += (data.return_label_overlap(codes[0], class_fraction=params.subject_fraction),
                   data.return_label_overlap(codes[1], class_fraction=params.answer_fraction))
     return found
+
+
+def compare_runs(root: Path, run, d: int, n: int) -> None:
+    """A second run of the same samples, both analysed: comparing them from the stored neighbour graphs
+    vs recomputing kNN on the rows (what compare does when the runs kept different samples)."""
+    write_run(root, n, d, n_layers=1, seed=1, method=f"d{d}-other")
+    other = Store(root).run("synthetic", f"d{d}-other")
+    (ours, kept), (theirs, kept_other) = analyse(run, 0, PAPER), analyse(other, 0, PAPER)
+    graphs_s, got = timed(lambda: compare(run, other, 0, PAPER))
+    rows_s, expected = timed(lambda: compare_layer(run.read_rows([0], kept)[0], other.read_rows([0], kept_other)[0],
+                                                   ours.assignment, theirs.assignment))
+    assert got == expected, (got, expected)
+    print(f"d={d}: comparing two runs at a layer: from the stored graphs {graphs_s:.2f} s, recomputing kNN "
+          f"{rows_s:.2f} s: {rows_s / graphs_s:.1f}x faster; same overlap {got.data_overlap:.3f}")
 
 
 def _load_libraries() -> None:
@@ -116,6 +132,7 @@ def main() -> None:
             plain_sweep_s, _ = timed(lambda: [plain_dadapy(x, subjects, answers, p) for p in SWEEP])
             print(f"d={d}: sweep of {len(SWEEP)} settings: actstore {sweep_s:.2f} s, plain DADApy "
                   f"{plain_sweep_s:.2f} s: {plain_sweep_s / sweep_s:.1f}x faster (target >= 8)")
+            compare_runs(root, run, d, args.samples)
         if 576 in args.dims:
             seconds = {}
             for workers in (1, 2):

@@ -250,3 +250,44 @@ def test_first_unique_rows_survives_hash_collisions(monkeypatch):
     x = np.array([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0], [5.0, 6.0]])
     kept, dropped = rows.first_unique_rows(x)
     assert kept.tolist() == [0, 1, 3] and dropped.tolist() == [2]
+
+
+def _write(store, method: str, states: np.ndarray, subjects: np.ndarray) -> None:
+    n = states.shape[1]
+    letters = np.array(list("ABCD"))[np.arange(n) % 4].astype(object)
+    with store.writer("blobs", method, recipe={"method": method}, attrs={}, n_layers=states.shape[0],
+                      hidden=states.shape[2]) as writer:
+        writer.add(states.astype(np.float32), {"sample": np.arange(n), "subject": subjects.astype(object),
+                                               "answer": letters, "prediction": letters,
+                                               "correct": np.ones(n, dtype=bool)})
+
+
+def test_runs_compared_from_their_stored_graphs_or_on_the_rows_both_kept(tmp_path):
+    """Same samples in both runs: the stored neighbour graphs serve; a duplicate dropped in one run: kNN on
+    the common rows. Either way the numbers equal compare_layer on the common rows."""
+    from actstore.analysis.compare import compare_layer
+    from actstore.analysis.density import DensityParams
+    from actstore.analysis.layers import analyse, compare
+    from actstore.store import Store
+
+    x, blob = blobs(n=400, d=12, centers=4, seed=7)
+    y = x + np.random.default_rng(8).normal(scale=3.0, size=x.shape)
+    twin = y.copy()
+    twin[11] = twin[10]  # run "twin" drops sample 11 as a duplicate
+    store = Store(tmp_path / "store")
+    subjects = np.array([f"s{b}" for b in blob])
+    for method, states in (("a", x), ("b", y), ("twin", twin)):
+        _write(store, method, states[None], subjects)
+    params = DensityParams(**SMALL)
+    a = store.run("blobs", "a")
+    for other, n_common in (("b", 400), ("twin", 399)):
+        b = store.run("blobs", other)
+        got = compare(a, b, 0, params)
+        (result_a, kept_a), (result_b, kept_b) = analyse(a, 0, params), analyse(b, 0, params)
+        common = np.intersect1d(kept_a, kept_b)  # positions = sample ids here
+        in_a, in_b = np.searchsorted(kept_a, common), np.searchsorted(kept_b, common)
+        expected = compare_layer(x[common], (y if other == "b" else twin)[common], result_a.assignment[in_a],
+                                 result_b.assignment[in_b])
+        assert got.n_common == n_common == expected.n_common
+        assert got.data_overlap == pytest.approx(expected.data_overlap) and 0.1 < got.data_overlap < 1
+        assert got.ari_clusters == pytest.approx(expected.ari_clusters)

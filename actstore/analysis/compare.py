@@ -31,16 +31,30 @@ def common_samples(ids_a: np.ndarray, ids_b: np.ndarray) -> tuple[np.ndarray, np
     return in_a[order], in_b[order]
 
 
+Graph = tuple[np.ndarray, np.ndarray]  # (distances, indices) as knn returns them, self first
+
+
 def compare_layer(x_a: np.ndarray, x_b: np.ndarray, assignment_a: np.ndarray, assignment_b: np.ndarray,
                   k: int = OVERLAP_K) -> LayerComparison:
     """Rows of ``x_a`` and ``x_b`` are the same samples in the same order (see common_samples)."""
-    if len(x_a) <= k:
-        raise ValueError(f"the runs share {len(x_a)} analysed samples; the data overlap needs more than k={k}")
-    dist_a, idx_a = knn(x_a, k)
-    dist_b, idx_b = knn(x_b, k)
-    overlap = Data(distances=(dist_a, idx_a), maxk=k, n_jobs=1).return_data_overlap(distances=(dist_b, idx_b), k=k)
-    return LayerComparison(n_common=len(x_a), data_overlap=float(overlap),
+    _check_size(len(x_a), k)
+    return compare_graphs(knn(x_a, k), knn(x_b, k), assignment_a, assignment_b, k)
+
+
+def compare_graphs(graph_a: Graph, graph_b: Graph, assignment_a: np.ndarray, assignment_b: np.ndarray,
+                   k: int = OVERLAP_K) -> LayerComparison:
+    """The same from neighbour graphs (at least k neighbours) of the same samples, numbered alike."""
+    n = len(graph_a[1])
+    _check_size(n, k)
+    a, b = ((d[:, : k + 1], i[:, : k + 1]) for d, i in (graph_a, graph_b))
+    overlap = Data(distances=a, maxk=k, n_jobs=1).return_data_overlap(distances=b, k=k)
+    return LayerComparison(n_common=n, data_overlap=float(overlap),
                            ari_clusters=float(adjusted_rand_score(assignment_a, assignment_b)))
+
+
+def _check_size(n_common: int, k: int) -> None:
+    if n_common <= k:
+        raise ValueError(f"the runs share {n_common} analysed samples; the data overlap needs more than k={k}")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from collections import OrderedDict
 import numpy as np
 
 from actstore.analysis import NotAnalysed
-from actstore.analysis.compare import OVERLAP_K, LayerComparison, common_samples, compare_layer
+from actstore.analysis.compare import OVERLAP_K, LayerComparison, common_samples, compare_graphs, compare_layer
 from actstore.analysis.density import DensityParams, LayerDensity, analyse_layer, neighbours_needed
 from actstore.analysis.neighbours import knn
 from actstore.analysis.rows import first_unique_rows, per_subject_mask
@@ -117,8 +117,22 @@ def compare(run_a: Run, run_b: Run, layer: int, params: DensityParams, mask: Mas
         raise NotAnalysed(f"{run_a.model}/{run_a.method} vs {run_b.model}/{run_b.method} layer {layer}")
     (result_a, kept_a), (result_b, kept_b) = analyse(run_a, layer, params, mask), analyse(run_b, layer, params, mask)
     in_a, in_b = common_samples(run_a.labels()["sample"][kept_a], run_b.labels()["sample"][kept_b])
-    comparison = compare_layer(run_a.read_rows([layer], kept_a[in_a])[0], run_b.read_rows([layer], kept_b[in_b])[0],
-                               result_a.assignment[in_a], result_b.assignment[in_b], k)
+    clusters = result_a.assignment[in_a], result_b.assignment[in_b]
+    if len(in_a) == len(kept_a) == len(kept_b):  # the same samples: both runs' neighbour graphs already hold them
+        comparison = compare_graphs(_graph(run_a, layer, mask, k, in_a), _graph(run_b, layer, mask, k, in_b),
+                                    *clusters, k)
+    else:  # samples one run dropped as duplicates: neighbours among the common rows only
+        comparison = compare_layer(run_a.read_rows([layer], kept_a[in_a])[0],
+                                   run_b.read_rows([layer], kept_b[in_b])[0], *clusters, k)
     run_a.save_derived("comparisons", key, {}, dataclasses.asdict(comparison) | {"layer": layer,
                        "other": f"{run_b.model}/{run_b.method}"})
     return comparison
+
+
+def _graph(run: Run, layer: int, mask: Mask, k: int, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The run's stored neighbour graph over all its kept rows, its rows taken in ``order`` (a permutation)
+    and its indices renumbered to match, so that two runs' graphs number the same samples alike."""
+    graph = neighbour_graph(run, layer, mask, k)
+    renumber = np.empty(len(order), dtype=np.int64)
+    renumber[order] = np.arange(len(order))
+    return graph["distances"][order, : k + 1], renumber[graph["indices"][order, : k + 1]]

@@ -54,9 +54,18 @@ def register_analyze(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_analyze)
 
 
-def run_analyze(args: argparse.Namespace) -> int:
+def follow(job, desc: str) -> None:
+    """Watch an AnalysisJob to its end with a progress bar of its tasks and its stage."""
     from tqdm import tqdm
 
+    with tqdm(unit="task", desc=desc) as bar:
+        for event in job.watch():
+            bar.total = event.tasks_total
+            bar.set_postfix_str(event.stage)
+            bar.update(event.tasks_done - bar.n)
+
+
+def run_analyze(args: argparse.Namespace) -> int:
     layers = list(range(args.layers.start, args.layers.stop)) if isinstance(args.layers, slice) else args.layers
     params = {name: getattr(args, name) for name in ("maxk", "density_k", "z", "subject_fraction",
                                                       "answer_fraction") if getattr(args, name) is not None}
@@ -65,11 +74,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.analyze(args.model, args.methods, layers=layers, preset=args.preset,
                              per_subject=args.per_subject, compare=[tuple(pair) for pair in args.compare], **params)
-        with tqdm(unit="task", desc=f"job {job.id}") as bar:
-            for event in job.watch():
-                bar.total = event.tasks_total
-                bar.set_postfix_str(event.stage)
-                bar.update(event.tasks_done - bar.n)
+        follow(job, f"job {job.id}")
         table = job.result()
     for dim, suffix in (("run", ""), ("pair", "-compare")):
         if dim in table.dims:

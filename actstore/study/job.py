@@ -11,9 +11,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from actstore.client import Client
+from actstore.client.cli import follow
 from actstore.ingest.options import PACKAGED_SMOLLM2, IngestOptions
 from actstore.server.process import ServerProcess
 from actstore.store import DEFAULT_STORE
@@ -94,11 +93,7 @@ def _analyse_through(client: Client, model: str, opts: StudyOptions) -> list[Pat
     job = client.analyze(model, opts.methods, layers=range(1, n_layers), preset="paper", compare=pairs)
     log.info("[3/4] analyses: %d methods x %d layers%s (job %s)", len(opts.methods), n_layers - 1,
              f", {' vs '.join(opts.compare)} compared per layer" if pairs else "", job.id)
-    with tqdm(unit="task", desc="analyses") as bar:
-        for event in job.watch():
-            bar.total = event.tasks_total
-            bar.set_postfix_str(event.stage)
-            bar.update(event.tasks_done - bar.n)
+    follow(job, "analyses")
     results = job.result()
     failed = int((results.error != "").sum())
     if failed:
