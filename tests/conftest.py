@@ -35,6 +35,12 @@ def make_questions(seed: int = 0) -> list[dict]:
     return rows
 
 
+def derived_files(store: Path) -> dict[Path, int]:
+    """Every file of the store's cached analyses, with its modification time: equal snapshots mean that
+    nothing was computed or written again."""
+    return {p: p.stat().st_mtime_ns for p in store.glob("*/*/derived/**/*") if p.is_file()}
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -154,6 +154,8 @@ class Client:
                     received += _decode_block(block, data[block.layer_index])
         finally:
             stream.cancel()  # a no-op once complete; stops the server's work if we leave early
+        if header is None:
+            raise ActstoreError(grpc.StatusCode.DATA_LOSS, "the server's stream ended before its header")
         if received != flat.size:
             raise ActstoreError(grpc.StatusCode.DATA_LOSS, f"received {received} of {flat.size} bytes")
         return header, data

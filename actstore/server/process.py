@@ -14,7 +14,7 @@ class ServerProcess:
     which lets it finish in-flight calls and shut its Dask workers down."""
 
     def __init__(self, store: Path, log: Path, *extra: str, address: str = "127.0.0.1:0") -> None:
-        self.log = log
+        self.store, self.log = store, log
         self._log_file = log.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "actstore", "serve", "--store", str(store), "--address", address, *extra],
