@@ -8,17 +8,22 @@ import os
 import sys
 from pathlib import Path
 
+from actstore import __version__
 from actstore.analysis import NotAnalysed
 from actstore.client import ActstoreError
 from actstore.store import DEFAULT_STORE, Store, StoreError
 
+SERVER_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # a server's log is read after the fact
 # Errors a user can fix from the message alone: shown as one line, not a traceback.
 _USER_ERRORS: tuple[type[BaseException], ...] = (StoreError, ValueError, FileNotFoundError, ActstoreError,
                                                  NotAnalysed)
 
 
 def _ls(args: argparse.Namespace) -> int:
-    runs = Store(args.store).runs()
+    store = Store(args.store)
+    if not store.exists():
+        raise StoreError(f"no actstore store at {args.store}")
+    runs = store.runs()
     if not runs:
         print(f"no runs in {args.store}")
         return 0
@@ -36,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actstore", description="Hidden states of language models, stored, "
                                      "served and analysed layer by layer.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     from actstore.ingest.cli import register as register_ingest  # torch loads only when ingest is asked for
     from actstore.client.cli import register as register_query
@@ -57,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format=SERVER_LOG_FORMAT if args.command == "serve" else "%(message)s")
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import inspect
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,7 +21,7 @@ from actstore.client import ActstoreError, Client
 from actstore.store import Store
 from actstore.server.process import ServerProcess
 
-TOKENS = {"tok-a": "lab-a", "tok-b": "lab-b", "tok-c": "lab-c"}
+TOKENS = {"tok-a-at-least-16-chars": "lab-a", "tok-b-at-least-16-chars": "lab-b", "tok-c-at-least-16-chars": "lab-c"}
 BIG = ("synthetic", "big")  # 2 layers x 24,000 samples x 1024: 98 MB per layer, far above 4 MiB messages
 
 
@@ -56,7 +59,7 @@ def served(tmp_path_factory, tiny_model, questions_file):
     server.stop()
 
 
-def client(server, token="tok-a", **kwargs) -> Client:
+def client(server, token="tok-a-at-least-16-chars", **kwargs) -> Client:
     return Client(server.address, token=token, **kwargs)
 
 
@@ -92,7 +95,7 @@ def test_ids_and_label_filters_select_the_right_samples(served):
     server, store, _ = served
     run = Store(store).run("tiny-llama", "1shot")
     states, labels = run.hidden_states[:], run.labels()
-    with client(server, token="tok-b") as c:
+    with client(server, token="tok-b-at-least-16-chars") as c:
         ids = [int(labels["sample"][i]) for i in (9, 2, 17)]
         got = c.hidden_states("tiny-llama", "1shot", samples=ids, layers=[0, 3])
         np.testing.assert_array_equal(got.values, states[[0, 3]][:, [9, 2, 17]])
@@ -132,23 +135,23 @@ def test_auth_matrix(served):
         assert status_of(anonymous.runs) == S.UNAUTHENTICATED
     with client(server, token="wrong") as c:
         assert status_of(lambda: c.describe("tiny-llama", "2shot")) == S.UNAUTHENTICATED
-    with client(server, token="tok-b") as b:
+    with client(server, token="tok-b-at-least-16-chars") as b:
         visible = {(r["model"], r["method"]) for r in b.runs()}
         assert visible == {("tiny-llama", "1shot"), ("tiny-llama", "2shot"), ("other-model", "0shot"), BIG}
-        assert status_of(lambda: b.hidden_states("tiny-llama", "0shot", layers=0)) == S.PERMISSION_DENIED
-        assert status_of(lambda: b.describe("tiny-llama", "0shot")) == S.PERMISSION_DENIED
+        assert status_of(lambda: b.hidden_states("tiny-llama", "0shot", layers=0)) == S.NOT_FOUND  # as if absent
+        assert status_of(lambda: b.describe("tiny-llama", "0shot")) == S.NOT_FOUND
         assert b.hidden_states("tiny-llama", "1shot", layers=0).sizes["sample"] > 0  # shared with lab-b
         assert status_of(lambda: b.set_visibility("tiny-llama", "1shot", "public")) == S.PERMISSION_DENIED
-    with client(server, token="tok-c") as c:
+    with client(server, token="tok-c-at-least-16-chars") as c:
         assert {(r["model"], r["method"]) for r in c.runs()} == {("tiny-llama", "2shot"), BIG}
-        assert status_of(lambda: c.labels("tiny-llama", "1shot")) == S.PERMISSION_DENIED
-    with client(server, token="tok-a") as a:  # the owner opens its private run to everyone, then closes it
+        assert status_of(lambda: c.labels("tiny-llama", "1shot")) == S.NOT_FOUND
+    with client(server, token="tok-a-at-least-16-chars") as a:  # the owner opens its private run to everyone, then closes it
         assert a.set_visibility("tiny-llama", "0shot", "public")["visibility"] == "public"
-        with client(server, token="tok-c") as c:
+        with client(server, token="tok-c-at-least-16-chars") as c:
             assert c.labels("tiny-llama", "0shot").sizes["sample"] > 0
         a.set_visibility("tiny-llama", "0shot", "private")
-        with client(server, token="tok-c") as c:
-            assert status_of(lambda: c.labels("tiny-llama", "0shot")) == S.PERMISSION_DENIED
+        with client(server, token="tok-c-at-least-16-chars") as c:
+            assert status_of(lambda: c.labels("tiny-llama", "0shot")) == S.NOT_FOUND
     assert not any(token in server.output() for token in TOKENS)
 
 
@@ -201,7 +204,7 @@ def test_a_cancelled_stream_stops_server_work(served):
     with grpc.insecure_channel(server.address) as channel:
         stream = pb_grpc.DataServiceStub(channel).ReadStates(
             pb.ReadStatesRequest(run=pb.RunRef(model=BIG[0], method=BIG[1]), layers=[0]),
-            metadata=(("authorization", "Bearer tok-a"),))
+            metadata=(("authorization", "Bearer tok-a-at-least-16-chars"),))
         next(stream), next(stream)
         stream.cancel()
     deadline = time.monotonic() + 10
@@ -215,7 +218,7 @@ def test_a_cancelled_stream_stops_server_work(served):
 def test_a_passed_deadline_stops_server_work(served):
     server, _, _ = served
     before = server.output().count("cancelled by the client")
-    with client(server, timeout=0.05, retries=0) as c:
+    with client(server, stream_timeout=0.05, retries=0) as c:
         assert status_of(lambda: c.hidden_states(*BIG, layers=0)) == grpc.StatusCode.DEADLINE_EXCEEDED
     deadline = time.monotonic() + 10
     while server.output().count("cancelled by the client") == before and time.monotonic() < deadline:
@@ -242,7 +245,7 @@ def test_client_retries_while_the_server_starts(tmp_path, served):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     found = {}
-    with Client(f"127.0.0.1:{port}", retries=6) as c:
+    with Client(f"127.0.0.1:{port}") as c:
         thread = threading.Thread(target=lambda: found.update(runs=c.runs()))
         thread.start()
         time.sleep(0.3)
@@ -313,7 +316,7 @@ def test_open_access_is_said_and_sigterm_finishes_streams(served, tmp_path):
 
 def test_query_cli(served, tmp_path, capsys, monkeypatch):
     server, store, _ = served
-    monkeypatch.setenv("ACTSTORE_TOKEN", "tok-a")
+    monkeypatch.setenv("ACTSTORE_TOKEN", "tok-a-at-least-16-chars")
     out = tmp_path / "s.npy"
     assert main(["query", "--address", server.address, "get", "tiny-llama", "0shot", "--layers", "1:3",
                  "--subject", "anatomy", "--out", str(out)]) == 0
@@ -324,3 +327,96 @@ def test_query_cli(served, tmp_path, capsys, monkeypatch):
     assert "tiny-llama/0shot" in capsys.readouterr().out
     assert main(["query", "--address", server.address, "describe", "tiny-llama", "9shot"]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+# -- a shared service that no caller can stall, starve or fool --------------------------------------------
+
+
+def _refusal(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(ActstoreError) as caught:
+        call()
+    return caught.value.code, caught.value.message
+
+
+def test_a_hidden_run_is_answered_exactly_like_an_absent_one(served):
+    server, _, _ = served
+    with client(server, token="tok-c-at-least-16-chars") as c:  # lab-c may not see lab-a's private 0shot
+        for call in (c.describe, c.labels, lambda *run: c.hidden_states(*run, layers=0)):
+            hidden = _refusal(lambda: call("tiny-llama", "0shot"))
+            absent = _refusal(lambda: call("tiny-llama", "7shot"))
+            assert hidden[0] == absent[0] == grpc.StatusCode.NOT_FOUND
+            assert hidden[1].replace("0shot", "?") == absent[1].replace("7shot", "?")
+
+
+@pytest.mark.parametrize("call", [
+    lambda c, long: c.describe(long, "0shot"),
+    lambda c, long: c.hidden_states("tiny-llama", long, layers=0),
+    lambda c, long: c.labels("tiny-llama", "0shot", **{long: "x"}),  # an unknown label's name
+], ids=["model", "method", "label"])
+def test_errors_never_echo_unbounded_input(served, call):
+    server, _, _ = served
+    with client(server) as c:
+        code, message = _refusal(lambda: call(c, "x" * 20_000))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(message) < 400 and "xxxx" in message
+
+
+def test_a_filter_value_that_is_not_a_label_value_is_refused(served):
+    server, store, _ = served
+    correct = Store(store).run("tiny-llama", "2shot").labels()["correct"]
+    with client(server) as c:
+        code, message = _refusal(lambda: c.labels("tiny-llama", "2shot", correct="maybe"))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "true or false" in message
+        for value in (True, False):
+            assert c.labels("tiny-llama", "2shot", correct=value).sizes["sample"] == (correct == value).sum()
+
+
+@pytest.mark.parametrize("token", ["", "short-token"])
+def test_short_tokens_are_refused_at_start(served, tmp_path, token):
+    _, store, _ = served
+    auth = tmp_path / "auth.toml"
+    auth.write_text(f'[tokens]\n"{token}" = "lab-a"\n')
+    done = subprocess.run([sys.executable, "-m", "actstore", "serve", "--store", str(store), "--auth", str(auth),
+                           "--address", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "fewer than 16" in done.stderr and "Traceback" not in done.stderr
+    assert not token or token not in done.stderr
+
+
+def test_calls_have_a_deadline_by_default(served, tmp_path):
+    _, store, _ = served
+    assert inspect.signature(Client).parameters["timeout"].default is not None
+    assert inspect.signature(Client).parameters["stream_timeout"].default is not None
+    server = ServerProcess(store, tmp_path / "stopped.log")
+    try:
+        with Client(server.address) as c:
+            c.runs()  # connected
+            server.proc.send_signal(signal.SIGSTOP)  # alive, listening, answering nothing
+            with Client(server.address, timeout=1, stream_timeout=1) as stalled:
+                started = time.monotonic()
+                assert status_of(stalled.runs) == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert status_of(lambda: stalled.hidden_states("tiny-llama", "2shot")) == \
+                    grpc.StatusCode.DEADLINE_EXCEEDED
+                assert time.monotonic() - started < 10
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        server.stop()
+
+
+def test_the_client_rides_over_a_server_restart(served, tmp_path):
+    _, store, _ = served
+    first = ServerProcess(store, tmp_path / "first.log")
+    address = first.address
+    with Client(address) as c:
+        assert len(c.runs()) == 5
+        first.stop()
+        found = {}
+        thread = threading.Thread(target=lambda: found.update(runs=c.runs()))
+        thread.start()
+        time.sleep(2)  # down for 2 s, plus the ~3 s a server takes to start here
+        second = ServerProcess(store, tmp_path / "second.log", address=address)
+        try:
+            thread.join(timeout=30)
+        finally:
+            second.stop()
+    assert len(found["runs"]) == 5

@@ -29,7 +29,7 @@ def _layers(text: str) -> slice | list[int]:
 
 def _connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=os.environ.get("ACTSTORE_ADDRESS", DEFAULT_ADDRESS),
-                   help="server HOST:PORT (default: $ACTSTORE_ADDRESS or %(default)s)")
+                   help="server HOST[:PORT] (port 50051 unless given; default: $ACTSTORE_ADDRESS or %(default)s)")
     p.add_argument("--token-file", type=Path, help="file holding the bearer token (default: $ACTSTORE_TOKEN)")
     p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
     p.add_argument("--tls-ca", type=Path, help="connect with TLS, trusting this PEM certificate")
@@ -101,6 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q.add_argument("model")
         q.add_argument("method")
         if name in ("get", "labels"):
+            q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
             q.add_argument("--samples", type=_csv, help="comma list of sample ids")
             q.add_argument("--positions", type=_span, help="START:STOP along the run's sample axis")
             q.add_argument("--subject", type=_csv, help="comma list of subjects to keep")
@@ -132,6 +133,9 @@ def _selection(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    out = getattr(args, "out", None)
+    if out is not None and out.exists() and not args.overwrite:  # checked before any data is fetched
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
     with _client(args) as client:
         if args.query == "runs":
             found = client.runs(model=args.model, method=args.method)
@@ -156,17 +160,17 @@ def run(args: argparse.Namespace) -> int:
         else:
             states = client.hidden_states(args.model, args.method, layers=args.layers, hidden=args.hidden,
                                           dtype=args.dtype, allow_lossy=args.allow_lossy, **_selection(args))
-            _save(states, args.out)
+            _save(states, args.out, args.overwrite)
             print(f"wrote {args.out}: {dict(states.sizes)} {states.dtype}")
     return 0
 
 
-def _save(states, out: Path) -> None:
+def _save(states, out: Path, overwrite: bool) -> None:
     if out.suffix == ".npy":
         np.save(out, states.values)
     elif out.suffix == ".nc":
         states.to_dataset().to_netcdf(out)
     elif out.suffix == ".zarr":
-        states.to_dataset().to_zarr(out, mode="w-", consolidated=False)
+        states.to_dataset().to_zarr(out, mode="w" if overwrite else "w-", consolidated=False)
     else:
         raise ValueError(f"--out must end in .npy, .nc or .zarr, not {out.suffix or out.name!r}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -15,6 +17,7 @@ import numpy as np
 import xarray as xr
 
 from actstore.protocol import CHANNEL_OPTIONS, DEFAULT_ADDRESS, DTYPE_ENUMS, DTYPE_NAMES, VISIBILITY_ENUMS, VISIBILITY_NAMES
+from actstore.server.address import parse_address
 from actstore.v1 import actstore_pb2 as pb
 from actstore.v1 import actstore_pb2_grpc as pb_grpc
 
@@ -23,6 +26,14 @@ T = TypeVar("T")
 
 Layers = int | Sequence[int] | range | slice | None
 Labels = str | Sequence[str] | None
+
+DEFAULT_TIMEOUT_S = 30.0  # deadline of each unary call: a stalled server must not hang its callers
+DEFAULT_STREAM_TIMEOUT_S = 600.0  # deadline of a whole ReadStates stream (the server caps its size)
+DEFAULT_RETRY_FOR_S = 10.0  # how long UNAVAILABLE is retried: enough to ride over a server restart
+FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.1, 2.0
+# Reconnect at least every second once the server is gone (gRPC's default backoff grows to minutes), so
+# that a retry finds a restarted server within the retry window.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 class ActstoreError(Exception):
@@ -47,18 +58,29 @@ class Client:
         address: str = DEFAULT_ADDRESS,
         token: str | None = None,
         tls: bool | str | Path = False,
-        timeout: float | None = None,
-        retries: int = 4,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        stream_timeout: float | None = DEFAULT_STREAM_TIMEOUT_S,
+        retry_for: float = DEFAULT_RETRY_FOR_S,
+        retries: int | None = None,
     ) -> None:
-        """``tls``: True for the system's CA roots, or the path of a PEM CA bundle (e.g. a self-signed cert)."""
+        """``address``: HOST[:PORT], port 50051 unless given. ``tls``: True for the system's CA roots, or the
+        path of a PEM CA bundle (e.g. a self-signed cert).
+
+        ``timeout``: deadline in seconds of each call but ``hidden_states``, whose whole stream has
+        ``stream_timeout`` (None: no deadline, and a stalled server hangs the call). UNAVAILABLE (server
+        down or restarting, a run briefly locked) is retried for ``retry_for`` seconds, at most ``retries``
+        times when given, with exponential backoff and jitter.
+        """
+        address = parse_address(address)
+        options = [*CHANNEL_OPTIONS, *RECONNECT_OPTIONS]
         if tls:
             roots = None if tls is True else Path(tls).read_bytes()
-            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=CHANNEL_OPTIONS)
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options)
         else:
-            self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channel = grpc.insecure_channel(address, options=options)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._timeout = timeout
-        self._retries = retries
+        self._timeout, self._stream_timeout = timeout, stream_timeout
+        self._retry_for, self._retries = retry_for, retries
         self._catalog = pb_grpc.CatalogServiceStub(self._channel)
         self._data = pb_grpc.DataServiceStub(self._channel)
         self._analysis = pb_grpc.AnalysisServiceStub(self._channel)
@@ -138,7 +160,7 @@ class Client:
             name="hidden_states", attrs={"model": model, "method": method, "run_complete": header.run_complete})
 
     def _stream(self, request: pb.ReadStatesRequest) -> tuple[pb.StatesHeader, np.ndarray]:
-        stream = self._data.ReadStates(request, metadata=self._metadata, timeout=self._timeout)
+        stream = self._data.ReadStates(request, metadata=self._metadata, timeout=self._stream_timeout)
         try:
             header = None
             received = 0
@@ -195,20 +217,27 @@ class Client:
     def _call(self, method: Callable[..., T], request: Any) -> T:
         return self._retry(lambda: method(request, metadata=self._metadata, timeout=self._timeout))
 
-    def _retry(self, attempt: Callable[[], T]) -> T:
-        """Retry UNAVAILABLE (server starting, restarting, or a run briefly locked) with exponential backoff."""
-        for n in range(self._retries + 1):
+    def _retry(self, attempt: Callable[[], T]) -> T:  # type: ignore[return]  # the loop returns or raises
+        """Retry UNAVAILABLE for ``retry_for`` seconds: backoff doubling from 0.1 s to 2 s, each delay drawn
+        from its upper half so that clients who lost the same server do not come back in step.
+
+        Not gRPC's retryPolicy service config: it allows at most 5 attempts with delays drawn from zero up,
+        so its total wait is too short and too random to span a server restart; and it would not cover
+        a stream that fails after its first message.
+        """
+        give_up = time.monotonic() + self._retry_for
+        for n in itertools.count():
             try:
                 return attempt()
             except grpc.RpcError as exc:
                 code = exc.code()
-                if code is grpc.StatusCode.UNAVAILABLE and n < self._retries:
-                    delay = 0.2 * 2**n
+                delay = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2**n) * random.uniform(0.5, 1.0)
+                retry = self._retries is None or n < self._retries
+                if code is grpc.StatusCode.UNAVAILABLE and retry and time.monotonic() + delay < give_up:
                     log.info("server unavailable (%s); retrying in %.1f s", exc.details(), delay)
                     time.sleep(delay)
                     continue
                 raise ActstoreError(code, exc.details() or "") from None
-        raise AssertionError("unreachable")
 
 
 class AnalysisJob:

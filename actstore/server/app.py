@@ -5,9 +5,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import signal
-import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from actstore.protocol import CHANNEL_OPTIONS, DEFAULT_ADDRESS
+from actstore.server.address import parse_address
 from actstore.server.auth import Authenticator
 from actstore.server.service import CatalogService, DataService
 from actstore.store import Store
@@ -27,6 +28,8 @@ SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[name].full_name
                  for name in ("CatalogService", "DataService", "AnalysisService")]
 DEFAULT_MAX_RESPONSE_MB = 4096
 SHUTDOWN_GRACE_S = 30.0
+# gRPC binds with SO_REUSEPORT by default: a second server on a busy port would start and silently share it.
+SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
 
 
 @dataclass
@@ -46,15 +49,15 @@ class Server:
     """A running actstore server; ``port`` is the bound port (useful with an address ending in :0)."""
 
     def __init__(self, config: ServerConfig) -> None:
-        if not (config.store / "zarr.json").exists():
+        store = Store(config.store)
+        if not store.exists():
             raise ValueError(f"no actstore store at {config.store} (run `actstore ingest --store {config.store}`)")
         if bool(config.tls_cert) != bool(config.tls_key):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
-        self.config = config
+        self.config = replace(config, address=parse_address(config.address))
         self.auth = Authenticator.from_file(config.auth_file)
-        store = Store(config.store)
         max_bytes = int(config.max_response_mb * 2**20)
-        self.grpc = grpc.server(ThreadPoolExecutor(max_workers=config.workers), options=CHANNEL_OPTIONS)
+        self.grpc = grpc.server(ThreadPoolExecutor(max_workers=config.workers), options=SERVER_OPTIONS)
         pb_grpc.add_CatalogServiceServicer_to_server(CatalogService(store, self.auth, max_bytes), self.grpc)
         pb_grpc.add_DataServiceServicer_to_server(DataService(store, self.auth, max_bytes), self.grpc)
         self.jobs = self._analysis(store, max_bytes)
@@ -79,11 +82,17 @@ class Server:
         return jobs
 
     def _bind(self) -> int:
-        if self.config.tls_cert:
-            credentials = grpc.ssl_server_credentials(
-                [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())])
-            return self.grpc.add_secure_port(self.config.address, credentials)
-        return self.grpc.add_insecure_port(self.config.address)
+        """Bind the address, or raise ValueError with the likely reasons: gRPC says only "Failed to bind"."""
+        address, tls = self.config.address, self.config.tls_cert
+        try:
+            if tls:
+                key_and_chain = (_read_pem(self.config.tls_key), _read_pem(tls))
+                return self.grpc.add_secure_port(address, grpc.ssl_server_credentials([key_and_chain]))
+            return self.grpc.add_insecure_port(address)
+        except RuntimeError:
+            raise ValueError(f"cannot listen on {address}: the port is in use, or the host is not an address of "
+                             "this machine" + (", or --tls-cert/--tls-key are not a PEM certificate chain and "
+                                               "its private key" if tls else "")) from None
 
     def start(self) -> None:
         self.grpc.start()
@@ -106,6 +115,13 @@ class Server:
         log.info("stopped")
 
 
+def _read_pem(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the TLS file {path}: {exc.strerror or exc}") from None
+
+
 def _is_loopback(host: str) -> bool:
     host = host.strip("[]")
     if host == "localhost":
@@ -117,11 +133,17 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully.
+
+    The main thread polls a flag rather than blocking on an Event: Python runs signal handlers only in the
+    main thread, and a signal the kernel hands to one of gRPC's threads (seen after SIGSTOP and SIGCONT)
+    never wakes a main thread blocked on a lock, so the server would not stop.
+    """
     server = Server(config)
-    stop = threading.Event()
+    received: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
     server.start()
-    stop.wait()
+    while not received:
+        time.sleep(0.2)
     server.stop()

@@ -7,7 +7,8 @@ The auth file is TOML mapping bearer tokens to groups::
     "long-random-token-2" = "nlp-lab"
 
 Callers send ``authorization: Bearer <token>``. Without an auth file the server is open: every caller
-reads every run (meant for a local store on localhost, and said so in the log at start).
+reads every run (meant for a local store on localhost, and said so in the log at start). Tokens shorter
+than 16 characters, the empty one included, are refused when the file is loaded.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from actstore.store import validate_name
+
+
+MIN_TOKEN_CHARS = 16
 
 
 class AuthError(Exception):
@@ -63,8 +67,12 @@ class Authenticator:
         tokens = config.get("tokens")
         if not isinstance(tokens, dict) or not tokens:
             raise ValueError(f"auth file {path}: needs a [tokens] table mapping tokens to group names")
-        for group in tokens.values():
+        for token, group in tokens.items():
             validate_name(str(group), "group name")
+            if len(token.strip()) < MIN_TOKEN_CHARS:  # a short token is guessed; never print it
+                raise ValueError(f"auth file {path}: the token of group {group!r} has {len(token.strip())} "
+                                 f"characters, fewer than {MIN_TOKEN_CHARS}: use long random tokens, e.g. from "
+                                 "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
         return cls({str(token): str(group) for token, group in tokens.items()})
 
     @property

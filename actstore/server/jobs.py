@@ -21,6 +21,7 @@ from actstore.analysis.density import PAPER, DensityParams
 from actstore.analysis.layers import Mask
 from actstore.analysis.scheduler import ComparisonOutcome, LayerOutcome, RunName, dask_client, submit_layers
 from actstore.server.selection import BadRequest
+from actstore.store import echo
 from actstore.v1 import actstore_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ class JobManager:
     def get(self, job_id: str, group: str | None) -> Job:
         job = self._jobs.get(job_id)
         if job is None or job.group != group:  # another group's job is as good as absent
-            raise JobNotFound(f"no job {job_id!r} (jobs are kept in the server's memory for "
+            raise JobNotFound(f"no job {echo(job_id)} (jobs are kept in the server's memory for "
                               f"{KEEP_ENDED_S / 3600:g} h after they end, and until it restarts)")
         return job
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from actstore.store import echo
 from actstore.v1 import actstore_pb2 as pb
 
 LABEL_NAMES = ("subject", "answer", "prediction", "correct")
@@ -71,13 +72,22 @@ def positions(selection: pb.SampleSelection, labels: dict[str, np.ndarray], id_o
     keep = np.ones(len(chosen), dtype=bool)
     for f in selection.filters:
         if f.name not in LABEL_NAMES:
-            raise BadRequest(f"unknown label {f.name!r}; filter on {', '.join(LABEL_NAMES)}")
+            raise BadRequest(f"unknown label {echo(f.name)}; filter on {', '.join(LABEL_NAMES)}")
         if not f.values:
             raise BadRequest(f"label filter {f.name!r} has no values")
-        column = labels[f.name][chosen]
-        values = [v.lower() == "true" for v in f.values] if f.name == "correct" else list(f.values)
-        keep &= np.isin(column, values)
+        keep &= np.isin(labels[f.name][chosen], _filter_values(f))
     chosen = chosen[keep]
     if len(chosen) == 0:
         raise BadRequest("the selection matches no sample")
     return chosen
+
+
+def _filter_values(f: pb.LabelFilter) -> list:
+    """The values to keep, typed like the label; ``correct`` takes true or false, anything else is refused
+    (read as False, ``correct=maybe`` would silently select the wrong samples)."""
+    if f.name != "correct":
+        return list(f.values)
+    bad = [v for v in f.values if v.lower() not in ("true", "false")]
+    if bad:
+        raise BadRequest(f"label filter 'correct' takes true or false, not {echo(bad[0])}")
+    return [v.lower() == "true" for v in f.values]

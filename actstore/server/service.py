@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+MAX_DETAILS_CHARS = 1000  # status details travel in HTTP/2 trailers, which peers cap at a few KiB
 
 
 class Forbidden(Exception):
@@ -65,7 +66,8 @@ def rpc(method: Callable) -> Callable:
         if exc is not None:
             if code is grpc.StatusCode.INTERNAL:
                 log.exception("internal error in %s", name, exc_info=exc)
-            context.abort(code, str(exc) if code is not grpc.StatusCode.INTERNAL else "internal server error")
+            details = str(exc) if code is not grpc.StatusCode.INTERNAL else "internal server error"
+            context.abort(code, details if len(details) <= MAX_DETAILS_CHARS else details[:MAX_DETAILS_CHARS] + "...")
 
     if inspect.isgeneratorfunction(method):  # server streaming: the body runs as the response is consumed
 
@@ -103,12 +105,15 @@ class _Base:
         self.max_response_bytes = max_response_bytes
 
     def readable_run(self, ref: pb.RunRef, caller: Caller) -> Run:
+        """The run, or NOT_FOUND worded alike whether it is absent or hidden from this caller (AIP-211):
+        a different answer would tell outsiders which private runs exist."""
+        absent = RunNotFound(f"no run {ref.model}/{ref.method}")  # not the store's message: it lists every run
         try:
             run = self.store.run(ref.model, ref.method)
-        except RunNotFound:  # the store's own message lists every run: not for a caller who may not see them
-            raise RunNotFound(f"no run {ref.model}/{ref.method}") from None
+        except RunNotFound:
+            raise absent from None
         if not caller.can_read(run.access):
-            raise Forbidden(f"group {caller.group!r} may not read run {ref.model}/{ref.method}")
+            raise absent
         return run
 
 

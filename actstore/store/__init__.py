@@ -11,7 +11,7 @@ from actstore.store.errors import (
     StoreError,
     StoreNotWritable,
 )
-from actstore.store.names import safe_name, validate_name
+from actstore.store.names import echo, safe_name, validate_name
 from actstore.store.run import LABELS, VISIBILITIES, Run, RunWriter
 from actstore.store.store import DEFAULT_STORE, Store
 
@@ -28,6 +28,7 @@ __all__ = [
     "StoreError",
     "StoreNotWritable",
     "VISIBILITIES",
+    "echo",
     "safe_name",
     "validate_name",
 ]

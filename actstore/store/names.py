@@ -10,6 +10,7 @@ import re
 
 from actstore.store.errors import InvalidName
 
+ECHO_CHARS = 64
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
@@ -18,10 +19,17 @@ def validate_name(name: str, what: str = "name") -> str:
     """Return ``name`` unchanged if it is a safe single path component, else raise InvalidName."""
     if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise InvalidName(
-            f"invalid {what} {name!r}: use 1-128 characters from letters, digits, '.', '_', '+', '-', "
+            f"invalid {what} {echo(name)}: use 1-128 characters from letters, digits, '.', '_', '+', '-', "
             "starting with a letter or digit, without '..' or '/'"
         )
     return name
+
+
+def echo(value: object, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message that quotes what a caller sent must not
+    grow with it (a 20,000-character name would otherwise come back whole, past gRPC's metadata limits)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value))} characters)"
 
 
 def safe_name(text: str) -> str:

@@ -26,10 +26,14 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
 
+    def exists(self) -> bool:
+        """Whether the root holds a store (a mistyped path reads as an empty store otherwise)."""
+        return (self.root / "zarr.json").exists()
+
     def runs(self) -> list[Run]:
         """Every run in the store, sorted by model then method; runs still being created are skipped."""
         found = []
-        if not (self.root / "zarr.json").exists():
+        if not self.exists():
             return found
         for model_dir in sorted(p for p in self.root.iterdir() if (p / "zarr.json").exists()):
             for run_dir in sorted(p for p in model_dir.iterdir() if (p / "zarr.json").exists()):
