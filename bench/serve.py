@@ -1,6 +1,6 @@
 """Serving benchmark: a whole layer and single samples through gRPC vs read locally, in one run.
 
-    .venv/bin/python bench/serve.py [--store PATH] [--samples 9181] [--repeats 7]
+    .venv/bin/python bench/serve.py [--store PATH] [--samples 9181] [--repeats 7] [--fetches 300]
 
 Builds a run of the study's shape from real SmolLM2 states (31 layers x 9,181 samples x 576; 200
 ingested questions tiled, unless --store names a store with a SmolLM2 0shot run), starts
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +20,10 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from actstore.client import Client  # noqa: E402
+from actstore.server.process import ServerProcess  # noqa: E402
 from actstore.store import Store  # noqa: E402
-from serving import ServerProcess  # noqa: E402
 
 MODEL, METHOD = "bench", "tiled"
 
@@ -63,6 +61,7 @@ def main() -> None:
     parser.add_argument("--store", type=Path, help="a store with a SmolLM2 0shot run (default: ingest one)")
     parser.add_argument("--samples", type=int, default=9181)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--fetches", type=int, default=300, help="one-sample fetches timed")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -82,7 +81,7 @@ def main() -> None:
                     rounds["client (gRPC)"].append(
                         median_seconds(lambda: client.hidden_states(MODEL, METHOD, layers=layer), 1))
                 ids = run.labels()["sample"]
-                picks = np.random.default_rng(0).choice(ids, 300)
+                picks = np.random.default_rng(0).choice(ids, args.fetches)
                 latencies = []
                 for sample_id in picks:
                     started = time.perf_counter()
