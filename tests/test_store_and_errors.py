@@ -37,9 +37,29 @@ def test_plain_zarr_and_xarray_open_the_store(filled):
     np.testing.assert_array_equal(group["hidden_states"][2], ds.hidden_states[2].values)
     assert not np.isnan(ds.hidden_states.values).any()
     attrs = zarr.open_group(filled.store, mode="r")["tiny-llama/1shot"].attrs.asdict()
-    assert attrs["recipe"]["k"] == 1 and attrs["recipe"]["dataset"]["sha256"]
-    assert len(attrs["prompt"]["shot_ids"]["anatomy"]) == 1
+    assert {"recipe", "prompt", "progress"} <= set(attrs["json_attributes"].split())  # JSON text: netCDF-safe
+    recipe = json.loads(attrs["recipe"])
+    assert recipe["k"] == 1 and recipe["dataset"]["sha256"]
+    assert len(json.loads(attrs["prompt"])["shot_ids"]["anatomy"]) == 1
     assert 0 <= attrs["accuracy"] <= 1
+
+
+def test_plain_xarray_opens_the_whole_tree_and_exports_a_run_to_netcdf(filled, tmp_path):
+    from actstore.analysis.layers import Mask, neighbour_graph
+
+    run = Store(filled.store).run("tiny-llama", "0shot")
+    graph = neighbour_graph(run, 2, Mask(per_subject=None), maxk=3)  # written under derived/ by the analysis
+    tree = xr.open_datatree(filled.store, engine="zarr", consolidated=False)
+    (entry,) = tree["tiny-llama/0shot/derived/neighbours"].children.values()
+    np.testing.assert_array_equal(entry["indices"].values, graph["indices"])
+    assert entry.attrs["per_subject"] == "null"  # None, as JSON text
+
+    ds = xr.open_zarr(filled.store, group="tiny-llama/0shot", consolidated=False)
+    ds.to_netcdf(tmp_path / "run.nc")
+    back = xr.open_dataset(tmp_path / "run.nc")
+    np.testing.assert_array_equal(back.hidden_states.values, ds.hidden_states.values)
+    assert json.loads(back.attrs["recipe"]) == run.attrs["recipe"]
+    assert run.n_samples == 12 and run.complete and run.access["visibility"] == "public"  # actstore reads on
 
 
 @pytest.mark.parametrize("bad", ["..", "a/b", "../x", "", ".hidden", "x" * 200, "a..b"])

@@ -31,6 +31,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from actstore.store.attributes import as_stored, encode, read_attr, read_attrs, write_attrs
 from actstore.store.errors import RecipeMismatch
 from actstore.store.layout import LABEL_CHUNK, STATE_DTYPE, StateLayout, state_compressor
 from actstore.store.lock import FolderLock
@@ -64,19 +65,19 @@ class Run:
 
     @property
     def attrs(self) -> dict[str, Any]:
-        return dict(self.group.attrs)
+        return read_attrs(self.group)
 
     @property
     def n_samples(self) -> int:
-        return int(self.group.attrs["progress"]["n_committed"])
+        return int(read_attr(self.group, "progress")["n_committed"])
 
     @property
     def complete(self) -> bool:
-        return bool(self.group.attrs["progress"]["complete"])
+        return bool(read_attr(self.group, "progress")["complete"])
 
     @property
     def accuracy(self) -> float | None:
-        return self.group.attrs.get("accuracy")
+        return read_attr(self.group, "accuracy")
 
     @cached_property
     def hidden_states(self) -> zarr.Array:
@@ -135,7 +136,7 @@ class Run:
 
     def content_key(self) -> str:
         """Identifies the run's committed content: runs only grow, so recipe + sample count pins the values."""
-        recipe = json.dumps(self.group.attrs.get("recipe"), sort_keys=True)
+        recipe = json.dumps(read_attr(self.group, "recipe"), sort_keys=True)
         return hashlib.sha256(f"{recipe}|{self.n_samples}".encode()).hexdigest()[:16]
 
     def save_derived(self, kind: str, key: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
@@ -143,13 +144,15 @@ class Run:
 
         Arrays are written first and the attributes last, with ``complete`` set: a reader never takes
         a half-written entry. Writers of the same key write the same values, so races are harmless.
+        Each axis of an array is named ``{array}_{axis}`` (Zarr's dimension_names, which xarray needs).
         """
         group = zarr.open_group(self.path, mode="a").require_group(f"{DERIVED}/{validate_name(kind, 'kind')}")
         entry = group.require_group(validate_name(key, "key"))
         for name, values in arrays.items():
             entry.create_array(name, shape=values.shape, dtype=values.dtype, overwrite=True,
-                               chunks=values.shape or None, compressors=None)[...] = values  # float64 noise
-        entry.attrs.put({**attrs, "complete": True})
+                               chunks=values.shape or None, compressors=None,  # float64 noise: not compressible
+                               dimension_names=[f"{name}_{axis}" for axis in range(values.ndim)])[...] = values
+        entry.attrs.put(encode({**attrs, "complete": True}, {}))
 
     def load_derived(self, kind: str, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         """(arrays, attributes) saved under ``kind/key``, or None when absent or unfinished."""
@@ -157,7 +160,7 @@ class Run:
         if not (path / "zarr.json").exists():
             return None
         entry = zarr.open_group(path, mode="r")
-        attrs = entry.attrs.asdict()
+        attrs = read_attrs(entry)
         if not attrs.get("complete"):
             return None
         return {name: array[...] for name, array in entry.arrays()}, attrs
@@ -165,7 +168,7 @@ class Run:
     @property
     def access(self) -> dict[str, Any]:
         """Who may read the run: ``owner_group``, ``visibility`` (private, shared, public), ``shared_with``."""
-        return {**DEFAULT_ACCESS, **self.group.attrs.get("access", {})}
+        return {**DEFAULT_ACCESS, **read_attr(self.group, "access", {})}
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -174,8 +177,8 @@ class Run:
 
     def check_recipe(self, recipe: dict[str, Any]) -> None:
         """Raise RecipeMismatch unless the run was made with ``recipe``."""
-        stored = self.group.attrs.get("recipe")
-        if stored != recipe:
+        stored = read_attr(self.group, "recipe")
+        if stored != as_stored(recipe):
             raise RecipeMismatch(_mismatch_message(self.model, self.method, stored or {}, recipe))
 
     def labels(self) -> dict[str, np.ndarray]:
@@ -278,16 +281,16 @@ class RunWriter:
 
     def set_planned(self, n_planned: int) -> None:
         """Record how many samples the run will hold when this ingest ends."""
-        progress = dict(self.run.group.attrs["progress"])
+        progress = read_attr(self.run.group, "progress")
         progress.update(n_planned=n_planned, complete=n_planned == progress["n_committed"])
-        self.run.group.attrs["progress"] = progress
+        self.update_attrs({"progress": progress})
 
     def update_attrs(self, values: dict[str, Any]) -> None:
-        self.run.group.attrs.update(values)
+        write_attrs(self.run.group, values)
 
     def append_history(self, entry: dict[str, Any]) -> None:
         """Keep a record of every ingest that touched the run (selection, versions, time)."""
-        self.update_attrs({"history": [*self.run.group.attrs.get("history", []), entry]})
+        self.update_attrs({"history": [*read_attr(self.run.group, "history", []), entry]})
 
     def add(self, states: np.ndarray, labels: dict[str, np.ndarray]) -> None:
         """Buffer one batch: ``states`` is (layer, batch, hidden); ``labels`` has every LABELS name."""
@@ -327,15 +330,14 @@ class RunWriter:
         self.close()
 
     def _record_commit(self, n_committed: int, new_correct: int) -> None:
-        attrs = self.run.group.attrs
-        progress = dict(attrs["progress"])
+        progress = read_attr(self.run.group, "progress")
         n_correct = progress["n_correct"] + new_correct
         progress.update(
             n_committed=n_committed,
             n_correct=n_correct,
             complete=n_committed >= progress.get("n_planned", n_committed),
         )
-        attrs.update({"progress": progress, "accuracy": n_correct / n_committed if n_committed else None})
+        self.update_attrs({"progress": progress, "accuracy": n_correct / n_committed if n_committed else None})
 
     def _resize(self, n: int) -> None:
         group = self.run.group
@@ -362,7 +364,8 @@ def _recreate(
         shutil.rmtree(child) if child.is_dir() else child.unlink()
     group = zarr.open_group(root, mode="a").require_group(model).require_group(method)
     _create_arrays(group, n_layers, hidden, recipe.get("site", ""))
-    group.attrs.update(
+    write_attrs(
+        group,
         {
             **attrs,
             "actstore": {"format_version": FORMAT_VERSION, "kind": "run"},
@@ -372,7 +375,7 @@ def _recreate(
             "accuracy": None,
         }
     )
-    group.attrs["recipe"] = recipe
+    write_attrs(group, {"recipe": recipe})
     return group
 
 

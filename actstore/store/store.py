@@ -8,6 +8,7 @@ from typing import Any
 
 import zarr
 
+from actstore.store.attributes import write_attrs
 from actstore.store.errors import RunNotFound, StoreNotWritable
 from actstore.store.names import validate_name
 from actstore.store.lock import FolderLock
@@ -72,7 +73,7 @@ class Store:
         lock = FolderLock(run.path, f"run {model}/{method}")
         try:
             writable = zarr.open_group(self.root, mode="a")[f"{model}/{method}"]
-            writable.attrs["access"] = access
+            write_attrs(writable, {"access": access})
         finally:
             lock.release()
         return self.run(model, method)
@@ -99,7 +100,9 @@ class Store:
         """Create the store if needed; raise StoreNotWritable early, before any expensive work."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            zarr.open_group(self.root, mode="a").attrs.setdefault("actstore", {"format_version": 1})
+            root = zarr.open_group(self.root, mode="a")
+            if "actstore" not in root.attrs:
+                write_attrs(root, {"actstore": {"format_version": 1}})
             probe = self.root / ".actstore-write-probe"
             probe.write_bytes(b"")
             probe.unlink()
