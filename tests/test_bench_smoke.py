@@ -41,7 +41,8 @@ def test_every_bench_script_is_listed():
 @pytest.mark.parametrize("script", sorted(BENCHES))
 def test_bench_runs_at_a_tiny_size(script, tiny_store, tmp_path):
     args = [str(tiny_store) if a == STORE else a for a in BENCHES[script]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}  # this checkout's actstore
     done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=tmp_path, timeout=600,
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+                          capture_output=True, text=True, env=env)
     assert done.returncode == 0, f"bench/{script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert done.stdout.strip(), f"bench/{script} printed nothing"

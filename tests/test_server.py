@@ -145,7 +145,8 @@ def test_auth_matrix(served):
     with client(server, token="tok-c-at-least-16-chars") as c:
         assert {(r["model"], r["method"]) for r in c.runs()} == {("tiny-llama", "2shot"), BIG}
         assert status_of(lambda: c.labels("tiny-llama", "1shot")) == S.NOT_FOUND
-    with client(server, token="tok-a-at-least-16-chars") as a:  # the owner opens its private run to everyone, then closes it
+    # the owner opens its private run to everyone, then closes it
+    with client(server, token="tok-a-at-least-16-chars") as a:
         assert a.set_visibility("tiny-llama", "0shot", "public")["visibility"] == "public"
         with client(server, token="tok-c-at-least-16-chars") as c:
             assert c.labels("tiny-llama", "0shot").sizes["sample"] > 0

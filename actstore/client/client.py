@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import random
@@ -217,7 +216,7 @@ class Client:
     def _call(self, method: Callable[..., T], request: Any) -> T:
         return self._retry(lambda: method(request, metadata=self._metadata, timeout=self._timeout))
 
-    def _retry(self, attempt: Callable[[], T]) -> T:  # type: ignore[return]  # the loop returns or raises
+    def _retry(self, attempt: Callable[[], T]) -> T:
         """Retry UNAVAILABLE for ``retry_for`` seconds: backoff doubling from 0.1 s to 2 s, each delay drawn
         from its upper half so that clients who lost the same server do not come back in step.
 
@@ -225,19 +224,19 @@ class Client:
         so its total wait is too short and too random to span a server restart; and it would not cover
         a stream that fails after its first message.
         """
-        give_up = time.monotonic() + self._retry_for
-        for n in itertools.count():
+        give_up, retried = time.monotonic() + self._retry_for, 0
+        while True:
             try:
                 return attempt()
             except grpc.RpcError as exc:
                 code = exc.code()
-                delay = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2**n) * random.uniform(0.5, 1.0)
-                retry = self._retries is None or n < self._retries
-                if code is grpc.StatusCode.UNAVAILABLE and retry and time.monotonic() + delay < give_up:
-                    log.info("server unavailable (%s); retrying in %.1f s", exc.details(), delay)
-                    time.sleep(delay)
-                    continue
-                raise ActstoreError(code, exc.details() or "") from None
+                delay = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2**retried) * random.uniform(0.5, 1.0)
+                more = self._retries is None or retried < self._retries
+                if code is not grpc.StatusCode.UNAVAILABLE or not more or time.monotonic() + delay > give_up:
+                    raise ActstoreError(code, exc.details() or "") from None
+                log.info("server unavailable (%s); retrying in %.1f s", exc.details(), delay)
+                time.sleep(delay)
+                retried += 1
 
 
 class AnalysisJob:
