@@ -6,11 +6,19 @@ import argparse
 from pathlib import Path
 
 from actstore.ingest.options import DTYPE_NAMES, PACKAGED_SMOLLM2, SITES, IngestOptions
+from actstore.ingest.selection import TRAIN_POOL_SIZE
 from actstore.store import DEFAULT_STORE, VISIBILITIES
 
 
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -26,12 +34,17 @@ def add_source_arguments(p: argparse.ArgumentParser, methods: tuple[str, ...] = 
                    help="model folder, hub id (local cache only when offline), .gguf file, or 'smollm2' "
                         "for the packaged SmolLM2-135M-Instruct (default)")
     p.add_argument("--gguf-file", help="GGUF file inside --model's folder")
-    p.add_argument("--checkpoint", help="fine-tuned model for method 'finetuned' (stored under --model's name)")
+    p.add_argument("--checkpoint", help="for methods finetuned[-stepN]: the folder of `actstore finetune --out` "
+                                        "(or any fine-tuned model folder), stored under --model's name")
     p.add_argument("--name", help="model name in the store (default: derived from --model)")
     p.add_argument("--methods", "--method", type=_csv, default=list(methods),
-                   help=f"comma list of 0shot, 1shot..5shot, finetuned[-TAG] (default: {','.join(methods)})")
+                   help=f"comma list of 0shot, 1shot..5shot, finetuned, finetuned-stepN (--checkpoint's "
+                        f"checkpoint-N) (default: {','.join(methods)})")
     p.add_argument("--dataset", default="mmlu",
-                   help="'mmlu' (packaged test split, default), an MMLU CSV folder (dev/, test/) or a JSONL file")
+                   help="'mmlu' (packaged test split, default), an MMLU CSV folder (dev/, val/, test/) or a JSONL file")
+    p.add_argument("--train-pool", type=non_negative, default=TRAIN_POOL_SIZE,
+                   help="fine-tuning questions per subject held out of every method's questions when the data has "
+                        "no dev/val split (default %(default)s; keep it equal to actstore finetune's)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     opts = IngestOptions(
         store=args.store, model=args.model, gguf_file=args.gguf_file, checkpoint=args.checkpoint, name=args.name,
         methods=args.methods, dataset=args.dataset, subjects=args.subjects, per_subject=args.per_subject,
-        limit=args.limit, site=args.site, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
+        limit=args.limit, train_pool=args.train_pool, site=args.site, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
         shot_seed=None if args.fixed_shot_order else args.shot_seed, overwrite=args.overwrite,
         commit_seconds=args.commit_seconds, group=args.group, visibility=args.visibility,
         shared_with=args.share_with,

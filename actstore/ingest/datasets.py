@@ -1,7 +1,8 @@
 """Multiple-choice question sets: MMLU as packaged jsonl, MMLU's CSV folders, and a generic JSONL.
 
 Every loader returns the same :class:`Dataset`: the query questions (the test split) with stable
-integer ids, and, where the data has one, a dev split to draw in-context examples from.
+integer ids, and, where the data has them, a dev split to draw in-context examples from and a validation
+split that, with dev, forms the fine-tuning set.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,7 @@ class Dataset:
     sha256: str
     questions: list[Question]
     dev: dict[str, list[Question]] = field(default_factory=dict)
+    val: dict[str, list[Question]] = field(default_factory=dict)
 
     @property
     def subjects(self) -> list[str]:
@@ -143,18 +144,24 @@ def _read_mmlu_csv(path: Path, subject: str, first_id: int) -> list[Question]:
 
 
 def _load_csv_folder(root: Path) -> Dataset:
-    """MMLU's original layout: ``test/{subject}_test.csv`` and optional ``dev/{subject}_dev.csv``."""
+    """MMLU's original layout: ``test/{subject}_test.csv``, optional ``dev/{subject}_dev.csv`` and
+    ``val/{subject}_val.csv``. Ids number each split's rows in subject order, from 0."""
     test_files = sorted((root / "test").glob("*_test.csv"))
     if not test_files:
         raise DatasetError(f"{root}: no test/{{subject}}_test.csv files (MMLU CSV layout expected)")
-    questions: list[Question] = []
-    for path in test_files:
-        questions += _read_mmlu_csv(path, path.name.removesuffix("_test.csv"), len(questions))
-    dev: dict[str, list[Question]] = defaultdict(list)
-    dev_files = sorted((root / "dev").glob("*_dev.csv"))
-    for path in dev_files:
-        subject = path.name.removesuffix("_dev.csv")
-        dev[subject] = _read_mmlu_csv(path, subject, 0)
+    questions = [q for split in _read_split(test_files, "_test.csv").values() for q in split]
     if not questions:
         raise DatasetError(f"{root}: the test split holds no questions")
-    return Dataset(name=root.name, sha256=_sha256(test_files + dev_files), questions=questions, dev=dict(dev))
+    dev_files, val_files = sorted((root / "dev").glob("*_dev.csv")), sorted((root / "val").glob("*_val.csv"))
+    return Dataset(name=root.name, sha256=_sha256(test_files + dev_files + val_files), questions=questions,
+                   dev=_read_split(dev_files, "_dev.csv"), val=_read_split(val_files, "_val.csv"))
+
+
+def _read_split(files: list[Path], suffix: str) -> dict[str, list[Question]]:
+    split: dict[str, list[Question]] = {}
+    n_read = 0
+    for path in files:
+        subject = path.name.removesuffix(suffix)
+        split[subject] = _read_mmlu_csv(path, subject, n_read)
+        n_read += len(split[subject])
+    return split

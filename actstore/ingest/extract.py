@@ -66,6 +66,19 @@ def _capture_last_token(modules: list[torch.nn.Module]):
             hook.remove()
 
 
+def encode(tokenizer, prompts: list[str], device: torch.device, max_length: int | None = None
+           ) -> dict[str, torch.Tensor]:
+    """Left-padded (and, past ``max_length``, left-truncated) token ids, so that the last position is every
+    prompt's ``Answer:``; position ids follow the attention mask so padding never shifts a prompt."""
+    tokenizer.truncation_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=max_length is not None,
+                    max_length=max_length)
+    mask = enc["attention_mask"]
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": mask.to(device),
+            "position_ids": position_ids.to(device)}
+
+
 class StateExtractor:
     """Runs batches of prompts and returns (states, predicted letters).
 
@@ -83,16 +96,10 @@ class StateExtractor:
         self.letter_ids = letter_token_ids(loaded.tokenizer)
         self._norms = [_input_norm(b) for b in _decoder_blocks(self.decoder)] if site == "normed" else []
 
-    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.loaded.tokenizer(prompts, return_tensors="pt", padding=True)
-        mask = enc["attention_mask"]
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return {"input_ids": enc["input_ids"], "attention_mask": mask, "position_ids": position_ids}
-
     @torch.inference_mode()
     def __call__(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """States as float32 (layer, batch, hidden) and the argmax letter over A/B/C/D per prompt."""
-        inputs = {k: v.to(self.loaded.device) for k, v in self.encode(prompts).items()}
+        inputs = encode(self.loaded.tokenizer, prompts, self.loaded.device)
         with _capture_last_token(self._norms) as normed:
             out = self.decoder(**inputs, output_hidden_states=self.site == "residual", use_cache=False)
         last = out.last_hidden_state[:, -1]

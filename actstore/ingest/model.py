@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from actstore.finetune import folder as adapter_folder
 from actstore.ingest.options import DTYPE_NAMES, PACKAGED_SMOLLM2
 
 log = logging.getLogger(__name__)
@@ -49,11 +54,20 @@ class ModelSource:
         return cls(model, gguf_file)
 
     @property
+    def is_adapter(self) -> bool:
+        """A peft adapter folder (``actstore finetune`` writes them): probed merged into the base model."""
+        return not self.gguf_file and adapter_folder.is_adapter(self.path)
+
+    @property
     def model_id(self) -> str:
-        """The model's identity without the folder it happens to sit in: a hub id, folder or file name."""
+        """The model's identity without the folder it happens to sit in: a hub id, folder or file name
+        (for an adapter's checkpoint, its training folder's name too: ``sft/checkpoint-10``)."""
         if self.gguf_file:
             return self.gguf_file
-        return Path(self.path).name if Path(self.path).exists() else self.path
+        path = Path(self.path)
+        if self.is_adapter and path.name.startswith("checkpoint-"):
+            return f"{path.parent.name}/{path.name}"
+        return path.name if path.exists() else self.path
 
     @property
     def location(self) -> str:
@@ -67,6 +81,8 @@ class ModelSource:
 
     def fingerprint(self) -> str:
         """sha256 of the weight and config files, so a run records exactly which weights produced it."""
+        if self.is_adapter:
+            return adapter_folder.fingerprint(Path(self.path))
         if self.gguf_file:
             files = [Path(self.path) / self.gguf_file]
         elif Path(self.path).is_dir():
@@ -142,3 +158,23 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype) ->
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(device=device, dtype=dtype).eval()
     return LoadedModel(model, tokenizer, source, device, dtype)
+
+
+def merge_adapter(base: LoadedModel, source: ModelSource) -> LoadedModel:
+    """A copy of ``base`` with the peft adapter in ``source`` merged into its weights (``base`` is untouched,
+    so other methods of the same ingest still probe the base model)."""
+    from peft import PeftModel  # only fine-tuned probes need peft
+
+    log.info("merging adapter %s into a copy of %s", source.path, base.source.path)
+    with peft_quietly():
+        merged = PeftModel.from_pretrained(copy.deepcopy(base.model), source.path).merge_and_unload()
+    return replace(base, model=merged.to(device=base.device, dtype=base.dtype).eval(), source=source)
+
+
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """peft asks transformers for ``is_gradient_checkpointing``, which warns of its own deprecation: noise
+    for the user, who can do nothing about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield

