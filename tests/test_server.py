@@ -399,6 +399,10 @@ def test_calls_have_a_deadline_by_default(served, tmp_path):
                 assert status_of(lambda: stalled.hidden_states("tiny-llama", "2shot")) == \
                     grpc.StatusCode.DEADLINE_EXCEEDED
                 assert time.monotonic() - started < 10
+            with Client(server.address, stream_timeout=None, retries=0) as patient:  # no deadline: keepalive
+                started = time.monotonic()
+                assert status_of(lambda: patient.hidden_states("tiny-llama", "2shot")) == grpc.StatusCode.UNAVAILABLE
+                assert time.monotonic() - started < 45
     finally:
         server.proc.send_signal(signal.SIGCONT)
         server.stop()

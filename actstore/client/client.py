@@ -30,9 +30,18 @@ DEFAULT_TIMEOUT_S = 30.0  # deadline of each unary call: a stalled server must n
 DEFAULT_STREAM_TIMEOUT_S = 600.0  # deadline of a whole ReadStates stream (the server caps its size)
 DEFAULT_RETRY_FOR_S = 10.0  # how long UNAVAILABLE is retried: enough to ride over a server restart
 FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.1, 2.0
-# Reconnect at least every second once the server is gone (gRPC's default backoff grows to minutes), so
-# that a retry finds a restarted server within the retry window.
-RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+CLIENT_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    # Reconnect at least every second once the server is gone (gRPC's default backoff grows to minutes),
+    # so that a retry finds a restarted server within the retry window.
+    ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000),
+    # Ping a silent server every 20 s, however long the call has been idle, and drop the connection if it
+    # does not answer within 10 s, so that a call without a deadline (WatchJob, or timeout=None) cannot
+    # hang on a stalled server; gRPC's own pings would otherwise wait 60 s for their answer and hold the
+    # keepalive back meanwhile. actstore's server accepts pings this often (app.SERVER_OPTIONS).
+    ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000), ("grpc.http2.max_pings_without_data", 0),
+]
 
 
 class ActstoreError(Exception):
@@ -66,17 +75,17 @@ class Client:
         path of a PEM CA bundle (e.g. a self-signed cert).
 
         ``timeout``: deadline in seconds of each call but ``hidden_states``, whose whole stream has
-        ``stream_timeout`` (None: no deadline, and a stalled server hangs the call). UNAVAILABLE (server
-        down or restarting, a run briefly locked) is retried for ``retry_for`` seconds, at most ``retries``
-        times when given, with exponential backoff and jitter.
+        ``stream_timeout`` (None: no deadline; keepalive pings still end a call to a stalled server within
+        ~30 s, as they do ``AnalysisJob.watch``). UNAVAILABLE (server down or restarting, a run briefly
+        locked) is retried for ``retry_for`` seconds, at most ``retries`` times when given, with exponential
+        backoff and jitter.
         """
         address = parse_address(address)
-        options = [*CHANNEL_OPTIONS, *RECONNECT_OPTIONS]
         if tls:
             roots = None if tls is True else Path(tls).read_bytes()
-            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options)
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=CLIENT_OPTIONS)
         else:
-            self._channel = grpc.insecure_channel(address, options=options)
+            self._channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout, self._stream_timeout = timeout, stream_timeout
         self._retry_for, self._retries = retry_for, retries
@@ -294,8 +303,8 @@ class AnalysisJob:
         return self._done
 
 
-METRICS = ("id", "id_2nn", "n_clusters", "core_fraction", "ari_subject", "ari_answer", "overlap_subject",
-           "overlap_answer")
+METRICS = ("id", "id_2nn", "n_clusters", "core_fraction", "ari_subject", "ari_answer", "ari_prediction",
+           "overlap_subject", "overlap_answer")
 
 
 COMPARISON_METRICS = ("n_common", "data_overlap", "ari_clusters")

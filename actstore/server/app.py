@@ -28,8 +28,14 @@ SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[name].full_name
                  for name in ("CatalogService", "DataService", "AnalysisService")]
 DEFAULT_MAX_RESPONSE_MB = 4096
 SHUTDOWN_GRACE_S = 30.0
-# gRPC binds with SO_REUSEPORT by default: a second server on a busy port would start and silently share it.
-SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
+SERVER_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    # gRPC binds with SO_REUSEPORT by default: a second server on a busy port would start and share it silently.
+    ("grpc.so_reuseport", 0),
+    # actstore's client pings every 20 s on an idle call to notice a stalled server; gRPC servers otherwise
+    # take pings more often than every 5 minutes as abuse and drop the connection (a long WatchJob).
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
 
 
 @dataclass
