@@ -38,7 +38,7 @@ def params_from(request: pb.StartAnalysisRequest) -> DensityParams:
     """The preset with the request's overrides; raises BadRequest naming a bad value."""
     preset = request.preset or "paper"
     if preset not in PRESETS:
-        raise BadRequest(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        raise BadRequest(f"unknown preset {echo(preset)}; known: {', '.join(PRESETS)}")
     overrides = {f.name: getattr(request.params, f.name) for f in dataclasses.fields(DensityParams)
                  if request.params.HasField(f.name)}
     params = dataclasses.replace(PRESETS[preset], **overrides)
