@@ -78,10 +78,11 @@ def test_layer_metrics_equal_dadapy_computing_its_own_neighbours():
     x, blob = blobs(n=800, d=12, centers=5)
     subjects = np.array([f"s{b}" for b in blob])
     answers = np.array(list("ABCD"))[np.random.default_rng(1).integers(0, 4, len(x))]
+    predictions = np.array(list("ABCD"))[blob % 4]  # a model whose answer follows the cluster, right or wrong
     params = DensityParams(maxk=60, gride_range_max=32, id_scale_index=2, density_k=12, z=1.6)
     maxk = neighbours_needed(params, subjects, answers)
     dist, idx = knn(x, maxk)
-    got = analyse_layer(dist, idx, subjects, answers, params)
+    got = analyse_layer(dist, idx, subjects, answers, predictions, params)
 
     plain = Data(coordinates=x, maxk=params.maxk, n_jobs=1)
     plain.compute_distances(maxk=params.maxk)
@@ -97,6 +98,8 @@ def test_layer_metrics_equal_dadapy_computing_its_own_neighbours():
     np.testing.assert_array_equal(got.assignment, assignment)
     assert got.ari_subject == pytest.approx(adjusted_rand_score(subjects, assignment))
     assert got.ari_subject > 0.9 and abs(got.ari_answer) < 0.05  # the blobs are the subjects
+    assert got.ari_prediction == pytest.approx(adjusted_rand_score(predictions, assignment))
+    assert got.ari_prediction > 0.5  # encodes its own answer, not the right one
     assert got.overlap_subject > 0.9 and 0.1 < got.overlap_answer < 0.45
     assert 0 < got.core_fraction <= 1
 
@@ -233,7 +236,8 @@ def test_dendrogram_of_density_peaks():
     x, blob = blobs(n=900, d=6, centers=6, seed=5)
     labels = np.array([f"s{b}" for b in blob])
     dist, idx = knn(x, 100)
-    result = analyse_layer(dist, idx, labels, labels, DensityParams(maxk=100, gride_range_max=32, id_scale_index=2))
+    result = analyse_layer(dist, idx, labels, labels, labels,
+                           DensityParams(maxk=100, gride_range_max=32, id_scale_index=2))
     tree = density_peak_dendrogram(result, labels)
     assert len(tree.clusters) >= 2 and tree.linkage.shape == (len(tree.clusters) - 1, 4)
     assert (tree.sizes > 30).all() and len(set(tree.labels)) == len(tree.labels)  # one blob per peak

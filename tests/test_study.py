@@ -8,7 +8,10 @@ from actstore.cli import main
 from actstore.store import Store
 from conftest import derived_files, make_questions, write_jsonl
 
-METHODS = ["0shot", "1shot", "2shot", "5shot"]
+ICL = ["0shot", "1shot", "2shot", "5shot"]
+FINETUNED = ["finetuned-step10", "finetuned"]  # 60 training questions: 4 steps an epoch, 16 in all
+METHODS = ICL + FINETUNED
+PAIRS = ["0shot vs 5shot", "0shot vs finetuned", "5shot vs finetuned"]
 
 
 @pytest.fixture(scope="module")
@@ -25,29 +28,38 @@ def test_the_job_writes_figures_tables_and_summary(study):
     root, _ = study
     results = root / "results"
     layers = pd.read_csv(results / "layers.csv")
-    assert sorted(layers.method.unique()) == METHODS and sorted(layers.layer.unique()) == [1, 2, 3]
+    assert sorted(layers.method.unique()) == sorted(METHODS) and sorted(layers.layer.unique()) == [1, 2, 3]
     assert (layers.error.isna()).all(), layers.error  # every layer analysed
     assert (layers.id > 0).all() and (layers.n_clusters >= 1).all() and np.isfinite(layers.id_2nn).all()
-    for name in ("ari_subject", "ari_answer"):
+    for name in ("ari_subject", "ari_answer", "ari_prediction"):
         assert layers[name].between(-1, 1).all()
     for name in ("overlap_subject", "overlap_answer", "core_fraction"):
         assert layers[name].between(0, 1).all()
     comparison = pd.read_csv(results / "comparison.csv")
-    assert comparison.pair.unique().tolist() == ["0shot vs 5shot"] and len(comparison) == 3
-    assert comparison.data_overlap.between(0, 1).all() and (comparison.n_common == 153).all()
+    assert comparison.pair.unique().tolist() == PAIRS and len(comparison) == 3 * len(PAIRS)
+    assert comparison.data_overlap.between(0, 1).all() and (comparison.n_common == 180).all()
 
     from matplotlib.image import imread
 
-    figure = imread(results / "layers.png")
-    assert figure.shape[0] > 600 and figure.shape[1] > 1000 and figure.std() > 0.05  # drawn, not blank
+    for name in ("layers.png", "training.png"):
+        figure = imread(results / name)
+        assert figure.shape[0] > 600 and figure.shape[1] > 1000 and figure.std() > 0.05  # drawn, not blank
 
     summary = (results / "summary.md").read_text()
     store = Store(root / "store")
     for method in METHODS:
         run = store.run("tiny-llama", method)
-        assert f"| {method} | 153 | {run.accuracy:.3f} |" in summary
+        assert f"| {method} | 180 | {run.accuracy:.3f} |" in summary
     assert "## Transition layer" in summary and "layers.png" in summary
-    assert "\nstopped\n" in (results / "server.log").read_text()  # SIGTERM: graceful shutdown, Dask closed
+    tuned, base = store.run("tiny-llama", "finetuned"), store.run("tiny-llama", "0shot")
+    assert f"| accuracy on the probed questions | {base.accuracy:.3f} | {tuned.accuracy:.3f} |" in summary
+    record = tuned.attrs["finetune"]
+    assert (f"| accuracy on the training questions | {record['accuracy']['train_before']:.3f} | "
+            f"{record['accuracy']['train_after']:.3f} |") in summary
+    assert "Where finetuned and 5shot differ" in summary and "| ari_prediction |" in summary
+    assert not set(record["training"]["ids"]) & set(base.labels()["sample"].tolist())
+    log = (results / "server.log").read_text().splitlines()
+    assert any(line.endswith(": stopped") for line in log)  # SIGTERM: graceful shutdown, Dask closed
 
 
 def test_a_rerun_reuses_everything_and_plot_draws_the_same_from_the_store(study, capsys, tmp_path):
@@ -56,13 +68,14 @@ def test_a_rerun_reuses_everything_and_plot_draws_the_same_from_the_store(study,
     cached = derived_files(root / "store")
     assert main(args) == 0
     assert derived_files(root / "store") == cached and cached  # every analysis answered from the store
-    assert capsys.readouterr().out.count("up to date, nothing to do") == len(METHODS)
+    assert capsys.readouterr().out.count("up to date, nothing to do") == len(METHODS)  # the adapter is reused too
     assert (root / "results" / "layers.csv").read_text() == first
 
     assert main(["plot", "--store", str(root / "store"), "--model", "tiny-llama", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "layers.csv").read_text() == first
     assert (tmp_path / "comparison.csv").read_text() == (root / "results" / "comparison.csv").read_text()
-    assert (tmp_path / "layers.png").stat().st_size > 10_000
+    assert (tmp_path / "summary.md").read_text() == (root / "results" / "summary.md").read_text()
+    assert (tmp_path / "layers.png").stat().st_size > 10_000 and (tmp_path / "training.png").exists()
 
 
 def test_plot_says_what_is_not_analysed(study, capsys, tmp_path, tiny_model):

@@ -2,7 +2,9 @@
 
 Doimo et al. 2024 (REFERENCE.md, section 1, steps 3-8): Gride intrinsic dimension at neighbour-rank
 scales 2..64 (the estimate at one scale set as the ID), 2NN ID, kNN density, Advanced Density Peaks
-clustering, its agreement with subject and answer labels (ARI), and label overlap.
+clustering, its agreement with subject and answer labels (ARI), and label overlap. Beside the ARI with the
+gold answers, the ARI with the model's own predicted letters tells "encodes its own answer" apart from
+"encodes the right answer": for a model near chance the two differ.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class LayerDensity:
     saddle_log_density: np.ndarray  # (clusters, clusters) log-density at the saddles (DADApy log_den_bord)
     ari_subject: float
     ari_answer: float
+    ari_prediction: float  # with the model's predicted letters
     overlap_subject: float
     overlap_answer: float
 
@@ -56,7 +59,7 @@ def neighbours_needed(params: DensityParams, subjects: np.ndarray, answers: np.n
 
 
 def analyse_layer(distances: np.ndarray, indices: np.ndarray, subjects: np.ndarray, answers: np.ndarray,
-                  params: DensityParams = PAPER) -> LayerDensity:
+                  predictions: np.ndarray, params: DensityParams = PAPER) -> LayerDensity:
     """All per-layer metrics from a neighbour graph (``knn`` output, self first, duplicates already removed)."""
     subjects, answers = _codes(subjects), _codes(answers)  # integer labels: every later step is faster
     maxk = params.maxk
@@ -76,6 +79,7 @@ def analyse_layer(distances: np.ndarray, indices: np.ndarray, subjects: np.ndarr
         peak_log_density=peaks, saddle_log_density=saddles,
         ari_subject=float(adjusted_rand_score(subjects, assignment)),
         ari_answer=float(adjusted_rand_score(answers, assignment)),
+        ari_prediction=float(adjusted_rand_score(_codes(predictions), assignment)),
         overlap_subject=label_overlap(indices, subjects, params.subject_fraction),
         overlap_answer=label_overlap(indices, answers, params.answer_fraction),
     )

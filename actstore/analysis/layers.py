@@ -25,6 +25,7 @@ from actstore.store import Run
 log = logging.getLogger(__name__)
 
 _ARRAYS = ("ids_gride", "assignment", "peak_log_density", "saddle_log_density")
+RESULTS_VERSION = 2  # part of the cache key of results: 2 added ari_prediction, so older entries are recomputed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +84,7 @@ def analyse(run: Run, layer: int, params: DensityParams, mask: Mask = Mask(),
             compute: bool = True) -> tuple[LayerDensity, np.ndarray]:
     """The layer's density metrics and the positions of the samples they cover (duplicates dropped):
     from the store when they are there, else computed and stored (or NotAnalysed when not ``compute``)."""
-    key = _key("density", run.content_key(), layer, mask.per_subject, dataclasses.asdict(params))
+    key = _key("density", RESULTS_VERSION, run.content_key(), layer, mask.per_subject, dataclasses.asdict(params))
     cached = run.load_derived("density", key)
     if cached is not None:
         arrays, attrs = cached
@@ -97,7 +98,7 @@ def analyse(run: Run, layer: int, params: DensityParams, mask: Mask = Mask(),
     graph = neighbour_graph(run, layer, mask, maxk)
     kept = graph["kept"]
     result = analyse_layer(graph["distances"], graph["indices"], labels["subject"][kept], labels["answer"][kept],
-                           params)
+                           labels["prediction"][kept], params)
     values = dataclasses.asdict(result)
     run.save_derived("density", key, {**{name: np.asarray(values[name]) for name in _ARRAYS}, "positions": kept},
                      {name: value for name, value in values.items() if name not in _ARRAYS} | {"layer": layer})

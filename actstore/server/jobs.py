@@ -115,7 +115,7 @@ def _result(o: LayerOutcome) -> pb.LayerResult:
         out.MergeFrom(pb.LayerResult(
             id=r.id, ids_gride=r.ids_gride.tolist(), id_2nn=r.id_2nn, n_clusters=r.n_clusters,
             core_fraction=r.core_fraction, ari_subject=r.ari_subject, ari_answer=r.ari_answer,
-            overlap_subject=r.overlap_subject, overlap_answer=r.overlap_answer,
+            ari_prediction=r.ari_prediction, overlap_subject=r.overlap_subject, overlap_answer=r.overlap_answer,
             sample_ids=o.sample_ids.tolist(), assignment=r.assignment.tolist()))
     if o.dendrogram is not None:
         d = o.dendrogram

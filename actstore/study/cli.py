@@ -38,7 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"questions per subject, over every subject unless --subjects (default: {PER_SUBJECT}; "
                         "200 is the study's size)")
     p.add_argument("--compare", type=_pair, default=("0shot", "5shot"), metavar="A,B",
-                   help="two methods compared layer by layer (default: 0shot,5shot)")
+                   help="two methods compared layer by layer (default: 0shot,5shot; 0shot and 5shot are compared "
+                        "with finetuned too)")
+    p.add_argument("--no-finetune", dest="finetune", action="store_false",
+                   help="skip the fine-tuned arm (by default an adapter is trained with the study's recipe on the "
+                        "training pool of the same subjects, and it and 3 of its checkpoints are probed)")
+    p.add_argument("--adapter", type=Path, help="the fine-tuning folder (default: STORE-finetuned beside the store)")
     p.add_argument("--dask-workers", type=_positive, help="the server's Dask worker processes (default: one per core)")
     p.set_defaults(func=run_study_command)
 
@@ -48,8 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plot.add_argument("--store", type=Path, default=DEFAULT_STORE, help="store folder (default: %(default)s)")
     plot.add_argument("--model", required=True, help="model name in the store (see actstore ls)")
     plot.add_argument("--methods", type=_csv, help="comma list of methods (default: every run of the model)")
-    plot.add_argument("--compare", type=_pair, default=("0shot", "5shot"), metavar="A,B",
-                      help="the pair whose data overlap is drawn (default: 0shot,5shot)")
+    plot.add_argument("--compare", type=_pair, action="append", metavar="A,B",
+                      help="a pair whose data overlap is drawn, repeatable (default: 0shot,5shot, and 0shot,finetuned "
+                           "and 5shot,finetuned where there is a finetuned run)")
     plot.add_argument("--out", type=Path, required=True, help="output folder")
     plot.set_defaults(func=run_plot_command)
 
@@ -60,7 +66,8 @@ def run_study_command(args: argparse.Namespace) -> int:
     run_study(StudyOptions(store=args.store, results=args.results, model=args.model, gguf_file=args.gguf_file,
                            checkpoint=args.checkpoint, name=args.name, dataset=args.dataset, subjects=args.subjects,
                            methods=args.methods,
-                           per_subject=args.per_subject, compare=args.compare, dask_workers=args.dask_workers))
+                           per_subject=args.per_subject, compare=[args.compare], dask_workers=args.dask_workers,
+                           finetune=args.finetune, adapter=args.adapter, train_pool=args.train_pool))
     return 0
 
 

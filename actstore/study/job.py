@@ -1,8 +1,10 @@
-"""The main job: ingest a model on MMLU under several methods, serve the store on a local port, run the
-study's analyses through the client as a remote user would, and write the results.
+"""The main job: ingest a model on MMLU under several methods, fine-tune it with the study's LoRA recipe
+and probe the adapter and its checkpoints, serve the store on a local port, run the study's analyses
+through the client as a remote user would, and write the results.
 
-Every step reuses what is already there: the ingest skips stored questions, the server answers
-analyses from the store's cache, so a rerun redraws the results in seconds.
+Every step reuses what is already there: the ingest skips stored questions, a finished adapter is not
+trained again, the server answers analyses from the store's cache, so a rerun redraws the results in
+seconds.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from pathlib import Path
 
 from actstore.client import Client
 from actstore.client.cli import follow
+from actstore.finetune.options import FinetuneOptions
 from actstore.ingest.options import PACKAGED_SMOLLM2, IngestOptions
+from actstore.ingest.selection import TRAIN_POOL_SIZE
 from actstore.server.process import ServerProcess
 from actstore.store import DEFAULT_STORE
 
@@ -28,6 +32,7 @@ METHODS = ["0shot", "1shot", "2shot", "5shot"]
 SUBJECTS = ["world_religions", "conceptual_physics", "elementary_mathematics", "high_school_geography",
             "medical_genetics", "management", "human_aging", "electrical_engineering"]
 PER_SUBJECT = 50
+PROBED_CHECKPOINTS = 3  # intermediate checkpoints probed besides the final adapter (the study probed several)
 
 
 @dataclass
@@ -42,8 +47,15 @@ class StudyOptions:
     subjects: list[str] | None = None  # None: see _selection; []: every subject
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     per_subject: int | None = None  # None: see _selection
-    compare: tuple[str, str] = ("0shot", "5shot")
+    compare: list[tuple[str, str]] = field(default_factory=lambda: [("0shot", "5shot")])
     dask_workers: int | None = None
+    finetune: bool = True  # the fine-tuned arm: train an adapter, probe it and its checkpoints
+    adapter: Path | None = None  # where the adapter is trained (default: beside the store, STORE-finetuned)
+    train_pool: int = TRAIN_POOL_SIZE
+
+    @property
+    def adapter_folder(self) -> Path:
+        return self.adapter or self.store.with_name(self.store.name + "-finetuned")
 
 
 def run_study(opts: StudyOptions) -> list[Path]:
@@ -51,9 +63,13 @@ def run_study(opts: StudyOptions) -> list[Path]:
     from actstore.ingest.cli import ingest_all  # loads torch
 
     log.info("[1/4] ingest: %s into %s", ", ".join(opts.methods), opts.store)
-    model = ingest_all(IngestOptions(store=opts.store, model=opts.model, gguf_file=opts.gguf_file,
-                                     checkpoint=opts.checkpoint, name=opts.name, methods=opts.methods,
-                                     dataset=opts.dataset, **_selection(opts)))
+    ingest = IngestOptions(store=opts.store, model=opts.model, gguf_file=opts.gguf_file, checkpoint=opts.checkpoint,
+                           name=opts.name, methods=opts.methods, dataset=opts.dataset, train_pool=opts.train_pool,
+                           **_selection(opts))
+    model = ingest_all(ingest)
+    if opts.finetune:
+        opts.methods = opts.methods + _finetuned_arm(opts, ingest)
+        opts.compare = opts.compare + [(m, "finetuned") for m in ("0shot", "5shot") if m in opts.methods]
     opts.results.mkdir(parents=True, exist_ok=True)
     extra = ["--dask-workers", str(opts.dask_workers)] if opts.dask_workers else []
     with ServerProcess(opts.store, opts.results / "server.log", *extra) as server:
@@ -66,6 +82,28 @@ def run_study(opts: StudyOptions) -> list[Path]:
     log.info("[4/4] server stopped cleanly; results in %s\n%s", opts.results.resolve(),
              "\n".join(f"   {path}" for path in written))
     return written
+
+
+def _finetuned_arm(opts: StudyOptions, ingest: IngestOptions) -> list[str]:
+    """Train the adapter on the training pool of the same subjects (or find it trained), then probe it and
+    up to PROBED_CHECKPOINTS of its checkpoints; returns the methods added."""
+    from actstore.finetune.train import Finetune
+    from actstore.ingest.cli import ingest_all
+
+    log.info("[1/4] fine-tuning %s on the training pool of the same subjects into %s", opts.model,
+             opts.adapter_folder)
+    finetune = Finetune(FinetuneOptions(out=opts.adapter_folder, model=opts.model, gguf_file=opts.gguf_file,
+                                        dataset=opts.dataset, subjects=ingest.subjects, train_pool=opts.train_pool))
+    record = finetune.run()
+    log.info("   %d questions, %d steps, final loss %.4f, accuracy on them %.3f -> %.3f", len(finetune.questions),
+             record["step"], record["final_loss"], record["accuracy"]["train_before"],
+             record["accuracy"]["train_after"])
+    steps = finetune.checkpoint_steps()
+    probed = [steps[round(i * (len(steps) - 1) / max(PROBED_CHECKPOINTS - 1, 1))]
+              for i in range(min(PROBED_CHECKPOINTS, len(steps)))]
+    methods = [f"finetuned-step{step}" for step in sorted(set(probed))] + ["finetuned"]
+    ingest_all(IngestOptions(**{**vars(ingest), "methods": methods, "checkpoint": str(opts.adapter_folder)}))
+    return methods
 
 
 def _selection(opts: StudyOptions) -> dict:
@@ -89,14 +127,16 @@ def _analyse_through(client: Client, model: str, opts: StudyOptions) -> list[Pat
     sample = client.hidden_states(model, last, layers=n_layers // 2, samples=slice(0, 8))
     log.info("   fetched a slice of %s/%s: layer %d, samples %s, shape %s", model, last, n_layers // 2,
              sample.sample.values.tolist(), dict(sample.sizes))
-    pairs = [opts.compare] if set(opts.compare) <= set(opts.methods) else []
+    pairs = [pair for pair in opts.compare if set(pair) <= set(opts.methods)]
     job = client.analyze(model, opts.methods, layers=range(1, n_layers), preset="paper", compare=pairs)
     log.info("[3/4] analyses: %d methods x %d layers%s (job %s)", len(opts.methods), n_layers - 1,
-             f", {' vs '.join(opts.compare)} compared per layer" if pairs else "", job.id)
+             f", {', '.join(' vs '.join(p) for p in pairs)} compared per layer" if pairs else "", job.id)
     follow(job, "analyses")
     results = job.result()
     failed = int((results.error != "").sum())
     if failed:
         log.warning("%d layer analyses failed (reasons in summary.md)", failed)
+    training = {m: client.describe(model, m)["attributes"]["finetune"] for m in opts.methods
+                if m.startswith("finetuned")}
     return write_results(opts.results, model, results, {m: runs[m]["accuracy"] for m in opts.methods},
-                         {m: runs[m]["n_samples"] for m in opts.methods}, job.dendrogram)
+                         {m: runs[m]["n_samples"] for m in opts.methods}, job.dendrogram, training)

@@ -55,10 +55,25 @@ def transition(ari_subject: xr.DataArray) -> dict[str, Any]:
     return found
 
 
+def training_table(table: xr.Dataset, training: dict[str, dict]) -> xr.Dataset | None:
+    """The fine-tuned runs (and 0-shot as step 0: the same prompt before training) over a ``step`` dimension,
+    ordered by step; None without checkpoints to put in order."""
+    steps = {m: info["step"] for m, info in training.items() if m in table.method}
+    if "0shot" in table.method:
+        steps["0shot"] = 0
+    if len(steps) < 3:
+        return None
+    order = sorted(steps, key=steps.get)
+    return table.sel({"method": order}).assign_coords(method=[steps[m] for m in order]).rename(method="step")
+
+
 def write_results(out: Path, model: str, results: xr.Dataset, accuracy: dict[str, float | None],
-                  n_samples: dict[str, int], dendrograms: Dendrograms) -> list[Path]:
-    """Write layers.csv, comparison.csv, layers.png, a dendrogram of an early layer and summary.md."""
+                  n_samples: dict[str, int], dendrograms: Dendrograms,
+                  training: dict[str, dict] | None = None) -> list[Path]:
+    """Write layers.csv, comparison.csv, layers.png, a dendrogram of an early layer, and summary.md; with
+    fine-tuned runs (``training``: each one's fine-tuning provenance), training.png across their steps."""
     out.mkdir(parents=True, exist_ok=True)
+    training = training or {}
     table = method_table(results, model)
     methods = [str(m) for m in table.method.values]
     written = [out / "layers.csv"]
@@ -67,8 +82,13 @@ def write_results(out: Path, model: str, results: xr.Dataset, accuracy: dict[str
         written.append(out / "comparison.csv")
         table[[v for v in table.data_vars if "pair" in table[v].dims]].to_dataframe().to_csv(written[-1])
     n_layers = int(table.layer.max()) + 1
-    written.append(figures.layer_profiles(table, out / "layers.png",
+    arms = [m for m in methods if "-step" not in m]  # checkpoints are drawn in training.png
+    written.append(figures.layer_profiles(table.sel({"method": arms}), out / "layers.png",
                                           f"{model} on MMLU: {_sizes(n_samples)}, the study's parameters"))
+    steps = training_table(table, training)
+    if steps is not None:
+        written.append(figures.training_steps(steps, out / "training.png",
+                                              f"{model}: the representation across fine-tuning steps (0: before)"))
     reference = reference_method(methods)
     found = transition(table.ari_subject.sel({"method": reference}))
     tree_layer, tree = _early_dendrogram(table, model, reference, n_layers, dendrograms)
@@ -78,7 +98,10 @@ def write_results(out: Path, model: str, results: xr.Dataset, accuracy: dict[str
             f"{model}, {reference}, layer {tree_layer}:\n"
             "density peaks of clusters over 30 points, by majority subject"))
     summary = out / "summary.md"
-    summary.write_text(_summary(model, table, accuracy, n_samples, reference, found, tree_layer, written, n_layers))
+    text = _summary(model, table, accuracy, n_samples, reference, found, tree_layer, written, n_layers)
+    if "finetuned" in training:
+        text += _finetuning(table, accuracy, training, n_layers)
+    summary.write_text(text)
     return [*written, summary]
 
 
@@ -118,15 +141,17 @@ def _summary(model: str, table: xr.Dataset, accuracy: dict[str, float | None], n
              f"{n_layers} (0 is the embedding); the study's parameters (`paper`: Gride ID at scale 16, kNN "
              "density k = 16, ADP Z = 1.6, label overlap class fractions 0.3 (subjects) and 0.1 (answers), "
              "data overlap k = 30).", "",
-             "| method | questions | accuracy | ID peak | subject ARI max | answer ARI max | answer overlap max "
-             "| clusters, first half / second half |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| method | questions | accuracy | ID peak | subject ARI max | answer ARI max | predicted-letter ARI max "
+             "| answer overlap max | clusters, first half / second half |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for method in table.method.values:
         row = table.sel({"method": method})
         clusters = [float(row.n_clusters.where(cond).mean()) for cond in (row.layer < half, row.layer >= half)]
         acc = accuracy.get(str(method))
         lines.append(f"| {method} | {n_samples.get(str(method), '-')} | {'-' if acc is None else f'{acc:.3f}'} "
                      f"| {_at(row.id, np.argmax)} | {_at(row.ari_subject, np.argmax)} | "
-                     f"{_at(row.ari_answer, np.argmax)} | {_at(row.overlap_answer, np.argmax)} | "
+                     f"{_at(row.ari_answer, np.argmax)} | {_at(row.ari_prediction, np.argmax)} | "
+                     f"{_at(row.overlap_answer, np.argmax)} | "
                      f"{clusters[0]:.1f} / {clusters[1]:.1f} |")
     lines += ["", "## Transition layer", ""]
     if found["layer"] is None:
@@ -154,3 +179,52 @@ def _summary(model: str, table: xr.Dataset, accuracy: dict[str, float | None], n
     if tree_layer is None:
         lines.append("- no dendrogram: no early layer has two clusters of more than 30 points at this size")
     return "\n".join(lines) + "\n"
+
+
+# The study's figures for the fine-tuned arm (REFERENCE.md, section 1), beside which ours are put.
+STUDY_FINETUNED = ("Llama-3-8B (the study): answer ARI of few-shot runs ~0 up to layer 17 and <= 0.12 after, the "
+                   "fine-tuned model's jumping to ~0.17-0.19 from layer 17 of 32; answer label overlap after layer 16 "
+                   "~0.45 fine-tuned vs ~0.38 5-shot (Llama-2-13B)")
+COMPARED = ("ari_subject", "ari_answer", "ari_prediction", "overlap_answer")
+
+
+def _finetuning(table: xr.Dataset, accuracy: dict[str, float | None], training: dict[str, dict],
+                n_layers: int) -> str:
+    """Accuracy before and after fine-tuning, and where the fine-tuned run and the most-shot run differ."""
+    final = training["finetuned"]
+    train = final["accuracy"]
+    lines = ["", "## Fine-tuning", "",
+             f"LoRA (the study's recipe) on {final['training']['n_questions']} training questions (held out of every "
+             f"method's questions), {final['step']} steps, final training loss {final['final_loss']:.4f}.", "",
+             "| | before (0-shot) | after (finetuned) |", "| --- | ---: | ---: |",
+             f"| accuracy on the probed questions | {_number(accuracy.get('0shot'))} | "
+             f"{_number(accuracy.get('finetuned'))} |",
+             f"| accuracy on the training questions | {_number(train.get('train_before'))} | "
+             f"{_number(train.get('train_after'))} |"]
+    checkpoints = sorted((info["step"], m) for m, info in training.items() if m != "finetuned")
+    if checkpoints:
+        lines += ["", "Probed accuracy across training: " + ", ".join(
+            f"step {step} {_number(accuracy.get(m))}" for step, m in checkpoints)
+            + f", step {final['step']} {_number(accuracy.get('finetuned'))}."]
+    other = reference_method([m for m in map(str, table.method.values) if not m.startswith("finetuned")])
+    if other in table.method:
+        half = n_layers / 2
+        lines += ["", f"Where finetuned and {other} differ (mean over the first half / second half of the layers; "
+                  "the largest difference and its layer):", "",
+                  f"| metric | finetuned | {other} | largest difference |", "| --- | ---: | ---: | ---: |"]
+        for name in COMPARED:
+            tuned, shots = (table[name].sel({"method": m}) for m in ("finetuned", other))
+            gap = (tuned - shots).fillna(0)
+            at = int(np.argmax(np.abs(gap.values)))
+            lines.append(f"| {name} | {_halves(tuned, half)} | {_halves(shots, half)} | "
+                         f"{float(gap[at]):+.3f} (layer {int(gap.layer[at])}) |")
+    lines += ["", f"For comparison, {STUDY_FINETUNED}."]
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _halves(values: xr.DataArray, half: float) -> str:
+    return " / ".join(f"{float(values.where(cond).mean()):.3f}" for cond in (values.layer < half, values.layer >= half))

@@ -17,7 +17,7 @@ from actstore.v1 import actstore_pb2 as pb
 
 
 def plot_stored(store_path: Path, model: str, methods: list[str] | None, out: Path,
-                compare: tuple[str, str] | None = ("0shot", "5shot"), params: DensityParams = PAPER,
+                compare: list[tuple[str, str]] | None = None, params: DensityParams = PAPER,
                 mask: Mask = Mask()) -> list[Path]:
     """Write the study's figures, tables and summary for ``model``'s runs from the analyses stored with
     them (layers 1 to the last); raise NotAnalysed naming what is missing."""
@@ -37,19 +37,24 @@ def plot_stored(store_path: Path, model: str, methods: list[str] | None, out: Pa
                 outcomes[method, layer] = layer_outcome(store, model, method, layer, params, mask, compute=False)
             except NotAnalysed:
                 missing.append(f"{method} layer {layer}")
+    if compare is None:
+        compare = [("0shot", "5shot"), ("0shot", "finetuned"), ("5shot", "finetuned")]
+    pairs = [pair for pair in compare if set(pair) <= set(methods)]
     comparisons = []
-    if compare is not None and set(compare) <= set(methods) and not missing:
+    for pair in pairs if not missing else []:
         for layer in layers:
             try:
-                comparisons.append(comparison_outcome(store, outcomes[compare[0], layer], outcomes[compare[1], layer],
+                comparisons.append(comparison_outcome(store, outcomes[pair[0], layer], outcomes[pair[1], layer],
                                                       params, mask, compute=False))
             except NotAnalysed:
-                missing.append(f"{' vs '.join(compare)} layer {layer}")
+                missing.append(f"{' vs '.join(pair)} layer {layer}")
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        compared = "".join(f" --compare {','.join(pair)}" for pair in pairs)
         raise NotAnalysed(f"no stored analyses (preset paper) for {model}: {shown}. Compute them with `actstore "
-                          f"study` or `actstore analyze {model} --methods {','.join(methods)} --compare "
-                          f"{','.join(compare or ())}` on a server of this store")
+                          f"study` or `actstore analyze {model} --methods {','.join(methods)}{compared}` on a server "
+                          "of this store")
     job = pb.Job(**outcome_messages([*outcomes.values(), *comparisons]))
+    training = {m: runs[m].attrs["finetune"] for m in methods if runs[m].attrs.get("finetune")}
     return write_results(out, model, results_dataset(job), {m: runs[m].accuracy for m in methods},
-                         {m: runs[m].n_samples for m in methods}, functools.partial(dendrogram_of, job))
+                         {m: runs[m].n_samples for m in methods}, functools.partial(dendrogram_of, job), training)

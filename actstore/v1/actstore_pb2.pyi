@@ -317,7 +317,7 @@ class JobRef(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class LayerResult(_message.Message):
-    __slots__ = ("run", "layer", "error", "id", "ids_gride", "id_2nn", "n_clusters", "core_fraction", "ari_subject", "ari_answer", "overlap_subject", "overlap_answer", "sample_ids", "assignment", "dendrogram")
+    __slots__ = ("run", "layer", "error", "id", "ids_gride", "id_2nn", "n_clusters", "core_fraction", "ari_subject", "ari_answer", "overlap_subject", "overlap_answer", "sample_ids", "assignment", "dendrogram", "ari_prediction")
     RUN_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -333,6 +333,7 @@ class LayerResult(_message.Message):
     SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     DENDROGRAM_FIELD_NUMBER: _ClassVar[int]
+    ARI_PREDICTION_FIELD_NUMBER: _ClassVar[int]
     run: RunRef
     layer: int
     error: str
@@ -348,7 +349,8 @@ class LayerResult(_message.Message):
     sample_ids: _containers.RepeatedScalarFieldContainer[int]
     assignment: _containers.RepeatedScalarFieldContainer[int]
     dendrogram: Dendrogram
-    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., layer: _Optional[int] = ..., error: _Optional[str] = ..., id: _Optional[float] = ..., ids_gride: _Optional[_Iterable[float]] = ..., id_2nn: _Optional[float] = ..., n_clusters: _Optional[int] = ..., core_fraction: _Optional[float] = ..., ari_subject: _Optional[float] = ..., ari_answer: _Optional[float] = ..., overlap_subject: _Optional[float] = ..., overlap_answer: _Optional[float] = ..., sample_ids: _Optional[_Iterable[int]] = ..., assignment: _Optional[_Iterable[int]] = ..., dendrogram: _Optional[_Union[Dendrogram, _Mapping]] = ...) -> None: ...
+    ari_prediction: float
+    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., layer: _Optional[int] = ..., error: _Optional[str] = ..., id: _Optional[float] = ..., ids_gride: _Optional[_Iterable[float]] = ..., id_2nn: _Optional[float] = ..., n_clusters: _Optional[int] = ..., core_fraction: _Optional[float] = ..., ari_subject: _Optional[float] = ..., ari_answer: _Optional[float] = ..., overlap_subject: _Optional[float] = ..., overlap_answer: _Optional[float] = ..., sample_ids: _Optional[_Iterable[int]] = ..., assignment: _Optional[_Iterable[int]] = ..., dendrogram: _Optional[_Union[Dendrogram, _Mapping]] = ..., ari_prediction: _Optional[float] = ...) -> None: ...
 
 class Dendrogram(_message.Message):
     __slots__ = ("clusters", "sizes", "labels", "linkage", "majority_share")
