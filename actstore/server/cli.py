@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve a store over gRPC", description=__doc__.split(": ", 1)[1])
     p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="store folder (default: %(default)s)")
     p.add_argument("--address", default=DEFAULT_ADDRESS,
-                   help="HOST:PORT to listen on (default: %(default)s; port 0 picks a free one)")
+                   help="HOST[:PORT] to listen on (default: %(default)s; no port: 50051; port 0 picks a free one)")
     p.add_argument("--auth", type=Path, help="TOML file mapping bearer tokens to groups (default: open access)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key: serve over TLS)")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
