@@ -1,4 +1,5 @@
-"""The ``actstore`` command line: ``ingest``, ``ls``, ``serve``, ``query``, ``analyze``, ``study``, ``plot``."""
+"""The ``actstore`` command line: ``ingest``, ``finetune``, ``ls``, ``serve``, ``query``, ``analyze``, ``study``,
+``plot``."""
 
 from __future__ import annotations
 
@@ -47,9 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     from actstore.client.cli import register as register_query
     from actstore.client.cli import register_analyze
     from actstore.server.cli import register as register_serve
+    from actstore.finetune.cli import register as register_finetune
     from actstore.study.cli import register as register_study
 
     register_ingest(sub)
+    register_finetune(sub)
     register_serve(sub)
     register_query(sub)
     register_analyze(sub)

@@ -219,3 +219,20 @@ def test_provenance_is_served(trained, tmp_path):
         rank=8, learning_rate=3e-3, batch_size=8, epochs=12).as_dict()
     assert finetune["training"]["ids"] == record["training"]["ids"]
     assert finetune["final_loss"] == pytest.approx(record["final_loss"])
+
+
+def test_mmlu_csv_layout_trains_on_dev_and_val(tmp_path):
+    """With dev/ and val/ splits, training takes at most --train-pool of them per subject and the test split
+    keeps every question."""
+    from actstore.ingest.datasets import load_dataset
+    from actstore.ingest.selection import select
+
+    for split, count in (("test", 30), ("dev", 5), ("val", 25)):
+        (tmp_path / split).mkdir()
+        for subject in ("anatomy", "virology"):
+            rows = "".join(f"{split} {subject} question {i}?,a,b,c,d,{'ABCD'[i % 4]}\n" for i in range(count))
+            (tmp_path / split / f"{subject}_{split}.csv").write_text(rows)
+    selection = select(load_dataset(tmp_path), train_pool=20)
+    assert len(selection.queries) == 60 and selection.train_split == "dev+val"
+    assert [q.question.split()[0] for q in selection.train[:20]] == ["dev"] * 5 + ["val"] * 15
+    assert len(selection.train) == 40 and {q.subject for q in selection.train} == {"anatomy", "virology"}

@@ -12,7 +12,7 @@ import math
 import resource
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -73,9 +73,8 @@ class Finetune:
         self.selection = select(self.dataset, opts.subjects, train_pool=opts.train_pool)
         self.questions = self.selection.train
         if not self.questions:
-            raise DatasetError(f"no training questions: the dataset has no dev/val split and --train-pool is "
-                               f"{opts.train_pool}" if opts.train_pool == 0 else "no training questions in the "
-                               "dev/val splits of the selected subjects")
+            raise DatasetError(f"no training questions in {self.dataset.name} ({self.selection.train_split} split, "
+                               f"--train-pool {opts.train_pool})")
         self.device = resolve_device(opts.device)
         self.dtype = resolve_dtype(opts.dtype, self.device)
         self.steps_per_epoch = math.ceil(len(self.questions) / self.hyper.batch_size)
@@ -178,14 +177,14 @@ class Finetune:
                 if done % self.opts.save_every == 0 and done < self.total_steps:
                     self._save_checkpoint(model, master, optimizer, scheduler, done, losses)
         train_seconds = time.perf_counter() - loop_started
-        model.eval()
-        accuracy = {"train_before": accuracy_before, "train_after": self.accuracy(LoadedModel(
-            model, loaded.tokenizer, loaded.source, loaded.device, loaded.dtype))}
-        record = self._record(model, self.total_steps, losses, complete=True, accuracy=accuracy,
-                              seconds={"total": time.perf_counter() - started, "training_steps": train_seconds,
-                                       "resumed_at_step": start_step})
         tmp = self.opts.out / ".final.tmp"
         model.save_pretrained(tmp, state_dict=master.state_dict())
+        record = self._record(model, self.total_steps, losses, complete=True)
+        # merged, the adapter costs nothing at inference (unmerged LoRA layers are slow on a CPU)
+        merged = replace(loaded, model=model.merge_and_unload().eval())
+        record["accuracy"] = {"train_before": accuracy_before, "train_after": self.accuracy(merged)}
+        record["seconds"] = {"total": time.perf_counter() - started, "training_steps": train_seconds,
+                             "resumed_at_step": start_step}
         record["adapter"]["fingerprint"] = folder.fingerprint(tmp)
         folder.publish_files(tmp, self.opts.out, record)
         return record
