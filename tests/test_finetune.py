@@ -236,3 +236,14 @@ def test_mmlu_csv_layout_trains_on_dev_and_val(tmp_path):
     assert len(selection.queries) == 60 and selection.train_split == "dev+val"
     assert [q.question.split()[0] for q in selection.train[:20]] == ["dev"] * 5 + ["val"] * 15
     assert len(selection.train) == 40 and {q.subject for q in selection.train} == {"anatomy", "virology"}
+
+
+def test_fast_dropout_drops_p_of_the_inputs_and_keeps_the_mean():
+    from actstore.finetune.precision import FastDropout
+
+    dropout = FastDropout(0.1, np.random.default_rng(0))
+    x = torch.ones(1000, 1000, dtype=torch.bfloat16)
+    y = dropout(x).float()
+    assert (y == 0).float().mean().item() == pytest.approx(0.1, abs=0.002)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert torch.equal(dropout.eval()(x), x)

@@ -7,6 +7,7 @@ after a kill takes exactly the steps an uninterrupted run takes.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import resource
@@ -26,7 +27,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from actstore.finetune import folder
 from actstore.finetune.folder import AdapterError
 from actstore.finetune.options import FinetuneOptions
-from actstore.finetune.precision import MasterWeights
+from actstore.finetune.precision import MasterWeights, use_fast_dropout
 from actstore.ingest.cli import _csv
 from actstore.ingest.datasets import LETTERS, DatasetError, Question, load_dataset
 from actstore.ingest.extract import StateExtractor, encode, letter_token_ids
@@ -81,6 +82,7 @@ class Finetune:
         self.total_steps = self.steps_per_epoch * self.hyper.epochs
         self.prompts = [build_prompt(q, [], None) for q in self.questions]
         self.weights = torch.tensor(subject_weights(self.questions), dtype=torch.float32)
+        self.dropout_rng = np.random.default_rng([self.hyper.seed, 1])
         self.recipe = {
             "base": {"model_id": self.source.model_id, "fingerprint": self.source.fingerprint()},
             "dataset": {"name": self.dataset.name, "sha256": self.dataset.sha256},
@@ -194,14 +196,20 @@ class Finetune:
         return torch.tensor([ids[LETTERS.index(q.answer)] for q in self.questions], device=self.device)
 
     def _trainable(self, base: torch.nn.Module) -> tuple[PeftModel, MasterWeights, torch.optim.Optimizer, Any]:
-        """The base model with fresh LoRA layers in its dtype, their float32 masters, optimizer and schedule."""
+        """The base model with fresh LoRA layers in its dtype, their float32 masters, optimizer and schedule.
+        On a CPU, attention runs eagerly (faster than SDPA's backward on short prompts, measured here) and
+        the LoRA dropout draws from a numpy generator (``self.dropout_rng``)."""
         h = self.hyper
         torch.manual_seed(h.seed)
+        if self.device.type == "cpu":
+            base.set_attn_implementation("eager")
         modules = h.target_modules if h.target_modules == "all-linear" else _csv(h.target_modules)
         config = LoraConfig(r=h.rank, lora_alpha=h.alpha, lora_dropout=h.dropout, target_modules=modules,
                             task_type="CAUSAL_LM")
         with peft_quietly():
             model = get_peft_model(base, config, autocast_adapter_dtype=False)
+        if self.device.type == "cpu":
+            use_fast_dropout(model, self.dropout_rng)
         master = MasterWeights(model)
         optimizer = torch.optim.AdamW(master.parameters, lr=h.learning_rate, weight_decay=h.weight_decay)
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
@@ -250,7 +258,8 @@ class Finetune:
             shutil.rmtree(tmp)
         model.save_pretrained(tmp, state_dict=master.state_dict())
         state = {"master": master.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step, "losses": losses}
+                 "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step, "losses": losses,
+                 "dropout_rng": json.dumps(self.dropout_rng.bit_generator.state)}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         torch.save(state, tmp / folder.TRAINING_STATE)
@@ -266,6 +275,7 @@ class Finetune:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"].cpu())
+        self.dropout_rng.bit_generator.state = json.loads(state["dropout_rng"])
         if "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         return list(state["losses"])
