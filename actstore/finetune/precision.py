@@ -71,9 +71,8 @@ class FastDropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self._threshold == 0:
             return x
-        bits = np.frombuffer(self.rng.bytes(2 * x.numel()), dtype=np.uint16).reshape(x.shape)
-        keep = torch.from_numpy(bits >= self._threshold).to(x.device)
-        return x * keep * (1.0 / (1.0 - self.p))
+        keep = torch.from_numpy(self.rng.integers(0, 65536, x.shape, dtype=np.uint16) >= self._threshold)
+        return torch.where(keep.to(x.device), x, 0).mul_(1.0 / (1.0 - self.p))
 
 
 def use_fast_dropout(model: torch.nn.Module, rng: np.random.Generator) -> None:

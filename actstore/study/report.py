@@ -98,10 +98,9 @@ def write_results(out: Path, model: str, results: xr.Dataset, accuracy: dict[str
             f"{model}, {reference}, layer {tree_layer}:\n"
             "density peaks of clusters over 30 points, by majority subject"))
     summary = out / "summary.md"
-    text = _summary(model, table, accuracy, n_samples, reference, found, tree_layer, written, n_layers)
-    if "finetuned" in training:
-        text += _finetuning(table, accuracy, training, n_layers)
-    summary.write_text(text)
+    finetuning = _finetuning(table, accuracy, training, n_layers) if "finetuned" in training else []
+    summary.write_text(_summary(model, table, accuracy, n_samples, reference, found, tree_layer, written, n_layers,
+                                finetuning))
     return [*written, summary]
 
 
@@ -134,7 +133,7 @@ def _at(values: xr.DataArray, pick: Callable) -> str:
 
 def _summary(model: str, table: xr.Dataset, accuracy: dict[str, float | None], n_samples: dict[str, int],
              reference: str, found: dict[str, Any], tree_layer: int | None, written: list[Path],
-             n_layers: int) -> str:
+             n_layers: int, finetuning: list[str]) -> str:
     half = n_layers / 2
     lines = [f"# {model} on MMLU, layer by layer", "",
              f"{_sizes(n_samples)} per method, every stored sample analysed; layers 1-{n_layers - 1} of "
@@ -175,6 +174,7 @@ def _summary(model: str, table: xr.Dataset, accuracy: dict[str, float | None], n
               zip(table.layer.values, table.error.sel({"method": r}).values) if e]
     if errors:
         lines += ["", "Layers that failed: " + "; ".join(errors)]
+    lines += finetuning
     lines += ["", "## Files", ""] + [f"- `{p.name}`" for p in written]
     if tree_layer is None:
         lines.append("- no dendrogram: no early layer has two clusters of more than 30 points at this size")
@@ -189,7 +189,7 @@ COMPARED = ("ari_subject", "ari_answer", "ari_prediction", "overlap_answer")
 
 
 def _finetuning(table: xr.Dataset, accuracy: dict[str, float | None], training: dict[str, dict],
-                n_layers: int) -> str:
+                n_layers: int) -> list[str]:
     """Accuracy before and after fine-tuning, and where the fine-tuned run and the most-shot run differ."""
     final = training["finetuned"]
     train = final["accuracy"]
@@ -218,8 +218,7 @@ def _finetuning(table: xr.Dataset, accuracy: dict[str, float | None], training: 
             at = int(np.argmax(np.abs(gap.values)))
             lines.append(f"| {name} | {_halves(tuned, half)} | {_halves(shots, half)} | "
                          f"{float(gap[at]):+.3f} (layer {int(gap.layer[at])}) |")
-    lines += ["", f"For comparison, {STUDY_FINETUNED}."]
-    return "\n".join(lines) + "\n"
+    return lines + ["", f"For comparison, {STUDY_FINETUNED}."]
 
 
 def _number(value: float | None) -> str:
