@@ -21,7 +21,7 @@ from actstore.finetune.options import FinetuneOptions, Hyperparameters
 from actstore.finetune.train import Finetune, letter_losses, subject_weights
 from actstore.ingest.datasets import Question
 from actstore.ingest.extract import encode, letter_token_ids
-from actstore.ingest.model import ModelSource
+from actstore.ingest.model import ModelSource, peft_quietly
 from actstore.ingest.options import IngestOptions
 from actstore.ingest.pipeline import Ingest
 from actstore.server.process import ServerProcess
@@ -90,7 +90,8 @@ def test_only_adapter_weights_change(trained, tiny_model):
     from peft import PeftModel
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out).merge_and_unload()
+    with peft_quietly():
+        merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out).merge_and_unload()
     changed = {name.removesuffix(".weight") for name, value in merged.state_dict().items()
                if not torch.equal(value, base[name])}
     assert changed == targets  # every adapted projection moved, nothing else did

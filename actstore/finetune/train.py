@@ -28,7 +28,6 @@ from actstore.finetune import folder
 from actstore.finetune.folder import AdapterError
 from actstore.finetune.options import FinetuneOptions
 from actstore.finetune.precision import MasterWeights, use_fast_dropout
-from actstore.ingest.cli import _csv
 from actstore.ingest.datasets import LETTERS, DatasetError, Question, load_dataset
 from actstore.ingest.extract import StateExtractor, encode, letter_token_ids
 from actstore.ingest.model import LoadedModel, ModelSource, load_model, peft_quietly, resolve_device, resolve_dtype
@@ -203,7 +202,7 @@ class Finetune:
         torch.manual_seed(h.seed)
         if self.device.type == "cpu":
             base.set_attn_implementation("eager")
-        modules = h.target_modules if h.target_modules == "all-linear" else _csv(h.target_modules)
+        modules = h.target_modules if h.target_modules == "all-linear" else h.target_modules.split(",")
         config = LoraConfig(r=h.rank, lora_alpha=h.alpha, lora_dropout=h.dropout, target_modules=modules,
                             task_type="CAUSAL_LM")
         with peft_quietly():

@@ -23,11 +23,11 @@ def _subjects(text: str) -> list[str]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "study", help="the study's analysis of a model, end to end: ingest, serve, analyse, figures",
-        description="Ingest a model on MMLU under several methods, serve the store on a free local port, run "
-                    "the study's density analyses of every method and layer through the client, compare two "
-                    "methods layer by layer, write figures, tables and a summary, stop the server. A rerun "
-                    "reuses what is stored.")
+        "study", help="the study's analysis of a model, end to end: ingest, fine-tune, serve, analyse, figures",
+        description="Ingest a model on MMLU under several methods, fine-tune it with the study's LoRA recipe and "
+                    "probe the adapter and its checkpoints, serve the store on a free local port, run the study's "
+                    "density analyses of every method and layer through the client, compare methods layer by "
+                    "layer, write figures, tables and a summary, stop the server. A rerun reuses what is stored.")
     p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="store folder (default: %(default)s)")
     p.add_argument("--results", type=Path, default=Path("results"), help="output folder (default: %(default)s)")
     add_source_arguments(p, methods=tuple(METHODS))

@@ -10,7 +10,7 @@ seconds.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from actstore.client import Client
@@ -102,7 +102,7 @@ def _finetuned_arm(opts: StudyOptions, ingest: IngestOptions) -> list[str]:
     probed = [steps[round(i * (len(steps) - 1) / max(PROBED_CHECKPOINTS - 1, 1))]
               for i in range(min(PROBED_CHECKPOINTS, len(steps)))]
     methods = [f"finetuned-step{step}" for step in sorted(set(probed))] + ["finetuned"]
-    ingest_all(IngestOptions(**{**vars(ingest), "methods": methods, "checkpoint": str(opts.adapter_folder)}))
+    ingest_all(replace(ingest, methods=methods, checkpoint=str(opts.adapter_folder)))
     return methods
 
 
