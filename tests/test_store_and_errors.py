@@ -238,3 +238,35 @@ def test_readers_see_only_whole_committed_samples_while_a_writer_commits(tmp_pat
         reads += 1
     thread.join()
     assert Store(store.root).run("m", "0shot").n_samples == batch * batches and reads > 1
+
+
+def _save_derived_at_once(store_root, barrier, index: int, failures) -> None:
+    barrier.wait()
+    try:
+        Store(store_root).run("tiny-llama", "0shot").save_derived("density", f"key{index}",
+                                                                  {"x": np.arange(3.0)}, {"i": index})
+    except Exception as exc:  # noqa: BLE001 - any failure is what this test looks for
+        failures.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_concurrent_processes_create_the_first_derived_entries_of_a_run(ingest_cli, tmp_path):
+    """Dask workers analysing layers of a fresh run write its first derived entries at the same moment."""
+    import multiprocessing
+    import shutil
+
+    assert ingest_cli("--methods", "0shot") == 0
+    run_path = ingest_cli.store / "tiny-llama" / "0shot"
+    context = multiprocessing.get_context("fork")
+    failures = context.Queue()
+    for _ in range(10):
+        shutil.rmtree(run_path / "derived", ignore_errors=True)
+        barrier = context.Barrier(6)
+        workers = [context.Process(target=_save_derived_at_once, args=(ingest_cli.store, barrier, i, failures))
+                   for i in range(6)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        assert not failures.qsize(), failures.get()
+        run = Store(ingest_cli.store).run("tiny-llama", "0shot")
+        assert all(run.load_derived("density", f"key{i}")[1]["i"] == i for i in range(6))

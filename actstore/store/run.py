@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 import zarr
+from zarr.errors import ContainsGroupError
 
 from actstore.store.attributes import as_stored, encode, read_attr, read_attrs, write_attrs
 from actstore.store.errors import RecipeMismatch
@@ -146,8 +147,8 @@ class Run:
         a half-written entry. Writers of the same key write the same values, so races are harmless.
         Each axis of an array is named ``{array}_{axis}`` (Zarr's dimension_names, which xarray needs).
         """
-        group = zarr.open_group(self.path, mode="a").require_group(f"{DERIVED}/{validate_name(kind, 'kind')}")
-        entry = group.require_group(validate_name(key, "key"))
+        root = zarr.open_group(self.path, mode="a")
+        entry = _require_group(root, f"{DERIVED}/{validate_name(kind, 'kind')}/{validate_name(key, 'key')}")
         for name, values in arrays.items():
             entry.create_array(name, shape=values.shape, dtype=values.dtype, overwrite=True,
                                chunks=values.shape or None, compressors=None,  # float64 noise: not compressible
@@ -203,6 +204,18 @@ class Run:
         root = self.path.parents[1]
         ds = xr.open_zarr(root, group=f"{self.model}/{self.method}", consolidated=False)
         return ds.isel(sample=slice(0, self.n_samples))
+
+
+def _require_group(root: zarr.Group, path: str) -> zarr.Group:
+    """``require_group`` for several processes at once: Dask workers analysing layers of a fresh run create
+    its ``derived/`` groups at the same moment, and zarr's check-then-create lets all but one fail with
+    ContainsGroupError for a group that now exists. Each retry finds one more level made."""
+    for _ in range(path.count("/") + 1):
+        try:
+            return root.require_group(path)
+        except ContainsGroupError:
+            continue
+    return root.require_group(path)
 
 
 def _create_arrays(group: zarr.Group, n_layers: int, hidden: int, site: str) -> None:
