@@ -280,8 +280,7 @@ class Finetune:
         return list(state["losses"])
 
     def _record(self, model: PeftModel, step: int, losses: list[float], complete: bool,
-                accuracy: dict[str, float] | None = None, seconds: dict[str, float] | None = None
-                ) -> dict[str, Any]:
+                accuracy: dict[str, float] | None = None) -> dict[str, Any]:
         """What a probe of this adapter records as its provenance: recipe, base, training ids, losses."""
         last_epoch = losses[-self.steps_per_epoch :]
         return {
@@ -303,7 +302,7 @@ class Finetune:
             "device": str(self.device),
             "versions": versions(),
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "seconds": seconds or {},  # of this session: total (with loading and accuracy) and the steps alone
+            "seconds": {},  # the final record's: total (loading and accuracy included) and the steps alone
         }
 
     # -- estimate -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from actstore.finetune.folder import AdapterError, finished_adapter, saved_steps
+from actstore.finetune.folder import AdapterError, finished_adapter, read_record, saved_steps
 from actstore.ingest.datasets import Dataset, DatasetError, Question, load_dataset
 from actstore.ingest.extract import StateExtractor
 from actstore.ingest.methods import Method, parse_method
@@ -259,7 +259,7 @@ def _finetune_provenance(source: ModelSource) -> dict | None:
     """What the adapter's record says of its training: recipe, base, training ids, step, loss, accuracy."""
     if not source.is_adapter:
         return None
-    record = finished_adapter(Path(source.path))
+    record = read_record(Path(source.path))  # checked whole and unaltered when the run was planned
     keep = ("recipe", "training", "step", "total_steps", "epoch", "final_loss", "losses", "accuracy", "adapter",
             "time")
     return {key: record.get(key) for key in keep}
