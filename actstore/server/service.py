@@ -14,8 +14,9 @@ import numpy as np
 
 from actstore.protocol import CHUNK_BYTES, DTYPE_ENUMS, DTYPE_NAMES, VISIBILITY_ENUMS, VISIBILITY_NAMES
 from actstore.server import selection
-from actstore.server.auth import Authenticator, AuthError, Caller
-from actstore.store import InvalidName, Run, RunLocked, RunNotFound, Store
+from actstore.server.auth import Authenticator, Caller
+from actstore.server.errors import Forbidden, Lossy, TooLarge, status_of
+from actstore.store import Run, RunNotFound, Store
 from actstore.v1 import actstore_pb2 as pb
 from actstore.v1 import actstore_pb2_grpc as pb_grpc
 
@@ -26,41 +27,11 @@ MAX_PAGE_SIZE = 1000
 MAX_DETAILS_CHARS = 1000  # status details travel in HTTP/2 trailers, which peers cap at a few KiB
 
 
-class Forbidden(Exception):
-    """PERMISSION_DENIED."""
-
-
-class TooLarge(Exception):
-    """RESOURCE_EXHAUSTED."""
-
-
-class Lossy(Exception):
-    """FAILED_PRECONDITION: float16 would change values the caller did not agree to lose."""
-
-
-_STATUS = [
-    (AuthError, grpc.StatusCode.UNAUTHENTICATED),
-    (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
-    ((RunNotFound, selection.NotFound, LookupError), grpc.StatusCode.NOT_FOUND),
-    ((InvalidName, selection.BadRequest), grpc.StatusCode.INVALID_ARGUMENT),
-    (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (Lossy, grpc.StatusCode.FAILED_PRECONDITION),
-    (RunLocked, grpc.StatusCode.UNAVAILABLE),
-]
-
-
-def _status(exc: Exception) -> grpc.StatusCode:
-    for kinds, code in _STATUS:
-        if isinstance(exc, kinds):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
 def rpc(method: Callable) -> Callable:
     """Resolve the caller, map errors to precise statuses, and log each call (never its token)."""
 
     def finish(self, context, name: str, started: float, caller: Caller | None, exc: Exception | None) -> None:
-        code = grpc.StatusCode.OK if exc is None else _status(exc)
+        code = grpc.StatusCode.OK if exc is None else status_of(exc)
         who = "-" if caller is None else (caller.group or "open")
         log.info("%s group=%s status=%s %.1f ms", name, who, code.name, (time.perf_counter() - started) * 1e3)
         if exc is not None:

@@ -4,6 +4,7 @@ Everything else reads and writes runs through :class:`Store`, :class:`Run` and :
 """
 
 from actstore.store.errors import (
+    CorruptData,
     InvalidName,
     RecipeMismatch,
     RunLocked,
@@ -16,6 +17,7 @@ from actstore.store.run import LABELS, VISIBILITIES, Run, RunWriter
 from actstore.store.store import DEFAULT_STORE, Store
 
 __all__ = [
+    "CorruptData",
     "DEFAULT_STORE",
     "LABELS",
     "InvalidName",

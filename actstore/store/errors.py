@@ -26,3 +26,8 @@ class RecipeMismatch(StoreError):
 
 class StoreNotWritable(StoreError):
     """The store root cannot be created or written."""
+
+
+class CorruptData(StoreError):
+    """Stored bytes fail verification (checksum, size or decoding): the message names the run, layer and
+    sample range, so an operator knows what to restore or re-ingest."""
