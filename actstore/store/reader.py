@@ -6,10 +6,15 @@ sample across 31 layers takes ~30 ms. This reader follows the Zarr v3 sharding s
 local stores: it reads each shard's index once (cached while the file is unchanged), fetches only
 the inner chunks a request needs with ``pread``, and decodes them with Blosc in a thread pool
 (Blosc releases the GIL). Arrays with any other codec chain are read through zarr-python.
+
+Every byte is verified as zarr-python would: the shard index's CRC-32C, the CRC-32C of each inner chunk
+where the array has one (runs written since chunks carry it; older runs have none), and each Blosc frame's
+sizes. Bytes that fail, on either path, raise CorruptData naming the run, the layer and the samples.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -23,10 +28,18 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
+from actstore.store.checksum import CRC_BYTES, Mismatch, check_blosc_frame, strip_crc32c
+from actstore.store.errors import CorruptData
+
+log = logging.getLogger(__name__)
+
 _MISSING = 2**64 - 1
 _PARALLEL_BYTES = 4 << 20
 _POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="actstore-decode")
 numcodecs.blosc.set_nthreads(1)  # parallelism comes from decoding several chunks at once
+
+_PLAIN = (BytesCodec, BloscCodec)  # inner chunk codecs of runs written before chunks carried a checksum
+_CHECKSUMMED = (BytesCodec, BloscCodec, Crc32cCodec)
 
 
 @dataclass(frozen=True)
@@ -35,17 +48,39 @@ class _Index:
     sizes: np.ndarray
 
 
-def _direct_readable(array: zarr.Array) -> bool:
+def _inner_codecs(array: zarr.Array) -> tuple[type, ...] | None:
+    """The codec types of the inner chunks when the array is sharded the way this reader reads, else None."""
     codecs = array.metadata.codecs
     if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
-        return False
+        return None
     sharding = codecs[0]
-    return (
-        sharding.index_location == ShardingCodecIndexLocation.end
-        and [type(c) for c in sharding.codecs] == [BytesCodec, BloscCodec]
-        and [type(c) for c in sharding.index_codecs] == [BytesCodec, Crc32cCodec]
-        and array.metadata.chunk_key_encoding.separator == "/"
-    )
+    if (
+        sharding.index_location != ShardingCodecIndexLocation.end
+        or [type(c) for c in sharding.index_codecs] != [BytesCodec, Crc32cCodec]
+        or array.metadata.chunk_key_encoding.separator != "/"
+    ):
+        return None
+    return tuple(type(c) for c in sharding.codecs)
+
+
+def _parse_index(raw: np.ndarray, n: int, data_end: int) -> _Index:
+    """The (offset, size) table of a shard's index bytes, after checking its CRC and that every chunk it
+    points to lies inside the shard's data (a corrupt offset must not become a read past the file)."""
+    if len(raw) != 16 * n + CRC_BYTES:
+        raise Mismatch("index cut short")
+    table = strip_crc32c(raw).view("<u8").reshape(n, 2)
+    offsets, sizes = table[:, 0].copy(), table[:, 1].copy()
+    missing = offsets == _MISSING
+    if not np.array_equal(missing, sizes == _MISSING):
+        raise Mismatch("index marks a chunk half missing")
+    present_offsets = np.where(missing, 0, offsets)
+    if np.any(~missing & ((present_offsets > data_end) | (sizes > data_end - np.minimum(present_offsets, data_end)))):
+        raise Mismatch(f"index points past the {data_end} bytes of chunk data")
+    return _Index(offsets=offsets, sizes=sizes)
+
+
+def _layers_text(layers: list[int]) -> str:
+    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
 
 
 class StateReader:
@@ -54,18 +89,22 @@ class StateReader:
     def __init__(self, array: zarr.Array, folder: Path) -> None:
         self.array = array
         self.folder = folder
-        self.direct = _direct_readable(array)
+        self.run_name = f"{folder.parent.parent.name}/{folder.parent.name}"  # {root}/{model}/{method}/{array}
+        inner = _inner_codecs(array)
+        self.direct = inner in (_PLAIN, _CHECKSUMMED)
+        self.chunk_crc = inner == _CHECKSUMMED
         if self.direct:
             self.shard_samples = array.shards[1]
             self.inner_samples = array.chunks[1]
             self.hidden = array.shape[2]
+            self.chunk_bytes = self.inner_samples * self.hidden * 4  # edge chunks are stored whole too
         self._indexes: dict[str, tuple[tuple[int, int, int], _Index]] = {}
         self._lock = threading.Lock()
 
     def read(self, layers: list[int], start: int, stop: int) -> np.ndarray:
         """States of ``layers`` for samples ``start:stop``, shape (len(layers), stop - start, hidden)."""
         if not self.direct:
-            return self.array.get_orthogonal_selection((layers, slice(start, stop), slice(None)))
+            return self._read_through_zarr(layers, start, stop)
         out = np.empty((len(layers), stop - start, self.hidden), dtype=np.float32)
         shards = range(start // self.shard_samples, -(-stop // self.shard_samples))
         tasks = [(layer, shard, out[i], start, stop) for i, layer in enumerate(layers) for shard in shards]
@@ -80,23 +119,31 @@ class StateReader:
     def encoded(self, layer: int, start: int, stop: int) -> Iterator[tuple[int, int, bytes | np.ndarray]]:
         """Samples ``start:stop`` of one layer as (first sample, number of samples, payload) pieces in order.
 
-        Inner chunks that lie wholly inside the range come as their stored Blosc bytes, untouched; the
-        partial chunks at the ends come decoded, as (rows, hidden) arrays. Needs a direct-readable array.
+        Inner chunks that lie wholly inside the range come as their stored Blosc frames, verified and without
+        the chunk checksum (clients decode Blosc frames, whichever layout the run has); the partial chunks
+        at the ends come decoded, as (rows, hidden) arrays. Needs a direct-readable array.
         """
         for shard in range(start // self.shard_samples, -(-stop // self.shard_samples)):
-            for c_lo, c_hi, c_first, stored in self._chunks_of(layer, shard, start, stop):
-                if stored is not None and c_lo == c_first and c_hi - c_lo == self.inner_samples:
-                    yield c_lo, c_hi - c_lo, stored
+            for c_lo, c_hi, c_first, frame in self._chunks_of(layer, shard, start, stop):
+                if frame is not None and c_lo == c_first and c_hi - c_lo == self.inner_samples:
+                    yield c_lo, c_hi - c_lo, frame.tobytes()
                 else:
-                    yield c_lo, c_hi - c_lo, self._decode(stored, c_lo - c_first, c_hi - c_first)
+                    yield c_lo, c_hi - c_lo, self._decode(layer, c_first, frame, c_lo, c_hi)
+
+    def _read_through_zarr(self, layers: list[int], start: int, stop: int) -> np.ndarray:
+        try:
+            return self.array.get_orthogonal_selection((layers, slice(start, stop), slice(None)))
+        except (ValueError, RuntimeError) as exc:  # how zarr's crc32c codec and Blosc report bad bytes
+            raise self._corrupt(_layers_text(layers), start, stop, str(exc)) from exc
 
     def _read_shard(self, layer: int, shard: int, out: np.ndarray, start: int, stop: int) -> None:
         """Fill ``out`` (samples start:stop) from one shard, decoding only the inner chunks needed."""
-        for c_lo, c_hi, c_first, stored in self._chunks_of(layer, shard, start, stop):
-            out[c_lo - start : c_hi - start] = self._decode(stored, c_lo - c_first, c_hi - c_first)
+        for c_lo, c_hi, c_first, frame in self._chunks_of(layer, shard, start, stop):
+            out[c_lo - start : c_hi - start] = self._decode(layer, c_first, frame, c_lo, c_hi)
 
-    def _chunks_of(self, layer: int, shard: int, start: int, stop: int) -> list[tuple[int, int, int, bytes | None]]:
-        """(lo, hi, chunk's first sample, stored bytes or None) for each inner chunk of ``shard`` in start:stop.
+    def _chunks_of(self, layer: int, shard: int, start: int, stop: int) -> list[tuple[int, int, int, np.ndarray | None]]:
+        """(lo, hi, chunk's first sample, verified Blosc frame or None) for each inner chunk of ``shard`` in
+        start:stop.
 
         Index and bytes come from one open file descriptor, so a writer replacing the shard file
         meanwhile (commits replace whole files) cannot pair one version's index with another's bytes.
@@ -104,39 +151,57 @@ class StateReader:
         first = shard * self.shard_samples
         lo, hi = max(start, first), min(stop, first + self.shard_samples)
         chunks = range((lo - first) // self.inner_samples, -(-(hi - first) // self.inner_samples))
-        stored = self._pread_chunks(layer, shard, chunks.start, chunks.stop)
+        frames = self._pread_chunks(layer, shard, chunks.start, chunks.stop)
         pieces = []
         for chunk in chunks:
             c_first = first + chunk * self.inner_samples
-            pieces.append((max(lo, c_first), min(hi, c_first + self.inner_samples), c_first, stored.get(chunk)))
+            pieces.append((max(lo, c_first), min(hi, c_first + self.inner_samples), c_first, frames.get(chunk)))
         return pieces
 
-    def _decode(self, stored: bytes | None, lo: int, hi: int) -> np.ndarray:
-        if stored is None:  # never written: the fill value
+    def _decode(self, layer: int, c_first: int, frame: np.ndarray | None, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` of the inner chunk starting at sample ``c_first``."""
+        if frame is None:  # never written: the fill value
             return np.full((hi - lo, self.hidden), np.nan, dtype=np.float32)
-        return np.frombuffer(numcodecs.blosc.decompress(stored), dtype="<f4").reshape(-1, self.hidden)[lo:hi]
+        try:
+            decoded = numcodecs.blosc.decompress(frame)
+        except RuntimeError as exc:  # Blosc's report of a frame it cannot decode
+            raise self._corrupt(f"layer {layer}", c_first, c_first + self.inner_samples, str(exc)) from exc
+        return np.frombuffer(decoded, dtype="<f4").reshape(-1, self.hidden)[lo - c_first : hi - c_first]
 
-    def _pread_chunks(self, layer: int, shard: int, first: int, stop: int) -> dict[int, bytes]:
-        """The stored bytes of a shard's inner chunks first..stop-1 (those present), with one ``pread``."""
-        path = f"{self.folder}/c/{layer}/{shard}/0"
+    def _pread_chunks(self, layer: int, shard: int, first: int, stop: int) -> dict[int, np.ndarray]:
+        """The verified Blosc frames of a shard's inner chunks first..stop-1 (those present), with one ``pread``."""
+        path = self._path(layer, shard)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return {}
         try:
-            index = self._index(fd, path)
+            index = self._index(fd, layer, shard)
             offsets, sizes = index.offsets[first:stop].tolist(), index.sizes[first:stop].tolist()
             present = [i for i, offset in enumerate(offsets) if offset != _MISSING]
             if not present:
                 return {}
             begin = min(offsets[i] for i in present)
-            raw = os.pread(fd, max(offsets[i] + sizes[i] for i in present) - begin, begin)
+            raw = np.frombuffer(os.pread(fd, max(offsets[i] + sizes[i] for i in present) - begin, begin), np.uint8)
         finally:
             os.close(fd)
-        return {first + i: raw[offsets[i] - begin : offsets[i] + sizes[i] - begin] for i in present}
+        return {first + i: self._verified(layer, shard, first + i, raw[offsets[i] - begin : offsets[i] + sizes[i] - begin])
+                for i in present}
 
-    def _index(self, fd: int, path: str) -> _Index:
-        """The shard's chunk index (at the file's end), cached per version of the file."""
+    def _verified(self, layer: int, shard: int, chunk: int, stored: np.ndarray) -> np.ndarray:
+        """The Blosc frame of one stored inner chunk, after its checksum (where the run has one) and sizes."""
+        c_first = shard * self.shard_samples + chunk * self.inner_samples
+        try:
+            frame = strip_crc32c(stored) if self.chunk_crc else stored
+            check_blosc_frame(frame, self.chunk_bytes)
+        except Mismatch as exc:
+            raise self._corrupt(f"layer {layer}", c_first, c_first + self.inner_samples, f"inner chunk: {exc}",
+                                self._path(layer, shard)) from None
+        return frame
+
+    def _index(self, fd: int, layer: int, shard: int) -> _Index:
+        """The shard's verified chunk index (at the file's end), cached per version of the file."""
+        path = self._path(layer, shard)
         stat = os.fstat(fd)
         version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         with self._lock:
@@ -144,8 +209,27 @@ class StateReader:
         if cached is not None and cached[0] == version:
             return cached[1]
         n = self.shard_samples // self.inner_samples
-        table = np.frombuffer(os.pread(fd, 16 * n, stat.st_size - 16 * n - 4), dtype="<u8").reshape(n, 2)
-        index = _Index(offsets=table[:, 0].copy(), sizes=table[:, 1].copy())
+        index_bytes = 16 * n + CRC_BYTES
+        try:
+            if stat.st_size < index_bytes:
+                raise Mismatch(f"file of {stat.st_size} bytes, shorter than its {index_bytes}-byte index")
+            raw = np.frombuffer(os.pread(fd, index_bytes, stat.st_size - index_bytes), dtype=np.uint8)
+            index = _parse_index(raw, n, stat.st_size - index_bytes)
+        except Mismatch as exc:
+            first = shard * self.shard_samples
+            raise self._corrupt(f"layer {layer}", first, first + self.shard_samples, f"shard: {exc}", path) from None
         with self._lock:
             self._indexes[path] = (version, index)
         return index
+
+    def _path(self, layer: int, shard: int) -> str:
+        return f"{self.folder}/c/{layer}/{shard}/0"
+
+    def _corrupt(self, layers: str, start: int, stop: int, why: str, path: str | None = None) -> CorruptData:
+        """The error for stored bytes that fail verification; logged with the file, for the operator."""
+        stop = min(stop, self.array.shape[1])
+        where = f" (file {Path(path).relative_to(self.folder.parent)})" if path else ""
+        message = (f"corrupt data in run {self.run_name}, {layers}, samples {start}:{stop}{where}: {why}; "
+                   "restore the run's files from a backup or ingest it again")
+        log.error("%s", message)
+        return CorruptData(message)
