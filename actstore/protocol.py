@@ -10,6 +10,7 @@ from actstore.v1 import actstore_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = 64 << 20
+MAX_REQUEST_BYTES = 4 << 20  # what the server reads of one request: a selection of up to ~1 million ids
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import os
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,9 +15,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from actstore.protocol import CHANNEL_OPTIONS, DEFAULT_ADDRESS
+from actstore.protocol import DEFAULT_ADDRESS, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES
 from actstore.server.address import parse_address
 from actstore.server.auth import Authenticator
+from actstore.server.gate import DEFAULT_MAX_STREAMS_PER_CALLER, AuthGate, StreamBudget
 from actstore.server.service import CatalogService, DataService
 from actstore.store import Store
 from actstore.v1 import actstore_pb2 as pb
@@ -27,9 +29,12 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[name].full_name
                  for name in ("CatalogService", "DataService", "AnalysisService")]
 DEFAULT_MAX_RESPONSE_MB = 4096
+DEFAULT_WORKERS = min(32, 2 * (os.cpu_count() or 1) + 4)
 SHUTDOWN_GRACE_S = 30.0
 SERVER_OPTIONS = [
-    *CHANNEL_OPTIONS,
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Requests are small (a selection); a larger one is refused by gRPC before it is decoded.
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     # gRPC binds with SO_REUSEPORT by default: a second server on a busy port would start and share it silently.
     ("grpc.so_reuseport", 0),
     # actstore's client pings every 20 s on an idle call to notice a stalled server; gRPC servers otherwise
@@ -46,13 +51,15 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_response_mb: float = DEFAULT_MAX_RESPONSE_MB
-    workers: int = 8
+    workers: int = DEFAULT_WORKERS  # threads for blocking store and numpy work; streams and waits hold none
+    max_streams_per_caller: int = DEFAULT_MAX_STREAMS_PER_CALLER
     scheduler: str | None = None  # Dask scheduler address for analyses; None: a local cluster on first use
     dask_workers: int | None = None  # local cluster size (default: one per core)
 
 
 class Server:
-    """A running actstore server; ``port`` is the bound port (useful with an address ending in :0)."""
+    """A running actstore server on grpc's asyncio server; ``port`` is the bound port (useful with an
+    address ending in :0). Build it inside a running event loop (see ``serve``)."""
 
     def __init__(self, config: ServerConfig) -> None:
         store = Store(config.store)
@@ -60,21 +67,24 @@ class Server:
             raise ValueError(f"no actstore store at {config.store} (run `actstore ingest --store {config.store}`)")
         if bool(config.tls_cert) != bool(config.tls_key):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if config.workers < 1 or config.max_streams_per_caller < 1:
+            raise ValueError("--workers and --max-streams-per-caller must be at least 1")
         self.config = replace(config, address=parse_address(config.address))
         self.auth = Authenticator.from_file(config.auth_file)
-        max_bytes = int(config.max_response_mb * 2**20)
-        self.grpc = grpc.server(ThreadPoolExecutor(max_workers=config.workers), options=SERVER_OPTIONS)
-        pb_grpc.add_CatalogServiceServicer_to_server(CatalogService(store, self.auth, max_bytes), self.grpc)
-        pb_grpc.add_DataServiceServicer_to_server(DataService(store, self.auth, max_bytes), self.grpc)
-        self.jobs = self._analysis(store, max_bytes)
-        self.health = health.HealthServicer()
+        self.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="actstore-rpc")
+        self.grpc = grpc.aio.server(interceptors=[AuthGate(self.auth)], options=SERVER_OPTIONS)
+        common = (store, int(config.max_response_mb * 2**20), self.pool, StreamBudget(config.max_streams_per_caller))
+        pb_grpc.add_CatalogServiceServicer_to_server(CatalogService(*common), self.grpc)
+        pb_grpc.add_DataServiceServicer_to_server(DataService(*common), self.grpc)
+        self.jobs = self._analysis(common)
+        self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.grpc)
         self.port = self._bind()
 
-    def _analysis(self, store: Store, max_bytes: int):
+    def _analysis(self, common: tuple):
         """AnalysisService, when the analysis extra (dask, dadapy) is installed."""
         try:
             from actstore.server.analysis_service import AnalysisService
@@ -83,8 +93,7 @@ class Server:
             log.warning("analyses disabled: %s (install actstore[analysis])", exc)
             return None
         jobs = JobManager(self.config.store, self.config.scheduler, self.config.dask_workers)
-        pb_grpc.add_AnalysisServiceServicer_to_server(AnalysisService(store, self.auth, max_bytes, jobs=jobs),
-                                                      self.grpc)
+        pb_grpc.add_AnalysisServiceServicer_to_server(AnalysisService(*common, jobs=jobs), self.grpc)
         return jobs
 
     def _bind(self) -> int:
@@ -100,24 +109,27 @@ class Server:
                              "this machine" + (", or --tls-cert/--tls-key are not a PEM certificate chain and "
                                                "its private key" if tls else "")) from None
 
-    def start(self) -> None:
-        self.grpc.start()
+    async def start(self) -> None:
+        await self.grpc.start()
         for name in ["", *SERVICE_NAMES]:
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = self.config.address.rsplit(":", 1)[0]
-        log.info("actstore serving %s on %s:%d%s", self.config.store, host, self.port,
-                 " with TLS" if self.config.tls_cert else "")
+        log.info("actstore serving %s on %s:%d%s (%d worker threads, %d streams per caller)", self.config.store,
+                 host, self.port, " with TLS" if self.config.tls_cert else "", self.config.workers,
+                 self.config.max_streams_per_caller)
         if self.auth.open:
             exposed = "" if _is_loopback(host) else " -- WARNING: this address is reachable from other machines"
-            log.warning("open access: no auth file, every caller reads every run%s", exposed)
+            log.warning("open access: no auth file, every caller reads every run; the stream limit counts per "
+                        "client host%s", exposed)
 
-    def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
+    async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
         """Flip health to NOT_SERVING, refuse new calls, let in-flight streams finish within ``grace``."""
         log.info("shutting down: health NOT_SERVING, finishing in-flight calls (up to %.0f s)", grace)
-        self.health.enter_graceful_shutdown()
-        self.grpc.stop(grace).wait()
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(grace)
+        self.pool.shutdown(wait=False, cancel_futures=True)
         if self.jobs is not None:
-            self.jobs.close()
+            await asyncio.get_running_loop().run_in_executor(None, self.jobs.close)
         log.info("stopped")
 
 
@@ -139,17 +151,18 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully.
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    asyncio.run(_serve(config))
 
-    The main thread polls a flag rather than blocking on an Event: Python runs signal handlers only in the
-    main thread, and a signal the kernel hands to one of gRPC's threads (seen after SIGSTOP and SIGCONT)
-    never wakes a main thread blocked on a lock, so the server would not stop.
-    """
+
+async def _serve(config: ServerConfig) -> None:
+    """The event loop's signal handlers wake it through its self-pipe, written by Python's C-level handler
+    whichever thread the kernel picked (after SIGSTOP and SIGCONT it may be one of gRPC's)."""
     server = Server(config)
-    received: list[int] = []
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _frame: received.append(signum))
-    server.start()
-    while not received:
-        time.sleep(0.2)
-    server.stop()
+        loop.add_signal_handler(sig, stopping.set)
+    await server.start()
+    await stopping.wait()
+    await server.stop()

@@ -19,6 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-key", type=Path, help="PEM private key")
     p.add_argument("--max-response-mb", type=float, default=4096,
                    help="largest answer one request may ask for, in MiB (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads for blocking reads and numpy work (default: 2 x cores + 4, at most 32); "
+                        "open streams and job watchers hold none")
+    p.add_argument("--max-streams-per-caller", type=int, default=None,
+                   help="concurrent ReadStates/WatchJob streams per group (open access: per client host); "
+                        "more get RESOURCE_EXHAUSTED (default: 16)")
     p.add_argument("--scheduler", help="Dask scheduler address for analyses (default: a local cluster on first use)")
     p.add_argument("--dask-workers", type=int, help="local Dask worker processes (default: one per core)")
     p.set_defaults(func=run)
@@ -27,7 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from actstore.server.app import ServerConfig, serve
 
+    limits = {name: value for name, value in [("workers", args.workers),
+                                               ("max_streams_per_caller", args.max_streams_per_caller)]
+              if value is not None}
     serve(ServerConfig(store=args.store, address=args.address, auth_file=args.auth, tls_cert=args.tls_cert,
                        tls_key=args.tls_key, max_response_mb=args.max_response_mb, scheduler=args.scheduler,
-                       dask_workers=args.dask_workers))
+                       dask_workers=args.dask_workers, **limits))
     return 0

@@ -11,6 +11,7 @@ from actstore.store import echo
 from actstore.v1 import actstore_pb2 as pb
 
 LABEL_NAMES = ("subject", "answer", "prediction", "correct")
+MAX_SAMPLE_IDS = 1_000_000  # per request: ids are converted, sorted and searched before anything is read
 
 
 class BadRequest(ValueError):
@@ -32,7 +33,11 @@ def layers(request: pb.ReadStatesRequest, n_layers: int) -> list[int]:
         raise BadRequest("give layers or layer_range, not both")
     if request.HasField("layer_range"):
         return list(_range(request.layer_range, n_layers, "layer"))
+    if len(request.layers) > n_layers:
+        raise BadRequest(f"{len(request.layers)} layers asked for, the run has {n_layers}: name each layer once")
     chosen = list(request.layers) or list(range(n_layers))
+    if len(set(chosen)) < len(chosen):
+        raise BadRequest(f"layer {_first_repeat(np.asarray(chosen))} is asked for more than once")
     unknown = [layer for layer in chosen if not 0 <= layer < n_layers]
     if unknown:
         raise NotFound(f"no layer {unknown[0]}: the run has layers 0..{n_layers - 1}")
@@ -46,17 +51,38 @@ def hidden(request: pb.ReadStatesRequest, size: int) -> slice:
     return slice(r.start, r.stop)
 
 
-def positions(selection: pb.SampleSelection, labels: dict[str, np.ndarray], id_order: np.ndarray) -> np.ndarray:
+def sample_ids(selection: pb.SampleSelection) -> np.ndarray | None:
+    """The ids asked for, checked before any work that grows with them: at most MAX_SAMPLE_IDS, each once."""
+    if not selection.ids:
+        return None
+    if selection.HasField("positions"):
+        raise BadRequest("give sample ids or a position range, not both")
+    if len(selection.ids) > MAX_SAMPLE_IDS:
+        raise BadRequest(f"{len(selection.ids):,} sample ids in one request, above the limit of {MAX_SAMPLE_IDS:,}: "
+                         "split them over several requests")
+    wanted = np.fromiter(selection.ids, dtype=np.int64, count=len(selection.ids))
+    repeat = _first_repeat(wanted)
+    if repeat is not None:
+        raise BadRequest(f"sample id {repeat} is asked for more than once: name each sample once")
+    return wanted
+
+
+def _first_repeat(values: np.ndarray) -> int | None:
+    ordered = np.sort(values)
+    repeats = ordered[1:][ordered[1:] == ordered[:-1]]
+    return int(repeats[0]) if len(repeats) else None
+
+
+def positions(selection: pb.SampleSelection, wanted: np.ndarray | None, labels: dict[str, np.ndarray],
+              id_order: np.ndarray) -> np.ndarray:
     """Positions along the run's sample axis, in the order asked for (ids) or stored (range, filters).
 
-    ``id_order`` is the argsort of ``labels["sample"]`` (computed once per run snapshot).
+    ``wanted`` is ``sample_ids(selection)``; ``id_order`` the argsort of ``labels["sample"]`` (computed once
+    per run snapshot).
     """
     ids = labels["sample"]
     n = len(ids)
-    if selection.ids and selection.HasField("positions"):
-        raise BadRequest("give sample ids or a position range, not both")
-    if selection.ids:
-        wanted = np.asarray(selection.ids, dtype=np.int64)
+    if wanted is not None:
         found = np.searchsorted(ids, wanted, sorter=id_order)
         found = np.minimum(found, n - 1) if n else found
         hits = id_order[found] if n else found
@@ -70,6 +96,9 @@ def positions(selection: pb.SampleSelection, labels: dict[str, np.ndarray], id_o
     else:
         chosen = np.arange(n)
     keep = np.ones(len(chosen), dtype=bool)
+    if len(selection.filters) > len(LABEL_NAMES):
+        raise BadRequest(f"{len(selection.filters)} label filters, more than there are labels "
+                         f"({', '.join(LABEL_NAMES)}): give the values of a label in one filter")
     for f in selection.filters:
         if f.name not in LABEL_NAMES:
             raise BadRequest(f"unknown label {echo(f.name)}; filter on {', '.join(LABEL_NAMES)}")

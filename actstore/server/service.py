@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 
 import grpc
 import numpy as np
 
-from actstore.protocol import CHUNK_BYTES, DTYPE_ENUMS, DTYPE_NAMES, VISIBILITY_ENUMS, VISIBILITY_NAMES
+from actstore.protocol import (CHUNK_BYTES, DTYPE_ENUMS, DTYPE_NAMES, MAX_MESSAGE_BYTES, VISIBILITY_ENUMS,
+                               VISIBILITY_NAMES)
 from actstore.server import selection
-from actstore.server.auth import Authenticator, Caller
+from actstore.server.auth import Caller
 from actstore.server.errors import Forbidden, Lossy, TooLarge, status_of
+from actstore.server.gate import StreamBudget, caller_key, log_call
 from actstore.store import Run, RunNotFound, Store
 from actstore.v1 import actstore_pb2 as pb
 from actstore.v1 import actstore_pb2_grpc as pb_grpc
@@ -25,55 +29,69 @@ log = logging.getLogger(__name__)
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 MAX_DETAILS_CHARS = 1000  # status details travel in HTTP/2 trailers, which peers cap at a few KiB
+MAX_LABEL_BYTES = MAX_MESSAGE_BYTES * 3 // 4  # labels travel in one message (ReadLabels, the states' header)
+LABEL_ROW_BYTES = 20  # protobuf framing of one sample's labels, beyond its strings: tags, lengths, id, flag
 
 
 def rpc(method: Callable) -> Callable:
-    """Resolve the caller, map errors to precise statuses, and log each call (never its token)."""
+    """Map errors to precise statuses and log each call; the caller comes from the AuthGate interceptor.
 
-    def finish(self, context, name: str, started: float, caller: Caller | None, exc: Exception | None) -> None:
-        code = grpc.StatusCode.OK if exc is None else status_of(exc)
-        who = "-" if caller is None else (caller.group or "open")
-        log.info("%s group=%s status=%s %.1f ms", name, who, code.name, (time.perf_counter() - started) * 1e3)
-        if exc is not None:
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("internal error in %s", name, exc_info=exc)
-            details = str(exc) if code is not grpc.StatusCode.INTERNAL else "internal server error"
-            context.abort(code, details if len(details) <= MAX_DETAILS_CHARS else details[:MAX_DETAILS_CHARS] + "...")
-
-    if inspect.isgeneratorfunction(method):  # server streaming: the body runs as the response is consumed
+    A plain function is blocking work (the store, numpy): it runs on the server's bounded executor, so the
+    event loop stays free for every other call. A coroutine is a stream: it runs on the event loop and
+    awaits each write, so a client that stops reading holds no thread; it counts against its caller's
+    stream budget while it runs.
+    """
+    name = method.__name__
+    if inspect.iscoroutinefunction(method):
 
         @functools.wraps(method)
-        def streaming(self, request, context):
-            started, caller = time.perf_counter(), None
+        async def streaming(self, request, context: grpc.aio.ServicerContext, caller: Caller) -> None:
+            started = time.perf_counter()
             try:
-                caller = self.auth.caller(context.invocation_metadata())
-                yield from method(self, request, context, caller)
+                with self.streams.hold(caller_key(caller, context.peer())):
+                    await method(self, request, context, caller)
+            except asyncio.CancelledError:
+                log_call(name, caller, grpc.StatusCode.CANCELLED, started)
+                raise
             except Exception as exc:  # noqa: BLE001 - every error becomes a status
-                finish(self, context, method.__name__, started, caller, exc)
-            else:
-                finish(self, context, method.__name__, started, caller, None)
+                await _fail(context, name, started, caller, exc)
+            log_call(name, caller, grpc.StatusCode.OK, started)
 
         return streaming
 
     @functools.wraps(method)
-    def unary(self, request, context):
-        started, caller = time.perf_counter(), None
+    async def unary(self, request, context: grpc.aio.ServicerContext, caller: Caller):
+        started = time.perf_counter()
         try:
-            caller = self.auth.caller(context.invocation_metadata())
-            response = method(self, request, context, caller)
+            response = await self.offload(method, self, request, caller)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            finish(self, context, method.__name__, started, caller, exc)
-        finish(self, context, method.__name__, started, caller, None)
+            await _fail(context, name, started, caller, exc)
+        log_call(name, caller, grpc.StatusCode.OK, started)
         return response
 
     return unary
 
 
+async def _fail(context: grpc.aio.ServicerContext, name: str, started: float, caller: Caller,
+                exc: Exception) -> None:
+    code = status_of(exc)
+    log_call(name, caller, code, started)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("internal error in %s", name, exc_info=exc)
+    details = str(exc) if code is not grpc.StatusCode.INTERNAL else "internal server error"
+    await context.abort(code, details if len(details) <= MAX_DETAILS_CHARS else details[:MAX_DETAILS_CHARS] + "...")
+
+
 class _Base:
-    def __init__(self, store: Store, auth: Authenticator, max_response_bytes: int) -> None:
+    def __init__(self, store: Store, max_response_bytes: int, pool: Executor, streams: StreamBudget) -> None:
         self.store = store
-        self.auth = auth
         self.max_response_bytes = max_response_bytes
+        self.pool = pool
+        self.streams = streams
+
+    async def offload(self, fn: Callable, *args):
+        """``fn(*args)`` on the bounded executor: blocking work never stalls the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
 
     def readable_run(self, ref: pb.RunRef, caller: Caller) -> Run:
         """The run, or NOT_FOUND worded alike whether it is absent or hidden from this caller (AIP-211):
@@ -87,6 +105,24 @@ class _Base:
             raise absent
         return run
 
+    def check_size(self, what: str, states_bytes: int, n_samples: int, label_bytes: Callable[[], int]) -> None:
+        """Refuse, before any of it is read, an answer above the response cap or labels above one message.
+
+        ``label_bytes`` is called only when the framing alone fits: a huge selection is refused in O(1).
+        """
+        split = "ask for fewer layers or samples (e.g. consecutive sample ranges, one request each)"
+        if n_samples * LABEL_ROW_BYTES > MAX_LABEL_BYTES or states_bytes > self.max_response_bytes:
+            labels = n_samples * LABEL_ROW_BYTES
+        else:
+            labels = label_bytes()
+        if labels > MAX_LABEL_BYTES:
+            raise TooLarge(f"the labels of {n_samples:,} samples take {labels / 2**20:.1f} MiB or more, above the "
+                           f"{MAX_LABEL_BYTES / 2**20:.0f} MiB one message carries: {split}")
+        size = states_bytes + labels
+        if size > self.max_response_bytes:
+            raise TooLarge(f"the {what} is {size / 2**20:.1f} MiB, above this server's cap of "
+                           f"{self.max_response_bytes / 2**20:.3g} MiB per request: {split}")
+
 
 def summary(run: Run) -> pb.RunSummary:
     n_layers, n_samples, hidden = run.shape
@@ -97,6 +133,13 @@ def summary(run: Run) -> pb.RunSummary:
         access=pb.Access(owner_group=access["owner_group"] or "", visibility=VISIBILITY_ENUMS[access["visibility"]],
                          shared_with=access["shared_with"]),
     )
+
+
+def _label_bytes(run: Run, positions: np.ndarray) -> int:
+    """The labels of these samples on the wire (within a few bytes a sample)."""
+    labels = run.labels()
+    text = sum(sum(map(len, labels[name][positions])) for name in ("subject", "answer", "prediction"))
+    return text + len(positions) * LABEL_ROW_BYTES
 
 
 def _labels(run: Run, positions: np.ndarray) -> pb.Labels:
@@ -112,7 +155,7 @@ def _labels(run: Run, positions: np.ndarray) -> pb.Labels:
 
 class CatalogService(_Base, pb_grpc.CatalogServiceServicer):
     @rpc
-    def ListRuns(self, request: pb.ListRunsRequest, context, caller: Caller) -> pb.ListRunsResponse:
+    def ListRuns(self, request: pb.ListRunsRequest, caller: Caller) -> pb.ListRunsResponse:
         if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
             raise selection.BadRequest(f"page_size must be within 0..{MAX_PAGE_SIZE}")
         size = request.page_size or DEFAULT_PAGE_SIZE
@@ -128,12 +171,12 @@ class CatalogService(_Base, pb_grpc.CatalogServiceServicer):
                                    next_page_token=f"{page[-1].model}/{page[-1].method}" if more else "")
 
     @rpc
-    def DescribeRun(self, request: pb.DescribeRunRequest, context, caller: Caller) -> pb.RunInfo:
+    def DescribeRun(self, request: pb.DescribeRunRequest, caller: Caller) -> pb.RunInfo:
         run = self.readable_run(request.run, caller)
         return describe(run)
 
     @rpc
-    def SetVisibility(self, request: pb.SetVisibilityRequest, context, caller: Caller) -> pb.RunInfo:
+    def SetVisibility(self, request: pb.SetVisibilityRequest, caller: Caller) -> pb.RunInfo:
         run = self.readable_run(request.run, caller)
         if not caller.owns(run.access):
             raise Forbidden(f"only the owner group {run.access['owner_group']!r} may change who reads this run")
@@ -169,26 +212,45 @@ def describe(run: Run) -> pb.RunInfo:
 
 class DataService(_Base, pb_grpc.DataServiceServicer):
     @rpc
-    def ReadLabels(self, request: pb.ReadLabelsRequest, context, caller: Caller) -> pb.ReadLabelsResponse:
+    def ReadLabels(self, request: pb.ReadLabelsRequest, caller: Caller) -> pb.ReadLabelsResponse:
+        wanted = selection.sample_ids(request.samples)
         run = self.readable_run(request.run, caller)
-        positions = selection.positions(request.samples, run.labels(), run.sample_order)
+        positions = selection.positions(request.samples, wanted, run.labels(), run.sample_order)
+        self.check_size("labels' answer", 0, len(positions), lambda: _label_bytes(run, positions))
         return pb.ReadLabelsResponse(labels=_labels(run, positions), run_complete=run.complete)
 
     @rpc
-    def ReadStates(self, request: pb.ReadStatesRequest, context, caller: Caller) -> Iterator[pb.ReadStatesResponse]:
+    async def ReadStates(self, request: pb.ReadStatesRequest, context: grpc.aio.ServicerContext,
+                         caller: Caller) -> None:
+        """Each message is read on the executor and written with flow control: a client that stops reading
+        suspends this coroutine and holds one message; a cancelled or expired call stops the reads."""
+        header, messages, size = await self.offload(self._plan_read, request, caller)
+        sent = 0
+        try:
+            while (item := await self.offload(next, messages, None)) is not None:
+                message, nbytes = item
+                if sent == 0:
+                    message.header.CopyFrom(header)
+                await context.write(message)
+                sent += nbytes
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed
+            log.info("ReadStates cancelled by the client after %d of %d bytes; stopped reading", sent, size)
+            raise
+
+    def _plan_read(self, request: pb.ReadStatesRequest, caller: Caller) -> tuple[pb.StatesHeader, Iterator, int]:
+        """The header, the messages to send (read lazily) and the answer's size; every check before any read."""
+        wanted = selection.sample_ids(request.samples)
+        if request.dtype not in DTYPE_NAMES:
+            raise selection.BadRequest(f"unknown dtype {request.dtype}")
         run = self.readable_run(request.run, caller)
         n_layers, _, n_hidden = run.shape
         layers = selection.layers(request, n_layers)
-        positions = selection.positions(request.samples, run.labels(), run.sample_order)
         cols = selection.hidden(request, n_hidden)
-        if request.dtype not in DTYPE_NAMES:
-            raise selection.BadRequest(f"unknown dtype {request.dtype}")
+        positions = selection.positions(request.samples, wanted, run.labels(), run.sample_order)
         dtype = np.dtype(DTYPE_NAMES[request.dtype])
         shape = (len(layers), len(positions), cols.stop - cols.start)
         size = int(np.prod(shape)) * dtype.itemsize
-        if size > self.max_response_bytes:
-            raise TooLarge(f"the selection is {size / 2**20:.1f} MiB, above this server's cap of "
-                           f"{self.max_response_bytes / 2**20:.0f} MiB per request: ask for fewer layers or samples")
+        self.check_size("selection", size, len(positions), lambda: _label_bytes(run, positions))
         header = pb.StatesHeader(
             shape=shape, dtype=DTYPE_ENUMS[dtype.name], dims=["layer", "sample", "hidden"], layers=layers,
             labels=_labels(run, positions), hidden_start=cols.start, run_complete=run.complete)
@@ -197,19 +259,7 @@ class DataService(_Base, pb_grpc.DataServiceServicer):
             messages = _stored_chunks(run, layers, int(positions[0]), len(positions))
         else:
             messages = _raw_chunks(_blocks(run, layers, positions, cols, dtype, request.allow_lossy))
-        sent = 0
-        try:
-            for message, nbytes in messages:
-                if not context.is_active():  # deadline passed or client gone: stop reading the store
-                    break
-                if sent == 0:
-                    message.header.CopyFrom(header)
-                yield message
-                sent += nbytes
-        except GeneratorExit:  # gRPC closes the stream's generator when the client cancels
-            pass
-        if sent < size:
-            log.info("ReadStates cancelled by the client after %d of %d bytes; stopped reading", sent, size)
+        return header, messages, size
 
 
 Message = tuple[pb.ReadStatesResponse, int]  # a response and the bytes of the answer it carries
