@@ -24,6 +24,7 @@ from actstore.server.process import ServerProcess
 from actstore.store import CorruptData, Store
 from actstore.store.layout import state_compressor, state_compressors
 
+pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")  # zarr on consolidate_metadata
 MODEL, LAYER, SHARD = "tiny", 1, 1  # the damaged shard: layer 1, samples 32:64 (32 samples per shard here)
 LAYOUTS = {  # how the run's states are stored: (shard index location, chunk codecs after Bytes)
     "checksummed": ("end", state_compressors),  # what runs are written with now: the fast reader
@@ -45,6 +46,7 @@ def write_run(root: Path, method: str, layout: str = "checksummed", hidden: int 
     with Store(root).writer(MODEL, method, recipe={"r": 1}, attrs={}, n_layers=n_layers, hidden=hidden) as writer:
         writer.add(states, labels(0, n))
     restore(root / MODEL / method / "hidden_states", states, layout)
+    zarr.consolidate_metadata(root, path=f"{MODEL}/{method}")  # the run's snapshot of its arrays' metadata
     return states
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
-from actstore.store.checksum import CRC_BYTES, Mismatch, check_blosc_frame, strip_crc32c
+from actstore.store.checksum import CRC_BYTES, Mismatch, check_blosc_frame, crc32c_end
 from actstore.store.errors import CorruptData
 
 log = logging.getLogger(__name__)
@@ -44,8 +43,8 @@ _CHECKSUMMED = (BytesCodec, BloscCodec, Crc32cCodec)
 
 @dataclass(frozen=True)
 class _Index:
-    offsets: np.ndarray  # (inner chunks per shard,) uint64
-    sizes: np.ndarray
+    offsets: list[int]  # per inner chunk of the shard, _MISSING where never written
+    sizes: list[int]
 
 
 def _inner_codecs(array: zarr.Array) -> tuple[type, ...] | None:
@@ -63,12 +62,13 @@ def _inner_codecs(array: zarr.Array) -> tuple[type, ...] | None:
     return tuple(type(c) for c in sharding.codecs)
 
 
-def _parse_index(raw: np.ndarray, n: int, data_end: int) -> _Index:
+def _parse_index(raw: bytes, n: int, data_end: int) -> _Index:
     """The (offset, size) table of a shard's index bytes, after checking its CRC and that every chunk it
     points to lies inside the shard's data (a corrupt offset must not become a read past the file)."""
     if len(raw) != 16 * n + CRC_BYTES:
         raise Mismatch("index cut short")
-    table = strip_crc32c(raw).view("<u8").reshape(n, 2)
+    crc32c_end(raw, 0, len(raw))
+    table = np.frombuffer(raw, dtype="<u8", count=2 * n).reshape(n, 2)
     offsets, sizes = table[:, 0].copy(), table[:, 1].copy()
     missing = offsets == _MISSING
     if not np.array_equal(missing, sizes == _MISSING):
@@ -76,7 +76,7 @@ def _parse_index(raw: np.ndarray, n: int, data_end: int) -> _Index:
     present_offsets = np.where(missing, 0, offsets)
     if np.any(~missing & ((present_offsets > data_end) | (sizes > data_end - np.minimum(present_offsets, data_end)))):
         raise Mismatch(f"index points past the {data_end} bytes of chunk data")
-    return _Index(offsets=offsets, sizes=sizes)
+    return _Index(offsets=offsets.tolist(), sizes=sizes.tolist())
 
 
 def _layers_text(layers: list[int]) -> str:
@@ -98,8 +98,8 @@ class StateReader:
             self.inner_samples = array.chunks[1]
             self.hidden = array.shape[2]
             self.chunk_bytes = self.inner_samples * self.hidden * 4  # edge chunks are stored whole too
-        self._indexes: dict[str, tuple[tuple[int, int, int], _Index]] = {}
-        self._lock = threading.Lock()
+        self._shards = f"{folder}/c"
+        self._indexes: dict[str, tuple[tuple[int, int, int], _Index]] = {}  # one get or set at a time: GIL-safe
 
     def read(self, layers: list[int], start: int, stop: int) -> np.ndarray:
         """States of ``layers`` for samples ``start:stop``, shape (len(layers), stop - start, hidden)."""
@@ -126,7 +126,7 @@ class StateReader:
         for shard in range(start // self.shard_samples, -(-stop // self.shard_samples)):
             for c_lo, c_hi, c_first, frame in self._chunks_of(layer, shard, start, stop):
                 if frame is not None and c_lo == c_first and c_hi - c_lo == self.inner_samples:
-                    yield c_lo, c_hi - c_lo, frame.tobytes()
+                    yield c_lo, c_hi - c_lo, bytes(frame)
                 else:
                     yield c_lo, c_hi - c_lo, self._decode(layer, c_first, frame, c_lo, c_hi)
 
@@ -141,7 +141,7 @@ class StateReader:
         for c_lo, c_hi, c_first, frame in self._chunks_of(layer, shard, start, stop):
             out[c_lo - start : c_hi - start] = self._decode(layer, c_first, frame, c_lo, c_hi)
 
-    def _chunks_of(self, layer: int, shard: int, start: int, stop: int) -> list[tuple[int, int, int, np.ndarray | None]]:
+    def _chunks_of(self, layer: int, shard: int, start: int, stop: int) -> list[tuple[int, int, int, memoryview | None]]:
         """(lo, hi, chunk's first sample, verified Blosc frame or None) for each inner chunk of ``shard`` in
         start:stop.
 
@@ -158,7 +158,7 @@ class StateReader:
             pieces.append((max(lo, c_first), min(hi, c_first + self.inner_samples), c_first, frames.get(chunk)))
         return pieces
 
-    def _decode(self, layer: int, c_first: int, frame: np.ndarray | None, lo: int, hi: int) -> np.ndarray:
+    def _decode(self, layer: int, c_first: int, frame: memoryview | None, lo: int, hi: int) -> np.ndarray:
         """Rows ``lo:hi`` of the inner chunk starting at sample ``c_first``."""
         if frame is None:  # never written: the fill value
             return np.full((hi - lo, self.hidden), np.nan, dtype=np.float32)
@@ -168,7 +168,7 @@ class StateReader:
             raise self._corrupt(f"layer {layer}", c_first, c_first + self.inner_samples, str(exc)) from exc
         return np.frombuffer(decoded, dtype="<f4").reshape(-1, self.hidden)[lo - c_first : hi - c_first]
 
-    def _pread_chunks(self, layer: int, shard: int, first: int, stop: int) -> dict[int, np.ndarray]:
+    def _pread_chunks(self, layer: int, shard: int, first: int, stop: int) -> dict[int, memoryview]:
         """The verified Blosc frames of a shard's inner chunks first..stop-1 (those present), with one ``pread``."""
         path = self._path(layer, shard)
         try:
@@ -176,36 +176,34 @@ class StateReader:
         except FileNotFoundError:
             return {}
         try:
-            index = self._index(fd, layer, shard)
-            offsets, sizes = index.offsets[first:stop].tolist(), index.sizes[first:stop].tolist()
+            index = self._index(fd, path, layer, shard)
+            offsets, sizes = index.offsets[first:stop], index.sizes[first:stop]
             present = [i for i, offset in enumerate(offsets) if offset != _MISSING]
             if not present:
                 return {}
             begin = min(offsets[i] for i in present)
-            raw = np.frombuffer(os.pread(fd, max(offsets[i] + sizes[i] for i in present) - begin, begin), np.uint8)
+            raw = os.pread(fd, max(offsets[i] + sizes[i] for i in present) - begin, begin)
         finally:
             os.close(fd)
-        return {first + i: self._verified(layer, shard, first + i, raw[offsets[i] - begin : offsets[i] + sizes[i] - begin])
-                for i in present}
+        return {first + i: self._frame(raw, offsets[i] - begin, sizes[i], layer, shard, first + i) for i in present}
 
-    def _verified(self, layer: int, shard: int, chunk: int, stored: np.ndarray) -> np.ndarray:
-        """The Blosc frame of one stored inner chunk, after its checksum (where the run has one) and sizes."""
-        c_first = shard * self.shard_samples + chunk * self.inner_samples
+    def _frame(self, raw: bytes, start: int, size: int, layer: int, shard: int, chunk: int) -> memoryview:
+        """The Blosc frame of the inner chunk stored at ``raw[start:start + size]``, once its checksum (where the
+        run has one) and its sizes are checked."""
         try:
-            frame = strip_crc32c(stored) if self.chunk_crc else stored
-            check_blosc_frame(frame, self.chunk_bytes)
+            end = crc32c_end(raw, start, start + size) if self.chunk_crc else start + size
+            check_blosc_frame(raw, start, end, self.chunk_bytes)
         except Mismatch as exc:
+            c_first = shard * self.shard_samples + chunk * self.inner_samples
             raise self._corrupt(f"layer {layer}", c_first, c_first + self.inner_samples, f"inner chunk: {exc}",
                                 self._path(layer, shard)) from None
-        return frame
+        return memoryview(raw)[start:end]
 
-    def _index(self, fd: int, layer: int, shard: int) -> _Index:
+    def _index(self, fd: int, path: str, layer: int, shard: int) -> _Index:
         """The shard's verified chunk index (at the file's end), cached per version of the file."""
-        path = self._path(layer, shard)
         stat = os.fstat(fd)
         version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        with self._lock:
-            cached = self._indexes.get(path)
+        cached = self._indexes.get(path)
         if cached is not None and cached[0] == version:
             return cached[1]
         n = self.shard_samples // self.inner_samples
@@ -213,17 +211,16 @@ class StateReader:
         try:
             if stat.st_size < index_bytes:
                 raise Mismatch(f"file of {stat.st_size} bytes, shorter than its {index_bytes}-byte index")
-            raw = np.frombuffer(os.pread(fd, index_bytes, stat.st_size - index_bytes), dtype=np.uint8)
+            raw = os.pread(fd, index_bytes, stat.st_size - index_bytes)
             index = _parse_index(raw, n, stat.st_size - index_bytes)
         except Mismatch as exc:
             first = shard * self.shard_samples
             raise self._corrupt(f"layer {layer}", first, first + self.shard_samples, f"shard: {exc}", path) from None
-        with self._lock:
-            self._indexes[path] = (version, index)
+        self._indexes[path] = (version, index)
         return index
 
     def _path(self, layer: int, shard: int) -> str:
-        return f"{self.folder}/c/{layer}/{shard}/0"
+        return f"{self._shards}/{layer}/{shard}/0"
 
     def _corrupt(self, layers: str, start: int, stop: int, why: str, path: str | None = None) -> CorruptData:
         """The error for stored bytes that fail verification; logged with the file, for the operator."""
