@@ -61,22 +61,26 @@ def server(store, idle_scheduler):
     process.stop()
 
 
-def stalled_reader(address: str, metadata) -> tuple[grpc.Channel, grpc.Future]:
-    """A ReadStates of a 98 MB layer whose client reads one message and then nothing more."""
+def reader(address: str, metadata) -> tuple[grpc.Channel, grpc.Future]:
+    """A ReadStates of a 98 MB layer, started; its client reads nothing unless told to."""
     channel = grpc.insecure_channel(address)
     stream = pb_grpc.DataServiceStub(channel).ReadStates(
         pb.ReadStatesRequest(run=pb.RunRef(model=BIG[0], method=BIG[1]), layers=[0]), metadata=metadata,
         timeout=120)
+    return channel, stream
+
+
+def stalled_reader(address: str, metadata) -> tuple[grpc.Channel, grpc.Future]:
+    """A reader that reads one message and then nothing more."""
+    channel, stream = reader(address, metadata)
     next(stream)
     return channel, stream
 
 
 def watcher(address: str, metadata, job_id: str) -> tuple[grpc.Channel, grpc.Future]:
     channel = grpc.insecure_channel(address)
-    stream = pb_grpc.AnalysisServiceStub(channel).WatchJob(pb.JobRef(job_id=job_id), metadata=metadata,
-                                                           timeout=120)
-    assert next(stream).state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING)  # never ends: no Dask worker
-    return channel, stream
+    return channel, pb_grpc.AnalysisServiceStub(channel).WatchJob(pb.JobRef(job_id=job_id), metadata=metadata,
+                                                                  timeout=120)
 
 
 def close(streams: list) -> None:
@@ -94,21 +98,25 @@ def call_status(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
 
 
 def test_stalled_readers_and_watchers_leave_the_server_to_everyone_else(server):
-    opened = []
+    readers, watchers = [], []
     try:
-        opened += [stalled_reader(server.address, A) for _ in range(N)]
         with Client(server.address, token="tok-b-at-least-16-chars") as b:
-            job = b.analyze("tiny-llama", ["0shot"], layers=[1, 2], **SMALL)
-            opened += [watcher(server.address, B, job.id) for _ in range(N)]
+            job = b.analyze("tiny-llama", ["0shot"], layers=[1, 2], **SMALL)  # never ends: no Dask worker
+            readers += [reader(server.address, A) for _ in range(N)]  # none of them reads
+            watchers += [watcher(server.address, B, job.id) for _ in range(N)]
+            time.sleep(1)  # every stream under way on the server
             started = time.monotonic()
-            with Client(server.address, token="tok-c-at-least-16-chars", retries=0) as fresh:
+            with Client(server.address, token="tok-c-at-least-16-chars", timeout=5, stream_timeout=5,
+                        retries=0) as fresh:
                 assert [r["method"] for r in fresh.runs(model="tiny-llama")] == ["0shot"]
                 assert fresh.hidden_states("tiny-llama", "0shot", layers=1).sizes["layer"] == 1
                 assert fresh.labels("tiny-llama", "0shot").sizes["sample"] > 0
             assert time.monotonic() - started < 3, "a fresh caller waited behind stalled streams"
+            assert all(next(stream).header.shape for _, stream in readers)  # each stream served, all at once
+            assert all(next(stream).state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING) for _, stream in watchers)
             job.cancel()
     finally:
-        close(opened)
+        close(readers + watchers)
 
 
 def test_a_caller_past_its_stream_limit_gets_resource_exhausted_and_its_budget_comes_back(server):
