@@ -1,11 +1,14 @@
 """Storage layout benchmark: why hidden_states is sharded the way it is.
 
-    .venv/bin/python bench/layout.py [--store PATH] [--samples 9181]
+    .venv/bin/python bench/layout.py [--store PATH] [--samples 9181] [--rounds 7]
 
 Takes real states (a SmolLM2 0-shot run, ingested here on 200 questions unless --store names a
 store holding one), tiles them to the study's 9,181 samples, writes them under several chunk
-layouts and prints, side by side: one whole layer (MB/s) and one sample across all layers (p50 ms),
-each read through zarr-python and through actstore's reader, and the size against raw fp16.
+layouts (each with the store's codecs: Blosc, then a CRC-32C per chunk) and prints, side by side: one
+whole layer (MB/s) and one sample across all layers (p50 ms), each read through zarr-python and through
+actstore's reader, and the size against raw fp16. Then the cost of the chunk checksums: the chosen layout
+with and without them, measured in alternating rounds (so a noisy machine's drift hits both alike),
+as the median of each round's ratio.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import zarr
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from actstore.store import Store  # noqa: E402
-from actstore.store.layout import StateLayout, state_compressor  # noqa: E402
+from actstore.store.layout import StateLayout, state_compressor, state_compressors  # noqa: E402
 from actstore.store.reader import StateReader  # noqa: E402
 
 
@@ -38,12 +41,18 @@ def real_states(store: Path | None, tmp: Path) -> np.ndarray:
     return run.hidden_states[:]
 
 
-def measure(path: Path, states: np.ndarray, chunks: tuple, shards: tuple | None) -> list[float]:
+def write(path: Path, states: np.ndarray, chunks: tuple, shards: tuple | None,
+          compressors: list) -> tuple[zarr.Array, StateReader]:
+    """``states`` stored at ``path`` under one layout, opened for reading both ways."""
     array = zarr.create_array(path, shape=states.shape, dtype="float32", chunks=chunks, shards=shards,
-                              compressors=[state_compressor()], dimension_names=("layer", "sample", "hidden"))
+                              compressors=compressors, dimension_names=("layer", "sample", "hidden"))
     array[:] = states
     array = zarr.open_array(path, mode="r")
-    reader = StateReader(array, path)
+    return array, StateReader(array, path)
+
+
+def speeds(array: zarr.Array, reader: StateReader, states: np.ndarray) -> list[float]:
+    """Layer MB/s (best of 5) and one-sample p50 ms (60 samples), through zarr-python then actstore's reader."""
     n_layers, n, _ = states.shape
     picks = [int(i) for i in np.random.default_rng(0).integers(0, n, 60)]
     assert np.array_equal(reader.read(list(range(n_layers)), picks[0], picks[0] + 1), states[:, picks[0]:picks[0] + 1])
@@ -55,8 +64,21 @@ def measure(path: Path, states: np.ndarray, chunks: tuple, shards: tuple | None)
         layer_s = min(_timed(read_layer) for _ in range(5))
         sample_s = np.median([_timed(lambda: read_sample(i)) for i in picks])
         figures += [states[0].nbytes / layer_s / 1e6, sample_s * 1e3]
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return [*figures, states.size * 2 / size]
+    return figures
+
+
+def size_ratio(path: Path, states: np.ndarray) -> float:
+    """Raw fp16 bytes over the bytes on disk."""
+    return states.size * 2 / sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def checksum_cost(tmp: Path, states: np.ndarray, layout: StateLayout, rounds: int) -> list[float]:
+    """Median over alternating rounds of (with chunk checksums) / (without) for each of speeds' figures and
+    the size on disk: speeds above 1 are faster with them, times above 1 slower."""
+    variants = [write(tmp / name, states, layout.chunks, layout.shards, compressors)
+                for name, compressors in (("with", state_compressors()), ("without", [state_compressor()]))]
+    ratios = [np.divide(speeds(*variants[0], states), speeds(*variants[1], states)) for _ in range(rounds)]
+    return [*np.median(ratios, axis=0), size_ratio(tmp / "without", states) / size_ratio(tmp / "with", states)]
 
 
 def _timed(read) -> float:
@@ -69,6 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, help="a store with a SmolLM2 0shot run (default: ingest one)")
     parser.add_argument("--samples", type=int, default=9181)
+    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds of the checksum comparison")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = real_states(args.store, Path(tmp))
@@ -89,8 +112,13 @@ def main() -> None:
         print(f"{'layout':48} {'layer MB/s':>10} {'sample p50 ms':>14} {'layer MB/s':>10} {'sample p50 ms':>14} "
               f"{'vs raw fp16':>12}")
         for i, (name, (chunks, shards)) in enumerate(layouts.items()):
-            z_mbps, z_p50, r_mbps, r_p50, ratio = measure(Path(tmp) / f"layout{i}", states, chunks, shards)
+            path = Path(tmp) / f"layout{i}"
+            z_mbps, z_p50, r_mbps, r_p50 = speeds(*write(path, states, chunks, shards, state_compressors()), states)
+            ratio = size_ratio(path, states)
             print(f"{name:48} {z_mbps:>10.0f} {z_p50:>14.2f} {r_mbps:>10.0f} {r_p50:>14.2f} {ratio:>11.2f}x")
+        cost = checksum_cost(Path(tmp) / "checksums", states, chosen, args.rounds)
+        print(f"{'chosen, with / without chunk CRC-32C':48} {cost[0]:>9.3f}x {cost[1]:>13.3f}x {cost[2]:>9.3f}x "
+              f"{cost[3]:>13.3f}x {cost[4]:>11.3f}x   (median of {args.rounds} alternating rounds)")
 
 
 if __name__ == "__main__":

@@ -7,25 +7,34 @@ ingested questions tiled, unless --store names a store with a SmolLM2 0shot run)
 `actstore serve` on a free local port and prints, side by side: one layer's MB/s through the client
 against local reads (zarr-python, and actstore's direct reader), and one-sample fetch latency.
 Targets: layer through the client >= 0.85x the local read; one sample p50 < 5 ms.
+
+The run is served twice, with and without a CRC-32C per chunk (runs written before chunks carried one),
+and every figure is measured on both in alternation, so the checksums' cost shows as a ratio that a
+noisy machine's drift does not bias.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
+import warnings
 import time
 from pathlib import Path
 
 import numpy as np
+import zarr
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from actstore.client import Client  # noqa: E402
 from actstore.server.process import ServerProcess  # noqa: E402
 from actstore.store import Store  # noqa: E402
+from actstore.store.layout import state_compressor, state_compressors  # noqa: E402
 
-MODEL, METHOD = "bench", "tiled"
+MODEL = "bench"
+VARIANTS = {"with CRC": ("tiled", state_compressors), "without": ("tiled-plain", lambda: [state_compressor()])}
 
 
 def build_run(source: Path | None, root: Path, n_samples: int) -> None:
@@ -39,12 +48,29 @@ def build_run(source: Path | None, root: Path, n_samples: int) -> None:
     base = next(r for r in Store(source).runs() if r.method == "0shot")
     states, labels = base.hidden_states[:], base.labels()
     n_layers, n_base, hidden = states.shape
-    with Store(root / "store").writer(MODEL, METHOD, recipe={"bench": 1}, attrs={}, n_layers=n_layers,
+    with Store(root / "store").writer(MODEL, "tiled", recipe={"bench": 1}, attrs={}, n_layers=n_layers,
                                       hidden=hidden) as writer:
         for start in range(0, n_samples, n_base):
             n = min(n_base, n_samples - start)
             writer.add(states[:, :n], {**{k: v[:n] for k, v in labels.items()},
                                        "sample": np.arange(start, start + n)})
+    shutil.copytree(root / "store" / MODEL / "tiled", root / "store" / MODEL / "tiled-plain")
+    for method, compressors in VARIANTS.values():
+        store_with(root / "store", method, compressors())
+
+
+def store_with(root: Path, method: str, compressors: list) -> None:
+    """Store the run's states again under ``compressors``, its chunk grid and attributes unchanged."""
+    path = root / MODEL / method / "hidden_states"
+    old = zarr.open_array(path, mode="r")
+    states = old[:]
+    new = zarr.create_array(path, shape=old.shape, dtype=old.dtype, chunks=old.chunks, shards=old.shards,
+                            compressors=compressors, fill_value=old.fill_value, attributes=dict(old.attrs),
+                            dimension_names=old.metadata.dimension_names, overwrite=True)
+    new[...] = states
+    with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec": the store keeps it anyway
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(root, path=f"{MODEL}/{method}")  # the run's snapshot of its arrays' metadata
 
 
 def median_seconds(read, repeats: int) -> float:
@@ -54,6 +80,13 @@ def median_seconds(read, repeats: int) -> float:
         read()
         times.append(time.perf_counter() - started)
     return float(np.median(times))
+
+
+READS = {  # one layer, three ways
+    "zarr-python": lambda run, client, layer: run.hidden_states[layer],
+    "actstore reader": lambda run, client, layer: run.read_states([layer]),
+    "client (gRPC)": lambda run, client, layer: client.hidden_states(MODEL, run.method, layers=layer),
+}
 
 
 def main() -> None:
@@ -66,38 +99,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         build_run(args.store, root, args.samples)
-        run = Store(root / "store").run(MODEL, METHOD)
+        runs = {variant: Store(root / "store").run(MODEL, method) for variant, (method, _) in VARIANTS.items()}
+        run = runs["with CRC"]
         layer = run.shape[0] // 2
         nbytes = run.shape[1] * run.shape[2] * 4
         server = ServerProcess(root / "store", root / "server.log")
         try:
             with Client(server.address) as client:
-                fetched = client.hidden_states(MODEL, METHOD, layers=layer).values[0]
-                assert np.array_equal(fetched, run.hidden_states[layer])
-                rounds = {"zarr-python": [], "actstore reader": [], "client (gRPC)": []}
-                for _ in range(args.repeats):  # interleaved, so machine drift hits all three alike
-                    rounds["zarr-python"].append(median_seconds(lambda: run.hidden_states[layer], 1))
-                    rounds["actstore reader"].append(median_seconds(lambda: run.read_states([layer]), 1))
-                    rounds["client (gRPC)"].append(
-                        median_seconds(lambda: client.hidden_states(MODEL, METHOD, layers=layer), 1))
-                ids = run.labels()["sample"]
-                picks = np.random.default_rng(0).choice(ids, args.fetches)
-                latencies = []
+                for each in runs.values():
+                    fetched = client.hidden_states(MODEL, each.method, layers=layer).values[0]
+                    assert np.array_equal(fetched, each.hidden_states[layer])
+                rounds = {(variant, name): [] for variant in VARIANTS for name in READS}
+                for _ in range(args.repeats):  # interleaved, so machine drift hits every reader and variant alike
+                    for variant, each in runs.items():
+                        for name, read in READS.items():
+                            rounds[variant, name].append(median_seconds(lambda: read(each, client, layer), 1))
+                picks = np.random.default_rng(0).choice(run.labels()["sample"], args.fetches)
+                latencies = {variant: [] for variant in VARIANTS}
                 for sample_id in picks:
-                    started = time.perf_counter()
-                    client.hidden_states(MODEL, METHOD, samples=[int(sample_id)])
-                    latencies.append(time.perf_counter() - started)
+                    for variant, each in runs.items():
+                        started = time.perf_counter()
+                        client.hidden_states(MODEL, each.method, samples=[int(sample_id)])
+                        latencies[variant].append(time.perf_counter() - started)
         finally:
             server.stop()
-    mbps = {name: nbytes / np.median(times) / 1e6 for name, times in rounds.items()}
+    mbps = {key: nbytes / np.median(times) / 1e6 for key, times in rounds.items()}
+    p50 = {variant: np.median(times) * 1e3 for variant, times in latencies.items()}
     print(f"run {run.shape} float32; one layer = {nbytes / 1e6:.1f} MB; medians of {args.repeats}")
-    for name, value in mbps.items():
-        print(f"  layer via {name:16} {value:7.0f} MB/s")
-    print(f"client / zarr-python local read:  {mbps['client (gRPC)'] / mbps['zarr-python']:.2f}x  (target >= 0.85)")
-    print(f"client / actstore local reader:   {mbps['client (gRPC)'] / mbps['actstore reader']:.2f}x")
+    print(f"  {'layer via':24} {'with CRC':>10} {'without':>10} {'with/without':>13}")
+    for name in READS:
+        with_crc, without = mbps["with CRC", name], mbps["without", name]
+        print(f"  {name:24} {with_crc:>5.0f} MB/s {without:>5.0f} MB/s {with_crc / without:>12.3f}x")
+    client_mbps = mbps["with CRC", "client (gRPC)"]
+    print(f"client / zarr-python local read:  {client_mbps / mbps['with CRC', 'zarr-python']:.2f}x  (target >= 0.85)")
+    print(f"client / actstore local reader:   {client_mbps / mbps['with CRC', 'actstore reader']:.2f}x")
     print(f"one sample ({run.shape[0]} layers x {run.shape[2]}) through the client: "
-          f"p50 {np.median(latencies) * 1e3:.2f} ms, p99 {np.percentile(latencies, 99) * 1e3:.2f} ms "
-          "(target p50 < 5 ms)")
+          f"p50 {p50['with CRC']:.2f} ms, p99 {np.percentile(latencies['with CRC'], 99) * 1e3:.2f} ms "
+          f"(target p50 < 5 ms); without CRC p50 {p50['without']:.2f} ms, "
+          f"with/without {p50['with CRC'] / p50['without']:.3f}x")
 
 
 if __name__ == "__main__":
