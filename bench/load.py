@@ -18,6 +18,7 @@ import random
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -62,34 +63,35 @@ def one_request(client: Client, rng: random.Random, n_samples: int) -> None:
         client.labels(MODEL, METHOD, samples=rng.sample(range(n_samples), min(100, n_samples)))
 
 
-def prompt_callers(address: str, threads: int, seconds: float, n_samples: int, seed: int) -> tuple[list[float], int]:
-    """``threads`` callers in this process until ``seconds`` pass: their latencies and their error count."""
+def prompt_callers(address: str, threads: int, seconds: float, n_samples: int, seed: int) -> \
+        tuple[list[float], Counter]:
+    """``threads`` callers in this process for ``seconds``: their latencies and their errors by status."""
     latencies: list[float] = []
-    errors = [0]
+    errors: Counter[str] = Counter()
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
 
     def caller(index: int) -> None:
         rng = random.Random(seed * 1000 + index)
-        mine, failed = [], 0
+        mine, failed = [], Counter()
         with Client(address) as client:
             while time.monotonic() < deadline:
                 started = time.perf_counter()
                 try:
                     one_request(client, rng, n_samples)
                     mine.append(time.perf_counter() - started)
-                except ActstoreError:
-                    failed += 1
+                except ActstoreError as exc:
+                    failed[exc.code.name] += 1
         with lock:
             latencies.extend(mine)
-            errors[0] += failed
+            errors.update(failed)
 
     workers = [threading.Thread(target=caller, args=(i,)) for i in range(threads)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
-    return latencies, errors[0]
+    return latencies, errors
 
 
 def stall(address: str, count: int) -> list:
@@ -135,10 +137,8 @@ def main() -> None:
             streams = stall(server.address, stalled)
             shares = [prompt // processes + (i < prompt % processes) for i in range(processes)]
             with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
-                started = time.monotonic()
                 results = list(pool.map(prompt_callers, [server.address] * processes, shares,
                                         [args.seconds] * processes, [args.samples] * processes, range(processes)))
-                elapsed = time.monotonic() - started
             for channel, stream in streams:
                 stream.cancel()
                 channel.close()
@@ -147,12 +147,13 @@ def main() -> None:
             sampler.join()
             server.stop()
     latencies = np.array([s for result in results for s in result[0]])
-    errors = sum(result[1] for result in results)
+    errors = sum((result[1] for result in results), Counter())
     assert len(latencies), "no request finished"
     print(f"{args.clients} clients ({prompt} prompt in {processes} processes, {stalled} stalled streams), "
-          f"{elapsed:.0f} s, run of {N_LAYERS} layers x {args.samples} samples x {HIDDEN}")
-    print(f"  prompt callers: {len(latencies) / elapsed:.0f} requests/s, p50 {np.percentile(latencies, 50) * 1e3:.1f} ms, "
-          f"p99 {np.percentile(latencies, 99) * 1e3:.1f} ms, max {latencies.max() * 1e3:.0f} ms, errors {errors}")
+          f"{args.seconds:g} s, run of {N_LAYERS} layers x {args.samples} samples x {HIDDEN}")
+    print(f"  prompt callers: {len(latencies) / args.seconds:.0f} requests/s, "
+          f"p50 {np.percentile(latencies, 50) * 1e3:.1f} ms, p99 {np.percentile(latencies, 99) * 1e3:.1f} ms, "
+          f"max {latencies.max() * 1e3:.0f} ms, errors {sum(errors.values())} {dict(errors) or ''}")
     print(f"  server RSS peak {peak[0] / 2**20:.0f} MiB")
 
 

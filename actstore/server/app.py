@@ -120,7 +120,7 @@ class Server:
         if self.auth.open:
             exposed = "" if _is_loopback(host) else " -- WARNING: this address is reachable from other machines"
             log.warning("open access: no auth file, every caller reads every run; the stream limit counts per "
-                        "client host%s", exposed)
+                        "client connection%s", exposed)
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
         """Flip health to NOT_SERVING, refuse new calls, let in-flight streams finish within ``grace``."""

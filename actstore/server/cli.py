@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="threads for blocking reads and numpy work (default: 2 x cores + 4, at most 32); "
                         "open streams and job watchers hold none")
     p.add_argument("--max-streams-per-caller", type=int, default=None,
-                   help="concurrent ReadStates/WatchJob streams per group (open access: per client host); "
+                   help="concurrent ReadStates/WatchJob streams per group (open access: per client connection); "
                         "more get RESOURCE_EXHAUSTED (default: 16)")
     p.add_argument("--scheduler", help="Dask scheduler address for analyses (default: a local cluster on first use)")
     p.add_argument("--dask-workers", type=int, help="local Dask worker processes (default: one per core)")

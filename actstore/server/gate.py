@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 PROTECTED_PREFIX = "/actstore.v1."  # health and reflection stay open, as load balancers and tools expect
 DEFAULT_MAX_STREAMS_PER_CALLER = 16
+MAX_STREAMS = 512  # in all: each open stream holds about a message (~1 MiB) and its transport buffers
 
 
 def log_call(name: str, caller: Caller | None, code: grpc.StatusCode, started: float) -> None:
@@ -83,15 +84,14 @@ def _admitted(name: str, handler: grpc.RpcMethodHandler, caller: Caller) -> Call
 
 
 def caller_key(caller: Caller, peer: str) -> str:
-    """Whose budget a stream counts against: the group, or under open access the peer's host (its port
-    left out: one client machine opening many connections is still one caller)."""
-    if not caller.is_open:
-        return f"group {caller.group}"
-    return f"host {peer.rsplit(':', 1)[0]}"
+    """Whose budget a stream counts against: the group; under open access, which trusts every caller
+    anyway, the client connection (one ``Client``), so that local users do not share one budget."""
+    return f"group {caller.group}" if not caller.is_open else f"connection {peer}"
 
 
 class StreamBudget:
-    """Concurrent streams per caller, at most ``limit`` each. Used only from the event loop's thread."""
+    """Concurrent streams per caller (at most ``limit`` each) and in all (MAX_STREAMS), counted on the
+    event loop's thread only."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -99,10 +99,12 @@ class StreamBudget:
 
     @contextlib.contextmanager
     def hold(self, key: str) -> Iterator[None]:
-        """One stream of ``key`` for the duration; TooLarge (RESOURCE_EXHAUSTED) when it has ``limit``."""
+        """One stream of ``key`` for the duration; TooLarge (RESOURCE_EXHAUSTED) past either limit."""
         if self._open[key] >= self.limit:
             raise TooLarge(f"{key} already has {self.limit} streams open on this server, its limit: finish, "
                            "cancel or read faster those streams before opening another")
+        if self._open.total() >= MAX_STREAMS:
+            raise TooLarge(f"this server has {MAX_STREAMS} streams open, its limit: retry later")
         self._open[key] += 1
         try:
             yield
