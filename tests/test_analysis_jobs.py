@@ -163,7 +163,7 @@ def test_a_job_is_visible_to_its_group_only(server):
         assert job.result().n_clusters.size == 1
 
 
-def test_ended_jobs_are_forgotten_after_a_while(monkeypatch, tmp_path):
+def test_ended_jobs_are_forgotten_after_a_while(tmp_path):
     from actstore.server import jobs
 
     manager = jobs.JobManager(tmp_path)
@@ -172,8 +172,9 @@ def test_ended_jobs_are_forgotten_after_a_while(monkeypatch, tmp_path):
     ended.update(state=pb.JOB_STATE_DONE, stage="done")
     manager._forget_ended()
     assert set(manager._jobs) == {"ended", "running"}  # an hour has not passed
-    monkeypatch.setattr(jobs, "KEEP_ENDED_S", 0.0)
+    manager.keep_ended_s = 0.0
     manager._forget_ended()
     assert set(manager._jobs) == {"running"} and not manager._by_request
     with pytest.raises(jobs.JobNotFound):
         manager.get("ended", None)
+    manager.close()

@@ -21,20 +21,39 @@ from actstore.analysis.compare import OVERLAP_K, Dendrogram, LayerComparison, de
 from actstore.analysis.density import DensityParams, LayerDensity
 from actstore.analysis import NotAnalysed
 from actstore.analysis.layers import Mask, analyse, compare
-from actstore.store import Store
+from actstore.store import CorruptData, Store
 
 log = logging.getLogger(__name__)
 
 RunName = tuple[str, str]  # (model, method)
 
 
-def dask_client(address: str | None = None, n_workers: int | None = None) -> Client:
-    """A client of the cluster at ``address``, or of a new local one (workers = cores, 1 thread each)."""
+CONNECT_S = 10.0  # a scheduler that does not answer within this is reported unreachable
+
+
+def dask_client(address: str | None = None, n_workers: int | None = None, timeout: float = CONNECT_S) -> Client:
+    """A client of the cluster at ``address``, or of a new local one (workers = cores, 1 thread each);
+    raises OSError (or TimeoutError) when the scheduler at ``address`` does not answer within ``timeout``."""
     if address:
-        return Client(address)
+        return Client(address, timeout=timeout)
     cluster = LocalCluster(n_workers=n_workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
                            dashboard_address=None)
     return Client(cluster)
+
+
+def restore_workers(client: Client) -> int:
+    """Bring the client's local cluster back to its size; returns how many workers were missing.
+
+    A nanny restarts its worker process after a crash, but gives up when the process is killed again
+    while starting; the cluster then drops that worker and, left alone, runs on fewer, down to none,
+    with every task queued forever. An external cluster is its operator's to keep: 0 for it."""
+    cluster = client.cluster
+    if cluster is None or cluster.status.name != "running":
+        return 0
+    missing = len(cluster.worker_spec) - len(cluster.workers)
+    if missing > 0:
+        cluster.scale(len(cluster.worker_spec))  # the same size: starts the workers the spec has and it lacks
+    return missing
 
 
 @dataclass
@@ -64,12 +83,13 @@ def _error(exc: Exception) -> str:
 def layer_outcome(store: Store, model: str, method: str, layer: int, params: DensityParams, mask: Mask,
                   compute: bool = True) -> LayerOutcome:
     """One (run, layer) analysis with its dendrogram; an error becomes the outcome's ``error``, except
-    NotAnalysed (no stored result and ``compute`` off), which is raised."""
+    NotAnalysed (no stored result and ``compute`` off) and CorruptData (stored bytes fail verification:
+    the whole job must fail loudly, not list it among results), which are raised."""
     try:
         run = store.run(model, method)
         result, positions = analyse(run, layer, params, mask, compute)
         labels = run.labels()
-    except NotAnalysed:
+    except (NotAnalysed, CorruptData):
         raise
     except Exception as exc:  # a failed layer reports its error; the others go on
         log.exception("layer %d of %s/%s failed", layer, model, method)
@@ -90,7 +110,7 @@ def comparison_outcome(store: Store, a: LayerOutcome, b: LayerOutcome, params: D
         return ComparisonOutcome(*names, layer, None, "; ".join(failed))
     try:
         result = compare(store.run(*names[0]), store.run(*names[1]), layer, params, mask, k, compute)
-    except NotAnalysed:
+    except (NotAnalysed, CorruptData):
         raise
     except Exception as exc:
         log.exception("comparing %s with %s at layer %d failed", *names, layer)

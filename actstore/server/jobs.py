@@ -1,33 +1,55 @@
 """Analysis jobs on the server: started, watched and cancelled over gRPC, run on Dask.
 
 A job is one request: several runs x several layers, each (run, layer) one Dask task, plus one task
-per compared pair of runs at each layer. Jobs live in memory, visible to the group that started them,
-and are forgotten an hour after they end; their results live in the store (see analysis.layers), so a
+per compared pair of runs at each layer (duplicates in the request are merged, so progress counts
+distinct tasks). Jobs live in memory, visible to the group that started them; each group may run a
+bounded number at once and is remembered a bounded number after they end (the oldest ended first
+forgotten, and all an hour after they end). Their results live in the store (see analysis.layers), so a
 job asked again, later or after a restart, finishes at once from the cache.
+
+A job ends DONE only when every one of its tasks finished; FAILED with the reason when one could not
+(its workers killed past Dask's allowed failures, corrupt stored bytes, the scheduler lost or
+unreachable); CANCELLED when asked. Two threads serve every job, however many there are: one dispatcher
+that submits them (connecting to the scheduler, or starting the local cluster, on first use and again
+after it was lost) and keeps the local cluster at its size, and Dask's callback thread, on which each
+task's outcome arrives.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import queue
 import threading
 import time
 import uuid
+from collections import Counter
+from concurrent.futures import CancelledError
 from pathlib import Path
 
-from distributed import as_completed
+from distributed import Client, Future
 
 from actstore.analysis.density import PAPER, DensityParams
 from actstore.analysis.layers import Mask
-from actstore.analysis.scheduler import ComparisonOutcome, LayerOutcome, RunName, dask_client, submit_layers
+from actstore.analysis.scheduler import (ComparisonOutcome, LayerOutcome, RunName, dask_client, restore_workers,
+                                         submit_layers)
+from actstore.server.errors import TooLarge
 from actstore.server.selection import BadRequest
-from actstore.store import echo
+from actstore.store import Store, echo
 from actstore.v1 import actstore_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+# JobState.JOB_STATE_FAILED: to be named in the proto (proto3 enums carry the number until then)
+JOB_STATE_FAILED = 5
+
 PRESETS = {"paper": PAPER}
 KEEP_ENDED_S = 3600.0  # an ended job (and its results, kept in memory for watchers) is forgotten after this
+MAX_RUNNING = 4  # jobs a group may have queued or running at once
+MAX_KEPT = 32  # ended jobs remembered per group
+MAX_K = 4096  # the most neighbours any analysis may ask for: its graph holds samples x k of them
+CHECK_S = 1.0  # how often the dispatcher looks at the local cluster's workers
 
 
 class JobNotFound(LookupError):
@@ -42,16 +64,57 @@ def params_from(request: pb.StartAnalysisRequest) -> DensityParams:
     overrides = {f.name: getattr(request.params, f.name) for f in dataclasses.fields(DensityParams)
                  if request.params.HasField(f.name)}
     params = dataclasses.replace(PRESETS[preset], **overrides)
-    if params.maxk < 2 or params.density_k < 1 or params.density_k > params.maxk or params.z <= 0:
-        raise BadRequest("need maxk >= 2, 1 <= density_k <= maxk and z > 0")
+    if not 2 <= params.maxk <= MAX_K or not 1 <= params.density_k <= params.maxk:
+        raise BadRequest(f"need 2 <= maxk <= {MAX_K} and 1 <= density_k <= maxk")
+    if not (math.isfinite(params.z) and params.z > 0):  # NaN passes a plain z <= 0 test
+        raise BadRequest(f"z must be a finite number above 0, not {params.z}")
     if not 2 <= params.gride_range_max <= params.maxk or not 0 <= params.id_scale_index:
         raise BadRequest("need 2 <= gride_range_max <= maxk and id_scale_index >= 0")
     if params.id_scale_index >= params.gride_range_max.bit_length() - 1:
         raise BadRequest(f"id_scale_index {params.id_scale_index} is beyond the Gride scales up to "
                          f"{params.gride_range_max}")
-    if not (0 < params.subject_fraction <= 1 and 0 < params.answer_fraction <= 1):
+    if not (0 < params.subject_fraction <= 1 and 0 < params.answer_fraction <= 1):  # NaN fails both
         raise BadRequest("class fractions must lie in (0, 1]")
     return params
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a job computes, each task once: every run (named, or in a pair) at every layer, and every
+    pair at every layer."""
+
+    runs: tuple[RunName, ...]
+    layers: tuple[int, ...]
+    pairs: tuple[tuple[RunName, RunName], ...]
+    params: DensityParams
+    mask: Mask
+    k: int
+
+    @classmethod
+    def of(cls, runs: list[RunName], layers: list[int], pairs: list[tuple[RunName, RunName]],
+           params: DensityParams, mask: Mask, k: int) -> Plan:
+        """The request's plan with repeated runs, layers and pairs merged (first occurrence's order)."""
+        return cls(tuple(dict.fromkeys(runs)), tuple(dict.fromkeys(layers)), tuple(dict.fromkeys(pairs)), params,
+                   mask, k)
+
+    @property
+    def every_run(self) -> tuple[RunName, ...]:
+        return tuple(dict.fromkeys([*self.runs, *(run for pair in self.pairs for run in pair)]))
+
+    @property
+    def total(self) -> int:
+        return (len(self.every_run) + len(self.pairs)) * len(self.layers)
+
+    def check_size(self, store: Store) -> None:
+        """BadRequest when a neighbour count cannot be met: analyses need more samples than maxk, the
+        data overlap more than compare_k (known up front: no run has more samples than it holds)."""
+        if not 1 <= self.k <= MAX_K:
+            raise BadRequest(f"compare_k must lie in 1..{MAX_K}")
+        runs = {run: store.run(*run).n_samples for run in self.every_run}
+        run, fewest = min(runs.items(), key=lambda item: item[1])
+        for name, k in (("maxk", self.params.maxk), ("compare_k", self.k if self.pairs else 0)):
+            if k >= fewest:
+                raise BadRequest(f"{name}={k} needs more than {k} samples; {run[0]}/{run[1]} holds {fewest}")
 
 
 class Job:
@@ -64,8 +127,8 @@ class Job:
         self.outcomes: list[LayerOutcome | ComparisonOutcome] = []  # in finishing order
         self.ended_at: float | None = None
         self.changed = threading.Condition()
-        self.futures: list = []
-        self.client = None
+        self.futures: list[Future] = []  # while it runs
+        self.client: Client | None = None
 
     def update(self, **values) -> bool:
         """Set attributes and wake watchers, unless the job has already ended (a cancel wins every race)."""
@@ -79,9 +142,26 @@ class Job:
             self.changed.notify_all()
             return True
 
+    def add(self, outcome: LayerOutcome | ComparisonOutcome) -> None:
+        """One more task's outcome; the last one makes the job DONE."""
+        with self.changed:
+            outcomes = [*self.outcomes, outcome]
+            if len(outcomes) < self.total:
+                self.update(outcomes=outcomes)
+            else:
+                self.update(outcomes=outcomes, state=pb.JOB_STATE_DONE, stage="done", futures=[], client=None)
+
+    def end(self, state: int, stage: str) -> None:
+        """End it (FAILED or CANCELLED) and cancel the tasks it still has on Dask."""
+        with self.changed:
+            futures, client = self.futures, self.client
+            ended = self.update(state=state, stage=stage, futures=[], client=None)
+        if ended and client is not None:
+            client.cancel(futures)
+
     @property
     def finished(self) -> bool:
-        return self.state in (pb.JOB_STATE_DONE, pb.JOB_STATE_CANCELLED)
+        return self.state in (pb.JOB_STATE_DONE, pb.JOB_STATE_CANCELLED, JOB_STATE_FAILED)
 
     def to_proto(self, since: int = 0) -> pb.Job:
         """The job with the outcomes of tasks ``since`` onwards (in finishing order)."""
@@ -126,75 +206,137 @@ def _result(o: LayerOutcome) -> pb.LayerResult:
 
 
 class JobManager:
-    """Keeps the jobs of one server and the Dask client they run on (started on first use)."""
+    """Keeps the jobs of one server and the Dask client they run on (connected on first use, and again
+    when the scheduler was lost), with a quota of running and of remembered jobs per group."""
 
-    def __init__(self, store: Path, scheduler: str | None = None, workers: int | None = None) -> None:
+    def __init__(self, store: Path, scheduler: str | None = None, workers: int | None = None, *,
+                 max_running: int = MAX_RUNNING, max_kept: int = MAX_KEPT, keep_ended_s: float = KEEP_ENDED_S) -> None:
         self.store = store
         self._scheduler, self._workers = scheduler, workers
-        self._client = None
+        self.max_running, self.max_kept, self.keep_ended_s = max_running, max_kept, keep_ended_s
+        self._client: Client | None = None
         self._jobs: dict[str, Job] = {}
-        self._by_request: dict[str, str] = {}
+        self._by_request: dict[tuple[str | None, str], str] = {}
         self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[Job, Plan] | None] = queue.Queue()
+        self._dispatcher = threading.Thread(target=self._dispatch, daemon=True, name="jobs")
+        self._dispatcher.start()
 
-    def client(self):
+    @property
+    def _where(self) -> str:
+        return f"the Dask scheduler at {self._scheduler}" if self._scheduler else "the local Dask cluster"
+
+    def client(self) -> Client:
+        """The client, a new one when there is none or the last lost its scheduler (it reconnects by
+        itself for a while, then closes; jobs cannot wait on that)."""
         with self._lock:
+            if self._client is not None and self._client.status != "running":
+                log.warning("%s was lost (client %s); connecting again", self._where, self._client.status)
+                self._drop_client()
             if self._client is None:
                 self._client = dask_client(self._scheduler, self._workers)
             return self._client
 
     def start(self, group: str | None, runs: list[RunName], layers: list[int], params: DensityParams, mask: Mask,
               pairs: list[tuple[RunName, RunName]], k: int, request_id: str) -> Job:
+        """A new job (or the one this request id already started); BadRequest for neighbour counts the runs
+        cannot meet, TooLarge when the group already runs its quota of jobs."""
+        plan = Plan.of(runs, layers, pairs, params, mask, k)
+        plan.check_size(Store(self.store))
         with self._lock:
             self._forget_ended()
             request = (group, request_id)
             if request_id and request in self._by_request:
                 return self._jobs[self._by_request[request]]
-            n_runs = len(set(runs) | {run for pair in pairs for run in pair})
-            job = Job(uuid.uuid4().hex[:16], group, (n_runs + len(pairs)) * len(layers))
+            running = sum(1 for job in self._jobs.values() if job.group == group and not job.finished)
+            if running >= self.max_running:
+                raise TooLarge(f"your group already has {running} analysis jobs queued or running, the most "
+                               f"allowed at once; wait for one to end or cancel one")
+            job = Job(uuid.uuid4().hex[:16], group, plan.total)
             self._jobs[job.id] = job
             if request_id:
                 self._by_request[request] = job.id
-        threading.Thread(target=self._run, args=(job, runs, layers, params, mask, pairs, k), daemon=True,
-                         name=f"job-{job.id}").start()
+        self._queue.put((job, plan))
         return job
 
     def get(self, job_id: str, group: str | None) -> Job:
         job = self._jobs.get(job_id)
         if job is None or job.group != group:  # another group's job is as good as absent
             raise JobNotFound(f"no job {echo(job_id)} (jobs are kept in the server's memory for "
-                              f"{KEEP_ENDED_S / 3600:g} h after they end, and until it restarts)")
+                              f"{self.keep_ended_s / 3600:g} h after they end, at most {self.max_kept} per "
+                              f"group, and until it restarts)")
         return job
 
     def _forget_ended(self) -> None:
-        now = time.monotonic()
-        ended = {job_id for job_id, job in self._jobs.items() if job.ended_at and now - job.ended_at > KEEP_ENDED_S}
-        for job_id in ended:
+        """Forget ended jobs past their time, and past the group's count of kept jobs, oldest ended first."""
+        now, kept, forget = time.monotonic(), Counter(), set()
+        ended = sorted((job for job in self._jobs.values() if job.ended_at is not None), key=lambda j: -j.ended_at)
+        for job in ended:  # newest first
+            kept[job.group] += 1
+            if now - job.ended_at > self.keep_ended_s or kept[job.group] > self.max_kept:
+                forget.add(job.id)
+        for job_id in forget:
             del self._jobs[job_id]
-        self._by_request = {request: job_id for request, job_id in self._by_request.items() if job_id not in ended}
+        self._by_request = {request: job_id for request, job_id in self._by_request.items() if job_id not in forget}
 
     def cancel(self, job: Job) -> None:
-        if job.update(state=pb.JOB_STATE_CANCELLED, stage="cancelled") and job.client is not None:
-            job.client.cancel(job.futures)
+        job.end(pb.JOB_STATE_CANCELLED, "cancelled")
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
+        self._queue.put(None)
+        self._dispatcher.join(timeout=60)
+        with self._lock:
+            self._drop_client()
 
-    def _run(self, job: Job, runs, layers, params, mask, pairs, k) -> None:
-        job.update(stage="starting workers" if self._client is None else "submitting")
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            cluster = client.cluster  # the local one this manager started, if any
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+    def _dispatch(self) -> None:
+        """The dispatcher thread: submits queued jobs and keeps the local cluster at its size."""
+        while True:
+            try:
+                item = self._queue.get(timeout=CHECK_S)
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            if item:
+                self._submit(*item)
+            if self._client is not None and (missing := restore_workers(self._client)):
+                log.warning("%d Dask workers were lost; starting them again", missing)
+
+    def _submit(self, job: Job, plan: Plan) -> None:
+        if not job.update(stage="starting workers" if self._client is None else "submitting"):
+            return  # cancelled while queued
         try:
             client = self.client()
-            futures = submit_layers(client, self.store, runs, layers, params, mask, pairs, k)
-            if not job.update(client=client, futures=futures, state=pb.JOB_STATE_RUNNING, stage="running"):
-                client.cancel(futures)  # cancelled while starting
-                return
-            for future in as_completed(futures):
-                if job.finished:
-                    return
-                if not future.cancelled():
-                    outcome = future.result()
-                    job.update(outcomes=[*job.outcomes, outcome])
-            job.update(state=pb.JOB_STATE_DONE, stage="done")
+        except OSError as exc:  # TimeoutError too
+            job.end(JOB_STATE_FAILED, f"failed: {self._where} is unreachable ({type(exc).__name__}: {exc})")
+            return
+        futures = submit_layers(client, self.store, list(plan.runs), list(plan.layers), plan.params, plan.mask,
+                                list(plan.pairs), plan.k)
+        if not job.update(client=client, futures=futures, state=pb.JOB_STATE_RUNNING, stage="running"):
+            client.cancel(futures)  # cancelled while starting
+            return
+        for future in futures:
+            future.add_done_callback(lambda done, job=job: self._task_done(job, done))
+
+    def _task_done(self, job: Job, future: Future) -> None:
+        """On Dask's callback thread: a task's outcome for its job, or the job's failure."""
+        if job.finished:
+            return
+        try:
+            job.add(future.result())
+        except CancelledError:  # not by the job (it has ended then): Dask lost the scheduler, or was closed
+            lost = self._client is not future.client or future.client.status != "running"
+            reason = f"{self._where} is unreachable (lost while the job ran)" if lost else \
+                f"Dask cancelled task {future.key}"
+            job.end(JOB_STATE_FAILED, f"failed: {reason}")
         except Exception as exc:  # noqa: BLE001 - the job reports it; the server goes on
-            log.exception("job %s failed", job.id)
-            job.update(state=pb.JOB_STATE_DONE, stage=f"failed: {type(exc).__name__}: {exc}")
+            log.error("job %s failed: task %s: %s: %s", job.id, future.key, type(exc).__name__, exc)
+            job.end(JOB_STATE_FAILED, f"failed: {type(exc).__name__}: {exc}")
