@@ -64,7 +64,7 @@ class AnalysisService(_Base, pb_grpc.AnalysisServiceServicer):
         The watcher polls its job on the event loop rather than blocking a thread on ``job.changed``:
         a thousand idle watchers cost a thousand cheap checks every WATCH_POLL_S, not a thousand threads.
         """
-        job: Job = self.jobs.get(request.job_id, caller.group)
+        job: Job = await self.offload(self.jobs.get, request.job_id, caller.group)  # may wait on the manager's lock
         seen, sent = None, 0
         while True:
             if _progress(job) == seen:
