@@ -44,7 +44,8 @@ def build_run(root: Path, n_samples: int) -> Path:
         for start in range(0, n_samples, 1000):
             n = min(1000, n_samples - start)
             writer.add(rng.standard_normal((N_LAYERS, n, HIDDEN), dtype=np.float32), {
-                "sample": np.arange(start, start + n), "subject": rng.choice(["anatomy", "astronomy"], n).astype(object),
+                "sample": np.arange(start, start + n),
+                "subject": rng.choice(["anatomy", "astronomy"], n).astype(object),
                 "answer": rng.choice(list("ABCD"), n).astype(object),
                 "prediction": rng.choice(list("ABCD"), n).astype(object), "correct": rng.random(n) < 0.5})
     return store

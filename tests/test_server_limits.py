@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 
 import grpc
-import numpy as np
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
@@ -197,8 +196,8 @@ def test_too_many_ids_and_an_oversized_request_are_refused_in_bounded_memory(ser
 @pytest.mark.parametrize("request_,words", [
     (pb.ReadStatesRequest(run=TINY, layers=[1, 1]), "layer 1 is asked for more than once"),
     (pb.ReadStatesRequest(run=TINY, layers=list(range(2)) * 3), "name each layer once"),
-    (pb.ReadStatesRequest(run=TINY, samples=pb.SampleSelection(filters=[pb.LabelFilter(name="subject", values=["x"])] * 9)),
-     "more than there are labels"),
+    (pb.ReadStatesRequest(run=TINY, samples=pb.SampleSelection(
+        filters=[pb.LabelFilter(name="subject", values=["x"])] * 9)), "more than there are labels"),
 ])
 def test_duplicates_are_invalid_arguments(server, request_, words):
     code, details = raw_status(server, "/actstore.v1.DataService/ReadStates", request_.SerializeToString())
