@@ -182,9 +182,14 @@ class StateReader:
             if not present:
                 return {}
             begin = min(offsets[i] for i in present)
-            raw = os.pread(fd, max(offsets[i] + sizes[i] for i in present) - begin, begin)
+            span = max(offsets[i] + sizes[i] for i in present) - begin
+            raw = os.pread(fd, span, begin)
         finally:
             os.close(fd)
+        if len(raw) != span:  # cut while being read: replaced files are renamed into place, never truncated
+            first_sample = shard * self.shard_samples
+            raise self._corrupt(f"layer {layer}", first_sample, first_sample + self.shard_samples,
+                                "shard: file cut short while read", path)
         return {first + i: self._frame(raw, offsets[i] - begin, sizes[i], layer, shard, first + i) for i in present}
 
     def _frame(self, raw: bytes, start: int, size: int, layer: int, shard: int, chunk: int) -> memoryview:
