@@ -103,13 +103,14 @@ def ingest_all(opts: IngestOptions) -> str:
     from actstore.ingest.pipeline import Ingest
 
     ingest = Ingest(opts)
-    ingest.store.ensure_writable()
-    for plan in ingest.plans():
-        if not plan.pending:
-            print(f"{ingest.name}/{plan.method.name}: up to date, nothing to do")
-            continue
-        r = ingest.run(plan)
-        accuracy = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
-        print(f"{r.model}/{r.method}: +{r.added} questions ({r.samples} stored), accuracy {accuracy}, "
-              f"{r.size_bytes / 1e6:.1f} MB on disk, {r.seconds:.1f} s, {r.added / r.seconds:.1f} questions/s")
+    with ingest.store.writing():  # a store this ingest creates is removed again if it fails before committing
+        for plan in ingest.plans():
+            if not plan.pending:
+                print(f"{ingest.name}/{plan.method.name}: up to date, nothing to do")
+                continue
+            r = ingest.run(plan)
+            accuracy = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
+            print(f"{r.model}/{r.method}: +{r.added} questions ({r.samples} stored), accuracy {accuracy}, "
+                  f"{r.size_bytes / 1e6:.1f} MB on disk, {r.seconds:.1f} s ({r.added / r.seconds:.1f} questions/s; "
+                  f"model loaded in {r.load_seconds:.1f} s)")
     return ingest.name

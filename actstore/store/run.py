@@ -7,22 +7,31 @@ On disk a run is the Zarr v3 group ``{model}/{method}``::
     sample         (sample,)                the question's stable id in its dataset
     subject, answer, prediction (sample,)   strings; correct (sample,) bool
 
-The sample axis only grows, and only by whole committed batches: a commit grows the arrays, writes
-the data past the committed end, then advances ``progress.n_committed`` in the group's attributes
-(an atomic file replace). Between commits the arrays hold exactly the committed samples, so plain
-Zarr or xarray readers see only complete ones; Run reads the committed prefix at all times; a crash
-leaves at worst an uncommitted tail that the next writer truncates.
+The sample axis only grows, and only by whole committed batches. A commit writes the new samples past
+the end that readers are shown, then publishes them with one atomic file replace: while a writer works,
+the run group's ``zarr.json`` holds the attributes (``progress.n_committed``) and, as Zarr's consolidated
+metadata, every array's metadata with its shape. Readers that open the group (xarray, whatever its
+``consolidated`` argument; zarr-python; Run) therefore see the run as of one commit and never a row whose
+data is missing. Plain readers are shown the committed samples in whole inner chunks of states (the last,
+partly filled chunk joins when the next commit fills it or the writer finishes): zarr-python reads a
+shard's index and its chunks in separate reads, and a whole chunk keeps its bytes at its offset in every
+later version of its shard. Shard files are rewritten whole, by a temporary file renamed into place
+(zarr's LocalStore), so a crash or a full disk never damages a committed sample. When the writer finishes,
+each array's own ``zarr.json`` gets the final length and the group drops its consolidated metadata (which
+would hide the ``derived/`` entries analyses add later); the next writer settles what a crash left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -30,10 +39,15 @@ from typing import Any
 import numpy as np
 import xarray as xr
 import zarr
+from zarr.core.array import AsyncArray
+from zarr.core.group import AsyncGroup, ConsolidatedMetadata, GroupMetadata
+from zarr.core.metadata.io import save_metadata
+from zarr.core.metadata.v3 import ArrayV3Metadata
+from zarr.core.sync import sync
 from zarr.errors import ContainsGroupError
 
 from actstore.store.attributes import as_stored, encode, read_attr, read_attrs, write_attrs
-from actstore.store.errors import RecipeMismatch
+from actstore.store.errors import RecipeMismatch, StoreNotWritable
 from actstore.store.layout import LABEL_CHUNK, STATE_DTYPE, StateLayout, state_compressor
 from actstore.store.lock import FolderLock
 from actstore.store.names import validate_name
@@ -44,6 +58,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 STATES = "hidden_states"
 LABELS = {"sample": "int64", "subject": str, "answer": str, "prediction": str, "correct": "bool"}
+SAMPLE_ARRAYS = (*LABELS, STATES)  # published in this order: labels before states
 LABEL_COORDS = "subject answer prediction correct"
 VISIBILITIES = ("private", "shared", "public")
 DERIVED = "derived"
@@ -82,7 +97,11 @@ class Run:
 
     @cached_property
     def hidden_states(self) -> zarr.Array:
-        return self.group[STATES]  # opened once: a Run is a snapshot as of one commit
+        """The states array with exactly the committed samples (whatever shape its metadata publishes)."""
+        return self._committed(STATES)  # opened once: a Run is a snapshot as of one commit
+
+    def _committed(self, name: str) -> zarr.Array:
+        return _past_the_end(self.group[name], self.n_samples)
 
     @cached_property
     def reader(self) -> StateReader:
@@ -147,7 +166,7 @@ class Run:
         a half-written entry. Writers of the same key write the same values, so races are harmless.
         Each axis of an array is named ``{array}_{axis}`` (Zarr's dimension_names, which xarray needs).
         """
-        root = zarr.open_group(self.path, mode="a")
+        root = zarr.open_group(self.path, mode="a", use_consolidated=False)  # derived/ lives outside the snapshot
         entry = _require_group(root, f"{DERIVED}/{validate_name(kind, 'kind')}/{validate_name(key, 'key')}")
         for name, values in arrays.items():
             entry.create_array(name, shape=values.shape, dtype=values.dtype, overwrite=True,
@@ -194,15 +213,21 @@ class Run:
     @cached_property
     def _labels(self) -> dict[str, np.ndarray]:
         n = self.n_samples
-        return {name: self.group[name][:n] for name in LABELS}
+        return {name: self._committed(name)[:n] for name in LABELS}
 
     def size_bytes(self) -> int:
         return folder_size(self.path)
 
     def to_xarray(self) -> xr.Dataset:
-        """The run as a lazy xarray Dataset with named dimensions and coordinates."""
+        """The run as a lazy xarray Dataset with named dimensions and coordinates, as of one commit.
+
+        While a writer works, the shapes come from the consolidated metadata each commit writes, and cover
+        the committed samples but those of the last, partly filled inner chunk (RunWriter._whole_chunks).
+        """
         root = self.path.parents[1]
-        ds = xr.open_zarr(root, group=f"{self.model}/{self.method}", consolidated=False)
+        with warnings.catch_warnings():  # no consolidated metadata when no writer is at work: expected
+            warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated metadata")
+            ds = xr.open_zarr(root, group=f"{self.model}/{self.method}")
         return ds.isel(sample=slice(0, self.n_samples))
 
 
@@ -236,13 +261,15 @@ def _create_arrays(group: zarr.Group, n_layers: int, hidden: int, site: str) -> 
     layer[:] = np.arange(n_layers)
     for name, dtype in LABELS.items():
         group.create_array(name, shape=(0,), dtype=dtype, chunks=(LABEL_CHUNK,), dimension_names=("sample",))
+    group.create_group(DERIVED)  # listed in the consolidated metadata; its entries are found in the folder
 
 
 class RunWriter:
     """Appends batches to a run, committing them atomically; holds the run's writer lock.
 
     Batches are buffered in memory and committed every ``commit_seconds`` (and on ``close``), so
-    a kill loses at most that much work while commits stay cheap. Use as a context manager.
+    a kill loses at most that much work while commits stay cheap. Use as a context manager. A write
+    that fails (a full disk) raises StoreNotWritable and leaves the run as of its last commit.
     """
 
     def __init__(self, run: Run, lock: FolderLock, commit_seconds: float) -> None:
@@ -251,7 +278,9 @@ class RunWriter:
         self._commit_seconds = commit_seconds
         self._pending: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
         self._last_commit = time.monotonic()
-        self._truncate_uncommitted()
+        self._failed = False
+        with self._writing():
+            self._settle()
 
     @classmethod
     def open(
@@ -266,19 +295,21 @@ class RunWriter:
         hidden: int,
         overwrite: bool = False,
         commit_seconds: float = 10.0,
+        lock: FolderLock | None = None,
     ) -> "RunWriter":
         """Open ``model/method`` for appending, creating it (or recreating it with ``overwrite``).
 
-        Refuses a run whose recipe differs from ``recipe``: appending would mix two experiments.
+        Refuses a run whose recipe differs from ``recipe``: appending would mix two experiments. ``lock``:
+        the run's lock taken beforehand (``Store.lock_run``), so that a second writer is refused before
+        any expensive work; it is released with the writer.
         """
-        path = root / model / method
-        path.mkdir(parents=True, exist_ok=True)
-        lock = FolderLock(path, f"run {model}/{method}")
+        lock = lock or FolderLock(root / model / method, f"run {model}/{method}", create=True)
         try:
-            group = zarr.open_group(root, mode="a").require_group(model).require_group(method)
-            if "recipe" not in group.attrs or overwrite:
-                group = _recreate(root, model, method, n_layers, hidden, recipe, attrs)
-            run = Run(path=path, group=group, model=model, method=method)
+            with _writing(f"{model}/{method}", 0):
+                group = zarr.open_group(root, mode="a").require_group(model).require_group(method)
+                if "recipe" not in group.attrs or overwrite:
+                    group = _recreate(root, model, method, n_layers, hidden, recipe, attrs)
+            run = Run(path=root / model / method, group=group, model=model, method=method)
             run.check_recipe(recipe)
             return cls(run, lock, commit_seconds)
         except BaseException:
@@ -290,7 +321,7 @@ class RunWriter:
         return self.run.n_samples
 
     def committed_ids(self) -> np.ndarray:
-        return self.run.group["sample"][: self.n_committed]
+        return self.run.labels()["sample"]
 
     def set_planned(self, n_planned: int) -> None:
         """Record how many samples the run will hold when this ingest ends."""
@@ -299,7 +330,9 @@ class RunWriter:
         self.update_attrs({"progress": progress})
 
     def update_attrs(self, values: dict[str, Any]) -> None:
-        write_attrs(self.run.group, values)
+        """Set run attributes (others kept) in one write of the run group's metadata."""
+        with self._writing():
+            self._publish(self.n_committed, values)
 
     def append_history(self, entry: dict[str, Any]) -> None:
         """Keep a record of every ingest that touched the run (selection, versions, time)."""
@@ -312,26 +345,28 @@ class RunWriter:
             self.commit()
 
     def commit(self) -> None:
-        """Write the buffered batches, then mark them committed (data first, then the record)."""
+        """Write the buffered batches past the published end, then publish them with one metadata write."""
         if not self._pending:
             return
-        group = self.run.group
         start = self.n_committed
-        states = np.concatenate([s for s, _ in self._pending], axis=1)
-        labels = {k: np.concatenate([lab[k] for _, lab in self._pending]) for k in LABELS}
-        stop = start + states.shape[1]
-        self._resize(stop)
-        group[STATES][:, start:stop] = states
-        for name, values in labels.items():
-            group[name][start:stop] = values
-        self._record_commit(stop, int(labels["correct"].sum()))
+        values = {STATES: np.concatenate([s for s, _ in self._pending], axis=1)}
+        values.update({k: np.concatenate([lab[k] for _, lab in self._pending]) for k in LABELS})
+        stop = start + values[STATES].shape[1]
+        with self._writing():
+            for name in SAMPLE_ARRAYS:
+                array = self.run.group[name]
+                _past_the_end(array, stop)[_rows(array.metadata, start, stop)] = values[name]
+            self._publish(stop, self._progress(stop, int(values["correct"].sum())))
         self._pending.clear()
         self._last_commit = time.monotonic()
 
     def close(self) -> None:
-        """Commit what is buffered and release the lock."""
+        """Commit what is buffered (unless a write already failed), finish, and release the lock."""
         try:
-            self.commit()
+            if not self._failed:
+                self.commit()
+                with self._writing():
+                    self._finish()
         finally:
             self._lock.release()
 
@@ -342,7 +377,16 @@ class RunWriter:
         # Buffered batches are whole: keep them even when the ingest stops on an error or Ctrl-C.
         self.close()
 
-    def _record_commit(self, n_committed: int, new_correct: int) -> None:
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        try:
+            with _writing(f"{self.run.model}/{self.run.method}", self.n_committed):
+                yield
+        except StoreNotWritable:
+            self._failed = True
+            raise
+
+    def _progress(self, n_committed: int, new_correct: int) -> dict[str, Any]:
         progress = read_attr(self.run.group, "progress")
         n_correct = progress["n_correct"] + new_correct
         progress.update(
@@ -350,22 +394,103 @@ class RunWriter:
             n_correct=n_correct,
             complete=n_committed >= progress.get("n_planned", n_committed),
         )
-        self.update_attrs({"progress": progress, "accuracy": n_correct / n_committed if n_committed else None})
+        return {"progress": progress, "accuracy": n_correct / n_committed if n_committed else None}
 
-    def _resize(self, n: int) -> None:
+    def _publish(self, n: int, values: dict[str, Any]) -> None:
+        """Commit ``n`` samples with the attributes ``values`` (the commit point): one write of the run group's
+        zarr.json, holding every array's metadata as Zarr's consolidated metadata, whose shapes show plain
+        readers the whole inner chunks of states among them (see ``_whole_chunks``)."""
         group = self.run.group
-        n_layers, _, hidden = group[STATES].shape
-        group[STATES].resize((n_layers, n, hidden))
-        for name in LABELS:
-            group[name].resize((n,))
+        arrays = {name: group[name].metadata for name in (*SAMPLE_ARRAYS, "layer")}
+        shown = self._whole_chunks(n)
+        arrays.update({name: _with_samples(arrays[name], shown) for name in SAMPLE_ARRAYS})
+        self._write_group(values, ConsolidatedMetadata(arrays))
 
-    def _truncate_uncommitted(self) -> None:
-        """Drop what a crashed writer left past the committed end, and its temporary files."""
+    def _whole_chunks(self, n: int) -> int:
+        """``n`` rounded down to whole inner chunks of states: what plain readers are shown while a writer
+        works. zarr-python reads a shard's index and then its chunks in separate reads, so a chunk that a
+        later commit rewrites (the last, partly filled one) could be read torn; whole chunks keep their
+        bytes at their offsets in every later version of the shard."""
+        inner = self.run.group[STATES].chunks[1]
+        return n // inner * inner
+
+    def _write_group(self, values: dict[str, Any], consolidated: ConsolidatedMetadata | None) -> None:
+        group = self.run.group
+        attributes = {**group.metadata.attributes, **encode(values, group.metadata.attributes)}
+        metadata = GroupMetadata(attributes=attributes, consolidated_metadata=consolidated)
+        sync(save_metadata(group.store_path, metadata))  # one file, replaced atomically by zarr's LocalStore
+        self.run = replace(self.run, group=zarr.Group(AsyncGroup(metadata, group.store_path)))
+
+    def _write_array_metadata(self, n: int) -> None:
+        """Set each array's own zarr.json to ``n`` samples (labels before states), for readers that skip
+        consolidated metadata; written only while the consolidated metadata is in place."""
+        for name in SAMPLE_ARRAYS:
+            own = zarr.open_array(self.run.group.store_path / name, mode="r+")
+            if own.shape[_sample_axis(own.metadata)] != n:
+                sync(save_metadata(own.store_path, _with_samples(own.metadata, n)))
+
+    def _finish(self) -> None:
+        """At the end of a writing session: each array's own metadata at the committed length, then the
+        group's without consolidated metadata (which would hide the ``derived/`` entries analyses add)."""
+        self._write_array_metadata(self.n_committed)
+        self._write_group({}, None)
+
+    def _settle(self) -> None:
+        """Bring the run to its last commit: drop a crashed writer's temporary files and the data it wrote
+        past the committed end, and publish the committed shapes, consolidated."""
         for leftover in self.run.path.rglob("*.partial"):
             leftover.unlink(missing_ok=True)
-        if self.run.group[STATES].shape[1] != self.n_committed:
-            log.info("dropping an uncommitted tail left by an interrupted ingest")
-            self._resize(self.n_committed)
+        n = self.n_committed
+        for name in SAMPLE_ARRAYS:
+            array = self.run.group[name]
+            if array.shape[_sample_axis(array.metadata)] > n:
+                log.info("dropping an uncommitted tail of %s left by an interrupted ingest", name)
+            _drop_chunks_past(self.run.path / name, array.metadata, n)
+        _require_group(zarr.open_group(self.run.group.store_path, mode="r+", use_consolidated=False), DERIVED)
+        self._publish(n, {})
+        self._write_array_metadata(self._whole_chunks(n))
+
+
+def _sample_axis(metadata: ArrayV3Metadata) -> int:
+    return list(metadata.dimension_names).index("sample")
+
+
+def _rows(metadata: ArrayV3Metadata, start: int, stop: int) -> tuple[slice, ...]:
+    return (slice(None),) * _sample_axis(metadata) + (slice(start, stop),)
+
+
+def _with_samples(metadata: ArrayV3Metadata, n: int) -> ArrayV3Metadata:
+    shape = list(metadata.shape)
+    shape[_sample_axis(metadata)] = n
+    return metadata.update_shape(tuple(shape))
+
+
+def _past_the_end(array: zarr.Array, n: int) -> zarr.Array:
+    """``array`` as if it held ``n`` samples, its metadata unwritten: data written through it lands past the
+    published end, where no reader looks until the commit publishes the new shape."""
+    return zarr.Array(AsyncArray(metadata=_with_samples(array.metadata, n), store_path=array.store_path))
+
+
+def _drop_chunks_past(folder: Path, metadata: ArrayV3Metadata, n: int) -> None:
+    """Delete the chunk (or shard) files of ``folder`` that lie wholly past sample ``n``: what an
+    interrupted commit wrote there is not part of the run."""
+    axis = _sample_axis(metadata)
+    per_file = metadata.chunk_grid.chunk_shape[axis]
+    for path in (folder / "c").rglob("*"):
+        if path.is_file() and int(path.relative_to(folder / "c").parts[axis]) * per_file >= n:
+            path.unlink()
+
+
+@contextlib.contextmanager
+def _writing(run: str, n_committed: int) -> Iterator[None]:
+    """A failed write (full disk, lost permission) as one StoreNotWritable naming what is kept."""
+    try:
+        yield
+    except OSError as exc:
+        raise StoreNotWritable(
+            f"cannot write run {run}: {exc.strerror or exc}; the {n_committed} samples committed before are "
+            "kept (free space or fix the store, then rerun the same command to resume)"
+        ) from None
 
 
 def _recreate(
@@ -377,17 +502,15 @@ def _recreate(
         shutil.rmtree(child) if child.is_dir() else child.unlink()
     group = zarr.open_group(root, mode="a").require_group(model).require_group(method)
     _create_arrays(group, n_layers, hidden, recipe.get("site", ""))
-    write_attrs(
-        group,
-        {
-            **attrs,
-            "actstore": {"format_version": FORMAT_VERSION, "kind": "run"},
-            "model": model,
-            "method": method,
-            "progress": {"n_committed": 0, "n_correct": 0, "n_planned": 0, "complete": False},
-            "accuracy": None,
-        }
-    )
+    first = {
+        **attrs,
+        "actstore": {"format_version": FORMAT_VERSION, "kind": "run"},
+        "model": model,
+        "method": method,
+        "progress": {"n_committed": 0, "n_correct": 0, "n_planned": 0, "complete": False},
+        "accuracy": None,
+    }
+    write_attrs(group, first)
     write_attrs(group, {"recipe": recipe})
     return group
 

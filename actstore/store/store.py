@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import zarr
 
 from actstore.store.attributes import write_attrs
-from actstore.store.errors import RunNotFound, StoreNotWritable
+from actstore.store.errors import RunLocked, RunNotFound, StoreNotWritable
 from actstore.store.names import validate_name
 from actstore.store.lock import FolderLock
 from actstore.store.run import VISIBILITIES, Run, RunWriter
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STORE = Path("actstore-data")
 
@@ -60,6 +66,56 @@ class Store:
         validate_name(method, "method")
         self.ensure_writable()
         return RunWriter.open(self.root, model, method, **kwargs)
+
+    def lock_run(self, model: str, method: str) -> FolderLock:
+        """Take the run's writer lock now, before expensive work (loading a model): a second writer is
+        refused at once. Pass it to ``writer(..., lock=...)``, which releases it; a folder made only for
+        the lock is removed again if nothing was written in it."""
+        validate_name(model, "model name")
+        validate_name(method, "method")
+        self.ensure_writable()
+        return FolderLock(self.root / model / method, f"run {model}/{method}", create=True)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator["Store"]:
+        """Create the store for a job that writes runs into it, and undo that if the job fails first.
+
+        A folder holding other files but no store is refused before anything is written in it. If the
+        job fails (or is interrupted) and the store it created holds no committed sample, what it created
+        is removed, the folder too when it made it: a failed first ingest leaves nothing behind.
+        """
+        folder_existed = self.root.is_dir()
+        fresh = not self.exists()
+        if fresh and folder_existed and any(self.root.iterdir()):
+            raise StoreNotWritable(f"{self.root} holds other files and no actstore store; give --store a new or "
+                                   "empty folder")
+        self.ensure_writable()
+        try:
+            yield self
+        except BaseException:
+            if fresh:
+                self._remove_if_unused(keep_folder=folder_existed)
+            raise
+
+    def _remove_if_unused(self, keep_folder: bool) -> None:
+        """Remove the store if no run holds a committed sample and no other writer is at work in it."""
+        if any(run.n_samples for run in self.runs()):
+            return
+        locks = []
+        try:
+            for run_dir in (p for p in self.root.glob("*/*") if p.is_dir()):
+                locks.append(FolderLock(run_dir, str(run_dir)))
+        except RunLocked:  # another ingest is writing into the new store: it is in use
+            return
+        finally:
+            for lock in locks:
+                lock.release()
+        log.info("removing %s: the failed ingest that created it committed nothing", self.root)
+        if not keep_folder:
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        for child in self.root.iterdir():
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
 
     def set_access(self, model: str, method: str, access: dict[str, Any]) -> Run:
         """Change who may read a run (owner, visibility, shared groups); waits for no writer, refuses if one holds it."""
