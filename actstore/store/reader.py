@@ -27,12 +27,13 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
-from actstore.store.checksum import CRC_BYTES, Mismatch, check_blosc_frame, crc32c_end
+from actstore.store.checksum import CRC_BYTES, Mismatch, check_blosc_frame, strip_crc32c
 from actstore.store.errors import CorruptData
 
 log = logging.getLogger(__name__)
 
 _MISSING = 2**64 - 1
+_FLOAT32 = np.dtype("<f4")
 _PARALLEL_BYTES = 4 << 20
 _POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="actstore-decode")
 numcodecs.blosc.set_nthreads(1)  # parallelism comes from decoding several chunks at once
@@ -67,8 +68,7 @@ def _parse_index(raw: bytes, n: int, data_end: int) -> _Index:
     points to lies inside the shard's data (a corrupt offset must not become a read past the file)."""
     if len(raw) != 16 * n + CRC_BYTES:
         raise Mismatch("index cut short")
-    crc32c_end(raw, 0, len(raw))
-    table = np.frombuffer(raw, dtype="<u8", count=2 * n).reshape(n, 2)
+    table = np.frombuffer(strip_crc32c(raw), dtype="<u8").reshape(n, 2)
     offsets, sizes = table[:, 0].copy(), table[:, 1].copy()
     missing = offsets == _MISSING
     if not np.array_equal(missing, sizes == _MISSING):
@@ -166,7 +166,7 @@ class StateReader:
             decoded = numcodecs.blosc.decompress(frame)
         except RuntimeError as exc:  # Blosc's report of a frame it cannot decode
             raise self._corrupt(f"layer {layer}", c_first, c_first + self.inner_samples, str(exc)) from exc
-        return np.frombuffer(decoded, dtype="<f4").reshape(-1, self.hidden)[lo - c_first : hi - c_first]
+        return np.frombuffer(decoded, dtype=_FLOAT32).reshape(-1, self.hidden)[lo - c_first : hi - c_first]
 
     def _pread_chunks(self, layer: int, shard: int, first: int, stop: int) -> dict[int, memoryview]:
         """The verified Blosc frames of a shard's inner chunks first..stop-1 (those present), with one ``pread``."""
@@ -190,19 +190,23 @@ class StateReader:
             first_sample = shard * self.shard_samples
             raise self._corrupt(f"layer {layer}", first_sample, first_sample + self.shard_samples,
                                 "shard: file cut short while read", path)
-        return {first + i: self._frame(raw, offsets[i] - begin, sizes[i], layer, shard, first + i) for i in present}
+        if len(present) == 1:  # one sample's read: the bytes read are the chunk
+            return {first + present[0]: self._frame(raw, layer, shard, first + present[0])}
+        data = np.frombuffer(raw, dtype=np.uint8)  # slices of an array are views; slices of bytes would be copies
+        return {first + i: self._frame(data[offsets[i] - begin : offsets[i] + sizes[i] - begin], layer, shard, first + i)
+                for i in present}
 
-    def _frame(self, raw: bytes, start: int, size: int, layer: int, shard: int, chunk: int) -> memoryview:
-        """The Blosc frame of the inner chunk stored at ``raw[start:start + size]``, once its checksum (where the
-        run has one) and its sizes are checked."""
+    def _frame(self, stored: bytes | np.ndarray, layer: int, shard: int, chunk: int) -> memoryview:
+        """The Blosc frame of one stored inner chunk, once its checksum (where the run has one) and its sizes
+        are checked."""
         try:
-            end = crc32c_end(raw, start, start + size) if self.chunk_crc else start + size
-            check_blosc_frame(raw, start, end, self.chunk_bytes)
+            frame = strip_crc32c(stored) if self.chunk_crc else stored
+            check_blosc_frame(frame, self.chunk_bytes)
         except Mismatch as exc:
             c_first = shard * self.shard_samples + chunk * self.inner_samples
             raise self._corrupt(f"layer {layer}", c_first, c_first + self.inner_samples, f"inner chunk: {exc}",
                                 self._path(layer, shard)) from None
-        return memoryview(raw)[start:end]
+        return frame
 
     def _index(self, fd: int, path: str, layer: int, shard: int) -> _Index:
         """The shard's verified chunk index (at the file's end), cached per version of the file."""
