@@ -1,5 +1,7 @@
 """Analysis jobs over a real server: start, watch, result, cache hit, cancel, bad parameter, forbidden run."""
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -76,14 +78,35 @@ def test_cancel(server):
     (dict(methods=["0shot"], z=-1.0), grpc.StatusCode.INVALID_ARGUMENT),
     (dict(methods=["0shot"], density_k=500), grpc.StatusCode.INVALID_ARGUMENT),
     (dict(methods=["0shot"], preset="nope"), grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(methods=["0shot"], z=float("nan")), grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(methods=["0shot"], subject_fraction=float("nan")), grpc.StatusCode.INVALID_ARGUMENT),
+    (dict(methods=["0shot"], layers=[1], **SMALL | dict(maxk=400)), grpc.StatusCode.INVALID_ARGUMENT),  # 333 samples
+    (dict(methods=["0shot"], layers=[1], compare=[("0shot", "1shot")], compare_k=10**9, **SMALL),
+     grpc.StatusCode.INVALID_ARGUMENT),
     (dict(methods=["9shot"]), grpc.StatusCode.NOT_FOUND),
     (dict(methods=["2shot"]), grpc.StatusCode.NOT_FOUND),
 ])
 def test_bad_requests(server, kwargs, code):
+    cached = settled(server.store)
     with Client(server.address, token="tok-a-at-least-16-chars") as c:
         with pytest.raises(ActstoreError) as caught:
             c.analyze("tiny-llama", **kwargs)
         assert caught.value.code == code
+    time.sleep(0.5)
+    assert derived_files(server.store) == cached  # nothing analysed, nothing cached
+
+
+def settled(store, quiet_s: float = 1.0, timeout: float = 60.0) -> dict:
+    """The store's cached analyses once none has been written for ``quiet_s`` (a cancelled job's tasks
+    that had started still finish and cache their results)."""
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        files = derived_files(store)
+        if files == last:
+            return files
+        last = files
+        time.sleep(quiet_s)
+    raise TimeoutError(f"the store's derived files still change after {timeout} s")
 
 
 def test_unknown_job(server):

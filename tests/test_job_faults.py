@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -58,8 +59,11 @@ def ended(job: jobs.Job, timeout: float = ENDS_WITHIN_S) -> jobs.Job:
 
 
 def assert_done(job: jobs.Job) -> None:
+    """DONE with every task's result, none of them an error."""
     assert job.state == pb.JOB_STATE_DONE, job.stage
-    assert len(job.outcomes) == job.total and all(o.error is None for o in job.outcomes)
+    message = job.to_proto()
+    outcomes = [*message.results, *message.comparisons]
+    assert message.tasks_done == message.tasks_total == len(outcomes) and not any(o.error for o in outcomes)
 
 
 def start(manager: jobs.JobManager, runs=(A, B), layers=(1, 2, 3), params=SMALL, pairs=(), k=30, group=None,
@@ -204,6 +208,28 @@ def test_quotas_of_running_and_kept_jobs_per_group(store):
             manager.get(first[0].id, "lab-a")
     finally:
         manager.close()
+
+
+def test_an_ended_job_keeps_no_arrays_and_reads_its_results_back_from_the_store(manager):
+    job = start(manager, layers=[1, 2], pairs=[(A, B)])
+    watched, sent = {}, 0  # what a watcher got while the job ran, as WatchJob sends it
+    while sent < job.total:
+        with job.changed:
+            job.changed.wait(0.1)
+            event = job.to_proto(since=sent)
+        sent = event.tasks_done
+        watched.update(messages(event))
+    assert_done(job)
+    assert len(pickle.dumps(job.outcomes)) < 1000  # names and layers, not clusters and sample ids
+    again = messages(job.to_proto())
+    assert again == watched and len(again) == job.total
+
+
+def messages(job: pb.Job) -> dict[tuple, bytes]:
+    """A Job message's results and comparisons by run (or pair) and layer."""
+    out = {(r.run.method, r.layer): r.SerializeToString(deterministic=True) for r in job.results}
+    return out | {(c.runs.a.method, c.runs.b.method, c.layer): c.SerializeToString(deterministic=True)
+                  for c in job.comparisons}
 
 
 def test_many_jobs_share_a_bounded_number_of_threads(manager):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from distributed import Client, Future, LocalCluster, as_completed
+from distributed import Client, Future, LocalCluster, SpecCluster, Status, as_completed
 from threadpoolctl import threadpool_limits
 
 from actstore.analysis.compare import OVERLAP_K, Dendrogram, LayerComparison, density_peak_dendrogram
@@ -45,15 +45,27 @@ def restore_workers(client: Client) -> int:
     """Bring the client's local cluster back to its size; returns how many workers were missing.
 
     A nanny restarts its worker process after a crash, but gives up when the process is killed again
-    while starting; the cluster then drops that worker and, left alone, runs on fewer, down to none,
-    with every task queued forever. An external cluster is its operator's to keep: 0 for it."""
+    while starting (or when its restart collides with the old worker's registration); the cluster then
+    keeps the dead nanny, or drops it a while later, and, left alone, runs on fewer workers, down to
+    none, with every task queued forever. An external cluster is its operator's to keep: 0 for it."""
     cluster = client.cluster
-    if cluster is None or cluster.status.name != "running":
+    if cluster is None or cluster.status != Status.running:
         return 0
-    missing = len(cluster.worker_spec) - len(cluster.workers)
+    dead = [name for name, nanny in list(cluster.workers.items()) if nanny.status in _GONE]
+    missing = len(cluster.worker_spec) - len(cluster.workers) + len(dead)
     if missing > 0:
-        cluster.scale(len(cluster.worker_spec))  # the same size: starts the workers the spec has and it lacks
+        cluster.loop.add_callback(_restore, cluster, dead)  # on the cluster's own thread, which owns its state
     return missing
+
+
+_GONE = {Status.closing, Status.closed, Status.failed}
+
+
+def _restore(cluster: SpecCluster, dead: list) -> None:
+    for name in dead:
+        if name in cluster.workers and cluster.workers[name].status in _GONE:
+            del cluster.workers[name]
+    cluster.scale(len(cluster.worker_spec))  # the same size: starts the workers the spec has and it lacks
 
 
 @dataclass

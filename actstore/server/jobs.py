@@ -32,8 +32,9 @@ from distributed import Client, Future
 
 from actstore.analysis.density import PAPER, DensityParams
 from actstore.analysis.layers import Mask
-from actstore.analysis.scheduler import (ComparisonOutcome, LayerOutcome, RunName, dask_client, restore_workers,
-                                         submit_layers)
+from actstore.analysis import NotAnalysed
+from actstore.analysis.scheduler import (ComparisonOutcome, LayerOutcome, RunName, comparison_outcome, dask_client,
+                                         layer_outcome, restore_workers, submit_layers)
 from actstore.server.errors import TooLarge
 from actstore.server.selection import BadRequest
 from actstore.store import Store, echo
@@ -117,14 +118,45 @@ class Plan:
                 raise BadRequest(f"{name}={k} needs more than {k} samples; {run[0]}/{run[1]} holds {fewest}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """A task's outcome once its job ended: only what finds it again in the store's cache, so that a kept
+    job holds no arrays (a layer's result carries a cluster and a sample id per sample)."""
+
+    names: tuple[RunName, ...]  # the run analysed, or the two compared
+    layer: int
+
+    @classmethod
+    def of(cls, outcome: LayerOutcome | ComparisonOutcome) -> Stored:
+        if isinstance(outcome, LayerOutcome):
+            return cls(((outcome.model, outcome.method),), outcome.layer)
+        return cls((outcome.a, outcome.b), outcome.layer)
+
+    def load(self, store: Store, plan: Plan) -> LayerOutcome | ComparisonOutcome:
+        """The outcome again, from the cache (an error outcome saying so when the run has grown since)."""
+        args = plan.params, plan.mask
+        try:
+            if len(self.names) == 1:
+                return layer_outcome(store, *self.names[0], self.layer, *args, compute=False)
+            a, b = (LayerOutcome(*name, self.layer, None, None, None) for name in self.names)
+            return comparison_outcome(store, a, b, *args, plan.k, compute=False)
+        except NotAnalysed:
+            error = "no longer in the store's cache (the run has grown since the job); start the job again"
+            if len(self.names) == 1:
+                return LayerOutcome(*self.names[0], self.layer, None, None, error)
+            return ComparisonOutcome(*self.names, self.layer, None, error)
+
+
 class Job:
-    def __init__(self, job_id: str, group: str | None, total: int) -> None:
+    def __init__(self, job_id: str, group: str | None, total: int, cache: tuple[Path, Plan] | None = None) -> None:
+        """``cache``: the store and plan its results are cached with, which an ended job reads them back from."""
         self.id = job_id
         self.group = group  # the caller's group: only it sees the job
         self.state = pb.JOB_STATE_QUEUED
         self.stage = "queued"
         self.total = total
-        self.outcomes: list[LayerOutcome | ComparisonOutcome] = []  # in finishing order
+        self.cache = cache
+        self.outcomes: list[LayerOutcome | ComparisonOutcome | Stored] = []  # in finishing order
         self.ended_at: float | None = None
         self.changed = threading.Condition()
         self.futures: list[Future] = []  # while it runs
@@ -139,6 +171,8 @@ class Job:
                 setattr(self, name, value)
             if self.finished:
                 self.ended_at = time.monotonic()
+                if self.cache is not None:  # from now on its results are read back from the store
+                    self.outcomes = [o if o.error else Stored.of(o) for o in self.outcomes]
             self.changed.notify_all()
             return True
 
@@ -166,8 +200,15 @@ class Job:
     def to_proto(self, since: int = 0) -> pb.Job:
         """The job with the outcomes of tasks ``since`` onwards (in finishing order)."""
         with self.changed:
+            outcomes = [self._loaded(o) for o in self.outcomes[since:]]
             return pb.Job(job_id=self.id, state=self.state, stage=self.stage, tasks_done=len(self.outcomes),
-                          tasks_total=self.total, **outcome_messages(self.outcomes[since:]))
+                          tasks_total=self.total, **outcome_messages(outcomes))
+
+    def _loaded(self, outcome: LayerOutcome | ComparisonOutcome | Stored) -> LayerOutcome | ComparisonOutcome:
+        if not isinstance(outcome, Stored):
+            return outcome
+        store, plan = self.cache
+        return outcome.load(Store(store), plan)
 
 
 def outcome_messages(outcomes: list[LayerOutcome | ComparisonOutcome]) -> dict[str, list]:
@@ -217,7 +258,8 @@ class JobManager:
         self._client: Client | None = None
         self._jobs: dict[str, Job] = {}
         self._by_request: dict[tuple[str | None, str], str] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the jobs; never held while connecting, so that start() answers at once
+        self._connecting = threading.Lock()  # the client
         self._queue: queue.Queue[tuple[Job, Plan] | None] = queue.Queue()
         self._dispatcher = threading.Thread(target=self._dispatch, daemon=True, name="jobs")
         self._dispatcher.start()
@@ -229,7 +271,7 @@ class JobManager:
     def client(self) -> Client:
         """The client, a new one when there is none or the last lost its scheduler (it reconnects by
         itself for a while, then closes; jobs cannot wait on that)."""
-        with self._lock:
+        with self._connecting:
             if self._client is not None and self._client.status != "running":
                 log.warning("%s was lost (client %s); connecting again", self._where, self._client.status)
                 self._drop_client()
@@ -252,7 +294,7 @@ class JobManager:
             if running >= self.max_running:
                 raise TooLarge(f"your group already has {running} analysis jobs queued or running, the most "
                                f"allowed at once; wait for one to end or cancel one")
-            job = Job(uuid.uuid4().hex[:16], group, plan.total)
+            job = Job(uuid.uuid4().hex[:16], group, plan.total, (self.store, plan))
             self._jobs[job.id] = job
             if request_id:
                 self._by_request[request] = job.id
@@ -285,7 +327,7 @@ class JobManager:
     def close(self) -> None:
         self._queue.put(None)
         self._dispatcher.join(timeout=60)
-        with self._lock:
+        with self._connecting:
             self._drop_client()
 
     def _drop_client(self) -> None:
