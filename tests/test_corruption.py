@@ -142,14 +142,16 @@ def test_every_layout_reads_back_exactly_through_every_path(tmp_path, layout):
 
 
 def test_new_runs_checksum_every_chunk_for_every_zarr_reader(tmp_path):
-    states = np.ones((2, 40, 32), dtype=np.float32)
+    states = np.ones((2, 64, 32), dtype=np.float32)
     with Store(tmp_path).writer(MODEL, "0shot", recipe={"r": 1}, attrs={}, n_layers=2, hidden=32) as writer:
-        writer.add(states, labels(0, 40))
+        writer.add(states, labels(0, 64))
     array = zarr.open_array(tmp_path / MODEL / "0shot" / "hidden_states", mode="r")
     assert isinstance(array.metadata.codecs[0].codecs[-1], Crc32cCodec)
     flip_chunk(tmp_path, "0shot", "checksummed")
     with pytest.raises(ValueError, match="checksum"):  # plain zarr-python readers are told too
-        array[LAYER, 32:40]
+        array[LAYER, 48:56]
+    with pytest.raises(CorruptData, match=f"run {MODEL}/0shot, layer {LAYER}, samples 48:56"):
+        Store(tmp_path).run(MODEL, "0shot").read_states([LAYER], 40, 50)
 
 
 @pytest.fixture(scope="module")
