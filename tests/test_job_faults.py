@@ -4,6 +4,7 @@ stored bytes; and the request checks and quotas that keep one caller from wastin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pickle
@@ -135,10 +136,13 @@ def test_a_dead_scheduler_fails_jobs_with_the_reason_and_is_reconnected_when_bac
     address = f"tcp://127.0.0.1:{port}"
     processes: list[subprocess.Popen] = []
 
-    def cluster() -> None:
-        processes.append(dask_process("scheduler", "--host", "127.0.0.1", "--port", str(port), log=tmp_path / "log"))
+    def cluster() -> subprocess.Popen:
+        """A scheduler on ``address`` and one worker; returns the scheduler."""
+        scheduler = dask_process("scheduler", "--host", "127.0.0.1", "--port", str(port), log=tmp_path / "log")
+        processes.append(scheduler)
         wait_for_port(port)
         processes.append(dask_process("worker", address, "--nworkers", "1", "--nthreads", "1", log=tmp_path / "log"))
+        return scheduler
 
     cluster()
     manager = jobs.JobManager(store, address)
@@ -150,8 +154,15 @@ def test_a_dead_scheduler_fails_jobs_with_the_reason_and_is_reconnected_when_bac
         job = ended(start(manager, runs=[A], layers=[2]))
         assert job.state == jobs.JOB_STATE_FAILED and not job.outcomes
         assert f"the Dask scheduler at {address} is unreachable" in job.stage
-        cluster()  # back on the same address: the next job connects again
+        scheduler = cluster()  # back on the same address: the next job connects again
         assert_done(ended(start(manager, runs=[A, B], layers=[2])))
+        job = start(manager, params=dataclasses.replace(SMALL, maxk=30))  # six tasks on one worker thread
+        with job.changed:
+            job.changed.wait_for(lambda: job.state == pb.JOB_STATE_RUNNING, timeout=60)
+        scheduler.kill()  # while the job runs
+        job = ended(job)
+        assert job.state == jobs.JOB_STATE_FAILED and len(job.outcomes) < job.total
+        assert f"the Dask scheduler at {address} is unreachable (lost while the job ran)" in job.stage
     finally:
         manager.close()
         for process in processes:
