@@ -349,19 +349,28 @@ class JobManager:
                 return
             if item:
                 self._submit(*item)
-            if self._client is not None and (missing := restore_workers(self._client)):
-                log.warning("%d Dask workers were lost; starting them again", missing)
+            try:
+                if self._client is not None and (missing := restore_workers(self._client)):
+                    log.warning("%d Dask workers were lost; starting them again", missing)
+            except Exception:  # noqa: BLE001 - the next check tries again; the dispatcher must go on
+                log.exception("could not restore the local cluster's workers")
 
     def _submit(self, job: Job, plan: Plan) -> None:
+        """Submit the job's tasks; any failure to do so (the scheduler unreachable, the local cluster not
+        starting) ends it FAILED, never the dispatcher."""
         if not job.update(stage="starting workers" if self._client is None else "submitting"):
             return  # cancelled while queued
         try:
             client = self.client()
-        except OSError as exc:  # TimeoutError too
+        except Exception as exc:  # noqa: BLE001 - OSError and TimeoutError mostly
             job.end(JOB_STATE_FAILED, f"failed: {self._where} is unreachable ({type(exc).__name__}: {exc})")
             return
-        futures = submit_layers(client, self.store, list(plan.runs), list(plan.layers), plan.params, plan.mask,
-                                list(plan.pairs), plan.k)
+        try:
+            futures = submit_layers(client, self.store, list(plan.runs), list(plan.layers), plan.params, plan.mask,
+                                    list(plan.pairs), plan.k)
+        except Exception as exc:  # noqa: BLE001 - e.g. the client closed meanwhile
+            job.end(JOB_STATE_FAILED, f"failed: submitting to {self._where}: {type(exc).__name__}: {exc}")
+            return
         if not job.update(client=client, futures=futures, state=pb.JOB_STATE_RUNNING, stage="running"):
             client.cancel(futures)  # cancelled while starting
             return
@@ -374,11 +383,12 @@ class JobManager:
             return
         try:
             job.add(future.result())
+            return
         except CancelledError:  # not by the job (it has ended then): Dask lost the scheduler, or was closed
             lost = self._client is not future.client or future.client.status != "running"
             reason = f"{self._where} is unreachable (lost while the job ran)" if lost else \
                 f"Dask cancelled task {future.key}"
-            job.end(JOB_STATE_FAILED, f"failed: {reason}")
         except Exception as exc:  # noqa: BLE001 - the job reports it; the server goes on
-            log.error("job %s failed: task %s: %s: %s", job.id, future.key, type(exc).__name__, exc)
-            job.end(JOB_STATE_FAILED, f"failed: {type(exc).__name__}: {exc}")
+            reason = f"{type(exc).__name__}: {exc}"
+        log.error("job %s failed: %s", job.id, reason)
+        job.end(JOB_STATE_FAILED, f"failed: {reason}")
