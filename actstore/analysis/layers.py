@@ -20,7 +20,7 @@ from actstore.analysis.compare import OVERLAP_K, LayerComparison, common_samples
 from actstore.analysis.density import DensityParams, LayerDensity, analyse_layer, neighbours_needed
 from actstore.analysis.neighbours import knn
 from actstore.analysis.rows import first_unique_rows, per_subject_mask
-from actstore.store import CorruptData, Run, StoreError
+from actstore.store import Run
 
 log = logging.getLogger(__name__)
 
@@ -64,23 +64,9 @@ def neighbour_graph(run: Run, layer: int, mask: Mask, maxk: int) -> dict[str, np
     return graph
 
 
-def read_rows(run: Run, layer: int, positions: np.ndarray) -> np.ndarray:
-    """One layer's stored rows at ``positions``; stored bytes that cannot be decoded (a truncated or foreign
-    shard makes zarr or the codec raise whatever it meets) are CorruptData naming the run, layer and samples,
-    so that a job fails loudly instead of reporting the layer's error among its results."""
-    try:
-        return run.read_rows([layer], positions)[0]
-    except StoreError:  # CorruptData already, or another error of the store's that says what it is
-        raise
-    except Exception as exc:
-        span = f"{positions.min()}..{positions.max()}" if len(positions) else "none"
-        raise CorruptData(f"{run.model}/{run.method} layer {layer}, samples {span}: stored bytes could not be "
-                          f"read ({type(exc).__name__}: {exc})") from exc
-
-
 def _compute_graph(run: Run, layer: int, mask: Mask, maxk: int, key: str) -> dict[str, np.ndarray]:
     positions = mask.positions(run)
-    x = read_rows(run, layer, positions).astype(np.float64)
+    x = run.read_rows([layer], positions)[0].astype(np.float64)
     kept, dropped = first_unique_rows(x)
     if dropped.size:
         log.info("%s/%s layer %d: %d duplicate rows dropped", run.model, run.method, layer, dropped.size)
@@ -137,8 +123,8 @@ def compare(run_a: Run, run_b: Run, layer: int, params: DensityParams, mask: Mas
         comparison = compare_graphs(_graph(run_a, layer, mask, k, in_a), _graph(run_b, layer, mask, k, in_b),
                                     *clusters, k)
     else:  # samples one run dropped as duplicates: neighbours among the common rows only
-        comparison = compare_layer(read_rows(run_a, layer, kept_a[in_a]), read_rows(run_b, layer, kept_b[in_b]),
-                                   *clusters, k)
+        comparison = compare_layer(run_a.read_rows([layer], kept_a[in_a])[0],
+                                   run_b.read_rows([layer], kept_b[in_b])[0], *clusters, k)
     run_a.save_derived("comparisons", key, {}, dataclasses.asdict(comparison) | {"layer": layer,
                        "other": f"{run_b.model}/{run_b.method}"})
     return comparison
