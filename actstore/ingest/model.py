@@ -140,6 +140,20 @@ class LoadedModel:
         return int(self.model.config.hidden_size)
 
 
+def _unpacked(source: ModelSource) -> dict:
+    """A GGUF file's weights are unpacked into dense ones in the compute dtype. transformers keeps them
+    packed only for architectures with a GGUF matmul kernel (none of the models used here, SmolLM2's
+    Llama included, so it unpacks them anyway, while warning that packed weights are fastest in float32);
+    asking for the unpacking says what happens, with the same weights. Dense bfloat16 forwards of SmolLM2
+    took 0.69x the time of float32 ones on this CPU with AVX512-BF16 (bench/ingest.py; README.md,
+    "Benchmarks"), so GGUF weights take the compute dtype any model takes (``resolve_dtype``)."""
+    if not source.gguf_file:
+        return {}
+    from transformers import GgufConfig
+
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """Load tokenizer and model from local files (or the local hub cache); never downloads when offline."""
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
@@ -147,7 +161,7 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype) ->
              device, str(dtype).removeprefix("torch."))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs, **_unpacked(source))
     except (OSError, ValueError) as exc:
         offline = " (HF_HUB_OFFLINE is set: only local folders and the hub cache are used)" if os.environ.get(
             "HF_HUB_OFFLINE") else ""

@@ -181,22 +181,23 @@ class Ingest:
         try:
             load_started = time.perf_counter()
             loaded = self.model(plan.source)
+            started = time.perf_counter()
+            extractor = StateExtractor(loaded, self.opts.site)
+            writer = self.store.writer(
+                self.name,
+                method.name,
+                recipe=plan.recipe,
+                attrs=self._provenance(loaded, method, extractor),
+                n_layers=loaded.n_blocks + 1,
+                hidden=loaded.hidden_size,
+                overwrite=self.opts.overwrite,
+                commit_seconds=self.opts.commit_seconds,
+                lock=lock,  # released with the writer
+            )
         except BaseException:
             lock.release()
             raise
-        started = time.perf_counter()
-        extractor = StateExtractor(loaded, self.opts.site)
-        with self.store.writer(
-            self.name,
-            method.name,
-            recipe=plan.recipe,
-            attrs=self._provenance(loaded, method, extractor),
-            n_layers=loaded.n_blocks + 1,
-            hidden=loaded.hidden_size,
-            overwrite=self.opts.overwrite,
-            commit_seconds=self.opts.commit_seconds,
-            lock=lock,
-        ) as writer:
+        with writer:
             pending = _missing(self.selection.queries, writer.committed_ids())  # again, under the lock
             batch_size = self.opts.batch_size or writer.run.attrs.get("batch_size") or DEFAULT_BATCH_SIZE
             writer.update_attrs({"batch_size": batch_size})

@@ -2,7 +2,7 @@
 
 On disk a run is the Zarr v3 group ``{model}/{method}``::
 
-    hidden_states  (layer, sample, hidden)  float32, sharded, Blosc-compressed
+    hidden_states  (layer, sample, hidden)  float32, sharded, Blosc-compressed, CRC-32C per chunk
     layer          (layer,)                 0 = embeddings (site "residual") or block 0's input norm
     sample         (sample,)                the question's stable id in its dataset
     subject, answer, prediction (sample,)   strings; correct (sample,) bool
@@ -48,7 +48,7 @@ from zarr.errors import ContainsGroupError
 
 from actstore.store.attributes import as_stored, encode, read_attr, read_attrs, write_attrs
 from actstore.store.errors import RecipeMismatch, StoreNotWritable
-from actstore.store.layout import LABEL_CHUNK, STATE_DTYPE, StateLayout, state_compressor
+from actstore.store.layout import LABEL_CHUNK, STATE_DTYPE, StateLayout, state_compressors
 from actstore.store.lock import FolderLock
 from actstore.store.names import validate_name
 from actstore.store.reader import StateReader
@@ -251,7 +251,7 @@ def _create_arrays(group: zarr.Group, n_layers: int, hidden: int, site: str) -> 
         dtype=STATE_DTYPE,
         chunks=layout.chunks,
         shards=layout.shards,
-        compressors=[state_compressor()],
+        compressors=state_compressors(),  # Blosc, then a CRC-32C of each chunk
         fill_value=float("nan"),
         dimension_names=("layer", "sample", "hidden"),
         attributes={"coordinates": LABEL_COORDS, "site": site, "token_position": "last prompt token"},
