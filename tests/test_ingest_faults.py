@@ -266,3 +266,34 @@ def test_the_summary_rates_questions_without_model_loading(ingest_cli, capsys):
     # printed to 0.1 s: the rate is added / seconds of the ingest alone, whatever the rounding
     assert added / (seconds + 0.05) - 0.05 <= rate <= added / max(seconds - 0.05, 1e-3) + 0.05
     assert seconds + load <= wall + 0.1
+
+
+def test_run_to_xarray_is_a_consistent_snapshot_while_a_writer_commits(tmp_path):
+    """actstore's one call for a consistent xarray view: whatever the moment, every row it shows is filled and
+    belongs to its sample (the writer commits 5 samples at a time; inner chunks here hold 8)."""
+    import threading
+
+    store, hidden, batch = Store(tmp_path / "store"), 32, 5
+
+    def batch_of(start: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        ids = np.arange(start, start + batch)
+        states = (ids[None, :, None] * 10 + np.arange(3)[:, None, None] + np.zeros(hidden)).astype(np.float32)
+        text = np.array([str(i) for i in ids], dtype=object)
+        return states, {"sample": ids, "subject": text, "answer": text, "prediction": text,
+                        "correct": np.ones(batch, dtype=bool)}
+
+    writer = store.writer("m", "0shot", recipe={"r": 1}, attrs={}, n_layers=3, hidden=hidden, commit_seconds=0)
+    writer.add(*batch_of(0))
+    thread = threading.Thread(target=lambda: [writer.add(*batch_of(b * batch)) for b in range(1, 60)])
+    thread.start()
+    seen = set()
+    while thread.is_alive() or not seen:
+        ds = Store(store.root).run("m", "0shot").to_xarray()
+        ids, states = ds.sample.values, ds.hidden_states.values
+        np.testing.assert_array_equal(states[:, :, 0], ids[None, :] * 10 + np.arange(3)[:, None])
+        assert ds.subject.values.tolist() == [str(i) for i in ids]
+        seen.add(len(ids))
+    thread.join()
+    writer.close()
+    assert len(seen) > 3
+    assert Store(store.root).run("m", "0shot").to_xarray().sizes["sample"] == 300
