@@ -1,5 +1,6 @@
 """Analysis jobs over a real server: start, watch, result, cache hit, cancel, bad parameter, forbidden run."""
 
+import shutil
 import time
 
 import grpc
@@ -201,3 +202,17 @@ def test_ended_jobs_are_forgotten_after_a_while(tmp_path):
     with pytest.raises(jobs.JobNotFound):
         manager.get("ended", None)
     manager.close()
+
+
+def test_a_job_over_corrupt_bytes_fails_as_data_loss_through_the_client(server, tmp_path):
+    copy = tmp_path / "store"
+    shutil.copytree(server.store, copy, ignore=shutil.ignore_patterns("derived"))
+    layer_2 = copy / "tiny-llama" / "0shot" / "hidden_states" / "c" / "2"
+    shard = min(p for p in layer_2.rglob("*") if p.is_file())
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with ServerProcess(copy, tmp_path / "log", "--dask-workers", "1") as corrupt, Client(corrupt.address) as c:
+        job = c.analyze("tiny-llama", ["0shot"], layers=[2], **SMALL)
+        with pytest.raises(ActstoreError) as failed:
+            job.result()
+    assert failed.value.code is grpc.StatusCode.DATA_LOSS
+    assert "tiny-llama/0shot" in failed.value.message and "layer 2" in failed.value.message

@@ -103,7 +103,8 @@ def test_workers_killed_again_and_again_the_job_ends_and_the_next_one_runs(manag
     assert len(kills) > 20
     ended(job)
     if job.state != pb.JOB_STATE_DONE:  # the tasks may have run out of allowed worker deaths
-        assert job.state == jobs.JOB_STATE_FAILED and "KilledWorker" in job.stage, job.stage
+        assert job.state == pb.JOB_STATE_FAILED and "KilledWorker" in job.stage, job.stage
+        assert job.to_proto().failure_code == grpc.StatusCode.ABORTED.value[0]
     else:
         assert_done(job)
     assert_done(ended(start(manager)))  # the cluster is back at its size, and works
@@ -152,8 +153,9 @@ def test_a_dead_scheduler_fails_jobs_with_the_reason_and_is_reconnected_when_bac
             process.kill()
             process.wait()
         job = ended(start(manager, runs=[A], layers=[2]))
-        assert job.state == jobs.JOB_STATE_FAILED and not job.outcomes
+        assert job.state == pb.JOB_STATE_FAILED and not job.outcomes
         assert f"the Dask scheduler at {address} is unreachable" in job.stage
+        assert job.to_proto().failure_code == grpc.StatusCode.UNAVAILABLE.value[0]
         scheduler = cluster()  # back on the same address: the next job connects again
         assert_done(ended(start(manager, runs=[A, B], layers=[2])))
         job = start(manager, params=dataclasses.replace(SMALL, maxk=30))  # six tasks on one worker thread
@@ -161,8 +163,9 @@ def test_a_dead_scheduler_fails_jobs_with_the_reason_and_is_reconnected_when_bac
             job.changed.wait_for(lambda: job.state == pb.JOB_STATE_RUNNING, timeout=60)
         scheduler.kill()  # while the job runs
         job = ended(job)
-        assert job.state == jobs.JOB_STATE_FAILED and len(job.outcomes) < job.total
+        assert job.state == pb.JOB_STATE_FAILED and len(job.outcomes) < job.total
         assert f"the Dask scheduler at {address} is unreachable (lost while the job ran)" in job.stage
+        assert job.to_proto().failure_code == grpc.StatusCode.UNAVAILABLE.value[0]
     finally:
         manager.close()
         for process in processes:
@@ -266,8 +269,9 @@ def test_corrupt_stored_bytes_fail_the_job_with_the_message(store, tmp_path):
     manager = jobs.JobManager(copy, None, 2)
     try:
         job = ended(start(manager, runs=[A], layers=[1, 2]))
-        assert job.state == jobs.JOB_STATE_FAILED, job.stage
+        assert job.state == pb.JOB_STATE_FAILED, job.stage
         assert all(part in job.stage for part in ("CorruptData", "tiny-llama/0shot", "layer 2")), job.stage
+        assert job.to_proto().failure_code == grpc.StatusCode.DATA_LOSS.value[0]
         assert_done(ended(start(manager, runs=[B], layers=[2])))  # the server goes on
     finally:
         manager.close()

@@ -294,14 +294,25 @@ class AnalysisJob:
                 results.extend(last.results)
                 comparisons.extend(last.comparisons)
             if last is None or last.state != pb.JOB_STATE_DONE:
-                state = pb.JobState.Name(last.state) if last is not None else "unknown"
-                raise ActstoreError(grpc.StatusCode.CANCELLED, f"job {self.id} ended as {state}")
+                raise _job_error(self.id, last)
             del last.results[:], last.comparisons[:]
             last.results.extend(results)
             last.comparisons.extend(comparisons)
             self._done = last
         return self._done
 
+
+def _job_error(job_id: str, last: pb.Job | None) -> ActstoreError:
+    """Why a job ended without results, as the status its failure carries (DATA_LOSS for corrupt bytes...)."""
+    if last is None:
+        return ActstoreError(grpc.StatusCode.UNKNOWN, f"job {job_id} ended without a state")
+    if last.state == pb.JOB_STATE_FAILED:
+        code = _STATUS_CODES.get(last.failure_code, grpc.StatusCode.UNKNOWN)
+        return ActstoreError(code, f"job {job_id} {last.stage}")
+    return ActstoreError(grpc.StatusCode.CANCELLED, f"job {job_id} ended as {pb.JobState.Name(last.state)}")
+
+
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 METRICS = ("id", "id_2nn", "n_clusters", "core_fraction", "ari_subject", "ari_answer", "ari_prediction",
            "overlap_subject", "overlap_answer")

@@ -28,22 +28,21 @@ from collections import Counter
 from concurrent.futures import CancelledError
 from pathlib import Path
 
+import grpc
 from distributed import Client, Future
+from distributed.scheduler import KilledWorker
 
 from actstore.analysis.density import PAPER, DensityParams
 from actstore.analysis.layers import Mask
 from actstore.analysis import NotAnalysed
 from actstore.analysis.scheduler import (ComparisonOutcome, LayerOutcome, RunName, comparison_outcome, dask_client,
                                          layer_outcome, restore_workers, submit_layers)
-from actstore.server.errors import TooLarge
+from actstore.server.errors import TooLarge, status_of
 from actstore.server.selection import BadRequest
 from actstore.store import Store, echo
 from actstore.v1 import actstore_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-# JobState.JOB_STATE_FAILED: to be named in the proto (proto3 enums carry the number until then)
-JOB_STATE_FAILED = 5
 
 PRESETS = {"paper": PAPER}
 KEEP_ENDED_S = 3600.0  # an ended job (and its results, kept in memory for watchers) is forgotten after this
@@ -154,6 +153,7 @@ class Job:
         self.group = group  # the caller's group: only it sees the job
         self.state = pb.JOB_STATE_QUEUED
         self.stage = "queued"
+        self.failure: grpc.StatusCode | None = None  # why a FAILED job failed, as a status code
         self.total = total
         self.cache = cache
         self.outcomes: list[LayerOutcome | ComparisonOutcome | Stored] = []  # in finishing order
@@ -185,24 +185,25 @@ class Job:
             else:
                 self.update(outcomes=outcomes, state=pb.JOB_STATE_DONE, stage="done", futures=[], client=None)
 
-    def end(self, state: int, stage: str) -> None:
-        """End it (FAILED or CANCELLED) and cancel the tasks it still has on Dask."""
+    def end(self, state: int, stage: str, failure: grpc.StatusCode | None = None) -> None:
+        """End it (FAILED with the ``failure`` code, or CANCELLED) and cancel the tasks it still has on Dask."""
         with self.changed:
             futures, client = self.futures, self.client
-            ended = self.update(state=state, stage=stage, futures=[], client=None)
+            ended = self.update(state=state, stage=stage, failure=failure, futures=[], client=None)
         if ended and client is not None:
             client.cancel(futures)
 
     @property
     def finished(self) -> bool:
-        return self.state in (pb.JOB_STATE_DONE, pb.JOB_STATE_CANCELLED, JOB_STATE_FAILED)
+        return self.state in (pb.JOB_STATE_DONE, pb.JOB_STATE_CANCELLED, pb.JOB_STATE_FAILED)
 
     def to_proto(self, since: int = 0) -> pb.Job:
         """The job with the outcomes of tasks ``since`` onwards (in finishing order)."""
         with self.changed:
             outcomes = [self._loaded(o) for o in self.outcomes[since:]]
             return pb.Job(job_id=self.id, state=self.state, stage=self.stage, tasks_done=len(self.outcomes),
-                          tasks_total=self.total, **outcome_messages(outcomes))
+                          tasks_total=self.total, failure_code=self.failure.value[0] if self.failure else 0,
+                          **outcome_messages(outcomes))
 
     def _loaded(self, outcome: LayerOutcome | ComparisonOutcome | Stored) -> LayerOutcome | ComparisonOutcome:
         if not isinstance(outcome, Stored):
@@ -363,13 +364,15 @@ class JobManager:
         try:
             client = self.client()
         except Exception as exc:  # noqa: BLE001 - OSError and TimeoutError mostly
-            job.end(JOB_STATE_FAILED, f"failed: {self._where} is unreachable ({type(exc).__name__}: {exc})")
+            job.end(pb.JOB_STATE_FAILED, f"failed: {self._where} is unreachable ({type(exc).__name__}: {exc})",
+                    grpc.StatusCode.UNAVAILABLE)
             return
         try:
             futures = submit_layers(client, self.store, list(plan.runs), list(plan.layers), plan.params, plan.mask,
                                     list(plan.pairs), plan.k)
         except Exception as exc:  # noqa: BLE001 - e.g. the client closed meanwhile
-            job.end(JOB_STATE_FAILED, f"failed: submitting to {self._where}: {type(exc).__name__}: {exc}")
+            job.end(pb.JOB_STATE_FAILED, f"failed: submitting to {self._where}: {type(exc).__name__}: {exc}",
+                    grpc.StatusCode.UNAVAILABLE)
             return
         if not job.update(client=client, futures=futures, state=pb.JOB_STATE_RUNNING, stage="running"):
             client.cancel(futures)  # cancelled while starting
@@ -388,7 +391,10 @@ class JobManager:
             lost = self._client is not future.client or future.client.status != "running"
             reason = f"{self._where} is unreachable (lost while the job ran)" if lost else \
                 f"Dask cancelled task {future.key}"
+            failure = grpc.StatusCode.UNAVAILABLE
+        except KilledWorker as exc:  # the workers running this task died more often than Dask allows
+            reason, failure = f"{type(exc).__name__}: {exc}", grpc.StatusCode.ABORTED
         except Exception as exc:  # noqa: BLE001 - the job reports it; the server goes on
-            reason = f"{type(exc).__name__}: {exc}"
+            reason, failure = f"{type(exc).__name__}: {exc}", status_of(exc)  # CorruptData: DATA_LOSS
         log.error("job %s failed: %s", job.id, reason)
-        job.end(JOB_STATE_FAILED, f"failed: {reason}")
+        job.end(pb.JOB_STATE_FAILED, f"failed: {reason}", failure)

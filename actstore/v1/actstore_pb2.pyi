@@ -27,6 +27,7 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_RUNNING: _ClassVar[JobState]
     JOB_STATE_DONE: _ClassVar[JobState]
     JOB_STATE_CANCELLED: _ClassVar[JobState]
+    JOB_STATE_FAILED: _ClassVar[JobState]
 VISIBILITY_UNSPECIFIED: Visibility
 VISIBILITY_PRIVATE: Visibility
 VISIBILITY_SHARED: Visibility
@@ -39,6 +40,7 @@ JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState
 JOB_STATE_DONE: JobState
 JOB_STATE_CANCELLED: JobState
+JOB_STATE_FAILED: JobState
 
 class RunRef(_message.Message):
     __slots__ = ("model", "method")
@@ -383,7 +385,7 @@ class LayerComparison(_message.Message):
     def __init__(self, runs: _Optional[_Union[RunPair, _Mapping]] = ..., layer: _Optional[int] = ..., error: _Optional[str] = ..., n_common: _Optional[int] = ..., data_overlap: _Optional[float] = ..., ari_clusters: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "stage", "tasks_done", "tasks_total", "results", "comparisons")
+    __slots__ = ("job_id", "state", "stage", "tasks_done", "tasks_total", "results", "comparisons", "failure_code")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -391,6 +393,7 @@ class Job(_message.Message):
     TASKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     COMPARISONS_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_CODE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     stage: str
@@ -398,4 +401,5 @@ class Job(_message.Message):
     tasks_total: int
     results: _containers.RepeatedCompositeFieldContainer[LayerResult]
     comparisons: _containers.RepeatedCompositeFieldContainer[LayerComparison]
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., stage: _Optional[str] = ..., tasks_done: _Optional[int] = ..., tasks_total: _Optional[int] = ..., results: _Optional[_Iterable[_Union[LayerResult, _Mapping]]] = ..., comparisons: _Optional[_Iterable[_Union[LayerComparison, _Mapping]]] = ...) -> None: ...
+    failure_code: int
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., stage: _Optional[str] = ..., tasks_done: _Optional[int] = ..., tasks_total: _Optional[int] = ..., results: _Optional[_Iterable[_Union[LayerResult, _Mapping]]] = ..., comparisons: _Optional[_Iterable[_Union[LayerComparison, _Mapping]]] = ..., failure_code: _Optional[int] = ...) -> None: ...
