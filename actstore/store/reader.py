@@ -9,13 +9,17 @@ the inner chunks a request needs with ``pread``, and decodes them with Blosc in 
 
 Every byte is verified as zarr-python would: the shard index's CRC-32C, the CRC-32C of each inner chunk
 where the array has one (runs written since chunks carry it; older runs have none), and each Blosc frame's
-sizes. Bytes that fail, on either path, raise CorruptData naming the run, the layer and the samples.
+sizes; and each full shard's index against the CRC recorded for it at commit, which catches intact bytes
+from elsewhere (another layer's or run's shard copied over). Bytes that fail, on either path, raise
+CorruptData naming the run, the layer and the samples.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,7 +90,9 @@ def _layers_text(layers: list[int]) -> str:
 class StateReader:
     """Reads (layer, sample range) blocks of a (layer, sample, hidden) float32 array."""
 
-    def __init__(self, array: zarr.Array, folder: Path) -> None:
+    def __init__(self, array: zarr.Array, folder: Path, record: dict | None = None) -> None:
+        """``record``: the run's shard record (see ``new_record``), checked against every full shard's index;
+        one made for another layout of the array (its states stored again) is ignored."""
         self.array = array
         self.folder = folder
         self.run_name = f"{folder.parent.parent.name}/{folder.parent.name}"  # {root}/{model}/{method}/{array}
@@ -99,6 +105,7 @@ class StateReader:
             self.hidden = array.shape[2]
             self.chunk_bytes = self.inner_samples * self.hidden * 4  # edge chunks are stored whole too
         self._shards = f"{folder}/c"
+        self._committed = record["index_crc32c"] if record and record["layout"] == self._layout_key() else []
         self._indexes: dict[str, tuple[tuple[int, int, int], _Index]] = {}  # one get or set at a time: GIL-safe
 
     def read(self, layers: list[int], start: int, stop: int) -> np.ndarray:
@@ -129,6 +136,24 @@ class StateReader:
                     yield c_lo, c_hi - c_lo, bytes(frame)
                 else:
                     yield c_lo, c_hi - c_lo, self._decode(layer, c_first, frame, c_lo, c_hi)
+
+    def new_record(self) -> dict:
+        """An empty shard record for this array's layout: per full shard, its index CRC-32C in each layer."""
+        return {"layout": self._layout_key(), "index_crc32c": []}
+
+    def index_crcs(self, shard: int) -> list[int]:
+        """The CRC-32C stored with ``shard``'s index (a shard file's last 4 bytes), in each layer."""
+        crcs = []
+        for layer in range(self.array.shape[0]):
+            with open(self._path(layer, shard), "rb") as file:
+                file.seek(-CRC_BYTES, os.SEEK_END)
+                crcs.append(int.from_bytes(file.read(CRC_BYTES), "little"))
+        return crcs
+
+    def _layout_key(self) -> int:
+        """Which chunking and codecs the shard files were written with (a CRC of their metadata)."""
+        meta = self.array.metadata.to_dict()
+        return zlib.crc32(json.dumps([meta["chunk_grid"], meta["codecs"]], sort_keys=True).encode())
 
     def _read_through_zarr(self, layers: list[int], start: int, stop: int) -> np.ndarray:
         try:
@@ -222,6 +247,9 @@ class StateReader:
                 raise Mismatch(f"file of {stat.st_size} bytes, shorter than its {index_bytes}-byte index")
             raw = os.pread(fd, index_bytes, stat.st_size - index_bytes)
             index = _parse_index(raw, n, stat.st_size - index_bytes)
+            if shard < len(self._committed) and int.from_bytes(raw[-CRC_BYTES:], "little") != self._committed[shard][layer]:
+                raise Mismatch("not the shard committed here (its index differs from the one recorded at commit: "
+                               "a file from another layer or run?)")
         except Mismatch as exc:
             first = shard * self.shard_samples
             raise self._corrupt(f"layer {layer}", first, first + self.shard_samples, f"shard: {exc}", path) from None

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 STATES = "hidden_states"
+SHARD_RECORD = "shard_record"  # run attribute: each full shard's index CRC-32C per layer, written at commit
 LABELS = {"sample": "int64", "subject": str, "answer": str, "prediction": str, "correct": "bool"}
 SAMPLE_ARRAYS = (*LABELS, STATES)  # published in this order: labels before states
 LABEL_COORDS = "subject answer prediction correct"
@@ -105,7 +106,7 @@ class Run:
 
     @cached_property
     def reader(self) -> StateReader:
-        return StateReader(self.hidden_states, self.path / STATES)
+        return StateReader(self.hidden_states, self.path / STATES, read_attr(self.group, SHARD_RECORD))
 
     def read_states(self, layers: list[int], start: int = 0, stop: int | None = None) -> np.ndarray:
         """Committed states of ``layers`` for samples ``start:stop`` as (layer, sample, hidden) float32.
@@ -356,7 +357,7 @@ class RunWriter:
             for name in SAMPLE_ARRAYS:
                 array = self.run.group[name]
                 _past_the_end(array, stop)[_rows(array.metadata, start, stop)] = values[name]
-            self._publish(stop, self._progress(stop, int(values["correct"].sum())))
+            self._publish(stop, {**self._progress(stop, int(values["correct"].sum())), **self._shard_record(stop)})
         self._pending.clear()
         self._last_commit = time.monotonic()
 
@@ -395,6 +396,18 @@ class RunWriter:
             complete=n_committed >= progress.get("n_planned", n_committed),
         )
         return {"progress": progress, "accuracy": n_correct / n_committed if n_committed else None}
+
+    def _shard_record(self, n: int) -> dict[str, Any]:
+        """The run's shard record with every shard full at ``n`` samples: a full shard is never written again,
+        so a later file with another index (intact bytes from another layer or run copied over it) reads as
+        corrupt. Partly filled shards are not recorded: the next commit rewrites them."""
+        reader = StateReader(_past_the_end(self.run.group[STATES], n), self.run.path / STATES)
+        if not reader.direct:
+            return {}
+        record = read_attr(self.run.group, SHARD_RECORD) or reader.new_record()
+        done = record["index_crc32c"]
+        record["index_crc32c"] = done + [reader.index_crcs(shard) for shard in range(len(done), n // reader.shard_samples)]
+        return {SHARD_RECORD: record}
 
     def _publish(self, n: int, values: dict[str, Any]) -> None:
         """Commit ``n`` samples with the attributes ``values`` (the commit point): one write of the run group's
