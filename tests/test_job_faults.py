@@ -23,6 +23,7 @@ import pytest
 
 from actstore.analysis.density import DensityParams
 from actstore.analysis.layers import Mask
+from actstore.analysis.scheduler import dask_client
 from actstore.cli import main
 from actstore.server import jobs
 from actstore.server.errors import TooLarge, status_of
@@ -72,19 +73,22 @@ def start(manager: jobs.JobManager, runs=(A, B), layers=(1, 2, 3), params=SMALL,
     return manager.start(group, list(runs), list(layers), params, Mask(), list(pairs), k, request_id)
 
 
-def worker_processes() -> list[psutil.Process]:
-    """The local cluster's worker processes: the nannies (in this process) spawned them."""
-    return [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+def worker_processes(others: frozenset[int] = frozenset()) -> list[psutil.Process]:
+    """The local cluster's worker processes: the nannies (in this process) spawned them. ``others``: pids of
+    workers of clusters that earlier tests of this process left running, not counted."""
+    return [p for p in psutil.Process().children()
+            if "spawn_main" in " ".join(p.cmdline()) and p.pid not in others]
 
 
 def test_workers_killed_again_and_again_the_job_ends_and_the_next_one_runs(manager):
+    others = frozenset(p.pid for p in worker_processes())
     manager.client()
-    assert len(worker_processes()) == 2
+    assert len(worker_processes(others)) == 2
     stop, kills = threading.Event(), []
 
     def kill_workers() -> None:
         while not stop.is_set():
-            for process in worker_processes():
+            for process in worker_processes(others):
                 try:
                     os.kill(process.pid, signal.SIGKILL)
                     kills.append(process.pid)
@@ -108,7 +112,7 @@ def test_workers_killed_again_and_again_the_job_ends_and_the_next_one_runs(manag
     else:
         assert_done(job)
     assert_done(ended(start(manager)))  # the cluster is back at its size, and works
-    assert len(worker_processes()) == 2
+    assert len(worker_processes(others)) == 2
 
 
 def free_port() -> int:
@@ -275,3 +279,14 @@ def test_corrupt_stored_bytes_fail_the_job_with_the_message(store, tmp_path):
         assert_done(ended(start(manager, runs=[B], layers=[2])))  # the server goes on
     finally:
         manager.close()
+
+
+def test_a_local_cluster_closes_with_its_client():
+    """A library user's ``with dask_client():`` leaves no worker processes behind (it left two before)."""
+    others = frozenset(p.pid for p in worker_processes())
+    with dask_client(n_workers=2) as client:
+        assert len(client.scheduler_info()["workers"]) == 2
+    deadline = time.monotonic() + 20
+    while worker_processes(others) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert worker_processes(others) == []

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from distributed import Client, Future, LocalCluster, SpecCluster, Status, as_completed
+from distributed import Client, Future, SpecCluster, Status, as_completed
 from threadpoolctl import threadpool_limits
 
 from actstore.analysis.compare import OVERLAP_K, Dendrogram, LayerComparison, density_peak_dendrogram
@@ -36,9 +36,9 @@ def dask_client(address: str | None = None, n_workers: int | None = None, timeou
     raises OSError (or TimeoutError) when the scheduler at ``address`` does not answer within ``timeout``."""
     if address:
         return Client(address, timeout=timeout)
-    cluster = LocalCluster(n_workers=n_workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                           dashboard_address=None)
-    return Client(cluster)
+    # made by the Client, the local cluster is closed with it (a Client given a cluster leaves it running)
+    return Client(n_workers=n_workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
+                  dashboard_address=None)
 
 
 def restore_workers(client: Client) -> int:
