@@ -251,3 +251,5 @@ def test_fast_dropout_drops_p_of_the_inputs_and_keeps_the_mean():
     assert (y == 0).float().mean().item() == pytest.approx(0.1, abs=0.002)
     assert y.mean().item() == pytest.approx(1.0, abs=0.01)
     assert torch.equal(dropout.eval()(x), x)
+    odd = dropout.train()(torch.ones(3, 5, 7, dtype=torch.bfloat16))  # not a whole number of 64-bit words
+    assert odd.shape == (3, 5, 7) and not torch.equal(odd, dropout(torch.ones(3, 5, 7, dtype=torch.bfloat16)))

@@ -60,7 +60,8 @@ class FastDropout(torch.nn.Module):
     Measured on this project's 2-core CPU, torch's dropout on the bf16 inputs of LoRA layers (one
     Mersenne Twister draw per element) took 29 % of a training step; 16 random bits per element from
     PCG64 draw the same mask distribution (P(drop) = round(p * 65536) / 65536, within 1e-5 of p)
-    2.5x faster. The generator's state is saved with each checkpoint, so resumed runs draw alike.
+    2.5x faster, and cut from the generator's raw 64-bit words (four elements a word) faster still.
+    The generator's state is saved with each checkpoint, so resumed runs draw alike.
     """
 
     def __init__(self, p: float, rng: np.random.Generator) -> None:
@@ -71,7 +72,9 @@ class FastDropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self._threshold == 0:
             return x
-        keep = torch.from_numpy(self.rng.integers(0, 65536, x.shape, dtype=np.uint16) >= self._threshold)
+        n = x.numel()
+        bits = self.rng.bit_generator.random_raw(-(-n // 4)).view(np.uint16)[:n].reshape(x.shape)
+        keep = torch.from_numpy(bits >= self._threshold)
         return torch.where(keep.to(x.device), x, 0).mul_(1.0 / (1.0 - self.p))
 
 
