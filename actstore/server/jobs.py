@@ -334,10 +334,7 @@ class JobManager:
     def _drop_client(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            cluster = client.cluster  # the local one this manager started, if any
-            client.close()
-            if cluster is not None:
-                cluster.close()
+            client.close()  # and the local cluster, which dask_client made it own
 
     def _dispatch(self) -> None:
         """The dispatcher thread: submits queued jobs and keeps the local cluster at its size."""
