@@ -29,7 +29,8 @@ def _layers(text: str) -> slice | list[int]:
 
 def _connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=os.environ.get("ACTSTORE_ADDRESS", DEFAULT_ADDRESS),
-                   help="server HOST[:PORT] (port 50051 unless given; default: $ACTSTORE_ADDRESS or %(default)s)")
+                   help="server HOST[:PORT] (port 50051 unless given), or several replicas of one store separated "
+                        "by commas, whose calls are spread round-robin (default: $ACTSTORE_ADDRESS or %(default)s)")
     p.add_argument("--token-file", type=Path, help="file holding the bearer token (default: $ACTSTORE_TOKEN)")
     p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
     p.add_argument("--tls-ca", type=Path, help="connect with TLS, trusting this PEM certificate")

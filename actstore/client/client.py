@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import xarray as xr
 
 from actstore.protocol import CHANNEL_OPTIONS, DEFAULT_ADDRESS, DTYPE_ENUMS, DTYPE_NAMES, VISIBILITY_ENUMS, VISIBILITY_NAMES
-from actstore.server.address import parse_address
+from actstore.server.address import parse_addresses
 from actstore.v1 import actstore_pb2 as pb
 from actstore.v1 import actstore_pb2_grpc as pb_grpc
 
@@ -42,6 +43,7 @@ CLIENT_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.ping_timeout_ms", 10_000), ("grpc.http2.max_pings_without_data", 0),
 ]
+ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
 class ActstoreError(Exception):
@@ -63,7 +65,7 @@ class Client:
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str | Sequence[str] = DEFAULT_ADDRESS,
         token: str | None = None,
         tls: bool | str | Path = False,
         timeout: float | None = DEFAULT_TIMEOUT_S,
@@ -71,8 +73,10 @@ class Client:
         retry_for: float = DEFAULT_RETRY_FOR_S,
         retries: int | None = None,
     ) -> None:
-        """``address``: HOST[:PORT], port 50051 unless given. ``tls``: True for the system's CA roots, or the
-        path of a PEM CA bundle (e.g. a self-signed cert).
+        """``address``: HOST[:PORT], port 50051 unless given; or several replicas serving the same store, as a
+        list or one comma-separated string (``"h1:50051,h2:50051"``), whose calls gRPC spreads round-robin
+        (see ``channel_target``). ``tls``: True for the system's CA roots, or the path of a PEM CA bundle
+        (e.g. a self-signed cert).
 
         ``timeout``: deadline in seconds of each call but ``hidden_states``, whose whole stream has
         ``stream_timeout`` (None: no deadline; keepalive pings still end a call to a stalled server within
@@ -80,12 +84,13 @@ class Client:
         locked) is retried for ``retry_for`` seconds, at most ``retries`` times when given, with exponential
         backoff and jitter.
         """
-        address = parse_address(address)
+        target, options = channel_target(address)
+        options = [*CLIENT_OPTIONS, *options]
         if tls:
             roots = None if tls is True else Path(tls).read_bytes()
-            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=CLIENT_OPTIONS)
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
         else:
-            self._channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
+            self._channel = grpc.insecure_channel(target, options=options)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout, self._stream_timeout = timeout, stream_timeout
         self._retry_for, self._retries = retry_for, retries
@@ -246,6 +251,55 @@ class Client:
                 log.info("server unavailable (%s); retrying in %.1f s", exc.details(), delay)
                 time.sleep(delay)
                 retried += 1
+
+
+def channel_target(address: str | Sequence[str]) -> tuple[str, list[tuple[str, str]]]:
+    """The gRPC target of one address or of several replicas, and the channel options it needs.
+
+    One address is dialled as given (gRPC's default ``pick_first``), exactly as before replicas existed.
+    Several become one channel over gRPC's static resolver, ``ipv4:IP:PORT,IP:PORT`` (or ``ipv6:``), with
+    the ``round_robin`` policy: gRPC keeps a connection to each replica, sends each call to the next ready
+    one and skips a replica whose connection is lost, so ``Client._retry`` lands a retried call elsewhere.
+    gRPC offers no target that lists several host *names* (``dns:`` resolves one name, and ``ipv4:``/``ipv6:``
+    take literals only), so names are resolved here, once, with ``getaddrinfo``: a replica that moves to
+    another IP needs a new Client. One address family serves all replicas (IPv4 when every name has one).
+
+    The channel's authority, which TLS checks the certificates against, is the first address's host (gRPC
+    would otherwise take the comma-separated list): every replica's certificate must name that host, e.g.
+    one certificate for the service's name shared by the replicas, or one that lists every replica's name.
+    """
+    addresses = parse_addresses(address)
+    if len(addresses) == 1:
+        return addresses[0], []
+    hosts_ports = [a.rsplit(":", 1) for a in addresses]
+    family, literals = _one_family([_resolve(host.strip("[]"), int(port)) for host, port in hosts_ports])
+    scheme, shown = ("ipv4", "{}:{}") if family == socket.AF_INET else ("ipv6", "[{}]:{}")
+    target = f"{scheme}:" + ",".join(shown.format(ip, port) for ip, (_, port) in zip(literals, hosts_ports))
+    authority = hosts_ports[0][0].strip("[]")
+    return target, [("grpc.service_config", ROUND_ROBIN), ("grpc.default_authority", authority),
+                    ("grpc.ssl_target_name_override", authority)]
+
+
+def _resolve(host: str, port: int) -> dict[int, str]:
+    """The first IPv4 and the first IPv6 address of ``host``, by family."""
+    try:
+        found = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot resolve the server address {host}: {exc.strerror}") from None
+    by_family: dict[int, str] = {}
+    for family, *_, sockaddr in found:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            by_family.setdefault(family, sockaddr[0])
+    return by_family
+
+
+def _one_family(resolved: list[dict[int, str]]) -> tuple[int, list[str]]:
+    """One address family that every replica has (a gRPC target holds one), and each replica's IP in it."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        if all(family in r for r in resolved):
+            return family, [r[family] for r in resolved]
+    raise ValueError("the server addresses mix IPv4 and IPv6: gRPC balances over one family; give names or "
+                     "IPs of one family")
 
 
 class AnalysisJob:
