@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from actstore.store import Store  # noqa: E402
 from actstore.store.layout import StateLayout, state_compressor, state_compressors  # noqa: E402
+from actstore.store.location import Folder  # noqa: E402
 from actstore.store.reader import StateReader  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def write(path: Path, states: np.ndarray, chunks: tuple, shards: tuple | None,
                               compressors=compressors, dimension_names=("layer", "sample", "hidden"))
     array[:] = states
     array = zarr.open_array(path, mode="r")
-    return array, StateReader(array, path)
+    return array, StateReader(array, Folder(path.parent), path.name)
 
 
 def speeds(array: zarr.Array, reader: StateReader, states: np.ndarray) -> list[float]:

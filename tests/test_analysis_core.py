@@ -134,7 +134,7 @@ def test_layer_analysis_of_a_stored_run_is_cached(ingest_cli, tmp_path):
     sweep, _ = analyse(run, 2, DensityParams(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8, z=0.5),
                        Mask(per_subject=30))
     assert sweep.n_clusters >= first.n_clusters  # a lower Z merges less
-    derived = run.path / "derived"
+    derived = run.location.path / run.key / "derived"
     entries = {kind: [p for p in (derived / kind).iterdir() if p.is_dir()] for kind in ("neighbours", "density")}
     assert len(entries["neighbours"]) == 1  # one neighbour graph served both parameter sets
     assert len(entries["density"]) == 2

@@ -39,7 +39,7 @@ def test_a_run_still_being_written_is_served_up_to_its_committed_samples(tmp_pat
         writer.add(np.ones((2, 4, 8), dtype=np.float32), labels)
         writer.commit()
         writer.add(np.ones((2, 4, 8), dtype=np.float32), {**labels, "sample": np.arange(4, 8)})  # not committed
-        server = ServerProcess(store.root, tmp_path / "log")
+        server = ServerProcess(store.url, tmp_path / "log")
         try:
             with Client(server.address) as c:
                 states = c.hidden_states("m", "0shot")

@@ -214,7 +214,7 @@ def test_dry_run_estimates_and_writes_nothing(tiny_model, rule_file, tmp_path, c
 def test_provenance_is_served(trained, tmp_path):
     out, store = trained
     record = json.loads((out / RECORD).read_text())
-    with ServerProcess(store.root, tmp_path / "server.log") as server, Client(server.address) as client:
+    with ServerProcess(store.url, tmp_path / "server.log") as server, Client(server.address) as client:
         info = client.describe("tiny-llama", "finetuned")
     recipe, finetune = info["recipe"], info["attributes"]["finetune"]
     assert recipe["checkpoint"]["fingerprint"] == record["adapter"]["fingerprint"]

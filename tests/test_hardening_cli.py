@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ def store(tmp_path):
     store = Store(tmp_path / "store")
     with store.writer("m", "0shot", recipe={"r": 1}, attrs={}, n_layers=2, hidden=8) as writer:
         writer.add(np.ones((2, 4, 8), dtype=np.float32), labels)
-    return store.root
+    return Path(store.url)
 
 
 def actstore(*args: str) -> subprocess.CompletedProcess:

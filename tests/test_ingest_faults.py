@@ -288,7 +288,7 @@ def test_run_to_xarray_is_a_consistent_snapshot_while_a_writer_commits(tmp_path)
     thread.start()
     seen = set()
     while thread.is_alive() or not seen:
-        ds = Store(store.root).run("m", "0shot").to_xarray()
+        ds = Store(store.url).run("m", "0shot").to_xarray()
         ids, states = ds.sample.values, ds.hidden_states.values
         np.testing.assert_array_equal(states[:, :, 0], ids[None, :] * 10 + np.arange(3)[:, None])
         assert ds.subject.values.tolist() == [str(i) for i in ids]
@@ -296,4 +296,4 @@ def test_run_to_xarray_is_a_consistent_snapshot_while_a_writer_commits(tmp_path)
     thread.join()
     writer.close()
     assert len(seen) > 3
-    assert Store(store.root).run("m", "0shot").to_xarray().sizes["sample"] == 300
+    assert Store(store.url).run("m", "0shot").to_xarray().sizes["sample"] == 300

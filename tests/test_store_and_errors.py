@@ -229,7 +229,7 @@ def test_readers_see_only_whole_committed_samples_while_a_writer_commits(tmp_pat
     thread.start()
     reads = 0
     while thread.is_alive() or reads == 0:
-        run = Store(store.root).run("m", "0shot")
+        run = Store(store.url).run("m", "0shot")
         n = run.n_samples
         got = run.read_states([0, 2], 0, n)
         ids = run.labels()["sample"]
@@ -237,7 +237,7 @@ def test_readers_see_only_whole_committed_samples_while_a_writer_commits(tmp_pat
         np.testing.assert_array_equal(got[:, :, 0], ids[None, :] * 10 + np.array([[0], [2]]))
         reads += 1
     thread.join()
-    assert Store(store.root).run("m", "0shot").n_samples == batch * batches and reads > 1
+    assert Store(store.url).run("m", "0shot").n_samples == batch * batches and reads > 1
 
 
 def _save_derived_at_once(store_root, barrier, index: int, failures) -> None:

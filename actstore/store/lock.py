@@ -30,6 +30,9 @@ class FolderLock:
             self._fd = -1
             raise RunLocked(f"{what} is being written by another process; wait for it to finish") from None
 
+    def check(self) -> None:
+        """Nothing to check: the kernel holds the lock until ``release`` or the holder's death."""
+
     def release(self) -> None:
         if self._fd >= 0:
             fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -2,10 +2,11 @@
 
 zarr-python decodes a shard's inner chunks one by one through its async codec pipeline, which costs
 about 0.3 ms per inner chunk here: a whole layer (576 inner chunks) reads at ~110 MB/s and one
-sample across 31 layers takes ~30 ms. This reader follows the Zarr v3 sharding spec directly for
-local stores: it reads each shard's index once (cached while the file is unchanged), fetches only
-the inner chunks a request needs with ``pread``, and decodes them with Blosc in a thread pool
-(Blosc releases the GIL). Arrays with any other codec chain are read through zarr-python.
+sample across 31 layers takes ~30 ms. This reader follows the Zarr v3 sharding spec directly: it reads
+each shard's index once (cached while the file is unchanged), fetches only the inner chunks a request
+needs, in one read per shard (``pread`` in a folder, a byte-range GET in a bucket, several shards at once),
+and decodes them with Blosc in a thread pool (Blosc releases the GIL). Arrays with any other codec chain are
+read through zarr-python.
 
 Every byte is verified as zarr-python would: the shard index's CRC-32C, the CRC-32C of each inner chunk
 where the array has one (runs written since chunks carry it; older runs have none), and each Blosc frame's
@@ -23,7 +24,6 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numcodecs
 import numpy as np
@@ -33,6 +33,7 @@ from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 from actstore.store.checksum import CRC_BYTES, Mismatch, check_blosc_frame, strip_crc32c
 from actstore.store.errors import CorruptData
+from actstore.store.location import Location, ShardBytes, join
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ _MISSING = 2**64 - 1
 _FLOAT32 = np.dtype("<f4")
 _PARALLEL_BYTES = 4 << 20
 _POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="actstore-decode")
+_REQUESTS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="actstore-get")  # a bucket's round trips overlap
 numcodecs.blosc.set_nthreads(1)  # parallelism comes from decoding several chunks at once
 
 _PLAIN = (BytesCodec, BloscCodec)  # inner chunk codecs of runs written before chunks carried a checksum
@@ -67,9 +69,10 @@ def _inner_codecs(array: zarr.Array) -> tuple[type, ...] | None:
     return tuple(type(c) for c in sharding.codecs)
 
 
-def _parse_index(raw: bytes, n: int, data_end: int) -> _Index:
-    """The (offset, size) table of a shard's index bytes, after checking its CRC and that every chunk it
-    points to lies inside the shard's data (a corrupt offset must not become a read past the file)."""
+def _parse_index(raw: bytes, n: int, data_end: int | None) -> _Index:
+    """The (offset, size) table of a shard's index bytes, after checking its CRC and, where the shard's size
+    is known (files), that every chunk it points to lies inside its data (a corrupt offset must not become a
+    read past the file; in a bucket such a read comes back short)."""
     if len(raw) != 16 * n + CRC_BYTES:
         raise Mismatch("index cut short")
     table = np.frombuffer(strip_crc32c(raw), dtype="<u8").reshape(n, 2)
@@ -78,7 +81,7 @@ def _parse_index(raw: bytes, n: int, data_end: int) -> _Index:
     if not np.array_equal(missing, sizes == _MISSING):
         raise Mismatch("index marks a chunk half missing")
     present_offsets = np.where(missing, 0, offsets)
-    if np.any(~missing & ((present_offsets > data_end) | (sizes > data_end - np.minimum(present_offsets, data_end)))):
+    if data_end is not None and np.any(~missing & ((present_offsets > data_end) | (sizes > data_end - np.minimum(present_offsets, data_end)))):
         raise Mismatch(f"index points past the {data_end} bytes of chunk data")
     return _Index(offsets=offsets.tolist(), sizes=sizes.tolist())
 
@@ -87,15 +90,20 @@ def _layers_text(layers: list[int]) -> str:
     return f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
 
 
+class _StaleIndex(Exception):
+    """Bytes that fail their checks under a cached index that may be older than the object."""
+
+
 class StateReader:
     """Reads (layer, sample range) blocks of a (layer, sample, hidden) float32 array."""
 
-    def __init__(self, array: zarr.Array, folder: Path, record: dict | None = None) -> None:
-        """``record``: the run's shard record (see ``new_record``), checked against every full shard's index;
-        one made for another layout of the array (its states stored again) is ignored."""
+    def __init__(self, array: zarr.Array, location: Location, key: str, record: dict | None = None) -> None:
+        """``key``: the array's key in ``location`` ({model}/{method}/{array} in a store). ``record``: the run's
+        shard record (see ``new_record``), checked against every full shard's index; one made for another
+        layout of the array (its states stored again) is ignored."""
         self.array = array
-        self.folder = folder
-        self.run_name = f"{folder.parent.parent.name}/{folder.parent.name}"  # {root}/{model}/{method}/{array}
+        self.location, self.key = location, key
+        self.run_name = key.rpartition("/")[0] or key
         inner = _inner_codecs(array)
         self.direct = inner in (_PLAIN, _CHECKSUMMED)
         self.chunk_crc = inner == _CHECKSUMMED
@@ -104,7 +112,6 @@ class StateReader:
             self.inner_samples = array.chunks[1]
             self.hidden = array.shape[2]
             self.chunk_bytes = self.inner_samples * self.hidden * 4  # edge chunks are stored whole too
-        self._shards = f"{folder}/c"
         self._committed = record["index_crc32c"] if record and record["layout"] == self._layout_key() else []
         self._indexes: dict[str, tuple[tuple[int, int, int], _Index]] = {}  # one get or set at a time: GIL-safe
 
@@ -115,11 +122,12 @@ class StateReader:
         out = np.empty((len(layers), stop - start, self.hidden), dtype=np.float32)
         shards = range(start // self.shard_samples, -(-stop // self.shard_samples))
         tasks = [(layer, shard, out[i], start, stop) for i, layer in enumerate(layers) for shard in shards]
-        if out.nbytes < _PARALLEL_BYTES:  # a few small chunks: thread hand-offs would cost more than decoding
+        if self.location.local and out.nbytes < _PARALLEL_BYTES:  # thread hand-offs would cost more than decoding
             for task in tasks:
                 self._read_shard(*task)
         else:
-            for job in [_POOL.submit(self._read_shard, *task) for task in tasks]:
+            pool = _POOL if self.location.local else _REQUESTS
+            for job in [pool.submit(self._read_shard, *task) for task in tasks]:
                 job.result()
         return out
 
@@ -145,9 +153,8 @@ class StateReader:
         """The CRC-32C stored with ``shard``'s index (a shard file's last 4 bytes), in each layer."""
         crcs = []
         for layer in range(self.array.shape[0]):
-            with open(self._path(layer, shard), "rb") as file:
-                file.seek(-CRC_BYTES, os.SEEK_END)
-                crcs.append(int.from_bytes(file.read(CRC_BYTES), "little"))
+            with self.location.shard(self._path(layer, shard)) as stored:
+                crcs.append(int.from_bytes(stored.tail(CRC_BYTES), "little"))
         return crcs
 
     def _layout_key(self) -> int:
@@ -170,13 +177,11 @@ class StateReader:
         """(lo, hi, chunk's first sample, verified Blosc frame or None) for each inner chunk of ``shard`` in
         start:stop.
 
-        Index and bytes come from one open file descriptor, so a writer replacing the shard file
-        meanwhile (commits replace whole files) cannot pair one version's index with another's bytes.
         """
         first = shard * self.shard_samples
         lo, hi = max(start, first), min(stop, first + self.shard_samples)
         chunks = range((lo - first) // self.inner_samples, -(-(hi - first) // self.inner_samples))
-        frames = self._pread_chunks(layer, shard, chunks.start, chunks.stop)
+        frames = self._fetch_chunks(layer, shard, chunks.start, chunks.stop)
         pieces = []
         for chunk in chunks:
             c_first = first + chunk * self.inner_samples
@@ -193,76 +198,92 @@ class StateReader:
             raise self._corrupt(f"layer {layer}", c_first, c_first + self.inner_samples, str(exc)) from exc
         return np.frombuffer(decoded, dtype=_FLOAT32).reshape(-1, self.hidden)[lo - c_first : hi - c_first]
 
-    def _pread_chunks(self, layer: int, shard: int, first: int, stop: int) -> dict[int, memoryview]:
-        """The verified Blosc frames of a shard's inner chunks first..stop-1 (those present), with one ``pread``."""
+    def _fetch_chunks(self, layer: int, shard: int, first: int, stop: int) -> dict[int, memoryview]:
+        """The verified Blosc frames of a shard's inner chunks first..stop-1 (those present), in one read.
+
+        A file's index is cached per version of the file, and index and chunks come through one descriptor.
+        A bucket's index is cached for the life of this reader (a snapshot as of one commit) without asking
+        for the object's version, which would cost a request per read: committed chunks keep their offsets
+        in later versions of a shard, but the last, partly filled chunk moves when a writer adds to it. So
+        bytes that fail their checks under such a cached index are read again with a fresh index before
+        they count as corrupt.
+        """
+        try:
+            return self._read_chunks(layer, shard, first, stop, fresh=False)
+        except _StaleIndex:
+            return self._read_chunks(layer, shard, first, stop, fresh=True)
+
+    def _read_chunks(self, layer: int, shard: int, first: int, stop: int, fresh: bool) -> dict[int, memoryview]:
         path = self._path(layer, shard)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return {}
-        try:
-            index = self._index(fd, path, layer, shard)
+        with self.location.shard(path) as stored:
+            index, unverified = self._index(stored, path, layer, shard, fresh)
+            if index is None:
+                return {}
             offsets, sizes = index.offsets[first:stop], index.sizes[first:stop]
             present = [i for i, offset in enumerate(offsets) if offset != _MISSING]
             if not present:
                 return {}
             begin = min(offsets[i] for i in present)
             span = max(offsets[i] + sizes[i] for i in present) - begin
-            raw = os.pread(fd, span, begin)
-        finally:
-            os.close(fd)
-        if len(raw) != span:  # cut while being read: replaced files are renamed into place, never truncated
-            first_sample = shard * self.shard_samples
+            raw = stored.range(begin, span)
+        first_sample = shard * self.shard_samples
+        if len(raw) != span:  # files: replaced by renaming, never truncated; objects: replaced whole
+            if unverified:
+                raise _StaleIndex
             raise self._corrupt(f"layer {layer}", first_sample, first_sample + self.shard_samples,
-                                "shard: file cut short while read", path)
-        if len(present) == 1:  # one sample's read: the bytes read are the chunk
-            return {first + present[0]: self._frame(raw, layer, shard, first + present[0])}
-        data = np.frombuffer(raw, dtype=np.uint8)  # slices of an array are views; slices of bytes would be copies
-        return {first + i: self._frame(data[offsets[i] - begin : offsets[i] + sizes[i] - begin], layer, shard, first + i)
-                for i in present}
+                                "shard: cut short while read", path)
+        data = raw if len(present) == 1 else np.frombuffer(raw, dtype=np.uint8)  # array slices are views
+        frames = {}
+        for i in present:
+            stored_chunk = data if len(present) == 1 else data[offsets[i] - begin : offsets[i] + sizes[i] - begin]
+            try:
+                frames[first + i] = self._frame(stored_chunk)
+            except Mismatch as exc:
+                if unverified:
+                    raise _StaleIndex from None
+                c_first = first_sample + (first + i) * self.inner_samples
+                raise self._corrupt(f"layer {layer}", c_first, c_first + self.inner_samples, f"inner chunk: {exc}",
+                                    path) from None
+        return frames
 
-    def _frame(self, stored: bytes | np.ndarray, layer: int, shard: int, chunk: int) -> memoryview:
+    def _frame(self, stored: bytes | np.ndarray) -> memoryview:
         """The Blosc frame of one stored inner chunk, once its checksum (where the run has one) and its sizes
-        are checked."""
-        try:
-            frame = strip_crc32c(stored) if self.chunk_crc else stored
-            check_blosc_frame(frame, self.chunk_bytes)
-        except Mismatch as exc:
-            c_first = shard * self.shard_samples + chunk * self.inner_samples
-            raise self._corrupt(f"layer {layer}", c_first, c_first + self.inner_samples, f"inner chunk: {exc}",
-                                self._path(layer, shard)) from None
+        are checked; Mismatch otherwise."""
+        frame = strip_crc32c(stored) if self.chunk_crc else stored
+        check_blosc_frame(frame, self.chunk_bytes)
         return frame
 
-    def _index(self, fd: int, path: str, layer: int, shard: int) -> _Index:
-        """The shard's verified chunk index (at the file's end), cached per version of the file."""
-        stat = os.fstat(fd)
-        version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    def _index(self, stored: ShardBytes, path: str, layer: int, shard: int, fresh: bool) -> tuple[_Index | None, bool]:
+        """The shard's verified chunk index (at its end), or None when the shard does not exist; and whether it
+        came from the cache without a version to check it against (see ``_fetch_chunks``)."""
         cached = self._indexes.get(path)
-        if cached is not None and cached[0] == version:
-            return cached[1]
+        if not fresh and cached is not None and cached[0] == stored.version:
+            return cached[1], stored.version is None
         n = self.shard_samples // self.inner_samples
         index_bytes = 16 * n + CRC_BYTES
+        raw = stored.tail(index_bytes)
+        if raw is None:
+            return None, False
         try:
-            if stat.st_size < index_bytes:
-                raise Mismatch(f"file of {stat.st_size} bytes, shorter than its {index_bytes}-byte index")
-            raw = os.pread(fd, index_bytes, stat.st_size - index_bytes)
-            index = _parse_index(raw, n, stat.st_size - index_bytes)
+            if stored.size is not None and stored.size < index_bytes:
+                raise Mismatch(f"file of {stored.size} bytes, shorter than its {index_bytes}-byte index")
+            index = _parse_index(raw, n, None if stored.size is None else stored.size - index_bytes)
             if shard < len(self._committed) and int.from_bytes(raw[-CRC_BYTES:], "little") != self._committed[shard][layer]:
                 raise Mismatch("not the shard committed here (its index differs from the one recorded at commit: "
                                "a file from another layer or run?)")
         except Mismatch as exc:
             first = shard * self.shard_samples
             raise self._corrupt(f"layer {layer}", first, first + self.shard_samples, f"shard: {exc}", path) from None
-        self._indexes[path] = (version, index)
-        return index
+        self._indexes[path] = (stored.version, index)
+        return index, False
 
     def _path(self, layer: int, shard: int) -> str:
-        return f"{self._shards}/{layer}/{shard}/0"
+        return join(self.key, "c", str(layer), str(shard), "0")
 
     def _corrupt(self, layers: str, start: int, stop: int, why: str, path: str | None = None) -> CorruptData:
         """The error for stored bytes that fail verification; logged with the file, for the operator."""
         stop = min(stop, self.array.shape[1])
-        where = f" (file {Path(path).relative_to(self.folder.parent)})" if path else ""
+        where = f" (file {path.removeprefix(self.run_name + '/')} of store {self.location})" if path else ""
         message = (f"corrupt data in run {self.run_name}, {layers}, samples {start}:{stop}{where}: {why}; "
                    "restore the run's files from a backup or ingest it again")
         log.error("%s", message)

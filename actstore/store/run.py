@@ -27,13 +27,11 @@ import contextlib
 import hashlib
 import json
 import logging
-import shutil
 import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,7 +47,7 @@ from zarr.errors import ContainsGroupError
 from actstore.store.attributes import as_stored, encode, read_attr, read_attrs, write_attrs
 from actstore.store.errors import RecipeMismatch, StoreNotWritable
 from actstore.store.layout import LABEL_CHUNK, STATE_DTYPE, StateLayout, state_compressors
-from actstore.store.lock import FolderLock
+from actstore.store.location import Location, Lock, join
 from actstore.store.names import validate_name
 from actstore.store.reader import StateReader
 
@@ -66,19 +64,19 @@ DERIVED = "derived"
 DEFAULT_ACCESS = {"owner_group": None, "visibility": "public", "shared_with": []}
 
 
-def folder_size(path: Path) -> int:
-    """Bytes on disk of every file below ``path``."""
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 @dataclass
 class Run:
     """A read-only view of one run, limited to its committed samples."""
 
-    path: Path
+    location: Location
     group: zarr.Group
     model: str
     method: str
+
+    @property
+    def key(self) -> str:
+        """The run's place in its store's location: ``{model}/{method}``."""
+        return join(self.model, self.method)
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -106,7 +104,7 @@ class Run:
 
     @cached_property
     def reader(self) -> StateReader:
-        return StateReader(self.hidden_states, self.path / STATES, read_attr(self.group, SHARD_RECORD))
+        return StateReader(self.hidden_states, self.location, join(self.key, STATES), read_attr(self.group, SHARD_RECORD))
 
     def read_states(self, layers: list[int], start: int = 0, stop: int | None = None) -> np.ndarray:
         """Committed states of ``layers`` for samples ``start:stop`` as (layer, sample, hidden) float32.
@@ -167,7 +165,8 @@ class Run:
         a half-written entry. Writers of the same key write the same values, so races are harmless.
         Each axis of an array is named ``{array}_{axis}`` (Zarr's dimension_names, which xarray needs).
         """
-        root = zarr.open_group(self.path, mode="a", use_consolidated=False)  # derived/ lives outside the snapshot
+        root = zarr.open_group(self.location.zarr_store(), path=self.key, mode="a",
+                               use_consolidated=False)  # derived/ lives outside the snapshot
         entry = _require_group(root, f"{DERIVED}/{validate_name(kind, 'kind')}/{validate_name(key, 'key')}")
         for name, values in arrays.items():
             entry.create_array(name, shape=values.shape, dtype=values.dtype, overwrite=True,
@@ -177,10 +176,10 @@ class Run:
 
     def load_derived(self, kind: str, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         """(arrays, attributes) saved under ``kind/key``, or None when absent or unfinished."""
-        path = self.path / DERIVED / kind / key
-        if not (path / "zarr.json").exists():
+        path = join(self.key, DERIVED, kind, key)
+        if not self.location.exists(join(path, "zarr.json")):
             return None
-        entry = zarr.open_group(path, mode="r")
+        entry = zarr.open_group(self.location.zarr_store(), path=path, mode="r")
         attrs = read_attrs(entry)
         if not attrs.get("complete"):
             return None
@@ -217,7 +216,7 @@ class Run:
         return {name: self._committed(name)[:n] for name in LABELS}
 
     def size_bytes(self) -> int:
-        return folder_size(self.path)
+        return self.location.size(self.key)
 
     def to_xarray(self) -> xr.Dataset:
         """The run as a lazy xarray Dataset with named dimensions and coordinates, as of one commit.
@@ -225,10 +224,9 @@ class Run:
         While a writer works, the shapes come from the consolidated metadata each commit writes, and cover
         the committed samples but those of the last, partly filled inner chunk (RunWriter._whole_chunks).
         """
-        root = self.path.parents[1]
         with warnings.catch_warnings():  # no consolidated metadata when no writer is at work: expected
             warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated metadata")
-            ds = xr.open_zarr(root, group=f"{self.model}/{self.method}")
+            ds = self.location.open_xarray(self.key)
         return ds.isel(sample=slice(0, self.n_samples))
 
 
@@ -273,7 +271,7 @@ class RunWriter:
     that fails (a full disk) raises StoreNotWritable and leaves the run as of its last commit.
     """
 
-    def __init__(self, run: Run, lock: FolderLock, commit_seconds: float) -> None:
+    def __init__(self, run: Run, lock: Lock, commit_seconds: float) -> None:
         self.run = run
         self._lock = lock
         self._commit_seconds = commit_seconds
@@ -286,7 +284,7 @@ class RunWriter:
     @classmethod
     def open(
         cls,
-        root: Path,
+        root: Location,
         model: str,
         method: str,
         *,
@@ -296,7 +294,7 @@ class RunWriter:
         hidden: int,
         overwrite: bool = False,
         commit_seconds: float = 10.0,
-        lock: FolderLock | None = None,
+        lock: Lock | None = None,
     ) -> "RunWriter":
         """Open ``model/method`` for appending, creating it (or recreating it with ``overwrite``).
 
@@ -304,13 +302,13 @@ class RunWriter:
         the run's lock taken beforehand (``Store.lock_run``), so that a second writer is refused before
         any expensive work; it is released with the writer.
         """
-        lock = lock or FolderLock(root / model / method, f"run {model}/{method}", create=True)
+        lock = lock or root.lock(join(model, method), f"run {model}/{method}", create=True)
         try:
             with _writing(f"{model}/{method}", 0):
-                group = zarr.open_group(root, mode="a").require_group(model).require_group(method)
+                group = zarr.open_group(root.zarr_store(), mode="a").require_group(model).require_group(method)
                 if "recipe" not in group.attrs or overwrite:
                     group = _recreate(root, model, method, n_layers, hidden, recipe, attrs)
-            run = Run(path=root / model / method, group=group, model=model, method=method)
+            run = Run(location=root, group=group, model=model, method=method)
             run.check_recipe(recipe)
             return cls(run, lock, commit_seconds)
         except BaseException:
@@ -401,7 +399,7 @@ class RunWriter:
         """The run's shard record with every shard full at ``n`` samples: a full shard is never written again,
         so a later file with another index (intact bytes from another layer or run copied over it) reads as
         corrupt. Partly filled shards are not recorded: the next commit rewrites them."""
-        reader = StateReader(_past_the_end(self.run.group[STATES], n), self.run.path / STATES)
+        reader = StateReader(_past_the_end(self.run.group[STATES], n), self.run.location, join(self.run.key, STATES))
         if not reader.direct:
             return {}
         record = read_attr(self.run.group, SHARD_RECORD) or reader.new_record()
@@ -413,6 +411,7 @@ class RunWriter:
         """Commit ``n`` samples with the attributes ``values`` (the commit point): one write of the run group's
         zarr.json, holding every array's metadata as Zarr's consolidated metadata, whose shapes show plain
         readers the whole inner chunks of states among them (see ``_whole_chunks``)."""
+        self._lock.check()  # a bucket's lease may have expired and passed to another writer: publish nothing
         group = self.run.group
         arrays = {name: group[name].metadata for name in (*SAMPLE_ARRAYS, "layer")}
         shown = self._whole_chunks(n)
@@ -451,14 +450,13 @@ class RunWriter:
     def _settle(self) -> None:
         """Bring the run to its last commit: drop a crashed writer's temporary files and the data it wrote
         past the committed end, and publish the committed shapes, consolidated."""
-        for leftover in self.run.path.rglob("*.partial"):
-            leftover.unlink(missing_ok=True)
+        self.run.location.discard_partial_writes(self.run.key)
         n = self.n_committed
         for name in SAMPLE_ARRAYS:
             array = self.run.group[name]
             if array.shape[_sample_axis(array.metadata)] > n:
                 log.info("dropping an uncommitted tail of %s left by an interrupted ingest", name)
-            _drop_chunks_past(self.run.path / name, array.metadata, n)
+            _drop_chunks_past(self.run.location, join(self.run.key, name), array.metadata, n)
         _require_group(zarr.open_group(self.run.group.store_path, mode="r+", use_consolidated=False), DERIVED)
         self._publish(n, {})
         self._write_array_metadata(self._whole_chunks(n))
@@ -484,14 +482,15 @@ def _past_the_end(array: zarr.Array, n: int) -> zarr.Array:
     return zarr.Array(AsyncArray(metadata=_with_samples(array.metadata, n), store_path=array.store_path))
 
 
-def _drop_chunks_past(folder: Path, metadata: ArrayV3Metadata, n: int) -> None:
-    """Delete the chunk (or shard) files of ``folder`` that lie wholly past sample ``n``: what an
-    interrupted commit wrote there is not part of the run."""
+def _drop_chunks_past(location: Location, array: str, metadata: ArrayV3Metadata, n: int) -> None:
+    """Delete the chunk (or shard) files of the array at key ``array`` that lie wholly past sample ``n``:
+    what an interrupted commit wrote there is not part of the run."""
     axis = _sample_axis(metadata)
     per_file = metadata.chunk_grid.chunk_shape[axis]
-    for path in (folder / "c").rglob("*"):
-        if path.is_file() and int(path.relative_to(folder / "c").parts[axis]) * per_file >= n:
-            path.unlink()
+    chunks = join(array, "c")
+    for key in location.keys_below(chunks):
+        if int(key.removeprefix(chunks + "/").split("/")[axis]) * per_file >= n:
+            location.delete(key)
 
 
 @contextlib.contextmanager
@@ -507,13 +506,11 @@ def _writing(run: str, n_committed: int) -> Iterator[None]:
 
 
 def _recreate(
-    root: Path, model: str, method: str, n_layers: int, hidden: int, recipe: dict, attrs: dict
+    root: Location, model: str, method: str, n_layers: int, hidden: int, recipe: dict, attrs: dict
 ) -> zarr.Group:
     """Empty the run folder and lay out a fresh run; the recipe is written last, marking it usable."""
-    path = root / model / method
-    for child in path.iterdir():
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
-    group = zarr.open_group(root, mode="a").require_group(model).require_group(method)
+    root.clear(join(model, method))
+    group = zarr.open_group(root.zarr_store(), mode="a").require_group(model).require_group(method)
     _create_arrays(group, n_layers, hidden, recipe.get("site", ""))
     first = {
         **attrs,

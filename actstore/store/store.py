@@ -1,11 +1,10 @@
-"""The store: a folder of runs, ``{root}/{model}/{method}``, as one Zarr v3 hierarchy."""
+"""The store: runs ``{root}/{model}/{method}`` as one Zarr v3 hierarchy, in a folder or a bucket (location.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import zarr
 from actstore.store.attributes import write_attrs
 from actstore.store.errors import RunLocked, RunNotFound, StoreNotWritable
 from actstore.store.names import validate_name
-from actstore.store.lock import FolderLock
+from actstore.store.location import Folder, Location, Lock, join, locate
 from actstore.store.run import VISIBILITIES, Run, RunWriter
 
 log = logging.getLogger(__name__)
@@ -24,27 +23,34 @@ DEFAULT_STORE = Path("actstore-data")
 
 
 class Store:
-    """Entry point to the runs kept under one root folder."""
+    """Entry point to the runs kept under one root: a folder, or ``s3://bucket/prefix``."""
 
-    def __init__(self, root: str | os.PathLike[str] = DEFAULT_STORE) -> None:
-        self.root = Path(root)
-        self._cache: dict[tuple[str, str], tuple[tuple[int, int, int], Run]] = {}
+    def __init__(self, root: str | os.PathLike[str] | Location = DEFAULT_STORE,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        """``storage_options``: for a bucket, s3fs's options (endpoint, credentials) where the environment's
+        AWS settings are not the ones to use. An unknown URL scheme raises UnsupportedLocation."""
+        self.location = locate(root, storage_options)
+        self.url = self.location.url
+        self._cache: dict[tuple[str, str], tuple[Any, Run]] = {}
 
     def __repr__(self) -> str:
-        return f"Store({str(self.root)!r})"
+        return f"Store({self.url!r})"
+
+    def __str__(self) -> str:
+        return self.url
 
     def exists(self) -> bool:
         """Whether the root holds a store (a mistyped path reads as an empty store otherwise)."""
-        return (self.root / "zarr.json").exists()
+        return self.location.exists("zarr.json")
 
     def runs(self) -> list[Run]:
         """Every run in the store, sorted by model then method; runs still being created are skipped."""
         found = []
         if not self.exists():
             return found
-        for model_dir in sorted(p for p in self.root.iterdir() if (p / "zarr.json").exists()):
-            for run_dir in sorted(p for p in model_dir.iterdir() if (p / "zarr.json").exists()):
-                run = self._open(model_dir.name, run_dir.name)
+        for model in self.location.children(""):
+            for method in self.location.children(model):
+                run = self._open(model, method)
                 if run is not None:
                     found.append(run)
         return found
@@ -54,7 +60,7 @@ class Store:
         run = self._open(validate_name(model, "model name"), validate_name(method, "method"))
         if run is None:
             known = ", ".join(f"{r.model}/{r.method}" for r in self.runs()) or "none"
-            raise RunNotFound(f"no run {model}/{method} in store {self.root} (runs: {known})")
+            raise RunNotFound(f"no run {model}/{method} in store {self.url} (runs: {known})")
         return run
 
     def has_run(self, model: str, method: str) -> bool:
@@ -65,57 +71,56 @@ class Store:
         validate_name(model, "model name")
         validate_name(method, "method")
         self.ensure_writable()
-        return RunWriter.open(self.root, model, method, **kwargs)
+        return RunWriter.open(self.location, model, method, **kwargs)
 
-    def lock_run(self, model: str, method: str) -> FolderLock:
+    def lock_run(self, model: str, method: str) -> Lock:
         """Take the run's writer lock now, before expensive work (loading a model): a second writer is
         refused at once. Pass it to ``writer(..., lock=...)``, which releases it; a folder made only for
         the lock is removed again if nothing was written in it."""
         validate_name(model, "model name")
         validate_name(method, "method")
         self.ensure_writable()
-        return FolderLock(self.root / model / method, f"run {model}/{method}", create=True)
+        return self.location.lock(join(model, method), f"run {model}/{method}", create=True)
 
     @contextlib.contextmanager
     def writing(self) -> Iterator["Store"]:
         """Create the store for a job that writes runs into it, and undo that if the job fails first.
 
-        A folder holding other files but no store is refused before anything is written in it. If the
-        job fails (or is interrupted) and the store it created holds no committed sample, what it created
-        is removed, the folder too when it made it: a failed first ingest leaves nothing behind.
+        A folder (or bucket prefix) holding other things but no store is refused before anything is written
+        in it. If the job fails (or is interrupted) and the store it created holds no committed sample, what
+        it created is removed, the folder too when it made it: a failed first ingest leaves nothing behind.
         """
-        folder_existed = self.root.is_dir()
+        folder_made = isinstance(self.location, Folder) and not self.location.path.is_dir()
         fresh = not self.exists()
-        if fresh and folder_existed and any(self.root.iterdir()):
-            raise StoreNotWritable(f"{self.root} holds other files and no actstore store; give --store a new or "
+        if fresh and self.location.holds_other_things():
+            raise StoreNotWritable(f"{self.url} holds other files and no actstore store; give --store a new or "
                                    "empty folder")
         self.ensure_writable()
         try:
             yield self
         except BaseException:
             if fresh:
-                self._remove_if_unused(keep_folder=folder_existed)
+                self._remove_if_unused(folder_made)
             raise
 
-    def _remove_if_unused(self, keep_folder: bool) -> None:
+    def _remove_if_unused(self, folder_made: bool) -> None:
         """Remove the store if no run holds a committed sample and no other writer is at work in it."""
         if any(run.n_samples for run in self.runs()):
             return
         locks = []
         try:
-            for run_dir in (p for p in self.root.glob("*/*") if p.is_dir()):
-                locks.append(FolderLock(run_dir, str(run_dir)))
+            for model in self.location.children(""):
+                for method in self.location.children(model):
+                    locks.append(self.location.lock(join(model, method), f"run {model}/{method}"))
         except RunLocked:  # another ingest is writing into the new store: it is in use
             return
         finally:
             for lock in locks:
                 lock.release()
-        log.info("removing %s: the failed ingest that created it committed nothing", self.root)
-        if not keep_folder:
-            shutil.rmtree(self.root, ignore_errors=True)
-            return
-        for child in self.root.iterdir():
-            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        log.info("removing %s: the failed ingest that created it committed nothing", self.url)
+        self.location.clear("")
+        if folder_made:
+            self.location.path.rmdir()
 
     def set_access(self, model: str, method: str, access: dict[str, Any]) -> Run:
         """Change who may read a run (owner, visibility, shared groups); waits for no writer, refuses if one holds it."""
@@ -126,41 +131,35 @@ class Store:
         for group in [access["owner_group"], *access["shared_with"]]:
             if group is not None:
                 validate_name(group, "group name")
-        lock = FolderLock(run.path, f"run {model}/{method}")
+        lock = self.location.lock(join(model, method), f"run {model}/{method}")
         try:
-            writable = zarr.open_group(self.root, mode="a")[f"{model}/{method}"]
+            writable = zarr.open_group(self.location.zarr_store(), mode="a")[f"{model}/{method}"]
             write_attrs(writable, {"access": access})
         finally:
             lock.release()
         return self.run(model, method)
 
     def _open(self, model: str, method: str) -> Run | None:
-        """The run as of its last commit; reused while its metadata file is unchanged (commits replace it)."""
-        path = self.root / model / method
-        try:
-            stat = (path / "zarr.json").stat()
-        except (FileNotFoundError, NotADirectoryError):
+        """The run as of its last commit; reused while its metadata is unchanged (commits replace it)."""
+        version = self.location.version(join(model, method, "zarr.json"))
+        if version is None:
             return None
-        version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         cached = self._cache.get((model, method))
         if cached is not None and cached[0] == version:
             return cached[1]
-        group = zarr.open_group(self.root, mode="r")[f"{model}/{method}"]
+        group = zarr.open_group(self.location.zarr_store(), mode="r")[f"{model}/{method}"]
         if "recipe" not in group.attrs:  # a creation that has not finished, or not a run
             return None
-        run = Run(path=path, group=group, model=model, method=method)
+        run = Run(location=self.location, group=group, model=model, method=method)
         self._cache[(model, method)] = (version, run)
         return run
 
     def ensure_writable(self) -> None:
         """Create the store if needed; raise StoreNotWritable early, before any expensive work."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            root = zarr.open_group(self.root, mode="a")
+            self.location.check_writable()
+            root = zarr.open_group(self.location.zarr_store(), mode="a")
             if "actstore" not in root.attrs:
                 write_attrs(root, {"actstore": {"format_version": 1}})
-            probe = self.root / ".actstore-write-probe"
-            probe.write_bytes(b"")
-            probe.unlink()
         except OSError as exc:
-            raise StoreNotWritable(f"cannot write the store at {self.root}: {exc.strerror or exc}") from None
+            raise StoreNotWritable(f"cannot write the store at {self.url}: {exc.strerror or exc}") from None

@@ -1,0 +1,355 @@
+"""Where a store's bytes live: a folder on a local disk, or a prefix in an S3-compatible bucket.
+
+The rest of ``actstore.store`` reaches bytes only through a :class:`Location`: zarr opens groups on its
+``zarr_store``, the fast reader fetches shard bytes through ``shard``, writers take ``lock``. A folder keeps
+what makes local reads fast and safe (``pread`` on one file descriptor, ``flock``); a bucket goes through
+zarr's own ``FsspecStore`` over s3fs, with byte-range GETs, and a lease made of conditional writes
+(lease.py). Any other URL scheme is refused: ``gs://x`` or ``s3:/x`` must not become a local folder named
+after it.
+
+Keys are ``/``-separated paths below the store's root, as zarr's store API has them ("" is the root).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any, Protocol
+
+import xarray as xr
+import zarr
+from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore
+
+from actstore.store.errors import StoreError
+from actstore.store.lock import FolderLock
+
+SCHEMES = ("s3",)
+LEASES = ".actstore-leases"  # a bucket's leases, at its top level: outside any store below a prefix
+
+
+class UnsupportedLocation(StoreError, ValueError):
+    """A store URL whose scheme actstore cannot store runs in."""
+
+
+class Lock(Protocol):
+    def check(self) -> None:
+        """Raise RunLocked if the lock was lost meanwhile (a bucket's lease taken over after expiring)."""
+
+    def release(self) -> None: ...
+
+
+class ShardBytes(Protocol):
+    """One shard file or object, open for reading its tail (the index) and ranges of it (the chunks).
+
+    ``version`` identifies what was opened when the location can say so cheaply (a file's inode, mtime and
+    size), else None; ``size`` likewise. ``tail`` returns None when the shard does not exist."""
+
+    version: Hashable | None
+    size: int | None
+
+    def tail(self, n: int) -> bytes | None: ...
+
+    def range(self, start: int, length: int) -> bytes: ...
+
+
+def join(*parts: str) -> str:
+    """A key from its parts, empty parts skipped."""
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+def locate(root: str | os.PathLike[str] | Location, storage_options: dict[str, Any] | None = None) -> Location:
+    """The location ``root`` names: ``s3://bucket/prefix`` or a folder path (also ``file://``)."""
+    if isinstance(root, Location):
+        return root
+    text = os.fspath(root)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        if text.startswith("s3:"):  # a slash missing: refused rather than taken for a folder named "s3:"
+            raise UnsupportedLocation(f"store {text!r}: write s3://bucket/prefix")
+        return Folder(Path(text))
+    if scheme == "file":
+        return Folder(Path(rest))
+    if scheme == "s3":
+        bucket, _, prefix = rest.strip("/").partition("/")
+        if not bucket:
+            raise UnsupportedLocation(f"store {text!r} names no bucket: write s3://bucket/prefix")
+        return Bucket(bucket, prefix.strip("/"), storage_options or {})
+    raise UnsupportedLocation(f"store {text!r}: unsupported scheme {scheme}://; a store is a folder or "
+                              f"s3://bucket/prefix (any S3-compatible service, endpoint from AWS_ENDPOINT_URL)")
+
+
+class Location(ABC):
+    """The root of one store; see the module docstring."""
+
+    url: str
+    local: bool  # reads cost a syscall, not a round trip: the reader reads small requests serially
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    @abstractmethod
+    def zarr_store(self) -> zarr.abc.store.Store:
+        """The root as a writable zarr store."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def version(self, key: str) -> Hashable | None:
+        """Changes whenever ``key`` is replaced (commits replace whole files and objects); None if absent."""
+
+    @abstractmethod
+    def children(self, key: str) -> list[str]:
+        """Names of the folders (common prefixes) directly below ``key``, sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete the file or object ``key`` if it exists."""
+
+    @abstractmethod
+    def clear(self, key: str) -> None:
+        """Delete everything below ``key``; a folder at ``key`` itself is kept (a writer may hold its lock)."""
+
+    @abstractmethod
+    def keys_below(self, key: str) -> list[str]:
+        """Every file or object below ``key``, as keys."""
+
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """Bytes stored below ``key``."""
+
+    @abstractmethod
+    def holds_other_things(self) -> bool:
+        """Whether the root exists and holds anything (a folder given for a new store must be empty)."""
+
+    @abstractmethod
+    def check_writable(self) -> None:
+        """Raise OSError unless a write and a delete at the root succeed."""
+
+    @abstractmethod
+    def lock(self, key: str, what: str, create: bool = False) -> Lock:
+        """The exclusive writer lock of ``key`` (a run), or RunLocked naming ``what``."""
+
+    @abstractmethod
+    def shard(self, key: str) -> ShardBytes:
+        """``key`` opened for reading; use as a context manager."""
+
+    def discard_partial_writes(self, key: str) -> None:
+        """Remove what an interrupted write left below ``key`` (none: object writes are atomic)."""
+
+    def open_xarray(self, group: str) -> xr.Dataset:
+        """The group as xarray opens it from this location (lazily)."""
+        return xr.open_zarr(self.zarr_store(), group=group)
+
+
+class Folder(Location):
+    """A store in a local folder."""
+
+    local = True
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.url = str(path)
+
+    def zarr_store(self) -> LocalStore:
+        return LocalStore(self.path)
+
+    def exists(self, key: str) -> bool:
+        return (self.path / key).exists()
+
+    def version(self, key: str) -> Hashable | None:
+        try:
+            stat = (self.path / key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+    def children(self, key: str) -> list[str]:
+        folder = self.path / key
+        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+    def delete(self, key: str) -> None:
+        (self.path / key).unlink(missing_ok=True)
+
+    def clear(self, key: str) -> None:
+        folder = self.path / key
+        for child in folder.iterdir() if folder.is_dir() else []:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+    def keys_below(self, key: str) -> list[str]:
+        return [p.relative_to(self.path).as_posix() for p in (self.path / key).rglob("*") if p.is_file()]
+
+    def size(self, key: str) -> int:
+        return sum(p.stat().st_size for p in (self.path / key).rglob("*") if p.is_file())
+
+    def holds_other_things(self) -> bool:
+        return self.path.is_dir() and any(self.path.iterdir())
+
+    def check_writable(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        probe = self.path / ".actstore-write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+
+    def lock(self, key: str, what: str, create: bool = False) -> FolderLock:
+        return FolderLock(self.path / key, what, create=create)
+
+    def shard(self, key: str) -> "_FileShard":
+        return _FileShard(str(self.path / key))
+
+    def discard_partial_writes(self, key: str) -> None:
+        for leftover in (self.path / key).rglob("*.partial"):  # zarr's LocalStore writes these, then renames
+            leftover.unlink(missing_ok=True)
+
+    def open_xarray(self, group: str) -> xr.Dataset:
+        return xr.open_zarr(self.path, group=group)
+
+
+class Bucket(Location):
+    """A store below ``prefix`` in an S3 bucket, through s3fs (zarr's fsspec backend for S3).
+
+    Credentials and endpoint come as for any AWS client (environment, ``AWS_ENDPOINT_URL``, config files),
+    or from ``storage_options`` (s3fs's keyword arguments). Listings are never cached: other writers and
+    server replicas change the bucket.
+    """
+
+    local = False
+
+    def __init__(self, bucket: str, prefix: str, storage_options: dict[str, Any]) -> None:
+        try:
+            import s3fs
+        except ImportError:
+            raise UnsupportedLocation("stores in S3 buckets need s3fs: pip install 'actstore[s3]'") from None
+        self.bucket, self.prefix = bucket, prefix
+        self.storage_options = {"use_listings_cache": False, **storage_options}
+        self.url = f"s3://{join(bucket, prefix)}"
+        self.fs = s3fs.S3FileSystem(**self.storage_options)
+        self._store = FsspecStore(s3fs.S3FileSystem(asynchronous=True, **self.storage_options),
+                                  path=join(bucket, prefix))
+
+    def _path(self, key: str) -> str:
+        return join(self.bucket, self.prefix, key)
+
+    def zarr_store(self) -> FsspecStore:
+        return self._store
+
+    def exists(self, key: str) -> bool:
+        return self.fs.exists(self._path(key))
+
+    def version(self, key: str) -> Hashable | None:
+        try:
+            return self.fs.info(self._path(key))["ETag"]
+        except FileNotFoundError:
+            return None
+
+    def children(self, key: str) -> list[str]:
+        try:
+            entries = self.fs.ls(self._path(key), detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(e["name"].rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+
+    def delete(self, key: str) -> None:
+        try:
+            self.fs.rm_file(self._path(key))
+        except FileNotFoundError:
+            pass
+
+    def clear(self, key: str) -> None:
+        for found in self.keys_below(key):
+            self.delete(found)
+
+    def keys_below(self, key: str) -> list[str]:
+        root = join(self.bucket, self.prefix)
+        return [p.removeprefix(root).lstrip("/") for p in self.fs.find(self._path(key))]
+
+    def size(self, key: str) -> int:
+        return int(self.fs.du(self._path(key)))
+
+    def holds_other_things(self) -> bool:
+        try:
+            return bool(self.fs.ls(self._path("")))
+        except FileNotFoundError:
+            return False
+
+    def check_writable(self) -> None:
+        probe = self._path(".actstore-write-probe")
+        self.fs.pipe_file(probe, b"")
+        self.fs.rm_file(probe)
+
+    def lock(self, key: str, what: str, create: bool = False) -> Lock:
+        from actstore.store.lease import ObjectLease
+
+        return ObjectLease(self.fs, join(self.bucket, LEASES, self.prefix, key), what)
+
+    def shard(self, key: str) -> "_ObjectShard":
+        return _ObjectShard(self._store, key)
+
+    def open_xarray(self, group: str) -> xr.Dataset:
+        return xr.open_zarr(self.url, group=group, storage_options=self.storage_options)
+
+
+class _FileShard:
+    """A shard file through one descriptor: its index and its chunks come from the same version even while
+    a writer renames a new version into place."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.version: Hashable | None = None
+        self.size: int | None = None
+        self._fd = -1
+
+    def __enter__(self) -> "_FileShard":
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return self
+        stat = os.fstat(self._fd)
+        self.version, self.size = (stat.st_ino, stat.st_mtime_ns, stat.st_size), stat.st_size
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+
+    def tail(self, n: int) -> bytes | None:
+        if self._fd < 0:
+            return None
+        return os.pread(self._fd, min(n, self.size), max(0, self.size - n))
+
+    def range(self, start: int, length: int) -> bytes:
+        return os.pread(self._fd, length, start)
+
+
+class _ObjectShard:
+    """A shard object read with byte-range GETs through zarr's store API; each GET sees the object as it is
+    then (a writer may have replaced it in between: the reader checks and retries, see StateReader)."""
+
+    version = None
+    size = None
+
+    def __init__(self, store: FsspecStore, key: str) -> None:
+        self._store, self._key = store, key
+
+    def __enter__(self) -> "_ObjectShard":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+    def tail(self, n: int) -> bytes | None:
+        found = sync(self._store.get(self._key, default_buffer_prototype(), SuffixByteRequest(n)))
+        return None if found is None else found.to_bytes()
+
+    def range(self, start: int, length: int) -> bytes:
+        found = sync(self._store.get(self._key, default_buffer_prototype(), RangeByteRequest(start, start + length)))
+        return b"" if found is None else found.to_bytes()
