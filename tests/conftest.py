@@ -109,53 +109,23 @@ def ingest_cli(tiny_model, questions_file, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory) -> Iterator[str]:
+def local_s3_server(tmp_path_factory) -> Iterator["LocalS3"]:
     """A real S3 API (moto's standalone server) on a free loopback port, for the whole session; the AWS
     variables point every client at it, subprocesses included (servers, Dask workers, CLIs)."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    from actstore.testing import local_s3
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"moto's S3 server did not start (log: {log.name})") from None
-            time.sleep(0.1)
-    saved = {k: os.environ.get(k) for k in _S3_ENV}
-    os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=endpoint)
-    try:
-        yield endpoint
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-        server.terminate()
-        server.wait(timeout=10)
-        log.close()
+    with local_s3(tmp_path_factory.mktemp("moto")) as server:
+        yield server
 
 
-_S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+@pytest.fixture(scope="session")
+def s3_endpoint(local_s3_server) -> str:
+    return local_s3_server.endpoint
 
 
 @pytest.fixture
-def bucket(s3_endpoint, request) -> str:
+def bucket(local_s3_server, request) -> str:
     """A fresh, empty bucket on the session's S3 server; its URL ``s3://name``."""
-    import boto3
-
     name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-") + \
         f"-{random.randrange(16**6):06x}"
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
-    return f"s3://{name}"
+    return local_s3_server.create_bucket(name)

@@ -25,6 +25,7 @@ BENCHES = {  # script: its arguments at a tiny size
     "ingest.py": ["--limit", "2", "--repeats", "1"],  # the packaged SmolLM2 on 2 questions
     "finetune.py": ["--subjects", "world_religions", "--train-pool", "2", "--epochs", "1", "--repeats", "1"],
     "load.py": ["--seconds", "3", "--clients", "4", "--stalled", "1", "--samples", "500"],
+    "objectstore.py": ["--layers", "3", "--samples", "256", "--hidden", "64", "--repeats", "1", "--fetches", "3"],
 }
 
 

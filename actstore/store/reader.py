@@ -17,12 +17,15 @@ CorruptData naming the run, the layer and the samples.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import zlib
-from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 from dataclasses import dataclass
 
 import numcodecs
@@ -43,6 +46,8 @@ _PARALLEL_BYTES = 4 << 20
 _POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="actstore-decode")
 _REQUESTS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="actstore-get")  # a bucket's round trips overlap
 numcodecs.blosc.set_nthreads(1)  # parallelism comes from decoding several chunks at once
+
+T = TypeVar("T")
 
 _PLAIN = (BytesCodec, BloscCodec)  # inner chunk codecs of runs written before chunks carried a checksum
 _CHECKSUMMED = (BytesCodec, BloscCodec, Crc32cCodec)
@@ -88,6 +93,18 @@ def _parse_index(raw: bytes, n: int, data_end: int | None) -> _Index:
 
 def _layers_text(layers: list[int]) -> str:
     return f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
+
+
+def _prefetched(fetch: Callable[[int], T], items: range, ahead: int = 4) -> Iterator[T]:
+    """``map(fetch, items)`` with up to ``ahead`` fetches in flight: a bucket's round trips overlap while the
+    caller sends what came back, and memory stays bounded by ``ahead`` shards."""
+    pending: deque[Future[T]] = deque()
+    for item in items:
+        pending.append(_REQUESTS.submit(fetch, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 class _StaleIndex(Exception):
@@ -138,8 +155,10 @@ class StateReader:
         the chunk checksum (clients decode Blosc frames, whichever layout the run has); the partial chunks
         at the ends come decoded, as (rows, hidden) arrays. Needs a direct-readable array.
         """
-        for shard in range(start // self.shard_samples, -(-stop // self.shard_samples)):
-            for c_lo, c_hi, c_first, frame in self._chunks_of(layer, shard, start, stop):
+        shards = range(start // self.shard_samples, -(-stop // self.shard_samples))
+        fetch = functools.partial(self._chunks_of, layer, start=start, stop=stop)
+        for pieces in map(fetch, shards) if self.location.local else _prefetched(fetch, shards):
+            for c_lo, c_hi, c_first, frame in pieces:
                 if frame is not None and c_lo == c_first and c_hi - c_lo == self.inner_samples:
                     yield c_lo, c_hi - c_lo, bytes(frame)
                 else:
