@@ -109,3 +109,12 @@ def test_unknown_schemes_are_refused(url, tmp_path, monkeypatch):
     with pytest.raises(UnsupportedLocation):
         Store(url)
     assert list(tmp_path.iterdir()) == []  # nothing made locally under the URL's name
+
+
+def test_a_store_at_the_top_of_a_bucket(bucket):
+    store = Store(bucket)
+    lock = store.lock_run("m", "0shot")  # the lease is taken first, as ingest does, at the bucket's top level
+    with store.writing():
+        fill(store, BATCHES[:1], method="other")
+    lock.release()
+    assert [r.key for r in Store(bucket).runs()] == ["m/other"]

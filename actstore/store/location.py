@@ -277,9 +277,10 @@ class Bucket(Location):
 
     def holds_other_things(self) -> bool:
         try:
-            return bool(self.fs.ls(self._path("")))
+            found = self.fs.ls(self._path(""))
         except FileNotFoundError:
             return False
+        return any(p.rsplit("/", 1)[-1] != LEASES for p in found)  # a store at a bucket's top holds the leases
 
     def check_writable(self) -> None:
         probe = self._path(".actstore-write-probe")
