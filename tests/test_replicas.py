@@ -2,6 +2,7 @@
 with gRPC's round_robin, gets the same answers from each, and keeps working when one goes down.
 
 Which replica answered is read from each server's own access log (one line per call, ``gate.log_call``).
+Every test runs on a store in a folder and on the same store in an S3 bucket (moto's S3 server on loopback).
 """
 
 from __future__ import annotations
@@ -13,26 +14,36 @@ import grpc
 
 import numpy as np
 import pytest
+import s3fs
+import xarray as xr
+from distributed import Client as DaskClient
 
 from actstore.cli import main
 from actstore.client import ActstoreError, Client
+from actstore.client.client import AnalysisJob
 from actstore.client.client import channel_target
 from actstore.server.process import ServerProcess
+from actstore.v1 import actstore_pb2 as pb
+from test_objectstore_server import SMALL, dask_cluster, derived_objects, new_bucket  # noqa: F401 (a fixture)
 from test_server import _self_signed
 
 RUN = ("tiny-llama", "0shot")
 CALLS = 20
 
 
-@pytest.fixture(scope="module", params=["folder"])
+@pytest.fixture(scope="module", params=["folder", "bucket"])
 def store(request, tmp_path_factory, tiny_model, questions_file) -> str:
     """The store every replica serves, as given to ``--store``: one small real run ingested by the CLI.
-    Parametrized by where the store lives, so that these tests run unchanged on another kind of store."""
-    locations = {"folder": lambda: str(tmp_path_factory.mktemp("replicas") / "store")}
-    location = locations[request.param]()
-    assert main(["ingest", "--store", location, "--model", str(tiny_model), "--dataset", str(questions_file),
+    Parametrized by where the store lives, so that these tests run unchanged on another kind of store:
+    the bucket's is the folder's, object for file (a store's keys are the same in both)."""
+    folder = tmp_path_factory.mktemp("replicas") / "store"
+    assert main(["ingest", "--store", str(folder), "--model", str(tiny_model), "--dataset", str(questions_file),
                  "--dtype", "float32", "--methods", RUN[1]]) == 0
-    return location
+    if request.param == "folder":
+        return str(folder)
+    url = new_bucket(request.getfixturevalue("s3_endpoint"), "replicas") + "/shared/store"
+    s3fs.S3FileSystem(skip_instance_cache=True).put(str(folder), url.removeprefix("s3://"), recursive=True)
+    return url
 
 
 def start_replicas(store: str, folder, *extra: str, n: int = 2) -> list[ServerProcess]:
@@ -145,6 +156,38 @@ def test_tls_with_several_replicas(store, tmp_path):
             with pytest.raises(ActstoreError) as refused:
                 plain.runs()
             assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_a_job_lives_on_its_replica_and_its_results_in_the_store(store, tmp_path, dask_cluster):
+    """What actstore.server.jobs says of replicas: a job id asked of a replica that did not start it is
+    NOT_FOUND, saying where jobs live; the same analysis started there is answered from the store's cache,
+    which the first replica's job filled (nothing computed or written again)."""
+    with DaskClient(dask_cluster[0]) as dask:
+        dask.restart()  # no neighbour graphs in the workers' memory from another test: this job reads the store
+    servers = start_replicas(store, tmp_path, "--scheduler", dask_cluster[0])
+    try:
+        with Client(servers[0].address) as on_a, Client(servers[1].address) as on_b:
+            before = derived_objects(store)
+            job = on_a.analyze(RUN[0], [RUN[1]], layers=[1, 2], **SMALL)
+            first = job.result()
+            cached = derived_objects(store)
+            assert len(cached) > len(before)
+            elsewhere = AnalysisJob(on_b, job.id)
+            for ask in (elsewhere.status, lambda: list(elsewhere.watch()), elsewhere.cancel):
+                with pytest.raises(ActstoreError) as caught:
+                    ask()
+                assert caught.value.code is grpc.StatusCode.NOT_FOUND
+                assert f"no job '{job.id}' on this server" in caught.value.message
+                assert "replica that started it" in caught.value.message
+            assert job.status().state == pb.JOB_STATE_DONE  # the cancel on B did not reach A's job
+            again = on_b.analyze(RUN[0], [RUN[1]], layers=[1, 2], **SMALL).result()
+        assert derived_objects(store) == cached  # answered from the store: nothing computed or written again
+        assert [answered(s, "StartAnalysis") for s in servers] == [1, 1]
+        assert again.attrs.pop("job_id") != first.attrs.pop("job_id")
+        xr.testing.assert_identical(again, first)
     finally:
         for server in servers:
             server.stop()

@@ -142,7 +142,7 @@ def _compare_task(store: str, a: LayerOutcome, b: LayerOutcome, params: DensityP
         return comparison_outcome(Store(store), a, b, params, mask, k)
 
 
-def submit_layers(client: Client, store: Path, runs: list[RunName], layers: list[int], params: DensityParams,
+def submit_layers(client: Client, store: str | Path, runs: list[RunName], layers: list[int], params: DensityParams,
                   mask: Mask = Mask(), pairs: list[tuple[RunName, RunName]] = (), k: int = OVERLAP_K) -> list[Future]:
     """One task per (run, layer), for ``runs`` and the runs of ``pairs``, and one per (pair, layer)
     after its two analyses. Results: LayerOutcome or ComparisonOutcome."""
@@ -157,7 +157,7 @@ def submit_layers(client: Client, store: Path, runs: list[RunName], layers: list
     return [*analyses.values(), *comparisons]
 
 
-def analyse_layers(client: Client, store: Path, runs: list[RunName], layers: list[int], params: DensityParams,
+def analyse_layers(client: Client, store: str | Path, runs: list[RunName], layers: list[int], params: DensityParams,
                    mask: Mask = Mask(), pairs: list[tuple[RunName, RunName]] = (),
                    k: int = OVERLAP_K) -> Iterator[LayerOutcome | ComparisonOutcome]:
     """Submit the tasks (see submit_layers) and yield their outcomes as they finish (not in order)."""

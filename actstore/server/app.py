@@ -45,7 +45,7 @@ SERVER_OPTIONS = [
 
 @dataclass
 class ServerConfig:
-    store: Path
+    store: str | Path  # a folder or s3://bucket/prefix
     address: str = DEFAULT_ADDRESS
     auth_file: Path | None = None
     tls_cert: Path | None = None
@@ -92,7 +92,8 @@ class Server:
         except ImportError as exc:
             log.warning("analyses disabled: %s (install actstore[analysis])", exc)
             return None
-        jobs = JobManager(self.config.store, self.config.scheduler, self.config.dask_workers)
+        store = common[0]  # its URL, which each Dask worker opens itself: tasks carry it and run names, never arrays
+        jobs = JobManager(store.url, self.config.scheduler, self.config.dask_workers)
         pb_grpc.add_AnalysisServiceServicer_to_server(AnalysisService(*common, jobs=jobs), self.grpc)
         return jobs
 

@@ -7,6 +7,17 @@ bounded number at once and is remembered a bounded number after they end (the ol
 forgotten, and all an hour after they end). Their results live in the store (see analysis.layers), so a
 job asked again, later or after a restart, finishes at once from the cache.
 
+Replicas (several servers on one store, a folder or a bucket): a job lives in the memory of the replica
+that started it. Its id asked of another replica (GetJob, WatchJob, CancelJob) is NOT_FOUND, with a
+message saying so; ask the replica that started it (a client given several addresses balances each call
+separately, so one that watches a job should talk to one replica). Its results, though, are in the store:
+the same analysis started on any replica is answered from there, each task reading its cached result
+instead of computing it again.
+
+Tasks carry the store's URL and run names, never arrays: each Dask worker opens the store itself (a
+bucket through its own S3 client, configured by the worker's environment), so a cluster needs no shared
+filesystem.
+
 A job ends DONE only when every one of its tasks finished; FAILED with the reason when one could not
 (its workers killed past Dask's allowed failures, corrupt stored bytes, the scheduler lost or
 unreachable); CANCELLED when asked. Two threads serve every job, however many there are: one dispatcher
@@ -26,7 +37,6 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import CancelledError
-from pathlib import Path
 
 import grpc
 from distributed import Client, Future
@@ -147,7 +157,7 @@ class Stored:
 
 
 class Job:
-    def __init__(self, job_id: str, group: str | None, total: int, cache: tuple[Path, Plan] | None = None) -> None:
+    def __init__(self, job_id: str, group: str | None, total: int, cache: tuple[str, Plan] | None = None) -> None:
         """``cache``: the store and plan its results are cached with, which an ended job reads them back from."""
         self.id = job_id
         self.group = group  # the caller's group: only it sees the job
@@ -251,7 +261,7 @@ class JobManager:
     """Keeps the jobs of one server and the Dask client they run on (connected on first use, and again
     when the scheduler was lost), with a quota of running and of remembered jobs per group."""
 
-    def __init__(self, store: Path, scheduler: str | None = None, workers: int | None = None, *,
+    def __init__(self, store: str, scheduler: str | None = None, workers: int | None = None, *,
                  max_running: int = MAX_RUNNING, max_kept: int = MAX_KEPT, keep_ended_s: float = KEEP_ENDED_S) -> None:
         self.store = store
         self._scheduler, self._workers = scheduler, workers
@@ -305,9 +315,10 @@ class JobManager:
     def get(self, job_id: str, group: str | None) -> Job:
         job = self._jobs.get(job_id)
         if job is None or job.group != group:  # another group's job is as good as absent
-            raise JobNotFound(f"no job {echo(job_id)} (jobs are kept in the server's memory for "
-                              f"{self.keep_ended_s / 3600:g} h after they end, at most {self.max_kept} per "
-                              f"group, and until it restarts)")
+            raise JobNotFound(f"no job {echo(job_id)} on this server (a job lives in the memory of the server "
+                              f"replica that started it, for {self.keep_ended_s / 3600:g} h after it ends, at "
+                              f"most {self.max_kept} per group, and until it restarts; its results are in the "
+                              f"store: starting the same analysis again on any replica answers from there)")
         return job
 
     def _forget_ended(self) -> None:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 
 class ServerProcess:
-    """A server started on ``address`` (port 0: a free one), its output in ``log``; stopped with SIGTERM,
-    which lets it finish in-flight calls and shut its Dask workers down."""
+    """A server on ``store`` (a folder or s3://bucket/prefix) started on ``address`` (port 0: a free one),
+    its output in ``log``; stopped with SIGTERM, which lets it finish in-flight calls and shut its Dask
+    workers down."""
 
-    def __init__(self, store: Path, log: Path, *extra: str, address: str = "127.0.0.1:0") -> None:
+    def __init__(self, store: str | Path, log: Path, *extra: str, address: str = "127.0.0.1:0") -> None:
         self.store, self.log = store, log
         self._log_file = log.open("w")
         self.proc = subprocess.Popen(
