@@ -295,3 +295,26 @@ def test_runs_compared_from_their_stored_graphs_or_on_the_rows_both_kept(tmp_pat
         assert got.n_common == n_common == expected.n_common
         assert got.data_overlap == pytest.approx(expected.data_overlap) and 0.1 < got.data_overlap < 1
         assert got.ari_clusters == pytest.approx(expected.ari_clusters)
+
+
+def test_a_copy_of_a_run_in_another_store_is_read_from_that_store(tmp_path):
+    """A worker remembers recent neighbour graphs; the same run (same recipe and samples) in a second store
+    is still read from that store, so a corrupted copy is DATA_LOSS, not the first store's answer."""
+    import shutil
+
+    from actstore.analysis.density import DensityParams
+    from actstore.analysis.layers import analyse
+    from actstore.store import CorruptData, Store
+
+    x, blob = blobs(n=200, d=12, centers=4, seed=3)
+    original = Store(tmp_path / "original")
+    _write(original, "a", x[None], np.array([f"s{b}" for b in blob]))
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+    shard = tmp_path / "copy" / "blobs" / "a" / "hidden_states" / "c" / "0" / "0" / "0"
+    damaged = bytearray(shard.read_bytes())
+    damaged[20] ^= 0xFF
+    shard.write_bytes(bytes(damaged))
+    params = DensityParams(**SMALL)
+    analyse(original.run("blobs", "a"), 0, params)
+    with pytest.raises(CorruptData):
+        analyse(Store(tmp_path / "copy").run("blobs", "a"), 0, params)

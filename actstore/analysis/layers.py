@@ -51,16 +51,17 @@ def neighbour_graph(run: Run, layer: int, mask: Mask, maxk: int) -> dict[str, np
     """distances, indices (over the kept rows), kept and dropped positions, with at least ``maxk``
     neighbours; from memory or the store when a graph that large is there, computed (and kept) otherwise."""
     key = _key("knn", run.content_key(), layer, mask.per_subject)
-    graph = _recent_graphs.get(key)
+    remembered = f"{run.location}|{run.key}|{key}"  # the same run in two stores (a copy, a corrupted one) is read in each
+    graph = _recent_graphs.get(remembered)
     if graph is None or graph["indices"].shape[1] <= maxk:
         cached = run.load_derived("neighbours", key)
         graph = cached[0] if cached is not None and cached[0]["indices"].shape[1] > maxk else None
         if graph is None:
             graph = _compute_graph(run, layer, mask, maxk, key)
-        _recent_graphs[key] = graph
+        _recent_graphs[remembered] = graph
         while len(_recent_graphs) > RECENT_GRAPHS:
             _recent_graphs.popitem(last=False)
-    _recent_graphs.move_to_end(key)
+    _recent_graphs.move_to_end(remembered)
     return graph
 
 
