@@ -7,7 +7,6 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from actstore import __version__
 from actstore.analysis import NotAnalysed
@@ -20,13 +19,23 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (StoreError, ValueError, FileNot
                                                  NotAnalysed)
 
 
+def add_store_argument(parser: argparse.ArgumentParser) -> None:
+    """``--store``, a folder or ``s3://bucket/prefix``, kept as text: ``type=Path`` would turn ``s3://b/x``
+    into the folder ``s3:/b/x``. The command's ``Store(...)`` refuses an unknown scheme (UnsupportedLocation,
+    one line) before anything is written."""
+    parser.add_argument("--store", default=os.fspath(DEFAULT_STORE), metavar="STORE",
+                        help="store folder, or s3://bucket/prefix on any S3-compatible service (credentials and "
+                             "endpoint from the usual AWS_* environment, e.g. AWS_ENDPOINT_URL) "
+                             "(default: %(default)s)")
+
+
 def _ls(args: argparse.Namespace) -> int:
     store = Store(args.store)
     if not store.exists():
-        raise StoreError(f"no actstore store at {args.store}")
+        raise StoreError(f"no actstore store at {store.url}")
     runs = store.runs()
     if not runs:
-        print(f"no runs in {args.store}")
+        print(f"no runs in {store.url}")
         return 0
     print(f"{'run':44} {'layers':>6} {'samples':>8} {'hidden':>6} {'accuracy':>8} {'size':>9}  status")
     for run in runs:
@@ -58,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_analyze(sub)
     register_study(sub)
     ls = sub.add_parser("ls", help="list the runs in a store")
-    ls.add_argument("--store", type=Path, default=DEFAULT_STORE, help="store folder (default: %(default)s)")
+    add_store_argument(ls)
     ls.set_defaults(func=_ls)
     return parser
 

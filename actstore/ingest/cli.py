@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from actstore.cli import add_store_argument
 from actstore.ingest.options import DTYPE_NAMES, PACKAGED_SMOLLM2, SITES, IngestOptions
 from actstore.ingest.selection import TRAIN_POOL_SIZE
-from actstore.store import DEFAULT_STORE, VISIBILITIES
+from actstore.store import VISIBILITIES
 
 
 def _csv(text: str) -> list[str]:
@@ -50,7 +50,7 @@ def add_source_arguments(p: argparse.ArgumentParser, methods: tuple[str, ...] = 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ingest", help="store the hidden states of a model on a question set",
                               description=__doc__.split(": ", 1)[1])
-    p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="store folder (default: %(default)s)")
+    add_store_argument(p)
     add_source_arguments(p)
     p.add_argument("--subjects", type=_csv, help="comma list of subject ids (default: all)")
     p.add_argument("--per-subject", type=_positive, help="at most N questions per subject (the study: 200)")

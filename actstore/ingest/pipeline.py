@@ -58,6 +58,7 @@ class Ingest:
 
     def __init__(self, opts: IngestOptions) -> None:
         self.opts = opts
+        self.store = Store(opts.store)  # first: a store URL of an unknown scheme is refused before any loading
         self.methods = [parse_method(m) for m in opts.methods]
         if any(m.finetuned for m in self.methods) and not opts.checkpoint:
             raise ValueError("method 'finetuned' needs --checkpoint (the fine-tuned model; --model names its base)")
@@ -67,7 +68,6 @@ class Ingest:
             validate_name(group, "group name")
         self.dataset: Dataset = load_dataset(opts.dataset)
         self.selection: Selection = select(self.dataset, opts.subjects, opts.per_subject, opts.limit, opts.train_pool)
-        self.store = Store(opts.store)
         self.device = resolve_device(opts.device)
         self.dtype = resolve_dtype(opts.dtype, self.device)
         self._fingerprints: dict[ModelSource, str] = {}

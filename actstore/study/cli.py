@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from actstore.cli import add_store_argument
 from actstore.ingest.cli import _csv, _positive, add_source_arguments
-from actstore.store import DEFAULT_STORE
 from actstore.study.job import METHODS, PER_SUBJECT, SUBJECTS
 
 
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "probe the adapter and its checkpoints, serve the store on a free local port, run the study's "
                     "density analyses of every method and layer through the client, compare methods layer by "
                     "layer, write figures, tables and a summary, stop the server. A rerun reuses what is stored.")
-    p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="store folder (default: %(default)s)")
+    add_store_argument(p)
     p.add_argument("--results", type=Path, default=Path("results"), help="output folder (default: %(default)s)")
     add_source_arguments(p, methods=tuple(METHODS))
     p.add_argument("--subjects", type=_subjects,
@@ -43,14 +43,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-finetune", dest="finetune", action="store_false",
                    help="skip the fine-tuned arm (by default an adapter is trained with the study's recipe on the "
                         "training pool of the same subjects, and it and 3 of its checkpoints are probed)")
-    p.add_argument("--adapter", type=Path, help="the fine-tuning folder (default: STORE-finetuned beside the store)")
+    p.add_argument("--adapter", type=Path,
+                   help="the fine-tuning folder, always local (default: STORE-finetuned beside a store folder; for "
+                        "an s3://BUCKET/PREFIX store, BUCKET-PREFIX-finetuned in the working directory)")
     p.add_argument("--dask-workers", type=_positive, help="the server's Dask worker processes (default: one per core)")
     p.set_defaults(func=run_study_command)
 
     plot = subparsers.add_parser("plot", help="draw a study's figures from the analyses stored in a store",
                                  description="Write layers.png, the dendrogram of an early layer, the CSV tables "
                                              "and summary.md for a model's runs, from their stored `paper` analyses.")
-    plot.add_argument("--store", type=Path, default=DEFAULT_STORE, help="store folder (default: %(default)s)")
+    add_store_argument(plot)
     plot.add_argument("--model", required=True, help="model name in the store (see actstore ls)")
     plot.add_argument("--methods", type=_csv, help="comma list of methods (default: every run of the model)")
     plot.add_argument("--compare", type=_pair, action="append", metavar="A,B",

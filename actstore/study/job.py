@@ -20,6 +20,7 @@ from actstore.ingest.options import PACKAGED_SMOLLM2, IngestOptions
 from actstore.ingest.selection import TRAIN_POOL_SIZE
 from actstore.server.process import ServerProcess
 from actstore.store import DEFAULT_STORE
+from actstore.store.location import Folder, locate
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ PROBED_CHECKPOINTS = 3  # intermediate checkpoints probed besides the final adap
 
 @dataclass
 class StudyOptions:
-    store: Path = DEFAULT_STORE
+    store: str | Path = DEFAULT_STORE  # a folder or s3://bucket/prefix
     results: Path = Path("results")
     model: str = PACKAGED_SMOLLM2
     gguf_file: str | None = None
@@ -50,19 +51,28 @@ class StudyOptions:
     compare: list[tuple[str, str]] = field(default_factory=lambda: [("0shot", "5shot")])
     dask_workers: int | None = None
     finetune: bool = True  # the fine-tuned arm: train an adapter, probe it and its checkpoints
-    adapter: Path | None = None  # where the adapter is trained (default: beside the store, STORE-finetuned)
+    adapter: Path | None = None  # where the adapter is trained (default: see adapter_folder)
     train_pool: int = TRAIN_POOL_SIZE
 
     @property
     def adapter_folder(self) -> Path:
-        return self.adapter or self.store.with_name(self.store.name + "-finetuned")
+        """``adapter``, else STORE-finetuned beside a store folder; a bucket's store trains its adapter in the
+        working directory, in BUCKET-PREFIX-finetuned (the trainer writes a local folder; named after the store
+        so that a rerun finds it)."""
+        if self.adapter:
+            return self.adapter
+        location = locate(self.store)
+        if isinstance(location, Folder):
+            return location.path.with_name(location.path.name + "-finetuned")
+        return Path(location.url.split("://", 1)[1].replace("/", "-") + "-finetuned")
 
 
 def run_study(opts: StudyOptions) -> list[Path]:
     """The whole job; returns the files written under ``opts.results``."""
     from actstore.ingest.cli import ingest_all  # loads torch
 
-    log.info("[1/4] ingest: %s into %s", ", ".join(opts.methods), opts.store)
+    store = locate(opts.store)  # an unknown URL scheme is refused before any work
+    log.info("[1/4] ingest: %s into %s", ", ".join(opts.methods), store)
     ingest = IngestOptions(store=opts.store, model=opts.model, gguf_file=opts.gguf_file, checkpoint=opts.checkpoint,
                            name=opts.name, methods=opts.methods, dataset=opts.dataset, train_pool=opts.train_pool,
                            **_selection(opts))

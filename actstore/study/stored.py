@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 from actstore.analysis.density import PAPER, DensityParams
@@ -16,19 +17,19 @@ from actstore.study.report import write_results
 from actstore.v1 import actstore_pb2 as pb
 
 
-def plot_stored(store_path: Path, model: str, methods: list[str] | None, out: Path,
+def plot_stored(store_url: str | os.PathLike[str], model: str, methods: list[str] | None, out: Path,
                 compare: list[tuple[str, str]] | None = None, params: DensityParams = PAPER,
                 mask: Mask = Mask()) -> list[Path]:
     """Write the study's figures, tables and summary for ``model``'s runs from the analyses stored with
     them (layers 1 to the last); raise NotAnalysed naming what is missing."""
-    store = Store(store_path)
+    store = Store(store_url)
     runs = {run.method: run for run in store.runs() if run.model == model}
     if not runs:
-        raise NotAnalysed(f"no runs of model {model!r} in {store_path}")
+        raise NotAnalysed(f"no runs of model {model!r} in {store.url}")
     methods = methods or sorted(runs)
     unknown = [m for m in methods if m not in runs]
     if unknown:
-        raise NotAnalysed(f"no run {model}/{unknown[0]} in {store_path}; runs of {model}: {', '.join(sorted(runs))}")
+        raise NotAnalysed(f"no run {model}/{unknown[0]} in {store.url}; runs of {model}: {', '.join(sorted(runs))}")
     layers = range(1, min(runs[m].shape[0] for m in methods))
     outcomes, missing = {}, []
     for method in methods:
