@@ -19,6 +19,11 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (StoreError, ValueError, FileNot
                                                  NotAnalysed)
 
 
+# S3 clients log where they found credentials and the endpoint at INFO, once per client: noise in every
+# command's output (and before a one-line error), kept with --verbose.
+_CHATTY = ("botocore", "aiobotocore")
+
+
 def add_store_argument(parser: argparse.ArgumentParser) -> None:
     """``--store``, a folder or ``s3://bucket/prefix``, kept as text: ``type=Path`` would turn ``s3://b/x``
     into the folder ``s3:/b/x``. The command's ``Store(...)`` refuses an unknown scheme (UnsupportedLocation,
@@ -77,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format=SERVER_LOG_FORMAT if args.command == "serve" else "%(message)s")
+    if not args.verbose:
+        for name in _CHATTY:
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except KeyboardInterrupt:

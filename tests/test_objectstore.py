@@ -7,7 +7,7 @@ import pytest
 import s3fs
 import xarray as xr
 
-from actstore.store import CorruptData, RunLocked, Store
+from actstore.store import CorruptData, RunLocked, Store, StoreError
 from actstore.store.location import UnsupportedLocation
 
 N_LAYERS, HIDDEN = 3, 32
@@ -118,3 +118,10 @@ def test_a_store_at_the_top_of_a_bucket(bucket):
         fill(store, BATCHES[:1], method="other")
     lock.release()
     assert [r.key for r in Store(bucket).runs()] == ["m/other"]
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "inf"])
+def test_a_bad_lease_length_is_refused(bucket, monkeypatch, value):
+    monkeypatch.setenv("ACTSTORE_LEASE_SECONDS", value)
+    with pytest.raises(StoreError, match="ACTSTORE_LEASE_SECONDS"):
+        Store(f"{bucket}/s").lock_run("m", "0shot")

@@ -26,12 +26,6 @@ from test_crash_safety import RUN, ingest_args
 
 # The killed ingest's lease lasts this long (not the default minute) so that the test need not wait it out.
 LEASE_SECONDS = 2.0
-SHORT_LEASE_CLI = f"""import sys
-from actstore.store import lease
-lease.ObjectLease.__init__.__defaults__ = ({LEASE_SECONDS}, 2.0)
-from actstore.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 LOCKED = "is being written by another process"
 
 
@@ -98,9 +92,9 @@ def test_a_killed_bucket_ingest_holds_others_off_then_resumes_equal_to_an_uninte
     rows = [r for seed in range(8) for r in make_questions(seed)]  # 8 copies: ~300 queries
     data = write_jsonl(tmp_path / "big.jsonl", rows)
     url, clean = f"{bucket}/killed", tmp_path / "clean"
-    proc = subprocess.Popen([sys.executable, "-c", SHORT_LEASE_CLI,
-                             *ingest_args(url, tiny_model, data, "--commit-seconds", "0")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "actstore", *ingest_args(url, tiny_model, data, "--commit-seconds", "0")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "ACTSTORE_LEASE_SECONDS": str(LEASE_SECONDS)})
     try:
         deadline = time.monotonic() + 120
         while committed_in(url) < 3 and proc.poll() is None and time.monotonic() < deadline:

@@ -270,3 +270,34 @@ def test_concurrent_processes_create_the_first_derived_entries_of_a_run(ingest_c
         assert not failures.qsize(), failures.get()
         run = Store(ingest_cli.store).run("tiny-llama", "0shot")
         assert all(run.load_derived("density", f"key{i}")[1]["i"] == i for i in range(6))
+
+
+def test_listing_runs_while_runs_are_created_never_fails(tmp_path):
+    """Creating a run writes its group, then clears and writes it again: a reader between the two must
+    see "not a run yet", never an error (ls and the server list runs while ingests start)."""
+    import threading
+
+    store = Store(tmp_path / "store")
+    store.ensure_writable()
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def list_runs() -> None:
+        while not done.is_set():
+            try:
+                store.runs()
+                store.has_run("m", "0shot")
+            except BaseException as exc:  # noqa: BLE001 - any error is the failure under test
+                errors.append(exc)
+                return
+
+    reader = threading.Thread(target=list_runs)
+    reader.start()
+    try:
+        for i in range(40):
+            with store.writer("m", "0shot", recipe={"i": i}, attrs={}, n_layers=1, hidden=4, overwrite=True):
+                pass
+    finally:
+        done.set()
+        reader.join()
+    assert errors == []

@@ -14,7 +14,7 @@ PACKAGED_SMOLLM2 = "smollm2"  # alias of SmolLM2-135M-Instruct shipped in the ll
 
 @dataclass
 class IngestOptions:
-    store: Path
+    store: str | Path  # a folder or s3://bucket/prefix
     model: str = PACKAGED_SMOLLM2
     gguf_file: str | None = None
     checkpoint: str | None = None

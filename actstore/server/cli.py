@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
+from actstore.cli import add_store_argument
 from actstore.protocol import DEFAULT_ADDRESS
-from actstore.store import DEFAULT_STORE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve a store over gRPC", description=__doc__.split(": ", 1)[1])
-    # a string, not a Path: Path("s3://bucket/x") would become "s3:/bucket/x"
-    p.add_argument("--store", default=str(DEFAULT_STORE),
-                   help="store folder or s3://bucket/prefix (endpoint and credentials from the AWS_* environment; "
-                        "default: %(default)s)")
+    add_store_argument(p)
     p.add_argument("--address", default=DEFAULT_ADDRESS,
                    help="HOST[:PORT] to listen on (default: %(default)s; no port: 50051; port 0 picks a free one)")
     p.add_argument("--auth", type=Path, help="TOML file mapping bearer tokens to groups (default: open access)")
@@ -34,17 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-# S3 clients log where they found credentials and the endpoint at INFO, once per client: noise in a
-# server's log (and before a one-line error), kept with --verbose.
-_CHATTY = ("botocore", "aiobotocore")
-
-
 def run(args: argparse.Namespace) -> int:
     from actstore.server.app import ServerConfig, serve
-
-    if not getattr(args, "verbose", False):
-        for name in _CHATTY:
-            logging.getLogger(name).setLevel(logging.WARNING)
 
     limits = {name: value for name, value in [("workers", args.workers),
                                                ("max_streams_per_caller", args.max_streams_per_caller)]

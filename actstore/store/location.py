@@ -12,6 +12,7 @@ Keys are ``/``-separated paths below the store's root, as zarr's store API has t
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 from abc import ABC, abstractmethod
@@ -31,6 +32,7 @@ from actstore.store.lock import FolderLock
 
 SCHEMES = ("s3",)
 LEASES = ".actstore-leases"  # a bucket's leases, at its top level: outside any store below a prefix
+LEASE_SECONDS_ENV = "ACTSTORE_LEASE_SECONDS"
 
 
 class UnsupportedLocation(StoreError, ValueError):
@@ -233,8 +235,9 @@ class Bucket(Location):
         self.storage_options = {"use_listings_cache": False, **storage_options}
         self.url = f"s3://{join(bucket, prefix)}"
         self.fs = s3fs.S3FileSystem(**self.storage_options)
-        self._store = FsspecStore(s3fs.S3FileSystem(asynchronous=True, **self.storage_options),
-                                  path=join(bucket, prefix))
+        reads = s3fs.S3FileSystem(asynchronous=True, **self.storage_options)
+        self._store = FsspecStore(reads, path=join(bucket, prefix))
+        _OPEN_FILESYSTEMS.update((self.fs, reads))  # s3fs reuses one instance per set of options
 
     def _path(self, key: str) -> str:
         return join(self.bucket, self.prefix, key)
@@ -288,15 +291,48 @@ class Bucket(Location):
         self.fs.rm_file(probe)
 
     def lock(self, key: str, what: str, create: bool = False) -> Lock:
+        """A lease (lease.py) of ``ACTSTORE_LEASE_SECONDS`` (60 by default): how long a writer killed with
+        ``kill -9`` keeps others out; the writer renews it every third of that while it lives."""
         from actstore.store.lease import ObjectLease
 
-        return ObjectLease(self.fs, join(self.bucket, LEASES, self.prefix, key), what)
+        return ObjectLease(self.fs, join(self.bucket, LEASES, self.prefix, key), what, ttl=_lease_seconds())
 
     def shard(self, key: str) -> "_ObjectShard":
         return _ObjectShard(self._store, key)
 
     def open_xarray(self, group: str) -> xr.Dataset:
         return xr.open_zarr(self.url, group=group, storage_options=self.storage_options)
+
+
+_OPEN_FILESYSTEMS: set[Any] = set()
+
+
+@atexit.register
+def _close_sessions() -> None:
+    """Close the S3 clients' HTTP sessions while their event loops still run (at exit, before zarr stops its
+    loop): left to the garbage collector, each prints "Unclosed client session" as the program ends."""
+    for fs in _OPEN_FILESYSTEMS:
+        client = getattr(fs, "_s3", None)
+        if client is not None:
+            loop = fs.loop if fs.loop is not None and fs.loop.is_running() else _zarr_loop()
+            fs.close_session(loop, client)
+
+
+def _zarr_loop() -> Any:
+    from zarr.core.sync import _get_loop
+
+    return _get_loop()
+
+
+def _lease_seconds() -> float:
+    text = os.environ.get(LEASE_SECONDS_ENV, "60")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise StoreError(f"{LEASE_SECONDS_ENV}={text!r}: give the writer lease's length in seconds, above 0")
+    return seconds
 
 
 class _FileShard:

@@ -147,7 +147,10 @@ class Store:
         cached = self._cache.get((model, method))
         if cached is not None and cached[0] == version:
             return cached[1]
-        group = zarr.open_group(self.location.zarr_store(), mode="r")[f"{model}/{method}"]
+        try:
+            group = zarr.open_group(self.location.zarr_store(), mode="r")[f"{model}/{method}"]
+        except (KeyError, FileNotFoundError):  # removed since: a run being created (or recreated) right now
+            return None
         if "recipe" not in group.attrs:  # a creation that has not finished, or not a run
             return None
         run = Run(location=self.location, group=group, model=model, method=method)
