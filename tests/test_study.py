@@ -90,3 +90,21 @@ def test_plot_says_what_is_not_analysed(study, capsys, tmp_path, tiny_model):
                  str(tmp_path)]) == 1
     assert "no stored analyses (preset paper) for tiny-llama: 3shot layer 1, 3shot layer 2" in capsys.readouterr().err
     assert not (tmp_path / "layers.csv").exists()
+
+
+def test_the_job_on_a_bucket_store_gives_the_folder_store_results(study, bucket, tmp_path):
+    """The same job (in-context arm) with its store in a bucket: served from the bucket, analysed by Dask
+    workers reading it, the same tables as from the folder store."""
+    root, args = study
+    url = f"{bucket}/study"
+    on_bucket = [*args[:1], "--store", url, "--results", str(tmp_path / "results"), *args[5:],
+                 "--methods", "0shot,5shot", "--no-finetune", "--compare", "0shot,5shot"]
+    assert main(on_bucket) == 0
+    assert [r.method for r in Store(url).runs()] == ["0shot", "5shot"]
+    ours = pd.read_csv(tmp_path / "results" / "layers.csv")
+    folder = pd.read_csv(root / "results" / "layers.csv")
+    pd.testing.assert_frame_equal(ours, folder[folder.method.isin(["0shot", "5shot"])].reset_index(drop=True))
+    comparison = pd.read_csv(tmp_path / "results" / "comparison.csv")
+    assert comparison.pair.unique().tolist() == ["0shot vs 5shot"]
+    pd.testing.assert_frame_equal(comparison, pd.read_csv(root / "results" / "comparison.csv").query(
+        "pair == '0shot vs 5shot'").reset_index(drop=True))
