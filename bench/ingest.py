@@ -79,7 +79,7 @@ def main() -> None:
         stored = run.hidden_states[:]
         n_layers, n, hidden = stored.shape
         raw_fp16 = n_layers * n * hidden * 2
-        states_bytes = sum(p.stat().st_size for p in (run.path / "hidden_states").rglob("*") if p.is_file())
+        states_bytes = run.location.size(f"{run.key}/hidden_states")
         lossless = np.array_equal(stored, reference)
         run_bytes = run.size_bytes()
 
