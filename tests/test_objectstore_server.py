@@ -16,7 +16,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import grpc
 import numpy as np
 import pytest
@@ -30,6 +29,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from actstore.client import ActstoreError, Client
 from actstore.server.process import ServerProcess
 from actstore.store import Store, layout
+from actstore.testing import LocalS3
 from actstore.v1 import actstore_pb2 as pb
 from actstore.v1 import actstore_pb2_grpc as pb_grpc
 from conftest import derived_files
@@ -40,11 +40,9 @@ METHODS = ("0shot", "1shot")
 BIG = 2800  # samples: 3 layers of them are over the 1 MiB from which the server forwards stored chunks
 
 
-def new_bucket(endpoint: str, name: str) -> str:
+def new_bucket(server: LocalS3, name: str) -> str:
     """A fresh bucket for a module's fixtures (conftest's ``bucket`` is per test); its URL."""
-    name = f"{name}-{random.randrange(16**6):06x}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
-    return f"s3://{name}"
+    return server.create_bucket(f"{name}-{random.randrange(16**6):06x}")
 
 
 def write_tiny(root: str | Path, batches: list[tuple[int, int]] = BATCHES) -> str:
@@ -92,11 +90,11 @@ def dask_cluster(s3_endpoint) -> Iterator[tuple[str, TaskArguments]]:
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory, s3_endpoint) -> tuple[str, str]:
+def stores(tmp_path_factory, local_s3_server) -> tuple[str, str]:
     """The same runs in a folder and in a bucket below a prefix: the two tiny ones, and one over a MiB in
     the default layout, which the server answers with stored chunks as they are (its fast path)."""
     roots = (write_tiny(tmp_path_factory.mktemp("served") / "store"),
-             write_tiny(new_bucket(s3_endpoint, "served") + "/stores/one"))
+             write_tiny(new_bucket(local_s3_server, "served") + "/stores/one"))
     for root in roots:
         fill(Store(root), [(0, BIG)], "big")
     return roots
@@ -215,11 +213,10 @@ def test_an_analysis_on_the_bucket_runs_on_workers_that_read_it_themselves(serve
 
 
 @pytest.fixture
-def corrupt(tmp_path, s3_endpoint, dask_cluster) -> Iterator[ServerProcess]:
-    """A server on a bucket store whose object holding layer 1's samples 32:64 has a flipped byte. It holds
-    99 samples, not 100: a worker keeps recent neighbour graphs in memory keyed by a run's recipe and
-    sample count alone (analysis.layers), and would answer from the other stores' graphs without reading."""
-    url = write_tiny(new_bucket(s3_endpoint, "corrupt") + "/s", [(0, 50), (50, 99)])
+def corrupt(tmp_path, local_s3_server, dask_cluster) -> Iterator[ServerProcess]:
+    """A server on a bucket store (the same runs as the other stores) whose object holding layer 1's samples
+    32:64 has a flipped byte."""
+    url = write_tiny(new_bucket(local_s3_server, "corrupt") + "/s")
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     shard = f"{url.removeprefix('s3://')}/m/0shot/hidden_states/c/1/1/0"
     data = bytearray(fs.cat_file(shard))

@@ -41,7 +41,7 @@ def store(request, tmp_path_factory, tiny_model, questions_file) -> str:
                  "--dtype", "float32", "--methods", RUN[1]]) == 0
     if request.param == "folder":
         return str(folder)
-    url = new_bucket(request.getfixturevalue("s3_endpoint"), "replicas") + "/shared/store"
+    url = new_bucket(request.getfixturevalue("local_s3_server"), "replicas") + "/shared/store"
     s3fs.S3FileSystem(skip_instance_cache=True).put(str(folder), url.removeprefix("s3://"), recursive=True)
     return url
 
