@@ -206,7 +206,7 @@ class Folder(Location):
         return FolderLock(self.path / key, what, create=create)
 
     def shard(self, key: str) -> "_FileShard":
-        return _FileShard(str(self.path / key))
+        return _FileShard(f"{self.url}/{key}")  # not Path arithmetic: this is on every read's path
 
     def discard_partial_writes(self, key: str) -> None:
         for leftover in (self.path / key).rglob("*.partial"):  # zarr's LocalStore writes these, then renames

@@ -120,6 +120,7 @@ class StateReader:
         layout of the array (its states stored again) is ignored."""
         self.array = array
         self.location, self.key = location, key
+        self._chunk_keys = join(key, "c")
         self.run_name = key.rpartition("/")[0] or key
         inner = _inner_codecs(array)
         self.direct = inner in (_PLAIN, _CHECKSUMMED)
@@ -297,7 +298,7 @@ class StateReader:
         return index, False
 
     def _path(self, layer: int, shard: int) -> str:
-        return join(self.key, "c", str(layer), str(shard), "0")
+        return f"{self._chunk_keys}/{layer}/{shard}/0"
 
     def _corrupt(self, layers: str, start: int, stop: int, why: str, path: str | None = None) -> CorruptData:
         """The error for stored bytes that fail verification; logged with the file, for the operator."""
