@@ -125,3 +125,16 @@ def test_a_bad_lease_length_is_refused(bucket, monkeypatch, value):
     monkeypatch.setenv("ACTSTORE_LEASE_SECONDS", value)
     with pytest.raises(StoreError, match="ACTSTORE_LEASE_SECONDS"):
         Store(f"{bucket}/s").lock_run("m", "0shot")
+
+
+def test_overwriting_a_bucket_run_replaces_every_object(bucket):
+    store = Store(f"{bucket}/s")
+    fill(store, BATCHES)
+    with store.writer("m", "0shot", recipe={"r": 2}, attrs={}, n_layers=N_LAYERS, hidden=HIDDEN,
+                      overwrite=True, commit_seconds=0) as writer:
+        writer.add(states(500, 510), labels(500, 510))
+    run = Store(f"{bucket}/s").run("m", "0shot")
+    assert run.n_samples == 10 and run.labels()["sample"].tolist() == list(range(500, 510))
+    np.testing.assert_array_equal(run.read_states([0, 1, 2]), states(500, 510))
+    shards = s3fs.S3FileSystem().find(f"{store.url.removeprefix('s3://')}/m/0shot/hidden_states/c")
+    assert len(shards) == N_LAYERS  # one shard a layer: the old run's other shards are gone

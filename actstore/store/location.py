@@ -268,8 +268,9 @@ class Bucket(Location):
             pass
 
     def clear(self, key: str) -> None:
-        for found in self.keys_below(key):
-            self.delete(found)
+        found = [self._path(k) for k in self.keys_below(key)]
+        if found:
+            self.fs.rm(found)  # DeleteObjects, up to 1,000 keys a request
 
     def keys_below(self, key: str) -> list[str]:
         root = join(self.bucket, self.prefix)
