@@ -23,7 +23,7 @@ import logging
 import os
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 from dataclasses import dataclass
@@ -131,7 +131,7 @@ class StateReader:
             self.hidden = array.shape[2]
             self.chunk_bytes = self.inner_samples * self.hidden * 4  # edge chunks are stored whole too
         self._committed = record["index_crc32c"] if record and record["layout"] == self._layout_key() else []
-        self._indexes: dict[str, tuple[tuple[int, int, int], _Index]] = {}  # one get or set at a time: GIL-safe
+        self._indexes: dict[str, tuple[Hashable | None, _Index]] = {}  # by shard key, with its version; GIL-safe
 
     def read(self, layers: list[int], start: int, stop: int) -> np.ndarray:
         """States of ``layers`` for samples ``start:stop``, shape (len(layers), stop - start, hidden)."""
