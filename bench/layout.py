@@ -1,14 +1,13 @@
 """Storage layout benchmark: why hidden_states is sharded the way it is.
 
-    .venv/bin/python bench/layout.py [--store PATH] [--samples 9181] [--rounds 7]
+    .venv/bin/python bench/layout.py [--store PATH] [--samples 9181] [--pairs 300]
 
 Takes real states (a SmolLM2 0-shot run, ingested here on 200 questions unless --store names a
 store holding one), tiles them to the study's 9,181 samples, writes them under several chunk
 layouts (each with the store's codecs: Blosc, then a CRC-32C per chunk) and prints, side by side: one
 whole layer (MB/s) and one sample across all layers (p50 ms), each read through zarr-python and through
 actstore's reader, and the size against raw fp16. Then the cost of the chunk checksums: the chosen layout
-with and without them, measured in alternating rounds (so a noisy machine's drift hits both alike),
-as the median of each round's ratio.
+with and without them, read by actstore's reader in back-to-back pairs (see checksum_cost).
 """
 
 from __future__ import annotations
@@ -73,13 +72,27 @@ def size_ratio(path: Path, states: np.ndarray) -> float:
     return states.size * 2 / sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def checksum_cost(tmp: Path, states: np.ndarray, layout: StateLayout, rounds: int) -> list[float]:
-    """Median over alternating rounds of (with chunk checksums) / (without) for each of speeds' figures and
-    the size on disk: speeds above 1 are faster with them, times above 1 slower."""
-    variants = [write(tmp / name, states, layout.chunks, layout.shards, compressors)
-                for name, compressors in (("with", state_compressors()), ("without", [state_compressor()]))]
-    ratios = [np.divide(speeds(*variants[0], states), speeds(*variants[1], states)) for _ in range(rounds)]
-    return [*np.median(ratios, axis=0), size_ratio(tmp / "without", states) / size_ratio(tmp / "with", states)]
+def checksum_cost(tmp: Path, states: np.ndarray, layout: StateLayout, pairs: int) -> dict[str, list[float]]:
+    """Time with chunk checksums over time without, through actstore's reader: a whole layer, and one sample
+    across all layers, in ``pairs`` pairs of reads. A pair's two reads run back to back, in alternating
+    order, so neither the machine's drift nor the warmer caches of the second read favour one side.
+    Returns the quartiles (25, 50, 75 %) of each read's ratios, and the sizes on disk (with / without)."""
+    readers = [write(tmp / name, states, layout.chunks, layout.shards, compressors)[1]
+               for name, compressors in (("with", state_compressors()), ("without", [state_compressor()]))]
+    n_layers, n, _ = states.shape
+    reads = {
+        "layer": lambda reader, i: reader.read([n_layers // 2], 0, n),
+        "sample": lambda reader, i: reader.read(list(range(n_layers)), i, i + 1),
+    }
+    ratios: dict[str, list[float]] = {name: [] for name in reads}
+    for pair in range(pairs):
+        sample = pair * 7919 % n
+        for name, read in reads.items():
+            order = readers if pair % 2 == 0 else readers[::-1]
+            first, second = (_timed(lambda: read(reader, sample)) for reader in order)
+            ratios[name].append(first / second if pair % 2 == 0 else second / first)
+    quartiles = {name: np.percentile(r, [25, 50, 75]).tolist() for name, r in ratios.items()}
+    return {**quartiles, "size": [size_ratio(tmp / "without", states) / size_ratio(tmp / "with", states)]}
 
 
 def _timed(read) -> float:
@@ -92,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, help="a store with a SmolLM2 0shot run (default: ingest one)")
     parser.add_argument("--samples", type=int, default=9181)
-    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds of the checksum comparison")
+    parser.add_argument("--pairs", type=int, default=300, help="paired reads in the checksum comparison")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = real_states(args.store, Path(tmp))
@@ -117,10 +130,13 @@ def main() -> None:
             z_mbps, z_p50, r_mbps, r_p50 = speeds(*write(path, states, chunks, shards, state_compressors()), states)
             ratio = size_ratio(path, states)
             print(f"{name:48} {z_mbps:>10.0f} {z_p50:>14.2f} {r_mbps:>10.0f} {r_p50:>14.2f} {ratio:>11.2f}x")
-        cost = checksum_cost(Path(tmp) / "checksums", states, chosen, args.rounds)
-        print(f"{'chosen, with / without chunk CRC-32C':48} {cost[0]:>9.3f}x {cost[1]:>13.3f}x {cost[2]:>9.3f}x "
-              f"{cost[3]:>13.3f}x {cost[4]:>11.3f}x   (median of {args.rounds} alternating rounds)")
-
+        cost = checksum_cost(Path(tmp) / "checksums", states, chosen, args.pairs)
+        print(f"chosen layout, time with / without chunk CRC-32C in actstore's reader, median (quartiles) of "
+              f"{args.pairs} paired reads:")
+        for name in ("layer", "sample"):
+            low, median, high = cost[name]
+            print(f"  {name:8} {median:.3f}x ({low:.3f}-{high:.3f})")
+        print(f"  size on disk, with / without: {cost['size'][0]:.4f}x")
 
 if __name__ == "__main__":
     main()

@@ -4,18 +4,19 @@ Zarr's ``crc32c`` codec appends the CRC-32C (Castagnoli) of the bytes before it,
 encoded chunk and to each shard index; Blosc frames start with a 16-byte header giving their decoded and
 stored sizes. Checking both before decoding means a flipped bit, a truncated file or a frame from elsewhere
 is reported as corruption instead of being decoded into wrong numbers (or into a huge allocation, since a
-corrupt header could claim any decoded size). The CRC is google-crc32c, the implementation zarr itself
-uses (hardware-accelerated: ~0.8 us for a 22 KB chunk, against ~10 us to decode it).
+corrupt header could claim any decoded size).
 
-A shard's chunks arrive in one ``pread``; the checks take views of it, never copies.
+The CRC is crc32c-rs, which folds with carry-less multiplication (PCLMULQDQ, or VPCLMULQDQ on AVX-512
+CPUs): ~0.3 us for a 15 KB chunk where google-crc32c, the implementation zarr writes with, takes ~0.6 us,
+against ~5 us to decode the chunk. Both compute the same CRC-32C (tests/test_checksum.py). A shard's chunks
+arrive in one read; the checks take views of it, never copies.
 """
 
 from __future__ import annotations
 
 import struct
 
-import google_crc32c
-import numpy as np
+from crc32c_rs import crc32c
 
 CRC_BYTES = 4
 RESIDUE = 0x48674BC7  # the CRC-32C of any bytes followed by their own CRC-32C, little-endian (CRC RevEng catalogue)
@@ -26,24 +27,47 @@ class Mismatch(ValueError):
     """Bytes that fail a check; the reader adds which run, layer and samples they belong to."""
 
 
-def strip_crc32c(stored: bytes | np.ndarray) -> memoryview | np.ndarray:
-    """The bytes that ``stored`` (bytes or a uint8 array) protects with its trailing CRC-32C, once the CRC matches.
+class ChunkMismatch(Mismatch):
+    """One of several chunks checked together fails; ``position`` is its place among them."""
+
+    def __init__(self, position: int, why: str) -> None:
+        super().__init__(why)
+        self.position = position
+
+
+def strip_crc32c(stored: bytes) -> memoryview:
+    """The bytes that ``stored`` protects with its trailing CRC-32C, once the CRC matches.
 
     One pass over the bytes and their CRC together, compared with the residue: the same check as computing
     the CRC of the bytes alone and comparing it with the stored one, without cutting the two apart first.
     """
     if len(stored) <= CRC_BYTES:
         raise Mismatch(f"{len(stored)} bytes, too short to hold a checksum")
-    if google_crc32c.value(stored) != RESIDUE:
+    if crc32c(stored) != RESIDUE:
         raise Mismatch("checksum mismatch")
-    return (stored if isinstance(stored, np.ndarray) else memoryview(stored))[:-CRC_BYTES]  # a view, not a copy
+    return memoryview(stored)[:-CRC_BYTES]
 
 
-def check_blosc_frame(frame: memoryview | np.ndarray, decoded_bytes: int) -> None:
-    """Raise Mismatch unless ``frame`` is one whole Blosc frame that decodes to ``decoded_bytes``."""
-    if len(frame) < _BLOSC_SIZES.size:
-        raise Mismatch(f"a {len(frame)}-byte chunk, shorter than a Blosc header")
-    nbytes, cbytes = _BLOSC_SIZES.unpack_from(frame)
-    if nbytes != decoded_bytes or cbytes != len(frame):
-        raise Mismatch(f"a Blosc frame of {cbytes} bytes decoding to {nbytes}, where the chunk holds "
-                       f"{len(frame)} bytes decoding to {decoded_bytes}")
+def chunk_frames(data: bytes, spans: list[tuple[int, int]], checksummed: bool, decoded_bytes: int) -> list[memoryview]:
+    """The Blosc frames of the stored chunks at ``spans`` ((offset, size) pairs in ``data``), once each chunk's
+    CRC-32C (where ``checksummed``) and each frame's sizes match; ChunkMismatch naming the first that fails.
+
+    The chunks of one read are checked together, as they arrived, so that the error can name the chunk.
+    """
+    view = memoryview(data)
+    frames = []
+    for position, (start, size) in enumerate(spans):
+        if checksummed:
+            if size <= CRC_BYTES or crc32c(view[start : start + size]) != RESIDUE:
+                raise ChunkMismatch(position, "checksum mismatch" if size > CRC_BYTES else f"{size} bytes, "
+                                    "too short to hold a checksum")
+            size -= CRC_BYTES
+        frame = view[start : start + size]
+        if size < _BLOSC_SIZES.size:
+            raise ChunkMismatch(position, f"a {size}-byte chunk, shorter than a Blosc header")
+        nbytes, cbytes = _BLOSC_SIZES.unpack_from(frame)
+        if nbytes != decoded_bytes or cbytes != size:
+            raise ChunkMismatch(position, f"a Blosc frame of {cbytes} bytes decoding to {nbytes}, where the "
+                                f"chunk holds {size} bytes decoding to {decoded_bytes}")
+        frames.append(frame)
+    return frames

@@ -69,7 +69,7 @@ def state_compressor() -> BloscCodec:
 def state_compressors() -> list[BloscCodec | Crc32cCodec]:
     """The states' chunk codecs after the bytes codec: Blosc, then a CRC-32C of the stored frame, so any reader
     (actstore's, zarr-python, xarray) detects a corrupted chunk instead of decoding it into wrong values.
-    Costs 4 bytes per inner chunk and a checksum at ~14 GB/s on read (README.md, "Storage layout")."""
+    Costs 4 bytes per inner chunk and a few percent of a read (README.md, "Storage layout")."""
     return [state_compressor(), Crc32cCodec()]
 
 

@@ -34,7 +34,7 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
-from actstore.store.checksum import CRC_BYTES, Mismatch, check_blosc_frame, strip_crc32c
+from actstore.store.checksum import CRC_BYTES, ChunkMismatch, Mismatch, chunk_frames, strip_crc32c
 from actstore.store.errors import CorruptData
 from actstore.store.location import Location, ShardBytes, join
 
@@ -252,26 +252,16 @@ class StateReader:
                 raise _StaleIndex
             raise self._corrupt(f"layer {layer}", first_sample, first_sample + self.shard_samples,
                                 "shard: cut short while read", path)
-        data = raw if len(present) == 1 else np.frombuffer(raw, dtype=np.uint8)  # array slices are views
-        frames = {}
-        for i in present:
-            stored_chunk = data if len(present) == 1 else data[offsets[i] - begin : offsets[i] + sizes[i] - begin]
-            try:
-                frames[first + i] = self._frame(stored_chunk)
-            except Mismatch as exc:
-                if unverified:
-                    raise _StaleIndex from None
-                c_first = first_sample + (first + i) * self.inner_samples
-                raise self._corrupt(f"layer {layer}", c_first, c_first + self.inner_samples, f"inner chunk: {exc}",
-                                    path) from None
-        return frames
-
-    def _frame(self, stored: bytes | np.ndarray) -> memoryview:
-        """The Blosc frame of one stored inner chunk, once its checksum (where the run has one) and its sizes
-        are checked; Mismatch otherwise."""
-        frame = strip_crc32c(stored) if self.chunk_crc else stored
-        check_blosc_frame(frame, self.chunk_bytes)
-        return frame
+        spans = [(offsets[i] - begin, sizes[i]) for i in present]
+        try:
+            frames = chunk_frames(raw, spans, self.chunk_crc, self.chunk_bytes)
+        except ChunkMismatch as exc:
+            if unverified:
+                raise _StaleIndex from None
+            c_first = first_sample + (first + present[exc.position]) * self.inner_samples
+            raise self._corrupt(f"layer {layer}", c_first, c_first + self.inner_samples, f"inner chunk: {exc}",
+                                path) from None
+        return {first + i: frame for i, frame in zip(present, frames)}
 
     def _index(self, stored: ShardBytes, path: str, layer: int, shard: int, fresh: bool) -> tuple[_Index | None, bool]:
         """The shard's verified chunk index (at its end), or None when the shard does not exist; and whether it
