@@ -208,6 +208,22 @@ def test_neighbour_counts_the_runs_cannot_meet_are_refused_and_nothing_is_cached
     assert derived_files(store) == before and not manager._jobs
 
 
+def test_a_job_on_a_cluster_without_workers_says_so_and_runs_once_one_joins(store):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp", host="127.0.0.1", dashboard_address=":0") as cluster:
+        manager = jobs.JobManager(store, cluster.scheduler_address)
+        try:
+            job = start(manager, layers=[1])
+            with job.changed:
+                job.changed.wait_for(lambda: "no workers" in job.stage, timeout=30)
+            assert job.state == pb.JOB_STATE_RUNNING and "has no workers" in job.to_proto().stage, job.stage
+            cluster.scale(1)
+            assert_done(ended(job))
+        finally:
+            manager.close()
+
+
 def test_quotas_of_running_and_kept_jobs_per_group(store):
     manager = jobs.JobManager(store, None, 2, max_running=2, max_kept=2)
     try:

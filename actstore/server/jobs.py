@@ -363,6 +363,24 @@ class JobManager:
                     log.warning("%d Dask workers were lost; starting them again", missing)
             except Exception:  # noqa: BLE001 - the next check tries again; the dispatcher must go on
                 log.exception("could not restore the local cluster's workers")
+            self._say_when_no_workers()
+
+    def _say_when_no_workers(self) -> None:
+        """Running jobs' stage says so while the cluster has no worker: their tasks wait, without a timeout,
+        for one to join (an external cluster's operator may start them later), and a caller watching such a
+        job must learn why nothing moves rather than see "running" forever."""
+        running = [job for job in list(self._jobs.values()) if job.state == pb.JOB_STATE_RUNNING]
+        client = self._client
+        if not running or client is None or client.status != "running":
+            return
+        try:
+            workers = client.scheduler_info(n_workers=0).get("n_workers")
+        except Exception:  # noqa: BLE001 - a lost scheduler ends the jobs through their tasks
+            return
+        stage = "running" if workers != 0 else f"waiting: {self._where} has no workers (tasks run once one joins)"
+        for job in running:
+            if job.stage != stage:
+                job.update(stage=stage)
 
     def _submit(self, job: Job, plan: Plan) -> None:
         """Submit the job's tasks; any failure to do so (the scheduler unreachable, the local cluster not
