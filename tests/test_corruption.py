@@ -8,6 +8,7 @@ layouts the fast reader does not take, the raw chunks handed to servers, and a r
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -152,6 +153,26 @@ def test_new_runs_checksum_every_chunk_for_every_zarr_reader(tmp_path):
         array[LAYER, 48:56]
     with pytest.raises(CorruptData, match=f"run {MODEL}/0shot, layer {LAYER}, samples 48:56"):
         Store(tmp_path).run(MODEL, "0shot").read_states([LAYER], 40, 50)
+
+
+def test_bytes_that_rot_under_a_shard_already_verified_are_caught_on_the_next_read(tmp_path):
+    """A whole shard read again is verified in one pass against the CRC its bytes had when each chunk last
+    passed its own (reader.py): a byte flipped beneath the file system afterwards, the file's size and mtime
+    unchanged so that its cached index stays, must fail that pass and be named like any corruption."""
+    states = write_run(tmp_path, "0shot")
+    run = Store(tmp_path).run(MODEL, "0shot")
+    for _ in range(2):
+        np.testing.assert_array_equal(run.read_states([LAYER]), states[LAYER : LAYER + 1])
+    assert any(index.passed for _, index in run.reader._indexes.values())  # the next read takes the one pass
+    path = shard_file(tmp_path, "0shot")
+    before = path.stat()
+    flip_chunk(tmp_path, "0shot", "checksummed")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_ino, path.stat().st_mtime_ns, path.stat().st_size) == \
+        (before.st_ino, before.st_mtime_ns, before.st_size)
+    with pytest.raises(CorruptData, match="inner chunk: checksum mismatch") as caught:
+        run.read_states([LAYER])
+    assert_names_the_damage(str(caught.value), "0shot")
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,12 @@ needs, in one read per shard (``pread`` in a folder, a byte-range GET in a bucke
 and decodes them with Blosc in a thread pool (Blosc releases the GIL). Arrays with any other codec chain are
 read through zarr-python.
 
-Every byte is verified as zarr-python would: the shard index's CRC-32C, the CRC-32C of each inner chunk
-where the array has one (runs written since chunks carry it; older runs have none), and each Blosc frame's
-sizes; and each full shard's index against the CRC recorded for it at commit, which catches intact bytes
-from elsewhere (another layer's or run's shard copied over). Bytes that fail, on either path, raise
-CorruptData naming the run, the layer and the samples.
+Every byte is verified on every read, as zarr-python would: the shard index's CRC-32C, the CRC-32C of each
+inner chunk where the array has one (runs written since chunks carry it; older runs have none), and each
+Blosc frame's sizes; and each full shard's index against the CRC recorded for it at commit, which catches
+intact bytes from elsewhere (another layer's or run's shard copied over). A whole shard read again is
+checked in one pass over its bytes instead of chunk by chunk (see ``_read_chunks``). Bytes that fail, on
+either path, raise CorruptData naming the run, the layer and the samples.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numcodecs
 import numpy as np
@@ -34,7 +35,7 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
-from actstore.store.checksum import CRC_BYTES, ChunkMismatch, Mismatch, chunk_frames, strip_crc32c
+from actstore.store.checksum import CRC_BYTES, ChunkMismatch, Mismatch, chunk_frames, span_crc, strip_crc32c
 from actstore.store.errors import CorruptData
 from actstore.store.location import Location, ShardBytes, join
 
@@ -57,6 +58,10 @@ _CHECKSUMMED = (BytesCodec, BloscCodec, Crc32cCodec)
 class _Index:
     offsets: list[int]  # per inner chunk of the shard, _MISSING where never written
     sizes: list[int]
+    written: int  # how many chunks are not _MISSING
+    # by range of chunks read (first, stop) holding every written chunk: the CRC-32C of their bytes, read
+    # together, when each of them last passed its own CRC (see StateReader._read_chunks)
+    passed: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
 def _inner_codecs(array: zarr.Array) -> tuple[type, ...] | None:
@@ -88,7 +93,7 @@ def _parse_index(raw: bytes, n: int, data_end: int | None) -> _Index:
     present_offsets = np.where(missing, 0, offsets)
     if data_end is not None and np.any(~missing & ((present_offsets > data_end) | (sizes > data_end - np.minimum(present_offsets, data_end)))):
         raise Mismatch(f"index points past the {data_end} bytes of chunk data")
-    return _Index(offsets=offsets.tolist(), sizes=sizes.tolist())
+    return _Index(offsets=offsets.tolist(), sizes=sizes.tolist(), written=int(np.count_nonzero(~missing)))
 
 
 def _layers_text(layers: list[int]) -> str:
@@ -253,14 +258,21 @@ class StateReader:
             raise self._corrupt(f"layer {layer}", first_sample, first_sample + self.shard_samples,
                                 "shard: cut short while read", path)
         spans = [(offsets[i] - begin, sizes[i]) for i in present]
+        # A whole shard (what a layer's read takes of it) is verified in one pass over its bytes, which runs
+        # without the GIL, against their CRC when each chunk last passed its own; the first time, and for any
+        # other read, chunk by chunk (a call each, holding the GIL: most of what verifying a layer cost).
+        whole = span_crc(raw) if self.chunk_crc and len(present) == index.written > 1 else None
         try:
-            frames = chunk_frames(raw, spans, self.chunk_crc, self.chunk_bytes)
+            frames = chunk_frames(raw, spans, self.chunk_crc, self.chunk_bytes,
+                                  crcs_checked=whole is not None and index.passed.get((first, stop)) == whole)
         except ChunkMismatch as exc:
             if unverified:
                 raise _StaleIndex from None
             c_first = first_sample + (first + present[exc.position]) * self.inner_samples
             raise self._corrupt(f"layer {layer}", c_first, c_first + self.inner_samples, f"inner chunk: {exc}",
                                 path) from None
+        if whole is not None:
+            index.passed[first, stop] = whole
         return {first + i: frame for i, frame in zip(present, frames)}
 
     def _index(self, stored: ShardBytes, path: str, layer: int, shard: int, fresh: bool) -> tuple[_Index | None, bool]:
