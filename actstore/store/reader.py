@@ -261,7 +261,7 @@ class StateReader:
         # A whole shard (what a layer's read takes of it) is verified in one pass over its bytes, which runs
         # without the GIL, against their CRC when each chunk last passed its own; the first time, and for any
         # other read, chunk by chunk (a call each, holding the GIL: most of what verifying a layer cost).
-        whole = span_crc(raw) if self.chunk_crc and len(present) == index.written > 1 else None
+        whole = span_crc(raw) if self.chunk_crc and len(present) == index.written and len(present) > 1 else None
         try:
             frames = chunk_frames(raw, spans, self.chunk_crc, self.chunk_bytes,
                                   crcs_checked=whole is not None and index.passed.get((first, stop)) == whole)
