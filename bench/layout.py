@@ -75,8 +75,8 @@ def size_ratio(path: Path, states: np.ndarray) -> float:
 def checksum_cost(tmp: Path, states: np.ndarray, layout: StateLayout, pairs: int) -> dict[str, list[float]]:
     """Time with chunk checksums over time without, through actstore's reader: a whole layer (read again, as
     a server does, and read first by a new reader, as an analysis does), and one sample across all layers,
-    in ``pairs`` pairs of reads. A pair's two reads run back to back, in alternating
-    order, so neither the machine's drift nor the warmer caches of the second read favour one side.
+    in ``pairs`` pairs of reads. A pair's two reads run back to back, in alternating order, so neither the
+    machine's drift nor the warmer caches of the second read favour one side.
     Returns the quartiles (25, 50, 75 %) of each read's ratios, and the sizes on disk (with / without)."""
     readers = [write(tmp / name, states, layout.chunks, layout.shards, compressors)[1]
                for name, compressors in (("with", state_compressors()), ("without", [state_compressor()]))]
@@ -144,6 +144,7 @@ def main() -> None:
             low, median, high = cost[name]
             print(f"  {name:18} {median:.3f}x ({low:.3f}-{high:.3f})")
         print(f"  size on disk, with / without: {cost['size'][0]:.4f}x")
+
 
 if __name__ == "__main__":
     main()
