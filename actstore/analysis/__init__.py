@@ -1,4 +1,4 @@
-"""The study's density analyses of stored layers (REFERENCE.md, section 1).
+"""The study's density analyses of stored layers (docs/explanation/science.md).
 
 ``rows`` (the sample mask; exact duplicates dropped keeping order), ``neighbours`` (exact kNN, on the
 GPU when there is one), ``density`` (per-layer ID, density, ADP clusters, ARI, label overlap, with

@@ -1,5 +1,5 @@
 """Comparing two runs at the same layer (e.g. 0-shot vs 5-shot, base vs fine-tuned), and the
-dendrogram of a layer's density peaks (REFERENCE.md, section 1, steps 9 and 10)."""
+dendrogram of a layer's density peaks (docs/explanation/science.md, analyses 9 and 10)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The study's density analyses of one layer, with DADApy fed precomputed neighbours.
 
-Doimo et al. 2024 (REFERENCE.md, section 1, steps 3-8): Gride intrinsic dimension at neighbour-rank
+Doimo et al. 2024 (docs/explanation/science.md, analyses 3-8): Gride intrinsic dimension at neighbour-rank
 scales 2..64 (the estimate at one scale set as the ID), 2NN ID, kNN density, Advanced Density Peaks
 clustering, its agreement with subject and answer labels (ARI), and label overlap. Beside the ARI with the
 gold answers, the ARI with the model's own predicted letters tells "encodes its own answer" apart from

@@ -1,7 +1,7 @@
 """Exact Euclidean k-nearest neighbours, in the form DADApy takes precomputed.
 
 On the CPU this is scikit-learn's brute force (chunked, so memory stays bounded, and parallel in C):
-measured here it is as fast as anything exact we tried (REFERENCE.md; a NumPy block-and-partition
+measured here it is as fast as anything exact we tried (a NumPy block-and-partition
 version ran at half its speed). On an NVIDIA GPU it is the same computation in torch: float64 squared
 distances by the same expansion scikit-learn uses, a top-k per block of rows, blocks sized to bound
 GPU memory. Each point comes back as its own neighbour 0 at distance 0, which DADApy expects; rows must
