@@ -189,10 +189,11 @@ def test_a_job_is_visible_to_its_group_only(server):
 
 def test_ended_jobs_are_forgotten_after_a_while(tmp_path):
     from actstore.server import jobs
+    from actstore.server.auth import OPEN
 
     manager = jobs.JobManager(tmp_path)
-    ended, running = jobs.Job("ended", None, 1), jobs.Job("running", None, 1)
-    manager._jobs, manager._by_request = {"ended": ended, "running": running}, {(None, "retry"): "ended"}
+    ended, running = jobs.Job("ended", OPEN, 1), jobs.Job("running", OPEN, 1)
+    manager._jobs, manager._by_request = {"ended": ended, "running": running}, {(OPEN.owner, "retry"): "ended"}
     ended.update(state=pb.JOB_STATE_DONE, stage="done")
     manager._forget_ended()
     assert set(manager._jobs) == {"ended", "running"}  # an hour has not passed
@@ -200,7 +201,7 @@ def test_ended_jobs_are_forgotten_after_a_while(tmp_path):
     manager._forget_ended()
     assert set(manager._jobs) == {"running"} and not manager._by_request
     with pytest.raises(jobs.JobNotFound):
-        manager.get("ended", None)
+        manager.get("ended", OPEN)
     manager.close()
 
 

@@ -26,6 +26,7 @@ from actstore.analysis.layers import Mask
 from actstore.analysis.scheduler import dask_client
 from actstore.cli import main
 from actstore.server import jobs
+from actstore.server.auth import Caller
 from actstore.server.errors import TooLarge, status_of
 from actstore.server.selection import BadRequest
 from actstore.v1 import actstore_pb2 as pb
@@ -70,7 +71,7 @@ def assert_done(job: jobs.Job) -> None:
 
 def start(manager: jobs.JobManager, runs=(A, B), layers=(1, 2, 3), params=SMALL, pairs=(), k=30, group=None,
           request_id="") -> jobs.Job:
-    return manager.start(group, list(runs), list(layers), params, Mask(), list(pairs), k, request_id)
+    return manager.start(Caller(group), list(runs), list(layers), params, Mask(), list(pairs), k, request_id)
 
 
 def worker_processes(others: frozenset[int] = frozenset()) -> list[psutil.Process]:
@@ -235,11 +236,11 @@ def test_quotas_of_running_and_kept_jobs_per_group(store):
         for job in (*first, other):
             assert_done(ended(job))
         later = [ended(start(manager, layers=[layer], group="lab-a")) for layer in (3, 1)]
-        manager.get(other.id, "lab-b")
+        manager.get(other.id, Caller("lab-b"))
         for job in later:
-            assert manager.get(job.id, "lab-a") is job
+            assert manager.get(job.id, Caller("lab-a")) is job
         with pytest.raises(jobs.JobNotFound):  # three ended jobs of lab-a: the oldest is forgotten
-            manager.get(first[0].id, "lab-a")
+            manager.get(first[0].id, Caller("lab-a"))
     finally:
         manager.close()
 

@@ -3,12 +3,18 @@
 By default a local cluster of worker processes sized to the machine, one thread each, with BLAS and
 DADApy limited to one thread per worker so that n workers use n cores and nothing oversubscribes them.
 An address runs the same tasks on an existing Dask distributed cluster instead.
+
+Dask runs tasks of equal priority first in, first out, so one owner's long jobs would hold every
+worker until they end. ``FairShares`` gives each owner's tasks Dask priorities that interleave them
+instead: a newcomer's first task runs as soon as a worker frees up (see its docstring).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,18 +149,63 @@ def _compare_task(store: str, a: LayerOutcome, b: LayerOutcome, params: DensityP
 
 
 def submit_layers(client: Client, store: str | Path, runs: list[RunName], layers: list[int], params: DensityParams,
-                  mask: Mask = Mask(), pairs: list[tuple[RunName, RunName]] = (), k: int = OVERLAP_K) -> list[Future]:
+                  mask: Mask = Mask(), pairs: list[tuple[RunName, RunName]] = (), k: int = OVERLAP_K,
+                  priority: int = 0) -> list[Future]:
     """One task per (run, layer), for ``runs`` and the runs of ``pairs``, and one per (pair, layer)
-    after its two analyses. Results: LayerOutcome or ComparisonOutcome."""
+    after its two analyses. Results: LayerOutcome or ComparisonOutcome. The i-th task returned has Dask
+    priority ``priority - i`` (higher runs first): a job's own tasks in this order, and a caller that
+    interleaves several jobs picks each one's ``priority`` (see FairShares)."""
     tag = os.urandom(4).hex()
     every = list(dict.fromkeys([*runs, *(run for pair in pairs for run in pair)]))
+    units = [(run, layer) for run in every for layer in layers]
     analyses = {(run, layer): client.submit(_task, str(store), *run, layer, params, mask, pure=False,
-                                            key=f"actstore-{run[0]}-{run[1]}-{layer}-{tag}")
-                for run in every for layer in layers}
+                                            key=f"actstore-{run[0]}-{run[1]}-{layer}-{tag}", priority=priority - i)
+                for i, (run, layer) in enumerate(units)}
     comparisons = [client.submit(_compare_task, str(store), analyses[a, layer], analyses[b, layer], params, mask, k,
-                                 pure=False, key=f"actstore-compare-{a[0]}-{a[1]}-{b[0]}-{b[1]}-{layer}-{tag}")
-                   for a, b in pairs for layer in layers]
+                                 pure=False, key=f"actstore-compare-{a[0]}-{a[1]}-{b[0]}-{b[1]}-{layer}-{tag}",
+                                 priority=priority - len(units) - i)
+                   for i, ((a, b), layer) in enumerate((pair, layer) for pair in pairs for layer in layers)]
     return [*analyses.values(), *comparisons]
+
+
+class FairShares:
+    """Dask priorities that share the workers among owners (groups, or open callers) in turn.
+
+    Every task gets a band, and priority -band (a lower band runs first). An owner's tasks take
+    consecutive bands, starting from the later of its own next band and the clock: the lowest band still
+    outstanding anywhere. So an owner arriving while another has hundreds of tasks queued starts level
+    with the one running now, and the two alternate from there (equal bands run in submission order):
+    its first task waits only for a worker to free up, never behind the queue. Tasks already running are
+    not interrupted, so a newcomer's wait is bounded by the remaining time of one running task.
+
+    Thread-safe: bands are taken by the dispatcher and given back on Dask's callback thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next: dict[str, int] = {}  # each owner's next band, while it has tasks outstanding
+        self._owners: Counter[str] = Counter()  # outstanding tasks per owner
+        self._bands: Counter[int] = Counter()  # outstanding tasks per band
+
+    def take(self, owner: str, n: int) -> int:
+        """The first of ``n`` consecutive bands for ``owner``'s next tasks; give each back with ``give_back``
+        once its task ended (done, failed or cancelled)."""
+        with self._lock:
+            clock = min(self._bands) if self._bands else 0
+            first = max(self._next.get(owner, 0), clock)
+            self._next[owner] = first + n
+            self._owners[owner] += n
+            self._bands.update(range(first, first + n))
+            return first
+
+    def give_back(self, owner: str, band: int) -> None:
+        with self._lock:
+            self._bands[band] -= 1
+            if not self._bands[band]:
+                del self._bands[band]
+            self._owners[owner] -= 1
+            if not self._owners[owner]:  # an owner back with nothing outstanding starts level with the clock
+                del self._owners[owner], self._next[owner]
 
 
 def analyse_layers(client: Client, store: str | Path, runs: list[RunName], layers: list[int], params: DensityParams,

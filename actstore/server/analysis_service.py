@@ -1,8 +1,14 @@
-"""AnalysisService: start, watch, cancel density analyses of the runs a caller may read."""
+"""AnalysisService: start, watch, cancel density analyses of the runs a caller may read.
+
+A job is seen by its group (under open access by everyone) and cancelled only by its owner: the group,
+or under open access the caller that started it, known by its host and bearer token (auth.client_key).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -18,11 +24,23 @@ from actstore.v1 import actstore_pb2_grpc as pb_grpc
 WATCH_POLL_S = 0.2  # how often a watcher looks at its job: waiting costs no thread, only this poll
 
 
+def identified(handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
+    """An ``rpc`` handler given its caller with the client key that open access needs to tell owners apart
+    (the peer and metadata are on the call's context, which ``rpc`` does not pass on)."""
+
+    @functools.wraps(handler)
+    async def call(self, request, context: grpc.aio.ServicerContext, caller: Caller):
+        return await handler(self, request, context, caller.identified(context.peer(), context.invocation_metadata()))
+
+    return call
+
+
 class AnalysisService(_Base, pb_grpc.AnalysisServiceServicer):
     def __init__(self, *args, jobs: JobManager, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.jobs = jobs
 
+    @identified
     @rpc
     def StartAnalysis(self, request: pb.StartAnalysisRequest, caller: Caller) -> pb.Job:
         if not request.runs and not request.compare:
@@ -43,19 +61,20 @@ class AnalysisService(_Base, pb_grpc.AnalysisServiceServicer):
         if request.HasField("per_subject") and request.per_subject < 1:
             raise selection.BadRequest("per_subject must be at least 1")
         mask = Mask(request.per_subject if request.HasField("per_subject") else None)
-        job = self.jobs.start(caller.group, [(r.model, r.method) for r in runs], layers, params, mask,
+        job = self.jobs.start(caller, [(r.model, r.method) for r in runs], layers, params, mask,
                               [((a.model, a.method), (b.model, b.method)) for a, b in pairs], k, request.request_id)
         return job.to_proto()
 
     @rpc
     def GetJob(self, request: pb.JobRef, caller: Caller) -> pb.Job:
-        return self.jobs.get(request.job_id, caller.group).to_proto()
+        return self.jobs.get(request.job_id, caller).to_proto()
 
+    @identified
     @rpc
     def CancelJob(self, request: pb.JobRef, caller: Caller) -> pb.Job:
-        job = self.jobs.get(request.job_id, caller.group)
-        self.jobs.cancel(job)
-        return job.to_proto()
+        """NOT_FOUND for a job the caller's group does not see; PERMISSION_DENIED for one it sees but did
+        not start (under open access, another caller's)."""
+        return self.jobs.cancel(request.job_id, caller).to_proto()
 
     @rpc
     async def WatchJob(self, request: pb.JobRef, context: grpc.aio.ServicerContext, caller: Caller) -> None:
@@ -64,7 +83,7 @@ class AnalysisService(_Base, pb_grpc.AnalysisServiceServicer):
         The watcher polls its job on the event loop rather than blocking a thread on ``job.changed``:
         a thousand idle watchers cost a thousand cheap checks every WATCH_POLL_S, not a thousand threads.
         """
-        job: Job = await self.offload(self.jobs.get, request.job_id, caller.group)  # may wait on the manager's lock
+        job: Job = await self.offload(self.jobs.get, request.job_id, caller)  # may wait on the manager's lock
         seen, sent = None, 0
         while True:
             if _progress(job) == seen:

@@ -2,10 +2,16 @@
 
 A job is one request: several runs x several layers, each (run, layer) one Dask task, plus one task
 per compared pair of runs at each layer (duplicates in the request are merged, so progress counts
-distinct tasks). Jobs live in memory, visible to the group that started them; each group may run a
-bounded number at once and is remembered a bounded number after they end (the oldest ended first
-forgotten, and all an hour after they end). Their results live in the store (see analysis.layers), so a
-job asked again, later or after a restart, finishes at once from the cache.
+distinct tasks). Jobs live in memory, visible to the group that started them (under open access, to
+everyone) and cancelled only by their owner: the group, or under open access the caller that started
+them (``Caller.owner``; another caller's cancel is PERMISSION_DENIED). Each owner may run a bounded
+number at once and is remembered a bounded number after they end (the oldest ended first forgotten, and
+all an hour after they end). Their results live in the store (see analysis.layers), so a job asked
+again, later or after a restart, finishes at once from the cache.
+
+Owners share the workers in turn, not first come first served: every job's tasks get Dask priorities
+from ``FairShares``, so one owner's full quota of long jobs delays another owner's one-layer job by at
+most about one running task, not by the whole queue.
 
 Replicas (several servers on one store, a folder or a bucket): a job lives in the memory of the replica
 that started it. Its id asked of another replica (GetJob, WatchJob, CancelJob) is NOT_FOUND, with a
@@ -45,9 +51,10 @@ from distributed.scheduler import KilledWorker
 from actstore.analysis.density import PAPER, DensityParams
 from actstore.analysis.layers import Mask
 from actstore.analysis import NotAnalysed
-from actstore.analysis.scheduler import (ComparisonOutcome, LayerOutcome, RunName, comparison_outcome, dask_client,
-                                         layer_outcome, restore_workers, submit_layers)
-from actstore.server.errors import TooLarge, status_of
+from actstore.analysis.scheduler import (ComparisonOutcome, FairShares, LayerOutcome, RunName, comparison_outcome,
+                                         dask_client, layer_outcome, restore_workers, submit_layers)
+from actstore.server.auth import Caller
+from actstore.server.errors import Forbidden, TooLarge, status_of
 from actstore.server.selection import BadRequest
 from actstore.store import Store, echo
 from actstore.v1 import actstore_pb2 as pb
@@ -56,8 +63,8 @@ log = logging.getLogger(__name__)
 
 PRESETS = {"paper": PAPER}
 KEEP_ENDED_S = 3600.0  # an ended job (and its results, kept in memory for watchers) is forgotten after this
-MAX_RUNNING = 4  # jobs a group may have queued or running at once
-MAX_KEPT = 32  # ended jobs remembered per group
+MAX_RUNNING = 4  # jobs an owner (a group, or an open caller) may have queued or running at once
+MAX_KEPT = 32  # ended jobs remembered per owner
 MAX_K = 4096  # the most neighbours any analysis may ask for: its graph holds samples x k of them
 CHECK_S = 1.0  # how often the dispatcher looks at the local cluster's workers
 
@@ -157,10 +164,11 @@ class Stored:
 
 
 class Job:
-    def __init__(self, job_id: str, group: str | None, total: int, cache: tuple[str, Plan] | None = None) -> None:
-        """``cache``: the store and plan its results are cached with, which an ended job reads them back from."""
+    def __init__(self, job_id: str, caller: Caller, total: int, cache: tuple[str, Plan] | None = None) -> None:
+        """``caller``: who started it (its group sees it, its owner cancels it). ``cache``: the store and plan
+        its results are cached with, which an ended job reads them back from."""
         self.id = job_id
-        self.group = group  # the caller's group: only it sees the job
+        self.caller = caller
         self.state = pb.JOB_STATE_QUEUED
         self.stage = "queued"
         self.failure: grpc.StatusCode | None = None  # why a FAILED job failed, as a status code
@@ -259,7 +267,8 @@ def _result(o: LayerOutcome) -> pb.LayerResult:
 
 class JobManager:
     """Keeps the jobs of one server and the Dask client they run on (connected on first use, and again
-    when the scheduler was lost), with a quota of running and of remembered jobs per group."""
+    when the scheduler was lost), with a quota of running and of remembered jobs per owner, and the
+    owners' fair shares of the workers."""
 
     def __init__(self, store: str, scheduler: str | None = None, workers: int | None = None, *,
                  max_running: int = MAX_RUNNING, max_kept: int = MAX_KEPT, keep_ended_s: float = KEEP_ENDED_S) -> None:
@@ -267,8 +276,9 @@ class JobManager:
         self._scheduler, self._workers = scheduler, workers
         self.max_running, self.max_kept, self.keep_ended_s = max_running, max_kept, keep_ended_s
         self._client: Client | None = None
+        self._shares = FairShares()  # of the current client's cluster: a new client starts afresh
         self._jobs: dict[str, Job] = {}
-        self._by_request: dict[tuple[str | None, str], str] = {}
+        self._by_request: dict[tuple[str, str], str] = {}  # (owner, request id) -> job id
         self._lock = threading.Lock()  # the jobs; never held while connecting, so that start() answers at once
         self._connecting = threading.Lock()  # the client
         self._queue: queue.Queue[tuple[Job, Plan] | None] = queue.Queue()
@@ -288,33 +298,38 @@ class JobManager:
                 self._drop_client()
             if self._client is None:
                 self._client = dask_client(self._scheduler, self._workers)
+                self._shares = FairShares()  # the lost client's tasks, cancelled, give their bands back to the old one
             return self._client
 
-    def start(self, group: str | None, runs: list[RunName], layers: list[int], params: DensityParams, mask: Mask,
+    def start(self, caller: Caller, runs: list[RunName], layers: list[int], params: DensityParams, mask: Mask,
               pairs: list[tuple[RunName, RunName]], k: int, request_id: str) -> Job:
-        """A new job (or the one this request id already started); BadRequest for neighbour counts the runs
-        cannot meet, TooLarge when the group already runs its quota of jobs."""
+        """A new job (or the one this request id of this owner already started); BadRequest for neighbour
+        counts the runs cannot meet, TooLarge when the owner already runs its quota of jobs."""
         plan = Plan.of(runs, layers, pairs, params, mask, k)
         plan.check_size(Store(self.store))
+        owner = caller.owner
         with self._lock:
             self._forget_ended()
-            request = (group, request_id)
+            request = (owner, request_id)
             if request_id and request in self._by_request:
                 return self._jobs[self._by_request[request]]
-            running = sum(1 for job in self._jobs.values() if job.group == group and not job.finished)
+            running = sum(1 for job in self._jobs.values() if job.caller.owner == owner and not job.finished)
             if running >= self.max_running:
-                raise TooLarge(f"your group already has {running} analysis jobs queued or running, the most "
-                               f"allowed at once; wait for one to end or cancel one")
-            job = Job(uuid.uuid4().hex[:16], group, plan.total, (self.store, plan))
+                who = "you already have" if caller.is_open else "your group already has"
+                raise TooLarge(f"{who} {running} analysis jobs queued or running, the most allowed at once; "
+                               "wait for one to end or cancel one")
+            job = Job(uuid.uuid4().hex[:16], caller, plan.total, (self.store, plan))
             self._jobs[job.id] = job
             if request_id:
                 self._by_request[request] = job.id
         self._queue.put((job, plan))
         return job
 
-    def get(self, job_id: str, group: str | None) -> Job:
+    def get(self, job_id: str, caller: Caller) -> Job:
+        """The job, if ``caller``'s group sees it (under open access every caller sees every job, as it reads
+        every run); JobNotFound otherwise."""
         job = self._jobs.get(job_id)
-        if job is None or job.group != group:  # another group's job is as good as absent
+        if job is None or job.caller.group != caller.group:  # another group's job is as good as absent
             raise JobNotFound(f"no job {echo(job_id)} on this server (a job lives in the memory of the server "
                               f"replica that started it, for {self.keep_ended_s / 3600:g} h after it ends, at "
                               f"most {self.max_kept} per group, and until it restarts; its results are in the "
@@ -322,19 +337,26 @@ class JobManager:
         return job
 
     def _forget_ended(self) -> None:
-        """Forget ended jobs past their time, and past the group's count of kept jobs, oldest ended first."""
+        """Forget ended jobs past their time, and past the owner's count of kept jobs, oldest ended first."""
         now, kept, forget = time.monotonic(), Counter(), set()
         ended = sorted((job for job in self._jobs.values() if job.ended_at is not None), key=lambda j: -j.ended_at)
         for job in ended:  # newest first
-            kept[job.group] += 1
-            if now - job.ended_at > self.keep_ended_s or kept[job.group] > self.max_kept:
+            kept[job.caller.owner] += 1
+            if now - job.ended_at > self.keep_ended_s or kept[job.caller.owner] > self.max_kept:
                 forget.add(job.id)
         for job_id in forget:
             del self._jobs[job_id]
         self._by_request = {request: job_id for request, job_id in self._by_request.items() if job_id not in forget}
 
-    def cancel(self, job: Job) -> None:
+    def cancel(self, job_id: str, caller: Caller) -> Job:
+        """Cancel the job if ``caller`` owns it: JobNotFound when its group does not see it, Forbidden
+        (PERMISSION_DENIED) when it sees it but did not start it (under open access, another caller's)."""
+        job = self.get(job_id, caller)
+        if job.caller.owner != caller.owner:
+            raise Forbidden(f"job {echo(job_id)} was started by another caller: only the caller that started a job "
+                            "may cancel it (under open access a caller is its host and the token it sends, if any)")
         job.end(pb.JOB_STATE_CANCELLED, "cancelled")
+        return job
 
     def close(self) -> None:
         self._queue.put(None)
@@ -393,13 +415,19 @@ class JobManager:
             job.end(pb.JOB_STATE_FAILED, f"failed: {self._where} is unreachable ({type(exc).__name__}: {exc})",
                     grpc.StatusCode.UNAVAILABLE)
             return
+        shares, owner = self._shares, job.caller.owner
+        first = shares.take(owner, plan.total)
         try:
             futures = submit_layers(client, self.store, list(plan.runs), list(plan.layers), plan.params, plan.mask,
-                                    list(plan.pairs), plan.k)
+                                    list(plan.pairs), plan.k, priority=-first)
         except Exception as exc:  # noqa: BLE001 - e.g. the client closed meanwhile
+            for band in range(first, first + plan.total):
+                shares.give_back(owner, band)
             job.end(pb.JOB_STATE_FAILED, f"failed: submitting to {self._where}: {type(exc).__name__}: {exc}",
                     grpc.StatusCode.UNAVAILABLE)
             return
+        for band, future in enumerate(futures, first):  # before the job can end: a cancel fires these too
+            future.add_done_callback(lambda done, band=band: shares.give_back(owner, band))
         if not job.update(client=client, futures=futures, state=pb.JOB_STATE_RUNNING, stage="running"):
             client.cancel(futures)  # cancelled while starting
             return
