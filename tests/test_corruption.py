@@ -221,13 +221,15 @@ def test_an_intact_shard_from_elsewhere_of_the_same_shape_is_corruption(tmp_path
     np.testing.assert_array_equal(run.read_states([LAYER], 0, 32)[0], states[LAYER, :32])  # its other shards read
 
 
-def test_the_shard_record_grows_with_commits_and_leaves_the_partial_shard_out(tmp_path):
+def test_the_shard_record_grows_with_commits_and_covers_the_partial_shard(tmp_path):
     hidden, n_layers = 32, 3
     rng = np.random.default_rng(0)
     with Store(tmp_path).writer(MODEL, "0shot", recipe={"r": 1}, attrs={}, n_layers=n_layers, hidden=hidden) as w:
         for start in range(0, 100, 20):  # commits at 20, 40, ... 100 samples: shards of 32 fill at 40, 80
             w.add(rng.standard_normal((n_layers, 20, hidden), dtype=np.float32), labels(start, 20))
             w.commit()
-            assert len(Store(tmp_path).run(MODEL, "0shot").attrs["shard_record"]["index_crc32c"]) == (start + 20) // 32
+            record = Store(tmp_path).run(MODEL, "0shot").attrs["shard_record"]
+            assert len(record["index_crc32c"]) == -(-(start + 20) // 32)  # the partly filled shard too
+            assert record["partial"]["whole_chunks"] == (start + 20) % 32 // 8
     run = Store(tmp_path).run(MODEL, "0shot")
     assert run.read_states([0, 1, 2]).shape == (3, 100, hidden)  # every recorded shard matches its file

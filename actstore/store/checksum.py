@@ -54,6 +54,13 @@ def span_crc(data: bytes) -> int:
     return crc32c(data)
 
 
+def table_crc(index: bytes, entries: int) -> int:
+    """The CRC-32C of the first ``entries`` (offset, size) entries of a shard index: what the shard record keeps
+    of the last, partly filled shard's whole chunks, whose entries stay the same in every later version of the
+    shard while a writer appends to it (the whole index's own CRC changes at every commit)."""
+    return crc32c(bytes(memoryview(index)[: 16 * entries]))
+
+
 def chunk_frames(data: bytes, spans: list[tuple[int, int]], checksummed: bool, decoded_bytes: int,
                  crcs_checked: bool = False) -> list[memoryview]:
     """The Blosc frames of the stored chunks at ``spans`` ((offset, size) pairs in ``data``), once each chunk's

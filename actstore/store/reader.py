@@ -10,8 +10,9 @@ read through zarr-python.
 
 Every byte is verified on every read, as zarr-python would: the shard index's CRC-32C, the CRC-32C of each
 inner chunk where the array has one (runs written since chunks carry it; older runs have none), and each
-Blosc frame's sizes; and each full shard's index against the CRC recorded for it at commit, which catches
-intact bytes from elsewhere (another layer's or run's shard copied over). A whole shard read again is
+Blosc frame's sizes; and each shard's index against the shard record of the commit the reader serves (see
+``StateReader.record``), which catches intact bytes from elsewhere (another layer's or run's shard copied
+over), the last, partly filled shard included. A whole shard read again is
 checked in one pass over its bytes instead of chunk by chunk (see ``_read_chunks``). Bytes that fail, on
 either path, raise CorruptData naming the run, the layer and the samples.
 """
@@ -35,7 +36,7 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
-from actstore.store.checksum import CRC_BYTES, ChunkMismatch, Mismatch, chunk_frames, span_crc, strip_crc32c
+from actstore.store.checksum import CRC_BYTES, ChunkMismatch, Mismatch, chunk_frames, span_crc, strip_crc32c, table_crc
 from actstore.store.errors import CorruptData
 from actstore.store.location import Location, ShardBytes, join
 
@@ -121,8 +122,8 @@ class StateReader:
 
     def __init__(self, array: zarr.Array, location: Location, key: str, record: dict | None = None) -> None:
         """``key``: the array's key in ``location`` ({model}/{method}/{array} in a store). ``record``: the run's
-        shard record (see ``new_record``), checked against every full shard's index; one made for another
-        layout of the array (its states stored again) is ignored."""
+        shard record as of the commit ``array``'s shape shows (see ``record``), checked against every shard's
+        index; one made for another layout of the array (its states stored again) is ignored."""
         self.array = array
         self.location, self.key = location, key
         self._chunk_keys = join(key, "c")
@@ -135,7 +136,9 @@ class StateReader:
             self.inner_samples = array.chunks[1]
             self.hidden = array.shape[2]
             self.chunk_bytes = self.inner_samples * self.hidden * 4  # edge chunks are stored whole too
-        self._committed = record["index_crc32c"] if record and record["layout"] == self._layout_key() else []
+        ours = bool(record) and record["layout"] == self._layout_key()
+        self._committed: list[list[int]] = record["index_crc32c"] if ours else []
+        self._partial: dict | None = record.get("partial") if ours else None
         self._indexes: dict[str, tuple[Hashable | None, _Index]] = {}  # by shard key, with its version; GIL-safe
 
     def read(self, layers: list[int], start: int, stop: int) -> np.ndarray:
@@ -170,17 +173,39 @@ class StateReader:
                 else:
                     yield c_lo, c_hi - c_lo, self._decode(layer, c_first, frame, c_lo, c_hi)
 
-    def new_record(self) -> dict:
-        """An empty shard record for this array's layout: per full shard, its index CRC-32C in each layer."""
-        return {"layout": self._layout_key(), "index_crc32c": []}
+    def record(self, previous: dict | None) -> dict:
+        """The shard record of the array as its shape shows it (a commit's samples), for the commit to publish.
 
-    def index_crcs(self, shard: int) -> list[int]:
-        """The CRC-32C stored with ``shard``'s index (a shard file's last 4 bytes), in each layer."""
-        crcs = []
-        for layer in range(self.array.shape[0]):
-            with self.location.shard(self._path(layer, shard)) as stored:
-                crcs.append(int.from_bytes(stored.tail(CRC_BYTES), "little"))
-        return crcs
+        Per shard, the last one partly filled included, the CRC-32C stored with its index (a shard file's last
+        4 bytes) in each layer; the index holds each inner chunk's offset and size, so another file (intact
+        bytes from another layer, shard or run copied over) has another index. For the partly filled shard,
+        also the CRC of its index entries of whole chunks (``partial``): the next commit rewrites that shard,
+        and a reader still serving this commit must take the new file, whose whole chunks keep their entries.
+        Entries of shards full in ``previous`` (this array's record at the last commit) are kept unread.
+        """
+        if previous is None or previous["layout"] != self._layout_key():
+            previous = {"index_crc32c": []}
+        kept = previous["index_crc32c"][: -1 if previous.get("partial") else None]
+        n = self.array.shape[1]
+        shards = range(len(kept), -(-n // self.shard_samples))
+        indexes = [[self._stored_index(layer, shard) for layer in range(self.array.shape[0])] for shard in shards]
+        record = {"layout": self._layout_key(),
+                  "index_crc32c": kept + [[int.from_bytes(raw[-CRC_BYTES:], "little") for raw in shard]
+                                          for shard in indexes]}
+        if n % self.shard_samples:
+            whole = n % self.shard_samples // self.inner_samples
+            record["partial"] = {"whole_chunks": whole, "prefix_crc32c": [table_crc(raw, whole) for raw in indexes[-1]]}
+        return record
+
+    def _stored_index(self, layer: int, shard: int) -> bytes:
+        """A shard's index bytes as stored (for the record: the writer just wrote and checked them)."""
+        index_bytes = 16 * (self.shard_samples // self.inner_samples) + CRC_BYTES
+        with self.location.shard(self._path(layer, shard)) as stored:
+            raw = stored.tail(index_bytes)
+        if raw is None or len(raw) != index_bytes:
+            raise self._corrupt(f"layer {layer}", shard * self.shard_samples, (shard + 1) * self.shard_samples,
+                                "shard: missing or cut short right after its commit", self._path(layer, shard))
+        return raw
 
     def _layout_key(self) -> int:
         """Which chunking and codecs the shard files were written with (a CRC of their metadata)."""
@@ -290,14 +315,26 @@ class StateReader:
             if stored.size is not None and stored.size < index_bytes:
                 raise Mismatch(f"file of {stored.size} bytes, shorter than its {index_bytes}-byte index")
             index = _parse_index(raw, n, None if stored.size is None else stored.size - index_bytes)
-            if shard < len(self._committed) and int.from_bytes(raw[-CRC_BYTES:], "little") != self._committed[shard][layer]:
-                raise Mismatch("not the shard committed here (its index differs from the one recorded at commit: "
-                               "a file from another layer or run?)")
+            self._check_recorded(raw, layer, shard)
         except Mismatch as exc:
             first = shard * self.shard_samples
             raise self._corrupt(f"layer {layer}", first, first + self.shard_samples, f"shard: {exc}", path) from None
         self._indexes[path] = (stored.version, index)
         return index, False
+
+    def _check_recorded(self, raw: bytes, layer: int, shard: int) -> None:
+        """Mismatch unless the index ``raw`` (its CRC verified) is the one recorded for (layer, shard) at the
+        commit served, or, for the shard partly filled then, a later version of it: one whose whole chunks of
+        that commit keep their entries (a writer has appended since; see ``record``). Shards past the record
+        (runs written before records covered every shard) are not checked."""
+        if shard >= len(self._committed) or int.from_bytes(raw[-CRC_BYTES:], "little") == self._committed[shard][layer]:
+            return
+        partial = self._partial
+        if (partial is not None and shard == len(self._committed) - 1
+                and table_crc(raw, partial["whole_chunks"]) == partial["prefix_crc32c"][layer]):
+            return
+        raise Mismatch("not the shard committed here (its index differs from the one recorded at commit: "
+                       "a file from another layer or run?)")
 
     def _path(self, layer: int, shard: int) -> str:
         return f"{self._chunk_keys}/{layer}/{shard}/0"

@@ -9,16 +9,25 @@ On disk a run is the Zarr v3 group ``{model}/{method}``::
 
 The sample axis only grows, and only by whole committed batches. A commit writes the new samples past
 the end that readers are shown, then publishes them with one atomic file replace: while a writer works,
-the run group's ``zarr.json`` holds the attributes (``progress.n_committed``) and, as Zarr's consolidated
-metadata, every array's metadata with its shape. Readers that open the group (xarray, whatever its
-``consolidated`` argument; zarr-python; Run) therefore see the run as of one commit and never a row whose
-data is missing. Plain readers are shown the committed samples in whole inner chunks of states (the last,
-partly filled chunk joins when the next commit fills it or the writer finishes): zarr-python reads a
-shard's index and its chunks in separate reads, and a whole chunk keeps its bytes at its offset in every
-later version of its shard. Shard files are rewritten whole, by a temporary file renamed into place
-(zarr's LocalStore), so a crash or a full disk never damages a committed sample. When the writer finishes,
-each array's own ``zarr.json`` gets the final length and the group drops its consolidated metadata (which
-would hide the ``derived/`` entries analyses add later); the next writer settles what a crash left.
+the run group's ``zarr.json`` holds the attributes (``progress.n_committed`` and the ``shard_record`` of
+that commit) and, as Zarr's consolidated metadata, every array's metadata with its shape at exactly the
+committed samples. Readers that open the group with its consolidated metadata (xarray by default or with
+``consolidated=True``, zarr-python, Run) therefore see the run as of one commit and never a row whose data
+is missing. Right after, each array's own ``zarr.json`` is set to the same length, for readers that skip
+consolidated metadata (xarray's ``consolidated=False``): they see the committed samples too, but as several
+files, one per array, so a reader that opens the run during those few writes (or after a kill amid them)
+may find two lengths, until the next commit or writer. zarr-python reads a shard's index and its chunks in
+separate reads: a read through it that races a commit over the last, partly filled inner chunk (which the
+commit rewrites, and moves) fails its checksum, and reads again correctly; whole chunks keep their bytes at
+their offsets in every later version of their shard. Shard files are rewritten whole, by a temporary file
+renamed into place (zarr's LocalStore), so a crash or a full disk never damages a committed sample. When
+the writer finishes, the group drops its consolidated metadata (which would hide the ``derived/`` entries
+analyses add later); the next writer settles what a crash left.
+
+The shard record binds each shard file to its place (run, layer, shard) through the CRC of its index; the
+fast reader (actstore.store.reader) checks it on every read, in the server, Dask workers and scripts
+alike. Plain Zarr readers check each chunk's CRC-32C but not the record, so they do not notice an intact
+shard copied from elsewhere.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ from zarr.core.sync import sync
 from zarr.errors import ContainsGroupError
 
 from actstore.store.attributes import as_stored, encode, read_attr, read_attrs, write_attrs
-from actstore.store.errors import RecipeMismatch, StoreNotWritable
+from actstore.store.errors import RecipeMismatch, StoreError, StoreNotWritable
 from actstore.store.layout import LABEL_CHUNK, STATE_DTYPE, StateLayout, state_compressors
 from actstore.store.location import Location, Lock, join
 from actstore.store.names import validate_name
@@ -55,13 +64,34 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 STATES = "hidden_states"
-SHARD_RECORD = "shard_record"  # run attribute: each full shard's index CRC-32C per layer, written at commit
+SHARD_RECORD = "shard_record"  # run attribute: every shard's index CRC-32C per layer, written at each commit
 LABELS = {"sample": "int64", "subject": str, "answer": str, "prediction": str, "correct": "bool"}
+TEXT_LABELS = ("subject", "answer", "prediction")
+MAX_LABEL_CHARS = 256  # longer than any subject or answer of a multiple-choice dataset; bounds every label row
 SAMPLE_ARRAYS = (*LABELS, STATES)  # published in this order: labels before states
 LABEL_COORDS = "subject answer prediction correct"
 VISIBILITIES = ("private", "shared", "public")
 DERIVED = "derived"
 DEFAULT_ACCESS = {"owner_group": None, "visibility": "public", "shared_with": []}
+
+
+class LabelTooLong(StoreError, ValueError):
+    """A label string longer than a run stores (MAX_LABEL_CHARS)."""
+
+
+def check_labels(labels: dict[str, np.ndarray]) -> None:
+    """Raise LabelTooLong naming the first label longer than MAX_LABEL_CHARS characters.
+
+    Labels travel in every answer about the run (one gRPC message carries a selection's labels): an
+    unbounded string would make whole runs unservable. Checked before a batch is buffered, so nothing of it
+    is written.
+    """
+    for name in TEXT_LABELS:
+        lengths = np.fromiter((len(str(value)) for value in labels[name]), dtype=np.int64, count=len(labels[name]))
+        if lengths.size and lengths.max() > MAX_LABEL_CHARS:
+            at = int(lengths.argmax())
+            raise LabelTooLong(f"the {name} of sample {labels['sample'][at]} has {lengths[at]:,} characters, above "
+                               f"the {MAX_LABEL_CHARS} a run stores: shorten it in the dataset")
 
 
 @dataclass
@@ -221,8 +251,7 @@ class Run:
     def to_xarray(self) -> xr.Dataset:
         """The run as a lazy xarray Dataset with named dimensions and coordinates, as of one commit.
 
-        While a writer works, the shapes come from the consolidated metadata each commit writes, and cover
-        the committed samples but those of the last, partly filled inner chunk (RunWriter._whole_chunks).
+        While a writer works, the shapes come from the consolidated metadata each commit writes.
         """
         with warnings.catch_warnings():  # no consolidated metadata when no writer is at work: expected
             warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated metadata")
@@ -338,7 +367,9 @@ class RunWriter:
         self.update_attrs({"history": [*read_attr(self.run.group, "history", []), entry]})
 
     def add(self, states: np.ndarray, labels: dict[str, np.ndarray]) -> None:
-        """Buffer one batch: ``states`` is (layer, batch, hidden); ``labels`` has every LABELS name."""
+        """Buffer one batch: ``states`` is (layer, batch, hidden); ``labels`` has every LABELS name, text labels
+        of at most MAX_LABEL_CHARS characters (else LabelTooLong, the batch not taken)."""
+        check_labels(labels)
         self._pending.append((np.asarray(states, dtype=STATE_DTYPE), labels))
         if time.monotonic() - self._last_commit >= self._commit_seconds:
             self.commit()
@@ -396,35 +427,24 @@ class RunWriter:
         return {"progress": progress, "accuracy": n_correct / n_committed if n_committed else None}
 
     def _shard_record(self, n: int) -> dict[str, Any]:
-        """The run's shard record with every shard full at ``n`` samples: a full shard is never written again,
-        so a later file with another index (intact bytes from another layer or run copied over it) reads as
-        corrupt. Partly filled shards are not recorded: the next commit rewrites them."""
+        """The run's shard record at ``n`` samples, every shard in it (StateReader.record): published with the
+        progress in one write, so that a reader checks each file against the record of the commit it serves,
+        and a file with another index (intact bytes from another layer or run copied over) reads as corrupt."""
         reader = StateReader(_past_the_end(self.run.group[STATES], n), self.run.location, join(self.run.key, STATES))
         if not reader.direct:
             return {}
-        record = read_attr(self.run.group, SHARD_RECORD) or reader.new_record()
-        done = record["index_crc32c"]
-        record["index_crc32c"] = done + [reader.index_crcs(shard) for shard in range(len(done), n // reader.shard_samples)]
-        return {SHARD_RECORD: record}
+        return {SHARD_RECORD: reader.record(read_attr(self.run.group, SHARD_RECORD))}
 
     def _publish(self, n: int, values: dict[str, Any]) -> None:
         """Commit ``n`` samples with the attributes ``values`` (the commit point): one write of the run group's
-        zarr.json, holding every array's metadata as Zarr's consolidated metadata, whose shapes show plain
-        readers the whole inner chunks of states among them (see ``_whole_chunks``)."""
+        zarr.json, holding every array's metadata, at ``n`` samples, as Zarr's consolidated metadata; then each
+        array's own zarr.json, for readers that skip consolidated metadata (see the module docstring)."""
         self._lock.check()  # a bucket's lease may have expired and passed to another writer: publish nothing
         group = self.run.group
         arrays = {name: group[name].metadata for name in (*SAMPLE_ARRAYS, "layer")}
-        shown = self._whole_chunks(n)
-        arrays.update({name: _with_samples(arrays[name], shown) for name in SAMPLE_ARRAYS})
+        arrays.update({name: _with_samples(arrays[name], n) for name in SAMPLE_ARRAYS})
         self._write_group(values, ConsolidatedMetadata(arrays))
-
-    def _whole_chunks(self, n: int) -> int:
-        """``n`` rounded down to whole inner chunks of states: what plain readers are shown while a writer
-        works. zarr-python reads a shard's index and then its chunks in separate reads, so a chunk that a
-        later commit rewrites (the last, partly filled one) could be read torn; whole chunks keep their
-        bytes at their offsets in every later version of the shard."""
-        inner = self.run.group[STATES].chunks[1]
-        return n // inner * inner
+        self._write_array_metadata(n)
 
     def _write_group(self, values: dict[str, Any], consolidated: ConsolidatedMetadata | None) -> None:
         group = self.run.group
@@ -459,7 +479,6 @@ class RunWriter:
             _drop_chunks_past(self.run.location, join(self.run.key, name), array.metadata, n)
         _require_group(zarr.open_group(self.run.group.store_path, mode="r+", use_consolidated=False), DERIVED)
         self._publish(n, {})
-        self._write_array_metadata(self._whole_chunks(n))
 
 
 def _sample_axis(metadata: ArrayV3Metadata) -> int:
