@@ -1,0 +1,143 @@
+"""Every shard of a run, the last, partly filled one included, is bound to its place (run, layer, shard) by the
+shard record of the commit a reader serves: an intact shard copied from another layer or run is corruption in
+actstore's reader (folder and bucket) and DATA_LOSS in a real server, while a reader of an older commit keeps
+reading the shard a writer has rewritten since (or a killed writer left with samples it never committed).
+
+Runs here: 3 layers of 32 floats, 32 samples per shard, 8 per inner chunk (conftest); 80 samples, so shards
+0 and 1 are full and shard 2 holds 16 samples (two whole inner chunks).
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from actstore.client import ActstoreError, Client
+from actstore.server.process import ServerProcess
+from actstore.store import CorruptData, Store
+from actstore.store.run import STATES, _past_the_end, _rows
+
+MODEL, N, LAYER = "tiny", 80, 1
+SHARDS = {"full": 1, "partial": 2}
+
+
+def labels(start: int, n: int) -> dict[str, np.ndarray]:
+    return {"sample": np.arange(start, start + n), "subject": np.array(["s"] * n, dtype=object),
+            "answer": np.array(["A"] * n, dtype=object), "prediction": np.array(["B"] * n, dtype=object),
+            "correct": np.zeros(n, dtype=bool)}
+
+
+def write_run(store: Store, method: str, n: int = N, batch: int = N) -> np.ndarray:
+    """A run of ``n`` samples committed ``batch`` at a time, its values seeded by its name; returns them."""
+    states = np.random.default_rng(sum(map(ord, method))).standard_normal((3, n, 32), dtype=np.float32)
+    with store.writer(MODEL, method, recipe={"r": 1}, attrs={}, n_layers=3, hidden=32) as writer:
+        for start in range(0, n, batch):
+            writer.add(states[:, start : start + batch], labels(start, min(batch, n - start)))
+            writer.commit()
+    return states
+
+
+def shard_key(method: str, layer: int, shard: int) -> str:
+    return f"{MODEL}/{method}/{STATES}/c/{layer}/{shard}/0"
+
+
+def copy_shard(store: Store, source: str, target: str) -> None:
+    """Copy one shard file or object over another, as an operator or a sync tool would."""
+    location = store.location
+    if location.local:
+        (location.path / target).write_bytes((location.path / source).read_bytes())
+    else:
+        location.fs.pipe_file(location._path(target), location.fs.cat_file(location._path(source)))
+
+
+def swap(store: Store, source: str, shard: int) -> np.ndarray:
+    """Runs "0shot" and "donor"; ``shard`` of 0shot's LAYER replaced by the same shard of its layer 2 or of the
+    donor's LAYER. Returns 0shot's states."""
+    states = write_run(store, "0shot")
+    write_run(store, "donor")
+    donor = shard_key("0shot", 2, shard) if source == "another layer" else shard_key("donor", LAYER, shard)
+    copy_shard(store, donor, shard_key("0shot", LAYER, shard))
+    return states
+
+
+def assert_swap_is_corrupt(store: Store, states: np.ndarray, shard: int) -> None:
+    run = store.run(MODEL, "0shot")
+    first = shard * 32
+    with pytest.raises(CorruptData, match=rf"run {MODEL}/0shot, layer {LAYER}, samples {first}:{min(first + 32, N)}"
+                                          r".*not the shard committed here"):
+        run.read_states([LAYER], first, min(first + 32, N))
+    with pytest.raises(CorruptData, match="not the shard committed here"):
+        run.read_rows([0, LAYER], np.array([first + 3]))
+    np.testing.assert_array_equal(run.read_states([0, 2]), states[[0, 2]])  # the other layers read
+
+
+@pytest.mark.parametrize("which", SHARDS)
+@pytest.mark.parametrize("source", ["another layer", "another run"])
+def test_a_swapped_intact_shard_is_corrupt_data_in_a_folder(tmp_path, source, which):
+    store = Store(tmp_path)
+    states = swap(store, source, SHARDS[which])
+    assert_swap_is_corrupt(store, states, SHARDS[which])
+
+
+@pytest.mark.parametrize("which", SHARDS)
+@pytest.mark.parametrize("source", ["another layer", "another run"])
+def test_a_swapped_intact_shard_is_corrupt_data_in_a_bucket(bucket, source, which):
+    store = Store(bucket)
+    states = swap(store, source, SHARDS[which])
+    assert_swap_is_corrupt(store, states, SHARDS[which])
+
+
+def test_the_server_answers_data_loss_for_a_swapped_partial_shard(tmp_path):
+    """The main job's case: a run shorter than one shard, whose only shard is the partly filled one."""
+    root = tmp_path / "store"
+    store = Store(root)
+    states = write_run(store, "0shot", n=20)  # one shard, 20 of its 32 samples
+    write_run(store, "1shot", n=20)
+    write_run(store, "donor", n=20)
+    copy_shard(store, shard_key("0shot", 2, 0), shard_key("0shot", LAYER, 0))  # from another layer
+    copy_shard(store, shard_key("donor", LAYER, 0), shard_key("1shot", LAYER, 0))  # from another run
+    with ServerProcess(root, tmp_path / "server.log") as server, Client(server.address) as client:
+        for method in ("0shot", "1shot"):
+            for samples in (slice(0, 20), slice(5, 6)):
+                with pytest.raises(ActstoreError) as caught:
+                    client.hidden_states(MODEL, method, layers=LAYER, samples=samples)
+                assert caught.value.code == grpc.StatusCode.DATA_LOSS, caught.value
+                assert f"run {MODEL}/{method}, layer {LAYER}" in caught.value.message
+                assert "not the shard committed here" in caught.value.message
+        np.testing.assert_array_equal(client.hidden_states(MODEL, "0shot", layers=0).values[0], states[0])
+
+
+@pytest.mark.parametrize("where", ["folder", "bucket"])
+def test_a_reader_of_an_older_commit_reads_the_partial_shard_rewritten_since(tmp_path, request, where):
+    """The partial shard's record changes at every commit; a Run opened before keeps serving its samples."""
+    store = Store(tmp_path if where == "folder" else request.getfixturevalue("bucket"))
+    states = np.random.default_rng(1).standard_normal((3, 100, 32), dtype=np.float32)
+    with store.writer(MODEL, "0shot", recipe={"r": 1}, attrs={}, n_layers=3, hidden=32) as writer:
+        writer.add(states[:, :44], labels(0, 44))  # shard 1: one whole chunk and 4 samples of the next
+        writer.commit()
+        old = store.run(MODEL, "0shot")
+        np.testing.assert_array_equal(old.read_states([0, 1, 2]), states[:, :44])  # its indexes now cached
+        for start, stop in ((44, 52), (52, 70), (70, 100)):  # fills chunks, then shard 1, then writes shard 2
+            writer.add(states[:, start:stop], labels(start, stop - start))
+            writer.commit()
+            np.testing.assert_array_equal(old.read_states([0, 1, 2]), states[:, :44])
+            np.testing.assert_array_equal(old.read_rows([1], np.array([43, 40, 2])), states[1:2, [43, 40, 2]])
+            assert sum(count for _, count, _ in old.encoded_states(1, 0, 44)) == 44
+    np.testing.assert_array_equal(store.run(MODEL, "0shot").read_states([0, 1, 2]), states)
+
+
+def test_samples_a_killed_writer_wrote_but_never_committed_do_not_make_the_partial_shard_corrupt(tmp_path):
+    """A kill between a commit's data and its publication leaves the partial shard rewritten, its record not:
+    the committed samples still read, from the server's reader as from a fresh one."""
+    store = Store(tmp_path)
+    states = np.random.default_rng(2).standard_normal((3, 60, 32), dtype=np.float32)
+    writer = store.writer(MODEL, "0shot", recipe={"r": 1}, attrs={}, n_layers=3, hidden=32)
+    writer.add(states[:, :44], labels(0, 44))
+    writer.commit()
+    array = writer.run.group[STATES]  # what the next commit does before it publishes, then the kill
+    _past_the_end(array, 60)[_rows(array.metadata, 44, 60)] = states[:, 44:60]
+    writer._lock.release()
+    run = Store(tmp_path).run(MODEL, "0shot")
+    assert run.n_samples == 44
+    np.testing.assert_array_equal(run.read_states([0, 1, 2]), states[:, :44])
