@@ -10,6 +10,7 @@ import grpc
 
 from actstore.server.selection import BadRequest, NotFound
 from actstore.store import CorruptData, InvalidName, RunLocked, RunNotFound
+from actstore.store.errors import RefusedEntry
 from actstore.server.auth import AuthError
 
 
@@ -35,8 +36,8 @@ _STATUS = [
     ((RunNotFound, NotFound, LookupError), grpc.StatusCode.NOT_FOUND),
     ((InvalidName, BadRequest), grpc.StatusCode.INVALID_ARGUMENT),
     (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (Lossy, grpc.StatusCode.FAILED_PRECONDITION),
-    (CorruptData, grpc.StatusCode.DATA_LOSS),
+    ((Lossy, RefusedEntry), grpc.StatusCode.FAILED_PRECONDITION),  # a file the store will not open
+    (CorruptData, grpc.StatusCode.DATA_LOSS),  # DamagedRun among them: a run whose metadata cannot be read
     ((RunLocked, Unavailable), grpc.StatusCode.UNAVAILABLE),
 ]
 

@@ -31,3 +31,32 @@ class StoreNotWritable(StoreError):
 class CorruptData(StoreError):
     """Stored bytes fail verification (checksum, size or decoding): the message names the run, layer and
     sample range, so an operator knows what to restore or re-ingest."""
+
+
+class RefusedEntry(StoreError):
+    """A file the store will not open: a link that leads out of the store's root, something other than a
+    regular file (a FIFO would block the reading thread forever, a device would be read without end), or a
+    metadata file larger than any real one. The message names the key, which names the run; it never says
+    where a link leads (callers of a server are not told about its file system)."""
+
+    def __init__(self, key: str, store: str, what: str) -> None:
+        super().__init__(f"{key} in store {store} is {what}; the store opens only regular files inside its root: "
+                         "replace it with the file itself, or restore the run's files from a backup")
+        self.key, self.store, self.what = key, store, what
+
+    def __reduce__(self) -> tuple:  # pickled whole: Dask workers send errors back to the client
+        return type(self), (self.key, self.store, self.what)
+
+
+class DamagedRun(CorruptData):
+    """A run whose metadata cannot be read (cut short, not JSON, refused, or naming arrays that are gone):
+    listings leave it out and every read of it raises this, naming it. ``access`` holds the run's access
+    attributes when they could still be read (a server checks them before saying that a run exists), else
+    None."""
+
+    def __init__(self, message: str, access: dict | None = None) -> None:
+        super().__init__(message)
+        self.access = access
+
+    def __reduce__(self) -> tuple:
+        return type(self), (str(self), self.access)

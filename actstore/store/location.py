@@ -8,31 +8,48 @@ zarr's own ``FsspecStore`` over s3fs, with byte-range GETs, and a lease made of 
 after it.
 
 Keys are ``/``-separated paths below the store's root, as zarr's store API has them ("" is the root).
+
+Every read of a folder's files, by zarr-python or by the fast reader, goes through ``open_file``: the store
+opens only regular files inside its root (a FIFO would block the reading thread, a link to ``/dev/zero``
+would be read without end, a link to ``/etc/passwd`` would serve another file), without ever opening the
+refused thing itself; and metadata files are read only up to ``MAX_METADATA_BYTES``, in buckets too. What
+is refused raises RefusedEntry naming the key, so one damaged run never costs more than its own reads.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import errno
+import functools
+import logging
 import os
 import shutil
+import stat
 from abc import ABC, abstractmethod
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
 import xarray as xr
 import zarr
-from zarr.abc.store import RangeByteRequest, SuffixByteRequest
-from zarr.core.buffer import default_buffer_prototype
+from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-from actstore.store.errors import StoreError
+from actstore.store.errors import RefusedEntry, StoreError
 from actstore.store.lock import FolderLock
+
+log = logging.getLogger(__name__)
 
 SCHEMES = ("s3",)
 LEASES = ".actstore-leases"  # a bucket's leases, at its top level: outside any store below a prefix
 LEASE_SECONDS_ENV = "ACTSTORE_LEASE_SECONDS"
+METADATA_NAMES = frozenset({"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"})
+MAX_METADATA_BYTES = 16 << 20  # a run's zarr.json takes tens of KiB: one this large is damage, not a run
+_FD_LINKS = "/proc/self/fd"  # Linux: what a descriptor opened, as a path; reopening it opens that file
+_BY_DESCRIPTOR = hasattr(os, "O_PATH") and os.path.isdir(_FD_LINKS)
 
 
 class UnsupportedLocation(StoreError, ValueError):
@@ -163,7 +180,7 @@ class Folder(Location):
         self.url = str(path)
 
     def zarr_store(self) -> LocalStore:
-        return LocalStore(self.path)
+        return _FolderStore(self.path)
 
     def exists(self, key: str) -> bool:
         return (self.path / key).exists()
@@ -206,14 +223,11 @@ class Folder(Location):
         return FolderLock(self.path / key, what, create=create)
 
     def shard(self, key: str) -> "_FileShard":
-        return _FileShard(f"{self.url}/{key}")  # not Path arithmetic: this is on every read's path
+        return _FileShard(self.url, key)
 
     def discard_partial_writes(self, key: str) -> None:
         for leftover in (self.path / key).rglob("*.partial"):  # zarr's LocalStore writes these, then renames
             leftover.unlink(missing_ok=True)
-
-    def open_xarray(self, group: str) -> xr.Dataset:
-        return xr.open_zarr(self.path, group=group)
 
 
 class Bucket(Location):
@@ -236,7 +250,7 @@ class Bucket(Location):
         self.url = f"s3://{join(bucket, prefix)}"
         self.fs = s3fs.S3FileSystem(**self.storage_options)
         reads = s3fs.S3FileSystem(asynchronous=True, **self.storage_options)
-        self._store = FsspecStore(reads, path=join(bucket, prefix))
+        self._store = _BucketStore(reads, path=join(bucket, prefix))
         _OPEN_FILESYSTEMS.update((self.fs, reads))  # s3fs reuses one instance per set of options
 
     def _path(self, key: str) -> str:
@@ -301,9 +315,6 @@ class Bucket(Location):
     def shard(self, key: str) -> "_ObjectShard":
         return _ObjectShard(self._store, key)
 
-    def open_xarray(self, group: str) -> xr.Dataset:
-        return xr.open_zarr(self.url, group=group, storage_options=self.storage_options)
-
 
 _OPEN_FILESYSTEMS: set[Any] = set()
 
@@ -340,19 +351,18 @@ class _FileShard:
     """A shard file through one descriptor: its index and its chunks come from the same version even while
     a writer renames a new version into place."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, root: str, key: str) -> None:
+        self.root, self.key = root, key
         self.version: Hashable | None = None
         self.size: int | None = None
         self._fd = -1
 
     def __enter__(self) -> "_FileShard":
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
+        opened = open_file(self.root, self.key, directory_is_absent=False)
+        if opened is None:
             return self
-        stat = os.fstat(self._fd)
-        self.version, self.size = (stat.st_ino, stat.st_mtime_ns, stat.st_size), stat.st_size
+        self._fd, found = opened
+        self.version, self.size = (found.st_ino, found.st_mtime_ns, found.st_size), found.st_size
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -391,3 +401,161 @@ class _ObjectShard:
     def range(self, start: int, length: int) -> bytes:
         found = sync(self._store.get(self._key, default_buffer_prototype(), RangeByteRequest(start, start + length)))
         return b"" if found is None else found.to_bytes()
+
+
+class _BucketStore(FsspecStore):
+    """zarr's FsspecStore, reading metadata objects with a bounded range: an object named zarr.json of
+    gigabytes is refused after MAX_METADATA_BYTES + 1 bytes instead of being read whole into memory."""
+
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        if byte_range is not None or not is_metadata(key):
+            return await super().get(key, prototype, byte_range)
+        found = await super().get(key, prototype, RangeByteRequest(0, MAX_METADATA_BYTES + 1))
+        if found is not None and len(found) > MAX_METADATA_BYTES:
+            raise RefusedEntry(key, self.path, f"a metadata object above {MAX_METADATA_BYTES >> 20} MiB")
+        return found
+
+
+class _FolderStore(LocalStore):
+    """zarr's LocalStore, reading every key through ``open_file`` (Run's groups, plain zarr reads, xarray,
+    Dask workers), so that zarr-python opens only what the fast reader would."""
+
+    async def get(self, key: str, prototype: BufferPrototype | None = None,
+                  byte_range: ByteRequest | None = None) -> Buffer | None:
+        if not self._is_open:
+            await self._open()
+        found = await asyncio.to_thread(read_key, str(self.root), key, byte_range)
+        return None if found is None else (prototype or default_buffer_prototype()).buffer.from_bytes(found)
+
+    async def get_partial_values(self, prototype: BufferPrototype,
+                                 key_ranges: Iterable[tuple[str, ByteRequest | None]]) -> list[Buffer | None]:
+        return list(await asyncio.gather(*(self.get(key, prototype, byte_range) for key, byte_range in key_ranges)))
+
+
+def is_metadata(key: str) -> bool:
+    """Whether ``key`` names a Zarr metadata document (read whole, so read through a size cap)."""
+    return key.rpartition("/")[2] in METADATA_NAMES
+
+
+def read_key(root: str, key: str, byte_range: ByteRequest | None = None) -> bytes | None:
+    """The bytes of ``key`` below the folder ``root`` (``byte_range`` of them, as zarr's LocalStore reads it),
+    or None when absent; RefusedEntry for what ``open_file`` refuses and for metadata above the cap."""
+    opened = open_file(root, key)
+    if opened is None:
+        return None
+    fd, found = opened
+    try:
+        size = found.st_size
+        if byte_range is None and is_metadata(key) and size > MAX_METADATA_BYTES:
+            raise RefusedEntry(key, root, f"a metadata file of {size:,} bytes, above the "
+                                          f"{MAX_METADATA_BYTES >> 20} MiB any real one takes")
+        start, stop = _span(byte_range, size)
+        return _pread_all(fd, start, stop)
+    finally:
+        os.close(fd)
+
+
+def open_file(root: str, key: str, directory_is_absent: bool = True) -> tuple[int, os.stat_result] | None:
+    """A descriptor open for reading the regular file ``key`` below the folder ``root``, with its stat; None
+    when there is no such file (or, with ``directory_is_absent``, a folder there, as zarr's LocalStore has
+    it). Raises RefusedEntry for a link leading out of the root and for anything but a regular file.
+
+    On Linux the path is opened with O_PATH first, which opens neither a FIFO (no blocking) nor a device
+    (no side effect); the real path of what it found is checked before the file itself is opened through
+    that descriptor, so a link swapped in between cannot redirect the read."""
+    path = f"{root}/{key}"
+    try:
+        if not _BY_DESCRIPTOR:
+            return _open_checked_path(root, key, path, directory_is_absent)
+        handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise _refused_os_error(key, root, exc) from None
+    try:
+        found = os.fstat(handle)
+        _check_inside(root, key, os.readlink(f"{_FD_LINKS}/{handle}"))
+        if not _is_regular(found, key, root, directory_is_absent):
+            return None
+        return os.open(f"{_FD_LINKS}/{handle}", os.O_RDONLY | os.O_CLOEXEC), found
+    finally:
+        os.close(handle)
+
+
+def _open_checked_path(root: str, key: str, path: str, directory_is_absent: bool) -> tuple[int, os.stat_result] | None:
+    """``open_file`` without /proc: the real path checked first, then opened without following a link and
+    without waiting for a FIFO's writer; the descriptor's type checked before anything is read."""
+    real = os.path.realpath(path)
+    if not os.path.lexists(real):
+        return None
+    _check_inside(root, key, real)
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        found = os.fstat(fd)
+        regular = _is_regular(found, key, root, directory_is_absent)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not regular:
+        os.close(fd)
+        return None
+    return fd, found
+
+
+def _check_inside(root: str, key: str, real: str) -> None:
+    inside = _real_root(root)
+    if real != inside and not real.startswith(inside.rstrip("/") + "/"):
+        log.debug("refused %s in store %s: it leads to %s, outside the store's root", key, root, real)
+        raise RefusedEntry(key, root, "a link leading out of the store's root")
+
+
+def _is_regular(found: os.stat_result, key: str, root: str, directory_is_absent: bool) -> bool:
+    """True for a regular file, False for a folder taken as absent; RefusedEntry for anything else."""
+    if stat.S_ISREG(found.st_mode):
+        return True
+    if stat.S_ISDIR(found.st_mode) and directory_is_absent:
+        return False
+    raise RefusedEntry(key, root, f"a {_KINDS.get(stat.S_IFMT(found.st_mode), 'special file')}, not a regular file")
+
+
+_KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device",
+          stat.S_IFSOCK: "socket", stat.S_IFDIR: "folder"}
+
+
+@functools.lru_cache(maxsize=64)
+def _real_root(root: str) -> str:
+    """The root with its links resolved (a store may live behind a link, e.g. /data -> /mnt/disk)."""
+    return os.path.realpath(root)
+
+
+def _refused_os_error(key: str, root: str, exc: OSError) -> OSError | RefusedEntry:
+    """ELOOP, a loop of links, as a refusal; any other error (permissions) as it is."""
+    if exc.errno == errno.ELOOP:
+        return RefusedEntry(key, root, "a loop of links")
+    return exc
+
+
+def _span(byte_range: ByteRequest | None, size: int) -> tuple[int, int]:
+    """(start, stop) of ``byte_range`` in a file of ``size`` bytes, as zarr's LocalStore reads it."""
+    if byte_range is None:
+        return 0, size
+    if isinstance(byte_range, RangeByteRequest):
+        return byte_range.start, byte_range.end
+    if isinstance(byte_range, OffsetByteRequest):
+        return byte_range.offset, size
+    if isinstance(byte_range, SuffixByteRequest):
+        return max(0, size - byte_range.suffix), size
+    raise TypeError(f"unexpected byte_range {byte_range!r}")
+
+
+def _pread_all(fd: int, start: int, stop: int) -> bytes:
+    """Bytes ``start:stop`` of the file, fewer at its end; one pread returns at most ~2 GiB on Linux. (A join
+    of one part returns that part, uncopied.)"""
+    parts = []
+    while start < stop:
+        part = os.pread(fd, stop - start, start)
+        if not part:
+            break
+        parts.append(part)
+        start += len(part)
+    return b"".join(parts)

@@ -11,15 +11,19 @@ from typing import Any
 
 import zarr
 
-from actstore.store.attributes import write_attrs
-from actstore.store.errors import RunLocked, RunNotFound, StoreNotWritable
+from actstore.store.attributes import read_attr, write_attrs
+from actstore.store.errors import DamagedRun, RefusedEntry, RunLocked, RunNotFound, StoreError, StoreNotWritable
 from actstore.store.names import validate_name
 from actstore.store.location import Folder, Location, Lock, join, locate
-from actstore.store.run import VISIBILITIES, Run, RunWriter
+from actstore.store.run import DEFAULT_ACCESS, SAMPLE_ARRAYS, VISIBILITIES, Run, RunWriter
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STORE = Path("actstore-data")
+# How unreadable metadata shows itself: cut-short or foreign JSON (ValueError, zarr's errors among them),
+# missing keys and arrays (KeyError), wrong types, files refused by the location (StoreError). OSError is
+# not among them: a bucket that does not answer is not a damaged run.
+_DAMAGE = (ValueError, KeyError, TypeError, AttributeError, IndexError, StoreError)
 
 
 class Store:
@@ -32,6 +36,7 @@ class Store:
         self.location = locate(root, storage_options)
         self.url = self.location.url
         self._cache: dict[tuple[str, str], tuple[Any, Run]] = {}
+        self._damage: dict[tuple[str, str], str] = {}  # what was last logged of each damaged run
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -44,19 +49,33 @@ class Store:
         return self.location.exists("zarr.json")
 
     def runs(self) -> list[Run]:
-        """Every run in the store, sorted by model then method; runs still being created are skipped."""
-        found = []
+        """Every run in the store, sorted by model then method; runs still being created are skipped, and so
+        are damaged ones (logged when found; ``damaged_runs`` lists them): one bad run must not hide the
+        others from every caller."""
+        return self.scan()[0]
+
+    def damaged_runs(self) -> list[DamagedRun]:
+        """The runs whose metadata cannot be read, each as the error its reads raise (it names the run)."""
+        return self.scan()[1]
+
+    def scan(self) -> tuple[list[Run], list[DamagedRun]]:
+        """(readable runs, damaged runs), each sorted by model then method."""
+        found: tuple[list[Run], list[DamagedRun]] = ([], [])
         if not self.exists():
             return found
         for model in self.location.children(""):
             for method in self.location.children(model):
-                run = self._open(model, method)
+                try:
+                    run = self._open(model, method)
+                except DamagedRun as damaged:
+                    found[1].append(damaged)
+                    continue
                 if run is not None:
-                    found.append(run)
+                    found[0].append(run)
         return found
 
     def run(self, model: str, method: str) -> Run:
-        """The run ``model/method``; raises RunNotFound naming what exists."""
+        """The run ``model/method``; raises RunNotFound naming what exists, DamagedRun naming a damaged one."""
         run = self._open(validate_name(model, "model name"), validate_name(method, "method"))
         if run is None:
             known = ", ".join(f"{r.model}/{r.method}" for r in self.runs()) or "none"
@@ -64,7 +83,11 @@ class Store:
         return run
 
     def has_run(self, model: str, method: str) -> bool:
-        return self._open(validate_name(model, "model name"), validate_name(method, "method")) is not None
+        """Whether ``model/method`` exists, damaged or not."""
+        try:
+            return self._open(validate_name(model, "model name"), validate_name(method, "method")) is not None
+        except DamagedRun:
+            return True
 
     def writer(self, model: str, method: str, **kwargs: Any) -> RunWriter:
         """Open a run for appending; see RunWriter.open for the keyword arguments."""
@@ -140,22 +163,58 @@ class Store:
         return self.run(model, method)
 
     def _open(self, model: str, method: str) -> Run | None:
-        """The run as of its last commit; reused while its metadata is unchanged (commits replace it)."""
-        version = self.location.version(join(model, method, "zarr.json"))
+        """The run as of its last commit, None if there is none; raises DamagedRun if its metadata cannot be
+        read. A run is reused while its metadata is unchanged (commits replace it); a damaged one is read
+        again each time (its arrays may be restored without its zarr.json changing), but logged once."""
+        key = join(model, method, "zarr.json")
+        version = self.location.version(key)
         if version is None:
             return None
         cached = self._cache.get((model, method))
         if cached is not None and cached[0] == version:
             return cached[1]
         try:
-            group = zarr.open_group(self.location.zarr_store(), mode="r")[f"{model}/{method}"]
-        except (KeyError, FileNotFoundError):  # removed since: a run being created (or recreated) right now
-            return None
-        if "recipe" not in group.attrs:  # a creation that has not finished, or not a run
-            return None
-        run = Run(location=self.location, group=group, model=model, method=method)
-        self._cache[(model, method)] = (version, run)
+            run = self._load(model, method)
+        except DamagedRun as damaged:
+            if self.location.version(key) != version:
+                return None  # replaced while read: a writer creating or recreating the run right now
+            self._report(model, method, damaged)
+            raise
+        if run is not None:
+            self._cache[(model, method)] = (version, run)
+            self._damage.pop((model, method), None)
         return run
+
+    def _report(self, model: str, method: str, damaged: DamagedRun) -> None:
+        """Log a damaged run once per distinct fault, not on every listing."""
+        if self._damage.get((model, method)) != str(damaged):
+            self._damage[(model, method)] = str(damaged)
+            log.warning("%s", damaged)
+
+    def _load(self, model: str, method: str) -> Run | None:
+        """The run read from its metadata and checked for what listings and reads need; None for a creation
+        that has not finished (no recipe yet); DamagedRun where something cannot be read."""
+        group = None
+        try:
+            group = zarr.open_group(self.location.zarr_store(), path=join(model, method), mode="r")
+            if "recipe" not in group.attrs:  # a creation that has not finished, or not a run
+                return None
+            run = Run(location=self.location, group=group, model=model, method=method)
+            self._check(run)
+            return run
+        except _DAMAGE as exc:
+            raise DamagedRun(f"run {model}/{method} in store {self.url} is damaged: {_reason(exc, join(model, method))}; restore its "
+                             "files from a backup or ingest it again (--overwrite)", access=_access(group)) from exc
+
+    def _check(self, run: Run) -> None:
+        """Read what a listing shows and reads open first: the progress and access attributes, and every
+        array's metadata, each in its own zarr.json (the group's consolidated copy would hide a missing one)."""
+        for name in (*SAMPLE_ARRAYS, "layer"):
+            if self.location.version(join(run.key, name, "zarr.json")) is None:
+                raise StoreError(f"its array {name!r} is missing")
+            run.group[name].metadata  # noqa: B018 - opening it parses its metadata
+        shown = (run.access, run.shape, run.complete, run.accuracy)
+        log.debug("opened run %s: access, shape, complete, accuracy %s", run.key, shown)
 
     def ensure_writable(self) -> None:
         """Create the store if needed; raise StoreNotWritable early, before any expensive work."""
@@ -166,3 +225,23 @@ class Store:
                 write_attrs(root, {"actstore": {"format_version": 1}})
         except OSError as exc:
             raise StoreNotWritable(f"cannot write the store at {self.url}: {exc.strerror or exc}") from None
+
+
+def _reason(exc: Exception, run: str) -> str:
+    """What was wrong, for a message that goes to callers: the store's own words, or the kind of fault
+    (a JSON parser's text would quote bytes of whatever file a link pointed at)."""
+    if isinstance(exc, RefusedEntry):
+        return f"its {exc.key.removeprefix(run + '/')} is {exc.what}"
+    if isinstance(exc, StoreError):
+        return str(exc)
+    if isinstance(exc, KeyError) and exc.args:
+        return f"its metadata lacks {exc.args[0]!r}"
+    return f"its metadata cannot be read ({type(exc).__name__})"
+
+
+def _access(group: zarr.Group | None) -> dict[str, Any] | None:
+    """The run's access attributes if its group could be read, else None."""
+    try:
+        return None if group is None else {**DEFAULT_ACCESS, **read_attr(group, "access", {})}
+    except _DAMAGE:
+        return None
