@@ -1,0 +1,271 @@
+"""One damaged run must not break the catalog, and the store opens only what it should (issue 17, point 3).
+
+Real parts only: runs written through the store, damaged on disk (or in a moto bucket) the way a bad copy, a
+stray link or a full disk leaves them, then read through a real server, the client, ``actstore ls`` and the
+store itself."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from actstore.cli import main
+from actstore.client import ActstoreError, Client
+from actstore.server.process import ServerProcess
+from actstore.store import Store
+from actstore.store import location as location_module
+from actstore.store.errors import DamagedRun, RefusedEntry
+
+MODEL, HIDDEN, N_LAYERS, N_SAMPLES = "m", 32, 2, 40
+GOOD = ("good-a", "good-b")
+DAMAGED = ("truncated", "passwd", "no-arrays")
+REFUSED = {grpc.StatusCode.DATA_LOSS, grpc.StatusCode.FAILED_PRECONDITION}
+
+
+def write_run(store: Store, method: str) -> np.ndarray:
+    """A small run written through the store (2 shards of 32 samples per layer); its states."""
+    states = np.random.default_rng(len(method)).standard_normal((N_LAYERS, N_SAMPLES, HIDDEN), dtype=np.float32)
+    labels = {"sample": np.arange(N_SAMPLES), "subject": np.array(["s"] * N_SAMPLES, dtype=object),
+              "answer": np.array(["A"] * N_SAMPLES, dtype=object),
+              "prediction": np.array(["B"] * N_SAMPLES, dtype=object), "correct": np.zeros(N_SAMPLES, dtype=bool)}
+    with store.writer(MODEL, method, recipe={"method": method}, attrs={}, n_layers=N_LAYERS, hidden=HIDDEN) as w:
+        w.add(states, labels)
+    return states
+
+
+def truncate(path: Path) -> None:
+    text = path.read_bytes()
+    path.write_bytes(text[: len(text) // 2])
+
+
+def link(path: Path, target: str | Path) -> None:
+    path.unlink()
+    path.symlink_to(target)
+
+
+def shard(root: Path, method: str, layer: int = 0, index: int = 0) -> Path:
+    return root / MODEL / method / "hidden_states" / "c" / str(layer) / str(index) / "0"
+
+
+def error_of(call) -> ActstoreError:
+    with pytest.raises(ActstoreError) as caught:
+        call()
+    return caught.value
+
+
+def stop(server: ServerProcess) -> None:
+    """Stop the server; a server whose threads are stuck (as before the fix) is killed."""
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+    server.stop()
+
+
+@pytest.fixture
+def damaged_folder(tmp_path) -> Path:
+    """Two good runs beside three damaged ones: a zarr.json cut short, one that is a link to /etc/passwd,
+    and a run whose hidden_states array is gone."""
+    root = tmp_path / "store"
+    store = Store(root)
+    for method in GOOD + DAMAGED:
+        write_run(store, method)
+    truncate(root / MODEL / "truncated" / "zarr.json")
+    link(root / MODEL / "passwd" / "zarr.json", "/etc/passwd")
+    shutil.rmtree(root / MODEL / "no-arrays" / "hidden_states")
+    return root
+
+
+def test_damaged_runs_beside_good_ones_leave_the_catalog_working_through_a_server(damaged_folder, tmp_path):
+    server = ServerProcess(damaged_folder, tmp_path / "server.log")
+    try:
+        with Client(server.address, retries=0) as client:
+            listed = [(r["model"], r["method"]) for r in client.runs()]
+            assert listed == [(MODEL, m) for m in GOOD]
+            for method in DAMAGED:
+                for call in (lambda: client.describe(MODEL, method), lambda: client.labels(MODEL, method),
+                             lambda: client.hidden_states(MODEL, method, layers=0)):
+                    error = error_of(call)
+                    assert error.code in REFUSED, error
+                    assert f"{MODEL}/{method}" in error.message
+                    assert "passwd" not in error.message.replace(f"{MODEL}/passwd", "")  # no path of the link
+            assert client.hidden_states(MODEL, "good-a", layers=1).shape == (1, N_SAMPLES, HIDDEN)
+    finally:
+        stop(server)
+    assert "root:x:0:0" not in server.output()  # nothing of /etc/passwd was read, not even into a log
+
+
+def test_ls_and_the_store_list_the_good_runs_and_name_the_damaged(damaged_folder, capsys, caplog):
+    assert main(["ls", "--store", str(damaged_folder)]) == 0
+    shown = capsys.readouterr().out
+    assert all(f"{MODEL}/{m}" in shown for m in GOOD) and not any(f"{MODEL}/{m} " in shown for m in DAMAGED)
+    store = Store(damaged_folder)
+    good, damaged = store.scan()
+    assert [r.method for r in good] == list(GOOD)
+    assert sorted(str(d).split()[1] for d in damaged) == sorted(f"{MODEL}/{m}" for m in DAMAGED)
+    assert store.has_run(MODEL, "truncated")
+    with pytest.raises(DamagedRun, match=r"m/no-arrays .*damaged: its array 'hidden_states' is missing"):
+        store.run(MODEL, "no-arrays")
+    with pytest.raises(DamagedRun, match=r"m/passwd .*its zarr.json is a link leading out of the store's root"):
+        store.run(MODEL, "passwd")
+    caplog.clear()
+    store.runs()
+    assert "damaged" not in caplog.text  # logged when found, not again on every listing
+
+
+def test_a_damaged_run_is_listed_again_once_restored(damaged_folder, tmp_path):
+    store = Store(damaged_folder)
+    backup = tmp_path / "backup"
+    write_run(Store(backup), "no-arrays")
+    assert [r.method for r in store.runs()] == list(GOOD)
+    shutil.copytree(backup / MODEL / "no-arrays" / "hidden_states", damaged_folder / MODEL / "no-arrays" / "hidden_states")
+    assert [r.method for r in store.runs()] == sorted([*GOOD, "no-arrays"])
+
+
+@pytest.fixture
+def traps(tmp_path) -> Path:
+    """A good run, a run whose zarr.json is a link to /dev/zero, and one whose first shard is a FIFO."""
+    root = tmp_path / "store"
+    store = Store(root)
+    for method in ("good-a", "zero", "fifo"):
+        write_run(store, method)
+    link(root / MODEL / "zero" / "zarr.json", "/dev/zero")
+    fifo = shard(root, "fifo")
+    fifo.unlink()
+    os.mkfifo(fifo)
+    return root
+
+
+def test_a_fifo_shard_and_a_link_to_dev_zero_block_nothing_and_cost_nothing(traps, tmp_path):
+    """Two request threads only: before the fix, two reads of the FIFO held both for ever (every other call
+    then ran out of time) and the /dev/zero listing grew the server by ~190 MB/s."""
+    server = ServerProcess(traps, tmp_path / "server.log", "--workers", "2", "--max-streams-per-caller", "64")
+    try:
+        baseline = server.rss_bytes()
+        with Client(server.address, timeout=5, stream_timeout=5, retries=0) as client:
+            started = time.monotonic()
+            with ThreadPoolExecutor(6) as pool:
+                errors = list(pool.map(lambda _: error_of(lambda: client.hidden_states(MODEL, "fifo", layers=0)),
+                                       range(6)))
+            assert {e.code for e in errors} <= REFUSED, errors
+            assert all(f"{MODEL}/fifo/hidden_states/c/0/0/0" in e.message and "FIFO" in e.message for e in errors)
+            assert [(r["method"]) for r in client.runs()] == ["fifo", "good-a"]
+            error = error_of(lambda: client.describe(MODEL, "zero"))
+            assert error.code in REFUSED and f"{MODEL}/zero" in error.message
+            assert client.hidden_states(MODEL, "good-a", layers=0).shape == (1, N_SAMPLES, HIDDEN)
+            assert time.monotonic() - started < 10
+        assert server.rss_bytes() - baseline < 64 * 2**20
+    finally:
+        stop(server)
+
+
+def in_a_thread(call, timeout: float = 5) -> BaseException | None:
+    """The error ``call`` raises in a daemon thread, which must finish within ``timeout`` (a blocked open()
+    of a FIFO would not: the test fails instead of hanging)."""
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - the error is the result
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert outcome, f"still blocked after {timeout} s"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("by_descriptor", [True, False], ids=["proc-fd", "realpath"])
+def test_every_reader_refuses_a_fifo_without_blocking(traps, monkeypatch, by_descriptor):
+    """The fast reader, zarr-python and xarray all go through the same checks (also without /proc)."""
+    if by_descriptor and not location_module._BY_DESCRIPTOR:
+        pytest.skip("no O_PATH and /proc/self/fd here")
+    monkeypatch.setattr(location_module, "_BY_DESCRIPTOR", by_descriptor)
+    run = Store(traps).run(MODEL, "fifo")
+    for call in (lambda: run.read_states([0]), lambda: run.hidden_states[0, :3],
+                 lambda: run.to_xarray().hidden_states[0].values):
+        error = in_a_thread(call)
+        assert isinstance(error, RefusedEntry) and "m/fifo/hidden_states/c/0/0/0" in str(error), error
+    assert run.read_states([1]).shape == (1, N_SAMPLES, HIDDEN)  # the other layer's shards read as before
+
+
+@pytest.mark.parametrize("by_descriptor", [True, False], ids=["proc-fd", "realpath"])
+def test_links_out_of_the_root_are_refused_and_links_inside_it_followed(tmp_path, monkeypatch, by_descriptor):
+    if by_descriptor and not location_module._BY_DESCRIPTOR:
+        pytest.skip("no O_PATH and /proc/self/fd here")
+    monkeypatch.setattr(location_module, "_BY_DESCRIPTOR", by_descriptor)
+    root, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
+    store = Store(root)
+    states = write_run(store, "good-a")
+    write_run(store, "out")
+    elsewhere.mkdir()
+    # a shard file, and the folder of another layer's shards, moved out of the root and linked back
+    shutil.move(shard(root, "out"), elsewhere / "shard")
+    shard(root, "out").symlink_to(elsewhere / "shard")
+    shutil.move(shard(root, "out", layer=1).parent.parent, elsewhere / "layer1")
+    shard(root, "out", layer=1).parent.parent.symlink_to(elsewhere / "layer1")
+    # inside the root: a shard moved to another folder of the store and linked from its place
+    shutil.move(shard(root, "good-a"), root / "kept-shard")
+    shard(root, "good-a").symlink_to(root / "kept-shard")
+
+    run = Store(root).run(MODEL, "out")
+    for layer in (0, 1):
+        with pytest.raises(RefusedEntry, match=rf"m/out/hidden_states/c/{layer}/0/0 in store .* is a link leading "
+                                               r"out of the store's root"):
+            run.read_states([layer], 0, 8)
+        with pytest.raises(RefusedEntry):
+            run.hidden_states[layer, :8]
+    assert np.array_equal(Store(root).run(MODEL, "good-a").read_states([0, 1]), states)
+
+
+def test_metadata_above_the_cap_is_damage_and_is_not_read(tmp_path):
+    root = tmp_path / "store"
+    store = Store(root)
+    write_run(store, "good-a")
+    write_run(store, "huge")
+    metadata = root / MODEL / "huge" / "zarr.json"
+    with metadata.open("ab") as out:  # still valid JSON: whitespace after the document
+        out.write(b" " * (location_module.MAX_METADATA_BYTES + 1))
+    assert [r.method for r in Store(root).runs()] == ["good-a"]
+    with pytest.raises(DamagedRun, match=r"m/huge .*its zarr.json is a metadata file of [\d,]+ bytes, above"):
+        Store(root).run(MODEL, "huge")
+
+
+def test_damaged_runs_in_a_bucket_leave_the_listing_working(bucket):
+    import boto3
+
+    s3 = boto3.client("s3")
+    name = bucket.removeprefix("s3://")
+    store = Store(f"{bucket}/store")
+    for method in (*GOOD, "truncated", "no-arrays", "huge"):
+        write_run(store, method)
+    key = f"store/{MODEL}/truncated/zarr.json"
+    body = s3.get_object(Bucket=name, Key=key)["Body"].read()
+    s3.put_object(Bucket=name, Key=key, Body=body[: len(body) // 2])
+    for found in s3.list_objects_v2(Bucket=name, Prefix=f"store/{MODEL}/no-arrays/hidden_states/")["Contents"]:
+        s3.delete_object(Bucket=name, Key=found["Key"])
+    key = f"store/{MODEL}/huge/zarr.json"
+    body = s3.get_object(Bucket=name, Key=key)["Body"].read()
+    s3.put_object(Bucket=name, Key=key, Body=body + b" " * location_module.MAX_METADATA_BYTES)
+
+    fresh = Store(f"{bucket}/store")
+    assert [r.method for r in fresh.runs()] == list(GOOD)
+    for method, why in (("truncated", "cannot be read"), ("no-arrays", "array 'hidden_states' is missing"),
+                        ("huge", "metadata object above")):
+        with pytest.raises(DamagedRun, match=rf"run m/{method} in store s3://.* is damaged: .*{why}"):
+            fresh.run(MODEL, method)
+    assert fresh.run(MODEL, "good-b").read_states([0]).shape == (1, N_SAMPLES, HIDDEN)
+    assert main(["ls", "--store", f"{bucket}/store"]) == 0
