@@ -6,8 +6,9 @@ Takes real states (a SmolLM2 0-shot run, ingested here on 200 questions unless -
 store holding one), tiles them to the study's 9,181 samples, writes them under several chunk
 layouts (each with the store's codecs: Blosc, then a CRC-32C per chunk) and prints, side by side: one
 whole layer (MB/s) and one sample across all layers (p50 ms), each read through zarr-python and through
-actstore's reader, and the size against raw fp16. Then the cost of the chunk checksums: the chosen layout
-with and without them, read by actstore's reader in back-to-back pairs (see checksum_cost).
+actstore's reader, and the size against raw fp16. Then the cost of the checksums: the chosen layout with
+chunk CRCs and a shard record (what runs are written with) and without either, read by actstore's reader in
+back-to-back pairs (see checksum_cost).
 """
 
 from __future__ import annotations
@@ -73,13 +74,15 @@ def size_ratio(path: Path, states: np.ndarray) -> float:
 
 
 def checksum_cost(tmp: Path, states: np.ndarray, layout: StateLayout, pairs: int) -> dict[str, list[float]]:
-    """Time with chunk checksums over time without, through actstore's reader: a whole layer (read again, as
+    """Time with chunk checksums and the shard record (checked against every shard's index, see
+    StateReader.record) over time without either, through actstore's reader: a whole layer (read again, as
     a server does, and read first by a new reader, as an analysis does), and one sample across all layers,
     in ``pairs`` pairs of reads. A pair's two reads run back to back, in alternating order, so neither the
     machine's drift nor the warmer caches of the second read favour one side.
     Returns the quartiles (25, 50, 75 %) of each read's ratios, and the sizes on disk (with / without)."""
     readers = [write(tmp / name, states, layout.chunks, layout.shards, compressors)[1]
                for name, compressors in (("with", state_compressors()), ("without", [state_compressor()]))]
+    readers[0] = recorded(readers[0])
     n_layers, n, _ = states.shape
     reads = {
         "layer": lambda reader, i: reader.read([n_layers // 2], 0, n),
@@ -97,9 +100,14 @@ def checksum_cost(tmp: Path, states: np.ndarray, layout: StateLayout, pairs: int
     return {**quartiles, "size": [size_ratio(tmp / "without", states) / size_ratio(tmp / "with", states)]}
 
 
+def recorded(reader: StateReader) -> StateReader:
+    """A reader of the same array that checks every shard against its shard record, as runs are read."""
+    return StateReader(reader.array, reader.location, reader.key, reader.record(None))
+
+
 def fresh(reader: StateReader) -> StateReader:
-    """A new reader of the same array, which has read nothing yet."""
-    return StateReader(reader.array, reader.location, reader.key)
+    """A new reader of the same array (with the same shard record), which has read nothing yet."""
+    return StateReader(reader.array, reader.location, reader.key, reader.shard_record)
 
 
 def _timed(read) -> float:
@@ -138,7 +146,8 @@ def main() -> None:
             ratio = size_ratio(path, states)
             print(f"{name:48} {z_mbps:>10.0f} {z_p50:>14.2f} {r_mbps:>10.0f} {r_p50:>14.2f} {ratio:>11.2f}x")
         cost = checksum_cost(Path(tmp) / "checksums", states, chosen, args.pairs)
-        print(f"chosen layout, time with / without chunk CRC-32C in actstore's reader, median (quartiles) of "
+        print(f"chosen layout, time with / without chunk CRC-32C and shard record in actstore's reader, median "
+              f"(quartiles) of "
               f"{args.pairs} paired reads:")
         for name in ("layer", "layer, first read", "sample"):
             low, median, high = cost[name]

@@ -136,9 +136,9 @@ class StateReader:
             self.inner_samples = array.chunks[1]
             self.hidden = array.shape[2]
             self.chunk_bytes = self.inner_samples * self.hidden * 4  # edge chunks are stored whole too
-        ours = bool(record) and record["layout"] == self._layout_key()
-        self._committed: list[list[int]] = record["index_crc32c"] if ours else []
-        self._partial: dict | None = record.get("partial") if ours else None
+        self.shard_record = record if record and record["layout"] == self._layout_key() else None
+        self._committed: list[list[int]] = self.shard_record["index_crc32c"] if self.shard_record else []
+        self._partial: dict | None = self.shard_record.get("partial") if self.shard_record else None
         self._indexes: dict[str, tuple[Hashable | None, _Index]] = {}  # by shard key, with its version; GIL-safe
 
     def read(self, layers: list[int], start: int, stop: int) -> np.ndarray:
