@@ -146,27 +146,42 @@ def traps(tmp_path) -> Path:
     return root
 
 
-def test_a_fifo_shard_and_a_link_to_dev_zero_block_nothing_and_cost_nothing(traps, tmp_path):
-    """Two request threads only: before the fix, two reads of the FIFO held both for ever (every other call
-    then ran out of time) and the /dev/zero listing grew the server by ~190 MB/s."""
+@pytest.fixture
+def two_threads(traps, tmp_path):
+    """A server with two request threads only: two calls stuck on one damaged run would stall every other."""
     server = ServerProcess(traps, tmp_path / "server.log", "--workers", "2", "--max-streams-per-caller", "64")
-    try:
-        baseline = server.rss_bytes()
-        with Client(server.address, timeout=5, stream_timeout=5, retries=0) as client:
-            started = time.monotonic()
-            with ThreadPoolExecutor(6) as pool:
-                errors = list(pool.map(lambda _: error_of(lambda: client.hidden_states(MODEL, "fifo", layers=0)),
-                                       range(6)))
-            assert {e.code for e in errors} <= REFUSED, errors
-            assert all(f"{MODEL}/fifo/hidden_states/c/0/0/0" in e.message and "FIFO" in e.message for e in errors)
-            assert [(r["method"]) for r in client.runs()] == ["fifo", "good-a"]
-            error = error_of(lambda: client.describe(MODEL, "zero"))
-            assert error.code in REFUSED and f"{MODEL}/zero" in error.message
-            assert client.hidden_states(MODEL, "good-a", layers=0).shape == (1, N_SAMPLES, HIDDEN)
-            assert time.monotonic() - started < 10
-        assert server.rss_bytes() - baseline < 64 * 2**20
-    finally:
-        stop(server)
+    yield server
+    stop(server)
+
+
+def test_a_fifo_shard_blocks_no_thread(two_threads):
+    """Before the fix, the reads of the FIFO held both threads for ever: every call then ran out of time."""
+    with Client(two_threads.address, timeout=5, stream_timeout=5, retries=0) as client:
+        started = time.monotonic()
+        with ThreadPoolExecutor(6) as pool:
+            errors = list(pool.map(lambda _: error_of(lambda: client.hidden_states(MODEL, "fifo", layers=0)),
+                                   range(6)))
+        assert {e.code for e in errors} == {grpc.StatusCode.FAILED_PRECONDITION}, errors
+        assert all(f"{MODEL}/fifo/hidden_states/c/0/0/0" in e.message and "FIFO" in e.message for e in errors)
+        assert [r["method"] for r in client.runs()] == ["fifo", "good-a"]
+        assert client.hidden_states(MODEL, "good-a", layers=0).shape == (1, N_SAMPLES, HIDDEN)
+        assert client.hidden_states(MODEL, "fifo", layers=1).shape == (1, N_SAMPLES, HIDDEN)  # its other shards
+        assert time.monotonic() - started < 10
+
+
+def test_a_zarr_json_linked_to_dev_zero_costs_nothing(two_threads):
+    """Before the fix, listing read /dev/zero without end (~190 MB/s of server memory, past any deadline)."""
+    baseline = two_threads.rss_bytes()
+    with Client(two_threads.address, timeout=5, retries=0) as client:
+        started = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:
+            listings = list(pool.map(lambda _: [r["method"] for r in client.runs()], range(4)))
+        assert listings == [["fifo", "good-a"]] * 4
+        error = error_of(lambda: client.describe(MODEL, "zero"))
+        assert error.code == grpc.StatusCode.DATA_LOSS and f"{MODEL}/zero" in error.message
+        assert "zarr.json is a link leading out of the store's root" in error.message
+        assert time.monotonic() - started < 5
+    assert two_threads.rss_bytes() - baseline < 64 * 2**20
 
 
 def in_a_thread(call, timeout: float = 5) -> BaseException | None:
