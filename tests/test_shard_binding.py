@@ -51,22 +51,22 @@ def copy_shard(store: Store, source: str, target: str) -> None:
         location.fs.pipe_file(location._path(target), location.fs.cat_file(location._path(source)))
 
 
-def swap(store: Store, source: str, shard: int) -> np.ndarray:
-    """Runs "0shot" and "donor"; ``shard`` of 0shot's LAYER replaced by the same shard of its layer 2 or of the
-    donor's LAYER. Returns 0shot's states."""
-    states = write_run(store, "0shot")
-    write_run(store, "donor")
+def swap(store: Store, source: str, shard: int, n: int = N) -> np.ndarray:
+    """Runs "0shot" and "donor" of ``n`` samples; ``shard`` of 0shot's LAYER replaced by the same shard of its
+    layer 2 or of the donor's LAYER. Returns 0shot's states."""
+    states = write_run(store, "0shot", n)
+    write_run(store, "donor", n)
     donor = shard_key("0shot", 2, shard) if source == "another layer" else shard_key("donor", LAYER, shard)
     copy_shard(store, donor, shard_key("0shot", LAYER, shard))
     return states
 
 
-def assert_swap_is_corrupt(store: Store, states: np.ndarray, shard: int) -> None:
+def assert_swap_is_corrupt(store: Store, states: np.ndarray, shard: int, n: int = N) -> None:
     run = store.run(MODEL, "0shot")
     first = shard * 32
-    with pytest.raises(CorruptData, match=rf"run {MODEL}/0shot, layer {LAYER}, samples {first}:{min(first + 32, N)}"
+    with pytest.raises(CorruptData, match=rf"run {MODEL}/0shot, layer {LAYER}, samples {first}:{min(first + 32, n)}"
                                           r".*not the shard committed here"):
-        run.read_states([LAYER], first, min(first + 32, N))
+        run.read_states([LAYER], first, min(first + 32, n))
     with pytest.raises(CorruptData, match="not the shard committed here"):
         run.read_rows([0, LAYER], np.array([first + 3]))
     np.testing.assert_array_equal(run.read_states([0, 2]), states[[0, 2]])  # the other layers read
@@ -86,6 +86,16 @@ def test_a_swapped_intact_shard_is_corrupt_data_in_a_bucket(bucket, source, whic
     store = Store(bucket)
     states = swap(store, source, SHARDS[which])
     assert_swap_is_corrupt(store, states, SHARDS[which])
+
+
+@pytest.mark.parametrize("source", ["another layer", "another run"])
+def test_a_swapped_partial_shard_holding_less_than_one_inner_chunk_is_corrupt_data(tmp_path, source):
+    """68 samples: shard 2 holds 4, no whole inner chunk, so no index entry of it is the same in every later
+    version; the record's CRC of those 4 rows' values binds it."""
+    store = Store(tmp_path)
+    states = swap(store, source, 2, n=68)
+    assert_swap_is_corrupt(store, states, 2, n=68)
+    assert store.run(MODEL, "0shot").attrs["shard_record"]["partial"]["whole_chunks"] == 0
 
 
 def test_the_server_answers_data_loss_for_a_swapped_partial_shard(tmp_path):
@@ -118,7 +128,7 @@ def test_a_reader_of_an_older_commit_reads_the_partial_shard_rewritten_since(tmp
         writer.commit()
         old = store.run(MODEL, "0shot")
         np.testing.assert_array_equal(old.read_states([0, 1, 2]), states[:, :44])  # its indexes now cached
-        for start, stop in ((44, 52), (52, 70), (70, 100)):  # fills chunks, then shard 1, then writes shard 2
+        for start, stop in ((44, 52), (52, 70), (70, 100)):  # fills a chunk, then shard 1, then into shard 3
             writer.add(states[:, start:stop], labels(start, stop - start))
             writer.commit()
             np.testing.assert_array_equal(old.read_states([0, 1, 2]), states[:, :44])

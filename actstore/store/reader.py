@@ -194,8 +194,18 @@ class StateReader:
                                           for shard in indexes]}
         if n % self.shard_samples:
             whole = n % self.shard_samples // self.inner_samples
-            record["partial"] = {"whole_chunks": whole, "prefix_crc32c": [table_crc(raw, whole) for raw in indexes[-1]]}
+            record["partial"] = {"whole_chunks": whole, "prefix_crc32c": [table_crc(raw, whole) for raw in indexes[-1]],
+                                 **self._partial_rows(n)}
         return record
+
+    def _partial_rows(self, n: int) -> dict:
+        """The committed rows of the last, partly filled inner chunk (if any) and, per layer, the CRC-32C of
+        their float32 values: what binds that chunk, whose stored bytes change at the next commit."""
+        rows = n % self.inner_samples
+        if not rows:
+            return {}
+        values = self.read(list(range(self.array.shape[0])), n - rows, n)
+        return {"rows": rows, "rows_crc32c": [span_crc(layer.tobytes()) for layer in values]}
 
     def _stored_index(self, layer: int, shard: int) -> bytes:
         """A shard's index bytes as stored (for the record: the writer just wrote and checked them)."""
@@ -298,7 +308,32 @@ class StateReader:
                                 path) from None
         if whole is not None:
             index.passed[first, stop] = whole
-        return {first + i: frame for i, frame in zip(present, frames)}
+        chunks = {first + i: frame for i, frame in zip(present, frames)}
+        if shard == len(self._committed) - 1 and self._partial is not None:
+            self._check_partial_rows(layer, shard, chunks, first, stop, unverified, path)
+        return chunks
+
+    def _check_partial_rows(self, layer: int, shard: int, chunks: dict[int, memoryview], first: int, stop: int,
+                            unverified: bool, path: str) -> None:
+        """The chunk partly filled at the commit served must begin with the rows recorded then (``record``):
+        its stored bytes change at every commit, and its index entry alone (one size) binds it weakly."""
+        partial = self._partial
+        position = partial["whole_chunks"]
+        if not partial.get("rows") or not first <= position < stop:
+            return
+        frame = chunks.get(position)
+        try:
+            values = b"" if frame is None else numcodecs.blosc.decompress(frame)[: partial["rows"] * self.hidden * 4]
+        except RuntimeError:
+            values = b""
+        if span_crc(values) == partial["rows_crc32c"][layer]:
+            return
+        if unverified:
+            raise _StaleIndex
+        c_first = shard * self.shard_samples + position * self.inner_samples
+        raise self._corrupt(f"layer {layer}", c_first, c_first + partial["rows"], "shard: not the shard committed "
+                            "here (its partly filled chunk holds other values than at commit: a file from another "
+                            "layer or run?)", path)
 
     def _index(self, stored: ShardBytes, path: str, layer: int, shard: int, fresh: bool) -> tuple[_Index | None, bool]:
         """The shard's verified chunk index (at its end), or None when the shard does not exist; and whether it
@@ -325,8 +360,9 @@ class StateReader:
     def _check_recorded(self, raw: bytes, layer: int, shard: int) -> None:
         """Mismatch unless the index ``raw`` (its CRC verified) is the one recorded for (layer, shard) at the
         commit served, or, for the shard partly filled then, a later version of it: one whose whole chunks of
-        that commit keep their entries (a writer has appended since; see ``record``). Shards past the record
-        (runs written before records covered every shard) are not checked."""
+        that commit keep their entries (a writer has appended since, or was killed amid a commit; see
+        ``record``); the rows of its chunk partly filled then are checked when read (``_check_partial_rows``).
+        Shards past the record (runs written before records covered every shard) are not checked."""
         if shard >= len(self._committed) or int.from_bytes(raw[-CRC_BYTES:], "little") == self._committed[shard][layer]:
             return
         partial = self._partial
