@@ -139,3 +139,20 @@ def test_only_the_owner_group_cancels_with_an_auth_file(secured):
             AnalysisJob(b, job.id).cancel()
         assert caught.value.code == grpc.StatusCode.NOT_FOUND  # another group's job is hidden from it
         assert AnalysisJob(same_group, job.id).cancel().state == pb.JOB_STATE_CANCELLED
+
+
+def test_fair_shares_start_a_newcomer_level_with_the_oldest_outstanding_task():
+    from actstore.analysis.scheduler import FairShares
+
+    shares = FairShares()
+    assert shares.take("a", 10) == 0  # bands 0..9
+    assert shares.take("a", 5) == 10  # an owner's next job queues behind its own
+    for band in (0, 1, 2):  # three of a's tasks ended
+        shares.give_back("a", band)
+    assert shares.take("b", 1) == 3  # level with a's next task, ahead of a's other eleven
+    assert shares.take("b", 2) == 4  # then b's next ones alternate with a's
+    for band in range(3, 15):
+        shares.give_back("a", band)
+    for band in (3, 4, 5):
+        shares.give_back("b", band)
+    assert shares.take("a", 1) == 0  # nothing outstanding: everyone starts afresh
