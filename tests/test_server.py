@@ -246,7 +246,7 @@ def test_client_retries_while_the_server_starts(tmp_path, served):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     found = {}
-    with Client(f"127.0.0.1:{port}") as c:
+    with Client(f"127.0.0.1:{port}", retry_for=60) as c:  # a server start takes seconds on a busy machine
         thread = threading.Thread(target=lambda: found.update(runs=c.runs()))
         thread.start()
         time.sleep(0.3)

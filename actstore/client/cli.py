@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from actstore.client.client import DEFAULT_RETRY_FOR_S, RETRY_ENV
 from actstore.protocol import DEFAULT_ADDRESS
 
 
@@ -23,6 +24,29 @@ def _span(text: str) -> slice:
     return slice(int(start), int(stop))
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, 0 or more, got {text!r}")
+    return value
+
+
+def _retry_for(args: argparse.Namespace) -> float:
+    """--retry-for, else $ACTSTORE_RETRY_FOR, else the client's default; a bad value is a one-line error."""
+    if args.retry_for is not None:
+        return args.retry_for
+    text = os.environ.get(RETRY_ENV)
+    if text is None:
+        return DEFAULT_RETRY_FOR_S
+    try:
+        return _seconds(text)
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"${RETRY_ENV}: {exc}") from None
+
+
 def _layers(text: str) -> slice | list[int]:
     return _span(text) if ":" in text else [int(v) for v in _csv(text)]
 
@@ -34,6 +58,9 @@ def _connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", type=Path, help="file holding the bearer token (default: $ACTSTORE_TOKEN)")
     p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
     p.add_argument("--tls-ca", type=Path, help="connect with TLS, trusting this PEM certificate")
+    p.add_argument("--retry-for", type=_seconds, metavar="SECONDS",
+                   help=f"how long to retry while the server is unavailable, e.g. restarting "
+                        f"(default: ${RETRY_ENV} or {DEFAULT_RETRY_FOR_S:g})")
 
 
 def register_analyze(subparsers: argparse._SubParsersAction) -> None:
@@ -125,7 +152,7 @@ def _client(args: argparse.Namespace):
     from actstore.client import Client
 
     token = args.token_file.read_text().strip() if args.token_file else os.environ.get("ACTSTORE_TOKEN")
-    return Client(args.address, token=token, tls=args.tls_ca or args.tls)
+    return Client(args.address, token=token, tls=args.tls_ca or args.tls, retry_for=_retry_for(args))
 
 
 def _selection(args: argparse.Namespace) -> dict:

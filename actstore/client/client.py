@@ -29,7 +29,8 @@ Labels = str | Sequence[str] | None
 
 DEFAULT_TIMEOUT_S = 30.0  # deadline of each unary call: a stalled server must not hang its callers
 DEFAULT_STREAM_TIMEOUT_S = 600.0  # deadline of a whole ReadStates stream (the server caps its size)
-DEFAULT_RETRY_FOR_S = 10.0  # how long UNAVAILABLE is retried: enough to ride over a server restart
+DEFAULT_RETRY_FOR_S = 10.0  # how long UNAVAILABLE is retried: enough to ride over a quick server restart
+RETRY_ENV = "ACTSTORE_RETRY_FOR"  # the shell's way to set retry_for (actstore query, analyze)
 FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.1, 2.0
 CLIENT_OPTIONS = [
     *CHANNEL_OPTIONS,
@@ -81,9 +82,11 @@ class Client:
         ``timeout``: deadline in seconds of each call but ``hidden_states``, whose whole stream has
         ``stream_timeout`` (None: no deadline; keepalive pings still end a call to a stalled server within
         ~30 s, as they do ``AnalysisJob.watch``). UNAVAILABLE (server down or restarting, a run briefly
-        locked) is retried for ``retry_for`` seconds, at most ``retries`` times when given, with exponential
-        backoff and jitter.
+        locked) is retried for ``retry_for`` seconds (longer to ride over a slow restart), at most ``retries``
+        times when given, with exponential backoff and jitter.
         """
+        if not retry_for >= 0:
+            raise ValueError(f"retry_for must be 0 or more seconds, not {retry_for}")
         target, options = channel_target(address)
         options = [*CLIENT_OPTIONS, *options]
         if tls:
@@ -238,19 +241,28 @@ class Client:
         so its total wait is too short and too random to span a server restart; and it would not cover
         a stream that fails after its first message.
         """
-        give_up, retried = time.monotonic() + self._retry_for, 0
+        started, retried = time.monotonic(), 0
         while True:
             try:
                 return attempt()
             except grpc.RpcError as exc:
                 code = exc.code()
                 delay = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2**retried) * random.uniform(0.5, 1.0)
-                more = self._retries is None or retried < self._retries
-                if code is not grpc.StatusCode.UNAVAILABLE or not more or time.monotonic() + delay > give_up:
+                capped = self._retries is not None and retried >= self._retries
+                if code is not grpc.StatusCode.UNAVAILABLE or capped:
                     raise ActstoreError(code, exc.details() or "") from None
+                if time.monotonic() + delay > started + self._retry_for:
+                    raise ActstoreError(code, _gave_up(exc.details() or "", self._retry_for)) from None
                 log.info("server unavailable (%s); retrying in %.1f s", exc.details(), delay)
                 time.sleep(delay)
                 retried += 1
+
+
+def _gave_up(details: str, window: float) -> str:
+    """UNAVAILABLE once the retry window is spent: what happened, and how to wait longer."""
+    return (f"{details} (still unavailable after retrying for {window:g} s: the server is down, restarting or "
+            f"unreachable; to wait longer pass Client(retry_for=SECONDS), or `actstore query --retry-for SECONDS` "
+            f"or ${RETRY_ENV})")
 
 
 def channel_target(address: str | Sequence[str]) -> tuple[str, list[tuple[str, str]]]:

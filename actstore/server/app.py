@@ -18,7 +18,8 @@ from grpc_reflection.v1alpha import reflection
 from actstore.protocol import DEFAULT_ADDRESS, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES
 from actstore.server.address import parse_address
 from actstore.server.auth import Authenticator
-from actstore.server.gate import DEFAULT_MAX_STREAMS_PER_CALLER, AuthGate, StreamBudget
+from actstore.server.gate import (DEFAULT_MAX_INFLIGHT_MB, DEFAULT_MAX_STREAMS_PER_CALLER, DEFAULT_STREAM_IDLE_S,
+                                  AuthGate, Drain, StreamBudget)
 from actstore.server.service import CatalogService, DataService
 from actstore.store import Store
 from actstore.v1 import actstore_pb2 as pb
@@ -53,6 +54,8 @@ class ServerConfig:
     max_response_mb: float = DEFAULT_MAX_RESPONSE_MB
     workers: int = DEFAULT_WORKERS  # threads for blocking store and numpy work; streams and waits hold none
     max_streams_per_caller: int = DEFAULT_MAX_STREAMS_PER_CALLER
+    max_inflight_mb: float = DEFAULT_MAX_INFLIGHT_MB  # response bytes all streams hold at once, unsent
+    stream_idle_s: float = DEFAULT_STREAM_IDLE_S  # a stream whose client reads nothing this long is ended
     scheduler: str | None = None  # Dask scheduler address for analyses; None: a local cluster on first use
     dask_workers: int | None = None  # local cluster size (default: one per core)
 
@@ -69,11 +72,15 @@ class Server:
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         if config.workers < 1 or config.max_streams_per_caller < 1:
             raise ValueError("--workers and --max-streams-per-caller must be at least 1")
+        if not config.max_inflight_mb > 0 or not config.stream_idle_s > 0:
+            raise ValueError("--max-inflight-mb and --stream-idle-timeout must be above 0")
         self.config = replace(config, address=parse_address(config.address))
         self.auth = Authenticator.from_file(config.auth_file)
         self.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="actstore-rpc")
-        self.grpc = grpc.aio.server(interceptors=[AuthGate(self.auth)], options=SERVER_OPTIONS)
-        common = (store, int(config.max_response_mb * 2**20), self.pool, StreamBudget(config.max_streams_per_caller))
+        self.drain = Drain()
+        self.grpc = grpc.aio.server(interceptors=[AuthGate(self.auth, self.drain)], options=SERVER_OPTIONS)
+        streams = StreamBudget(config.max_streams_per_caller, int(config.max_inflight_mb * 2**20), config.stream_idle_s)
+        common = (store, int(config.max_response_mb * 2**20), self.pool, streams)
         pb_grpc.add_CatalogServiceServicer_to_server(CatalogService(*common), self.grpc)
         pb_grpc.add_DataServiceServicer_to_server(DataService(*common), self.grpc)
         self.jobs = self._analysis(common)
@@ -115,19 +122,28 @@ class Server:
         for name in ["", *SERVICE_NAMES]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = self.config.address.rsplit(":", 1)[0]
-        log.info("actstore serving %s on %s:%d%s (%d worker threads, %d streams per caller)", self.config.store,
-                 host, self.port, " with TLS" if self.config.tls_cert else "", self.config.workers,
-                 self.config.max_streams_per_caller)
+        log.info("actstore serving %s on %s:%d%s (%d worker threads, %d streams per caller, %g MiB of responses "
+                 "in flight, streams idle for %g s ended)", self.config.store, host, self.port,
+                 " with TLS" if self.config.tls_cert else "", self.config.workers, self.config.max_streams_per_caller,
+                 self.config.max_inflight_mb, self.config.stream_idle_s)
         if self.auth.open:
             exposed = "" if _is_loopback(host) else " -- WARNING: this address is reachable from other machines"
             log.warning("open access: no auth file, every caller reads every run; the stream limit counts per "
                         "client connection%s", exposed)
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
-        """Flip health to NOT_SERVING, refuse new calls, let in-flight streams finish within ``grace``."""
+        """Flip health to NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace``.
+
+        Draining happens before gRPC's own stop, which would refuse every new call at once, health checks
+        included (UNAVAILABLE): meanwhile a probe still reaches the server and reads NOT_SERVING.
+        """
         log.info("shutting down: health NOT_SERVING, finishing in-flight calls (up to %.0f s)", grace)
+        started = asyncio.get_running_loop().time()
         await self.health.enter_graceful_shutdown()
-        await self.grpc.stop(grace)
+        self.drain.closed = True
+        if not await self.drain.wait(grace):
+            log.warning("calls still in flight after %.0f s: cancelling them", grace)
+        await self.grpc.stop(max(0.0, grace - (asyncio.get_running_loop().time() - started)))
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self.jobs is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.jobs.close)

@@ -25,6 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-streams-per-caller", type=int, default=None,
                    help="concurrent ReadStates/WatchJob streams per group (open access: per client connection); "
                         "more get RESOURCE_EXHAUSTED (default: 16)")
+    p.add_argument("--max-inflight-mb", type=float, default=None,
+                   help="response bytes all streams together hold before their clients take them, in MiB; new "
+                        "messages wait for room, and after --stream-idle-timeout get RESOURCE_EXHAUSTED "
+                        "(default: 256)")
+    p.add_argument("--stream-idle-timeout", type=float, default=None, metavar="SECONDS",
+                   help="end a stream (DEADLINE_EXCEEDED) whose client reads none of it for this long (default: 30)")
     p.add_argument("--scheduler", help="Dask scheduler address for analyses (default: a local cluster on first use)")
     p.add_argument("--dask-workers", type=int, help="local Dask worker processes (default: one per core)")
     p.set_defaults(func=run)
@@ -34,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
     from actstore.server.app import ServerConfig, serve
 
     limits = {name: value for name, value in [("workers", args.workers),
-                                               ("max_streams_per_caller", args.max_streams_per_caller)]
+                                               ("max_streams_per_caller", args.max_streams_per_caller),
+                                               ("max_inflight_mb", args.max_inflight_mb),
+                                               ("stream_idle_s", args.stream_idle_timeout)]
               if value is not None}
     serve(ServerConfig(store=args.store, address=args.address, auth_file=args.auth, tls_cert=args.tls_cert,
                        tls_key=args.tls_key, max_response_mb=args.max_response_mb, scheduler=args.scheduler,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import inspect
 import json
@@ -19,7 +20,7 @@ from actstore.protocol import (CHUNK_BYTES, DTYPE_ENUMS, DTYPE_NAMES, MAX_MESSAG
 from actstore.server import selection
 from actstore.server.auth import Caller
 from actstore.server.errors import Forbidden, Lossy, TooLarge, status_of
-from actstore.server.gate import StreamBudget, caller_key, log_call
+from actstore.server.gate import Stalled, StreamBudget, caller_key, log_call
 from actstore.store import Run, RunNotFound, Store
 from actstore.v1 import actstore_pb2 as pb
 from actstore.v1 import actstore_pb2_grpc as pb_grpc
@@ -31,6 +32,8 @@ MAX_PAGE_SIZE = 1000
 MAX_DETAILS_CHARS = 1000  # status details travel in HTTP/2 trailers, which peers cap at a few KiB
 MAX_LABEL_BYTES = MAX_MESSAGE_BYTES * 3 // 4  # labels travel in one message (ReadLabels, the states' header)
 LABEL_ROW_BYTES = 20  # protobuf framing of one sample's labels, beyond its strings: tags, lengths, id, flag
+READ_BYTES = CHUNK_BYTES // 2  # what a stream reads at a time: about one message, all a stalled stream holds
+MESSAGE_SLACK = 128 << 10  # a message's bytes beyond READ_BYTES: one stored chunk past the size, framing
 
 
 def rpc(method: Callable) -> Callable:
@@ -74,7 +77,7 @@ def rpc(method: Callable) -> Callable:
 
 async def _fail(context: grpc.aio.ServicerContext, name: str, started: float, caller: Caller,
                 exc: Exception) -> None:
-    code = status_of(exc)
+    code = grpc.StatusCode.DEADLINE_EXCEEDED if isinstance(exc, Stalled) else status_of(exc)
     log_call(name, caller, code, started)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("internal error in %s", name, exc_info=exc)
@@ -222,20 +225,48 @@ class DataService(_Base, pb_grpc.DataServiceServicer):
     @rpc
     async def ReadStates(self, request: pb.ReadStatesRequest, context: grpc.aio.ServicerContext,
                          caller: Caller) -> None:
-        """Each message is read on the executor and written with flow control: a client that stops reading
-        suspends this coroutine and holds one message; a cancelled or expired call stops the reads."""
+        """One message at a time: reserved from the server's byte budget, read on the executor, written with
+        flow control. gRPC takes a message only as the client's window opens, so a client that stops reading
+        suspends this coroutine holding one message, and is ended after the idle period; a cancelled or
+        expired call stops the reads. Messages are serialized on the executor, and the AuthGate passes the
+        bytes on as they are."""
         header, messages, size = await self.offload(self._plan_read, request, caller)
-        sent = 0
+        sent, first = 0, pb.ReadStatesResponse(header=header).SerializeToString()
         try:
-            while (item := await self.offload(next, messages, None)) is not None:
-                message, nbytes = item
-                if sent == 0:
-                    message.header.CopyFrom(header)
-                await context.write(message)
-                sent += nbytes
+            while (nbytes := await self._send_next(context, messages, first, size - sent)) is not None:
+                sent, first = sent + nbytes, b""
         except asyncio.CancelledError:  # the client cancelled, or its deadline passed
             log.info("ReadStates cancelled by the client after %d of %d bytes; stopped reading", sent, size)
             raise
+
+    async def _send_next(self, context: grpc.aio.ServicerContext, messages: Iterator[Message], header: bytes,
+                         left: int) -> int | None:
+        """Read and write the next message (``header`` in front) within a reservation of its size; the
+        bytes of the answer it carried, or None at the end. Between two messages the stream holds none."""
+        async with self.streams.reserve(min(max(left, 0), READ_BYTES) + MESSAGE_SLACK + len(header)):
+            item = await self.offload(_next_message, messages, header)
+            if item is None:
+                return None
+            await self._write(context, item[0])
+            return item[1]
+
+    async def _write(self, context: grpc.aio.ServicerContext, message: bytes) -> None:
+        """Write, or Stalled when the client takes none of the message for the idle period.
+
+        Not ``asyncio.wait_for``: when the client goes away, gRPC fails the write it cancels with its own
+        error, which wait_for would raise in place of the CancelledError that marks a cancelled call.
+        """
+        write = asyncio.ensure_future(context.write(message))
+        write.add_done_callback(_retrieve)
+        try:
+            done, _ = await asyncio.wait([write], timeout=self.streams.idle_s)
+        finally:
+            write.cancel()  # a no-op once written
+        if not done:
+            raise Stalled(f"the client read none of this stream for {self.streams.idle_s:g} s, this server's "
+                          "limit (actstore serve --stream-idle-timeout): read a stream as it arrives")
+        if write.exception() is not None:  # gRPC fails writes only on a call already over: cancelled, or its
+            raise asyncio.CancelledError from write.exception()  # deadline passed, before it cancels this task
 
     def _plan_read(self, request: pb.ReadStatesRequest, caller: Caller) -> tuple[pb.StatesHeader, Iterator, int]:
         """The header, the messages to send (read lazily) and the answer's size; every check before any read."""
@@ -258,30 +289,53 @@ class DataService(_Base, pb_grpc.DataServiceServicer):
         if request.accept_blosc and whole_rows and size >= CHUNK_BYTES and _is_range(positions):
             messages = _stored_chunks(run, layers, int(positions[0]), len(positions))
         else:
-            messages = _raw_chunks(_blocks(run, layers, positions, cols, dtype, request.allow_lossy))
+            messages = _raw_messages(run, layers, positions, cols, dtype, request.allow_lossy)
         return header, messages, size
 
 
-Message = tuple[pb.ReadStatesResponse, int]  # a response and the bytes of the answer it carries
+def _retrieve(task: asyncio.Future) -> None:
+    """Take a finished write's outcome, so that asyncio does not report one nobody awaited (a cancelled call's)."""
+    if not task.cancelled():
+        task.exception()
 
 
-def _raw_chunks(blocks: Iterator[np.ndarray]) -> Iterator[Message]:
+Message = tuple[bytes, int]  # a serialized ReadStatesResponse and the bytes of the answer it carries
+
+
+def _next_message(messages: Iterator[Message], header: bytes) -> Message | None:
+    """The next message with ``header`` (a serialized response holding the header) in front: serialized
+    protobuf messages concatenated parse as one message holding the fields of both."""
+    item = next(messages, None)
+    return item if item is None or not header else (header + item[0], item[1])
+
+
+def _raw_messages(run: Run, layers: list[int], positions: np.ndarray, cols: slice, dtype: np.dtype,
+                  allow_lossy: bool) -> Iterator[Message]:
+    """The answer in C order as raw bytes, one message per read of at most READ_BYTES (see ``_reads``):
+    nothing but the message outlives the statement that builds it, so that is all a suspended stream holds."""
     offset = 0
-    for piece in _chunks(blocks):
-        yield pb.ReadStatesResponse(chunk=pb.StatesChunk(offset=offset, data=piece)), len(piece)
-        offset += len(piece)
+    for group, lo, hi in _reads(run, layers, positions):
+        message, nbytes = _chunk_message(offset, _block(run, group, positions[lo:hi], cols, dtype, allow_lossy))
+        yield message, nbytes
+        offset += nbytes
+
+
+def _chunk_message(offset: int, block: np.ndarray) -> Message:
+    return pb.ReadStatesResponse(chunk=pb.StatesChunk(offset=offset, data=block.tobytes())).SerializeToString(), \
+        block.nbytes
 
 
 def _stored_chunks(run: Run, layers: list[int], first: int, n: int) -> Iterator[Message]:
     """A sample range of whole rows as the stored Blosc chunks, undecoded: runs of consecutive chunks
-    travel as one EncodedBlock, about CHUNK_BYTES of them per message."""
+    travel as one EncodedBlock, about READ_BYTES of them per message; its blocks are let go before it is
+    yielded, so a suspended stream holds the message and the chunks of one read (``_encoded``)."""
     row_bytes = run.shape[2] * 4
     blocks: list[pb.EncodedBlock] = []
     wire = carried = 0
     for index, layer in enumerate(layers):
         pieces: list[bytes] = []
         run_start = run_count = 0
-        for start, count, payload in run.encoded_states(layer, first, first + n):
+        for start, count, payload in _encoded(run, layer, first, first + n):
             if isinstance(payload, bytes):
                 if not pieces:
                     run_start, run_count = start - first, 0
@@ -289,18 +343,43 @@ def _stored_chunks(run: Run, layers: list[int], first: int, n: int) -> Iterator[
                 run_count += count
                 wire, carried = wire + len(payload), carried + count * row_bytes
             else:  # a partial chunk at either end of the range, decoded
-                offset = (index * n + start - first) * row_bytes
-                yield pb.ReadStatesResponse(chunk=pb.StatesChunk(offset=offset, data=payload.tobytes())), payload.nbytes
-            if pieces and (wire >= CHUNK_BYTES or not isinstance(payload, bytes)):
+                yield _chunk_message((index * n + start - first) * row_bytes, payload)
+            if pieces and (wire >= READ_BYTES or not isinstance(payload, bytes)):
                 blocks.append(_encoded_block(index, run_start, run_count, pieces))
                 pieces = []
-            if wire >= CHUNK_BYTES:
-                yield pb.ReadStatesResponse(blocks=blocks), carried
-                blocks, wire, carried = [], 0, 0
+            if wire >= READ_BYTES:
+                message, blocks = pb.ReadStatesResponse(blocks=blocks).SerializeToString(), []
+                yield message, carried
+                wire, carried = 0, 0
         if pieces:
             blocks.append(_encoded_block(index, run_start, run_count, pieces))
     if blocks:
-        yield pb.ReadStatesResponse(blocks=blocks), carried
+        yield pb.ReadStatesResponse(blocks=blocks).SerializeToString(), carried
+
+
+def _encoded(run: Run, layer: int, start: int, stop: int) -> Iterator[tuple[int, int, bytes | np.ndarray]]:
+    """``run.encoded_states`` read a message's worth of samples at a time (not a shard), each read taken
+    whole (the reader then lets its fetched bytes go) and handed on piece by piece, so that a stream holds
+    little more than the message it is sending."""
+    for lo, hi in _spans(start, stop, _rows_per_read(run)):
+        pieces = collections.deque(run.encoded_states(layer, lo, hi))
+        while pieces:
+            yield pieces.popleft()
+
+
+def _rows_per_read(run: Run) -> int:
+    """Samples of one layer in READ_BYTES, whole stored chunks of them (a chunk is decoded once)."""
+    inner = run.hidden_states.chunks[1]
+    return max(inner, READ_BYTES // (run.shape[2] * 4) // inner * inner)
+
+
+def _spans(start: int, stop: int, rows: int) -> Iterator[tuple[int, int]]:
+    """start:stop cut at the multiples of ``rows``, which are stored chunk boundaries."""
+    lo = start
+    while lo < stop:
+        hi = min(stop, (lo // rows + 1) * rows)
+        yield lo, hi
+        lo = hi
 
 
 def _encoded_block(layer_index: int, sample_start: int, n_samples: int, pieces: list[bytes]) -> pb.EncodedBlock:
@@ -313,45 +392,43 @@ def _is_range(positions: np.ndarray) -> bool:
     return bool(np.array_equal(positions, np.arange(first, first + len(positions))))
 
 
-def _chunks(blocks: Iterator[np.ndarray]) -> Iterator[bytes]:
-    """Re-cut blocks of any size into messages of CHUNK_BYTES (the last one shorter): few, full messages."""
-    pending = b""
-    for block in blocks:
-        view = memoryview(block).cast("B")
-        if pending:
-            take = CHUNK_BYTES - len(pending)
-            pending += bytes(view[:take])
-            view = view[take:]
-            if len(pending) < CHUNK_BYTES:
-                continue
-            yield pending
-        whole = len(view) - len(view) % CHUNK_BYTES
-        for start in range(0, whole, CHUNK_BYTES):
-            yield bytes(view[start : start + CHUNK_BYTES])
-        pending = bytes(view[whole:])
-    if pending:
-        yield pending
+def _reads(run: Run, layers: list[int], positions: np.ndarray) -> Iterator[tuple[list[int], int, int]]:
+    """(layers, lo, hi): the reads of ``positions[lo:hi]`` making up the answer, in C order, each at most
+    READ_BYTES of whole rows. A selection that small is one read of all layers (one sample across every
+    layer is the latency-critical case); larger ones go layer by layer, in runs of samples cut at stored
+    chunk boundaries, so that no chunk is decoded twice."""
+    if len(layers) * len(positions) * run.shape[2] * 4 <= READ_BYTES:
+        yield layers, 0, len(positions)
+        return
+    spans = list(_position_spans(positions, _rows_per_read(run)))
+    for layer in layers:
+        for lo, hi in spans:
+            yield [layer], lo, hi
 
 
-def _blocks(run: Run, layers: list[int], positions: np.ndarray, cols: slice, dtype: np.dtype,
-            allow_lossy: bool) -> Iterator[np.ndarray]:
-    """The answer in C order, a bounded block at a time: at most one shard's worth of samples per layer.
+def _position_spans(positions: np.ndarray, rows: int) -> Iterator[tuple[int, int]]:
+    """Index spans of ``positions``, ``rows`` each; for a range, cut where the samples cross a multiple of
+    ``rows`` (a chunk boundary)."""
+    if _is_range(positions):
+        first = int(positions[0])
+        for lo, hi in _spans(first, first + len(positions), rows):
+            yield lo - first, hi - first
+        return
+    for lo in range(0, len(positions), rows):
+        yield lo, min(lo + rows, len(positions))
 
-    A selection that fits in one block is read for all layers at once (one sample across every layer
-    is the latency-critical case); larger ones layer by layer, block by block.
-    """
-    step = run.hidden_states.shards[1] if run.hidden_states.shards else run.hidden_states.chunks[1]
-    groups = [layers] if len(positions) <= step else [[layer] for layer in layers]
-    for group in groups:
-        for start in range(0, len(positions), step):
-            block = _read(run, group, positions[start : start + step])[:, :, cols]
-            if dtype != block.dtype:
-                converted = block.astype(dtype)
-                if not allow_lossy and not np.array_equal(converted.astype(block.dtype), block):
-                    raise Lossy(f"float16 would change values in layers {group[0]}..{group[-1]}; ask for float32, "
-                                "or allow lossy")
-                block = converted
-            yield np.ascontiguousarray(block)
+
+def _block(run: Run, layers: list[int], positions: np.ndarray, cols: slice, dtype: np.dtype,
+           allow_lossy: bool) -> np.ndarray:
+    """One read, sliced and converted, C-contiguous; Lossy where float16 would change a value not allowed to."""
+    block = _read(run, layers, positions)[:, :, cols]
+    if dtype != block.dtype:
+        converted = block.astype(dtype)
+        if not allow_lossy and not np.array_equal(converted.astype(block.dtype), block):
+            raise Lossy(f"float16 would change values in layers {layers[0]}..{layers[-1]}; ask for float32, "
+                        "or allow lossy")
+        block = converted
+    return np.ascontiguousarray(block)
 
 
 def _read(run: Run, layers: list[int], positions: np.ndarray) -> np.ndarray:
