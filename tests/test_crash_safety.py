@@ -72,3 +72,37 @@ def test_second_concurrent_writer_is_refused(ingest_cli, capsys):
         with pytest.raises(RunLocked):
             store.writer(*RUN.split("/"), recipe=recipe, attrs={}, n_layers=4, hidden=32)
     assert store.run(*RUN.split("/")).n_samples == 6
+
+
+def test_a_label_longer_than_a_run_stores_is_refused_before_its_batch_is_written(tmp_path):
+    from actstore.store.run import MAX_LABEL_CHARS, LabelTooLong
+
+    store = Store(tmp_path)
+    states = np.ones((2, 3, 32), dtype=np.float32)
+    ok = {"sample": np.arange(3), "subject": np.array(["anatomy"] * 3, dtype=object),
+          "answer": np.array(["A"] * 3, dtype=object), "prediction": np.array(["B"] * 3, dtype=object),
+          "correct": np.zeros(3, dtype=bool)}
+    with store.writer("m", "0shot", recipe={"r": 1}, attrs={}, n_layers=2, hidden=32) as writer:
+        writer.add(states, ok)
+        writer.commit()
+        for name in ("subject", "answer", "prediction"):
+            bad = {**ok, "sample": np.arange(3, 6), name: np.array(["x", "y" * (MAX_LABEL_CHARS + 1), "z"], dtype=object)}
+            with pytest.raises(LabelTooLong, match=f"the {name} of sample 4 has 257 characters, above the 256"):
+                writer.add(states, bad)
+        writer.add(states, {**ok, "subject": np.array(["y" * MAX_LABEL_CHARS] * 3, dtype=object)})  # at the limit
+    run = store.run("m", "0shot")
+    assert run.n_samples == 6 and run.labels()["subject"][3] == "y" * MAX_LABEL_CHARS
+
+
+def test_ingest_refuses_a_too_long_subject_in_one_line(tiny_model, tmp_path, capsys):
+    """300 characters: short enough for the tiny model's prompt, so the refusal is the store's (a check when
+    the dataset is read, before the model runs, is ingest's: see the store's LabelTooLong)."""
+    rows = [{**r, "topic": "anatomy " + "x" * 292} if r["topic"] == "anatomy" else r for r in make_questions()]
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    store = tmp_path / "store"
+    assert main(ingest_args(store, tiny_model, data)) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # no progress bars
+    assert len(errors) == 1 and "has 300 characters, above the 256 a run stores" in errors[0], errors
+    if (store / "tiny-llama" / "1shot" / "zarr.json").exists():  # batches before the refused one are kept
+        run = Store(store).run(*RUN.split("/"))
+        assert all(len(subject) <= 256 for subject in run.labels()["subject"])
