@@ -7,7 +7,8 @@ port, opens --stalled ReadStates streams of the whole run that read one message 
 and runs the other callers (threads spread over a few processes, each with its own Client) for
 --seconds: each repeatedly lists runs, reads one sample across all layers, reads 64 samples of one
 layer, or reads the labels of 100 random samples. Prints the prompt callers' requests/s, p50/p99
-latency, errors, and the server's peak RSS. Target: no errors, p99 well under a second.
+latency, errors, and the server's peak RSS (and its growth over the server's start). Target: no errors,
+p99 well under a second.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def main() -> None:
         root = Path(tmp)
         store = build_run(root, args.samples)
         server = ServerProcess(store, root / "server.log")
-        peak, done = [server.rss_bytes()], threading.Event()
+        start_rss = server.rss_bytes()
+        peak, done = [start_rss], threading.Event()
 
         def sample_rss() -> None:
             while not done.wait(0.1):
@@ -155,7 +157,7 @@ def main() -> None:
     print(f"  prompt callers: {len(latencies) / args.seconds:.0f} requests/s, "
           f"p50 {np.percentile(latencies, 50) * 1e3:.1f} ms, p99 {np.percentile(latencies, 99) * 1e3:.1f} ms, "
           f"max {latencies.max() * 1e3:.0f} ms, errors {sum(errors.values())} {dict(errors) or ''}")
-    print(f"  server RSS peak {peak[0] / 2**20:.0f} MiB")
+    print(f"  server RSS peak {peak[0] / 2**20:.0f} MiB (+{(peak[0] - start_rss) / 2**20:.0f} MiB over its start)")
 
 
 if __name__ == "__main__":
