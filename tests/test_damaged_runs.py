@@ -203,12 +203,11 @@ def in_a_thread(call, timeout: float = 5) -> BaseException | None:
     return outcome[0]
 
 
-@pytest.mark.parametrize("by_descriptor", [True, False], ids=["proc-fd", "realpath"])
-def test_every_reader_refuses_a_fifo_without_blocking(traps, monkeypatch, by_descriptor):
-    """The fast reader, zarr-python and xarray all go through the same checks (also without /proc)."""
-    if by_descriptor and not location_module._BY_DESCRIPTOR:
-        pytest.skip("no O_PATH and /proc/self/fd here")
-    monkeypatch.setattr(location_module, "_BY_DESCRIPTOR", by_descriptor)
+@pytest.mark.parametrize("by_fd", [True, False], ids=["proc-fd", "realpath"])
+def test_every_reader_refuses_a_fifo_without_blocking(traps, monkeypatch, by_fd):
+    """The fast reader, zarr-python and xarray all go through the same checks (also where no /proc/self/fd
+    tells what a descriptor opened)."""
+    monkeypatch.setattr(location_module, "_BY_FD", by_fd and location_module._BY_FD)
     run = Store(traps).run(MODEL, "fifo")
     for call in (lambda: run.read_states([0]), lambda: run.hidden_states[0, :3],
                  lambda: run.to_xarray().hidden_states[0].values):
@@ -217,11 +216,10 @@ def test_every_reader_refuses_a_fifo_without_blocking(traps, monkeypatch, by_des
     assert run.read_states([1]).shape == (1, N_SAMPLES, HIDDEN)  # the other layer's shards read as before
 
 
-@pytest.mark.parametrize("by_descriptor", [True, False], ids=["proc-fd", "realpath"])
-def test_links_out_of_the_root_are_refused_and_links_inside_it_followed(tmp_path, monkeypatch, by_descriptor):
-    if by_descriptor and not location_module._BY_DESCRIPTOR:
-        pytest.skip("no O_PATH and /proc/self/fd here")
-    monkeypatch.setattr(location_module, "_BY_DESCRIPTOR", by_descriptor)
+@pytest.mark.parametrize("by_fd", [True, False], ids=["proc-fd", "realpath"])
+def test_links_out_of_the_root_are_refused_and_links_inside_it_followed(tmp_path, monkeypatch, by_fd):
+    """A link as the file itself, or as a folder on its path; a link that stays inside the root is followed."""
+    monkeypatch.setattr(location_module, "_BY_FD", by_fd and location_module._BY_FD)
     root, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
     store = Store(root)
     states = write_run(store, "good-a")
@@ -284,3 +282,17 @@ def test_damaged_runs_in_a_bucket_leave_the_listing_working(bucket):
             fresh.run(MODEL, method)
     assert fresh.run(MODEL, "good-b").read_states([0]).shape == (1, N_SAMPLES, HIDDEN)
     assert main(["ls", "--store", f"{bucket}/store"]) == 0
+
+
+def test_the_errors_travel_from_dask_workers_and_map_to_their_statuses():
+    """Analyses run on Dask workers, which send errors back pickled; the job then fails with status_of's code."""
+    import pickle
+
+    from actstore.server.errors import status_of
+
+    refused = RefusedEntry("m/x/hidden_states/c/0/0/0", "/data/store", "a FIFO, not a regular file")
+    damaged = DamagedRun("run m/x in store /data/store is damaged: ...", access={"visibility": "private"})
+    for error, code in ((refused, grpc.StatusCode.FAILED_PRECONDITION), (damaged, grpc.StatusCode.DATA_LOSS)):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error) and status_of(copy) == code
+    assert pickle.loads(pickle.dumps(damaged)).access == {"visibility": "private"}

@@ -48,8 +48,11 @@ LEASES = ".actstore-leases"  # a bucket's leases, at its top level: outside any 
 LEASE_SECONDS_ENV = "ACTSTORE_LEASE_SECONDS"
 METADATA_NAMES = frozenset({"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"})
 MAX_METADATA_BYTES = 16 << 20  # a run's zarr.json takes tens of KiB: one this large is damage, not a run
-_FD_LINKS = "/proc/self/fd"  # Linux: what a descriptor opened, as a path; reopening it opens that file
-_BY_DESCRIPTOR = hasattr(os, "O_PATH") and os.path.isdir(_FD_LINKS)
+# O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer; O_NOFOLLOW: a link as the last
+# component fails (ELOOP) and is resolved and checked first (regular files ignore O_NONBLOCK).
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+_FD_PATHS = "/proc/self/fd"  # Linux: the real path of what a descriptor opened, at the cost of one stat
+_BY_FD = os.path.isdir(_FD_PATHS)
 
 
 class UnsupportedLocation(StoreError, ValueError):
@@ -458,48 +461,53 @@ def read_key(root: str, key: str, byte_range: ByteRequest | None = None) -> byte
 def open_file(root: str, key: str, directory_is_absent: bool = True) -> tuple[int, os.stat_result] | None:
     """A descriptor open for reading the regular file ``key`` below the folder ``root``, with its stat; None
     when there is no such file (or, with ``directory_is_absent``, a folder there, as zarr's LocalStore has
-    it). Raises RefusedEntry for a link leading out of the root and for anything but a regular file.
+    it). Raises RefusedEntry for a path that leads out of the root (through a link anywhere along it) and
+    for anything but a regular file, before reading a byte and without waiting on a FIFO.
 
-    On Linux the path is opened with O_PATH first, which opens neither a FIFO (no blocking) nor a device
-    (no side effect); the real path of what it found is checked before the file itself is opened through
-    that descriptor, so a link swapped in between cannot redirect the read."""
+    What was opened is checked, not the path before it: its real path comes from the descriptor (Linux's
+    /proc/self/fd; elsewhere the path is resolved again), so a link swapped in meanwhile is caught too."""
     path = f"{root}/{key}"
     try:
-        if not _BY_DESCRIPTOR:
-            return _open_checked_path(root, key, path, directory_is_absent)
-        handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        fd = os.open(path, _OPEN_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
-        raise _refused_os_error(key, root, exc) from None
-    try:
-        found = os.fstat(handle)
-        _check_inside(root, key, os.readlink(f"{_FD_LINKS}/{handle}"))
-        if not _is_regular(found, key, root, directory_is_absent):
+        if exc.errno != errno.ELOOP:
+            raise
+        path = os.path.realpath(path)
+        fd = _open_link(root, key, path)
+        if fd is None:
             return None
-        return os.open(f"{_FD_LINKS}/{handle}", os.O_RDONLY | os.O_CLOEXEC), found
-    finally:
-        os.close(handle)
+    return _checked(fd, root, key, path, directory_is_absent)
 
 
-def _open_checked_path(root: str, key: str, path: str, directory_is_absent: bool) -> tuple[int, os.stat_result] | None:
-    """``open_file`` without /proc: the real path checked first, then opened without following a link and
-    without waiting for a FIFO's writer; the descriptor's type checked before anything is read."""
-    real = os.path.realpath(path)
-    if not os.path.lexists(real):
-        return None
+def _open_link(root: str, key: str, real: str) -> int | None:
+    """A descriptor for ``real``, where the link at ``key`` leads, if that is inside the root (checked before
+    opening: a device outside is never opened); None for a dangling link."""
     _check_inside(root, key, real)
-    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return os.open(real, _OPEN_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RefusedEntry(key, root, "a link that changed while it was opened") from None
+        raise
+
+
+def _checked(fd: int, root: str, key: str, path: str, directory_is_absent: bool) -> tuple[int, os.stat_result] | None:
+    """``fd`` with its stat if it is a regular file inside the root; else closed, and None for a folder taken
+    as absent, RefusedEntry for the rest."""
     try:
         found = os.fstat(fd)
-        regular = _is_regular(found, key, root, directory_is_absent)
+        _check_inside(root, key, os.readlink(f"{_FD_PATHS}/{fd}") if _BY_FD else os.path.realpath(path))
+        if _is_regular(found, key, root, directory_is_absent):
+            return fd, found
     except BaseException:
         os.close(fd)
         raise
-    if not regular:
-        os.close(fd)
-        return None
-    return fd, found
+    os.close(fd)
+    return None
 
 
 def _check_inside(root: str, key: str, real: str) -> None:
@@ -526,13 +534,6 @@ _KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device", stat.S_IFBLK: 
 def _real_root(root: str) -> str:
     """The root with its links resolved (a store may live behind a link, e.g. /data -> /mnt/disk)."""
     return os.path.realpath(root)
-
-
-def _refused_os_error(key: str, root: str, exc: OSError) -> OSError | RefusedEntry:
-    """ELOOP, a loop of links, as a refusal; any other error (permissions) as it is."""
-    if exc.errno == errno.ELOOP:
-        return RefusedEntry(key, root, "a loop of links")
-    return exc
 
 
 def _span(byte_range: ByteRequest | None, size: int) -> tuple[int, int]:
