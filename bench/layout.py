@@ -1,6 +1,6 @@
 """Storage layout benchmark: why hidden_states is sharded the way it is.
 
-    .venv/bin/python bench/layout.py [--store PATH] [--samples 9181] [--pairs 300]
+    .venv/bin/python bench/layout.py [--store PATH] [--samples 9181] [--pairs 300] [--checksums-only]
 
 Takes real states (a SmolLM2 0-shot run, ingested here on 200 questions unless --store names a
 store holding one), tiles them to the study's 9,181 samples, writes them under several chunk
@@ -116,35 +116,42 @@ def _timed(read) -> float:
     return time.perf_counter() - started
 
 
+def layout_table(tmp: Path, states: np.ndarray, chosen: StateLayout) -> None:
+    """Print each layout's read speeds through zarr-python and actstore's reader, and its size."""
+    hidden = states.shape[2]
+    layouts = {
+        f"chosen: shards of {chosen.shard_samples}, inner chunks of {chosen.inner_samples}":
+            (chosen.chunks, chosen.shards),
+        "shards of 2048, inner chunks of 64": ((1, 64, hidden), (1, 2048, hidden)),
+        "plain chunks of 512 samples": ((1, 512, hidden), None),
+        "plain chunks of 64 samples": ((1, 64, hidden), None),
+        "plain chunks of 2048 samples": ((1, 2048, hidden), None),
+    }
+    print(f"{'':48} {'zarr-python':^25} {'actstore reader':^25}")
+    print(f"{'layout':48} {'layer MB/s':>10} {'sample p50 ms':>14} {'layer MB/s':>10} {'sample p50 ms':>14} "
+          f"{'vs raw fp16':>12}")
+    for i, (name, (chunks, shards)) in enumerate(layouts.items()):
+        path = tmp / f"layout{i}"
+        z_mbps, z_p50, r_mbps, r_p50 = speeds(*write(path, states, chunks, shards, state_compressors()), states)
+        ratio = size_ratio(path, states)
+        print(f"{name:48} {z_mbps:>10.0f} {z_p50:>14.2f} {r_mbps:>10.0f} {r_p50:>14.2f} {ratio:>11.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, help="a store with a SmolLM2 0shot run (default: ingest one)")
     parser.add_argument("--samples", type=int, default=9181)
     parser.add_argument("--pairs", type=int, default=300, help="paired reads in the checksum comparison")
+    parser.add_argument("--checksums-only", action="store_true", help="skip the table of layouts")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = real_states(args.store, Path(tmp))
         reps = -(-args.samples // base.shape[1])
         states = np.concatenate([base] * reps, axis=1)[:, : args.samples]
-        hidden = states.shape[2]
-        chosen = StateLayout(hidden)
-        layouts = {
-            f"chosen: shards of {chosen.shard_samples}, inner chunks of {chosen.inner_samples}":
-                (chosen.chunks, chosen.shards),
-            "shards of 2048, inner chunks of 64": ((1, 64, hidden), (1, 2048, hidden)),
-            "plain chunks of 512 samples": ((1, 512, hidden), None),
-            "plain chunks of 64 samples": ((1, 64, hidden), None),
-            "plain chunks of 2048 samples": ((1, 2048, hidden), None),
-        }
+        chosen = StateLayout(states.shape[2])
         print(f"states {states.shape} float32 (bf16-valued), {states[0].nbytes / 1e6:.1f} MB per layer")
-        print(f"{'':48} {'zarr-python':^25} {'actstore reader':^25}")
-        print(f"{'layout':48} {'layer MB/s':>10} {'sample p50 ms':>14} {'layer MB/s':>10} {'sample p50 ms':>14} "
-              f"{'vs raw fp16':>12}")
-        for i, (name, (chunks, shards)) in enumerate(layouts.items()):
-            path = Path(tmp) / f"layout{i}"
-            z_mbps, z_p50, r_mbps, r_p50 = speeds(*write(path, states, chunks, shards, state_compressors()), states)
-            ratio = size_ratio(path, states)
-            print(f"{name:48} {z_mbps:>10.0f} {z_p50:>14.2f} {r_mbps:>10.0f} {r_p50:>14.2f} {ratio:>11.2f}x")
+        if not args.checksums_only:
+            layout_table(Path(tmp), states, chosen)
         cost = checksum_cost(Path(tmp) / "checksums", states, chosen, args.pairs)
         print(f"chosen layout, time with / without chunk CRC-32C and shard record in actstore's reader, median "
               f"(quartiles) of "

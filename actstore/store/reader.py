@@ -10,11 +10,12 @@ read through zarr-python.
 
 Every byte is verified on every read, as zarr-python would: the shard index's CRC-32C, the CRC-32C of each
 inner chunk where the array has one (runs written since chunks carry it; older runs have none), and each
-Blosc frame's sizes; and each shard's index against the shard record of the commit the reader serves (see
-``StateReader.record``), which catches intact bytes from elsewhere (another layer's or run's shard copied
-over), the last, partly filled shard included. A whole shard read again is
-checked in one pass over its bytes instead of chunk by chunk (see ``_read_chunks``). Bytes that fail, on
-either path, raise CorruptData naming the run, the layer and the samples.
+Blosc frame's sizes; and each shard against the shard record of the commit the reader serves (its index;
+the values of the last, partly filled inner chunk: see ``StateReader.record``), which catches intact bytes
+from elsewhere (another layer's or run's shard copied over), the last, partly filled shard included. A
+whole shard read again is checked in one pass over its bytes instead of chunk by chunk (see
+``_read_chunks``). Bytes that fail, on either path, raise CorruptData naming the run, the layer and the
+samples.
 """
 
 from __future__ import annotations
@@ -180,8 +181,10 @@ class StateReader:
         4 bytes) in each layer; the index holds each inner chunk's offset and size, so another file (intact
         bytes from another layer, shard or run copied over) has another index. For the partly filled shard,
         also the CRC of its index entries of whole chunks (``partial``): the next commit rewrites that shard,
-        and a reader still serving this commit must take the new file, whose whole chunks keep their entries.
-        Entries of shards full in ``previous`` (this array's record at the last commit) are kept unread.
+        and a reader still serving this commit must take the new file, whose whole chunks keep their entries;
+        and the CRC of the values of its partly filled inner chunk's committed rows, which bind that chunk in
+        every version (its one index entry, a compressed size, binds it weakly). No place is mixed into the
+        CRCs: a reader checks the file it finds at a place against that place's entry. Entries of shards full in ``previous`` (this array's record at the last commit) are kept unread.
         """
         if previous is None or previous["layout"] != self._layout_key():
             previous = {"index_crc32c": []}

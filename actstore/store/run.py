@@ -10,24 +10,27 @@ On disk a run is the Zarr v3 group ``{model}/{method}``::
 The sample axis only grows, and only by whole committed batches. A commit writes the new samples past
 the end that readers are shown, then publishes them with one atomic file replace: while a writer works,
 the run group's ``zarr.json`` holds the attributes (``progress.n_committed`` and the ``shard_record`` of
-that commit) and, as Zarr's consolidated metadata, every array's metadata with its shape at exactly the
-committed samples. Readers that open the group with its consolidated metadata (xarray by default or with
-``consolidated=True``, zarr-python, Run) therefore see the run as of one commit and never a row whose data
-is missing. Right after, each array's own ``zarr.json`` is set to the same length, for readers that skip
-consolidated metadata (xarray's ``consolidated=False``): they see the committed samples too, but as several
-files, one per array, so a reader that opens the run during those few writes (or after a kill amid them)
-may find two lengths, until the next commit or writer. zarr-python reads a shard's index and its chunks in
-separate reads: a read through it that races a commit over the last, partly filled inner chunk (which the
-commit rewrites, and moves) fails its checksum, and reads again correctly; whole chunks keep their bytes at
-their offsets in every later version of their shard. Shard files are rewritten whole, by a temporary file
-renamed into place (zarr's LocalStore), so a crash or a full disk never damages a committed sample. When
-the writer finishes, the group drops its consolidated metadata (which would hide the ``derived/`` entries
-analyses add later); the next writer settles what a crash left.
+that commit) and, as Zarr's consolidated metadata, every array's metadata with its shape. Readers that
+open the group with it (xarray by default or with ``consolidated=True``, zarr-python, Run) therefore see
+the run as of one commit and never a row whose data is missing. Plain readers are shown the committed
+samples in whole inner chunks of states (the last, partly filled chunk joins when the next commit fills it
+or the writer finishes): zarr-python reads a shard's index and its chunks in separate reads, and a whole
+chunk keeps its bytes at its offset in every later version of its shard (shown exactly, that chunk failed
+its checksum in about 1 read of 40 beside a writer committing every few milliseconds). Readers that skip
+the consolidated metadata (xarray's ``consolidated=False``) take each array's own ``zarr.json``: those are
+set only when a writer starts and finishes, since several files cannot change at once (set at every
+commit, 1 such read in 5 found two lengths beside that writer); meanwhile, and after a kill until the next
+writer, they show the run as of the last start or finish. Shard files are rewritten whole, by a temporary
+file renamed into place (zarr's LocalStore), so a crash or a full disk never damages a committed sample.
+When the writer finishes, each array's own ``zarr.json`` gets the final length and the group drops its
+consolidated metadata (which would hide the ``derived/`` entries analyses add later); the next writer
+settles what a crash left.
 
-The shard record binds each shard file to its place (run, layer, shard) through the CRC of its index; the
-fast reader (actstore.store.reader) checks it on every read, in the server, Dask workers and scripts
-alike. Plain Zarr readers check each chunk's CRC-32C but not the record, so they do not notice an intact
-shard copied from elsewhere.
+The shard record binds each shard file to its place (run, layer, shard) through the CRC of its index and,
+for the last, partly filled inner chunk, of its committed values (StateReader.record); the fast reader
+(actstore.store.reader) checks it on every read, in the server, Dask workers and scripts alike. Plain Zarr
+readers check each chunk's CRC-32C but not the record, so they do not notice an intact shard copied from
+elsewhere.
 """
 
 from __future__ import annotations
@@ -251,7 +254,8 @@ class Run:
     def to_xarray(self) -> xr.Dataset:
         """The run as a lazy xarray Dataset with named dimensions and coordinates, as of one commit.
 
-        While a writer works, the shapes come from the consolidated metadata each commit writes.
+        While a writer works, the shapes come from the consolidated metadata each commit writes, and cover
+        the committed samples but those of the last, partly filled inner chunk (RunWriter._whole_chunks).
         """
         with warnings.catch_warnings():  # no consolidated metadata when no writer is at work: expected
             warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated metadata")
@@ -437,14 +441,22 @@ class RunWriter:
 
     def _publish(self, n: int, values: dict[str, Any]) -> None:
         """Commit ``n`` samples with the attributes ``values`` (the commit point): one write of the run group's
-        zarr.json, holding every array's metadata, at ``n`` samples, as Zarr's consolidated metadata; then each
-        array's own zarr.json, for readers that skip consolidated metadata (see the module docstring)."""
+        zarr.json, holding every array's metadata as Zarr's consolidated metadata, whose shapes show plain
+        readers the whole inner chunks of states among them (see ``_whole_chunks``)."""
         self._lock.check()  # a bucket's lease may have expired and passed to another writer: publish nothing
         group = self.run.group
         arrays = {name: group[name].metadata for name in (*SAMPLE_ARRAYS, "layer")}
-        arrays.update({name: _with_samples(arrays[name], n) for name in SAMPLE_ARRAYS})
+        shown = self._whole_chunks(n)
+        arrays.update({name: _with_samples(arrays[name], shown) for name in SAMPLE_ARRAYS})
         self._write_group(values, ConsolidatedMetadata(arrays))
-        self._write_array_metadata(n)
+
+    def _whole_chunks(self, n: int) -> int:
+        """``n`` rounded down to whole inner chunks of states: what plain readers are shown while a writer
+        works. zarr-python reads a shard's index and then its chunks in separate reads, so a chunk that a
+        later commit rewrites (the last, partly filled one) could be read torn; whole chunks keep their
+        bytes at their offsets in every later version of the shard."""
+        inner = self.run.group[STATES].chunks[1]
+        return n // inner * inner
 
     def _write_group(self, values: dict[str, Any], consolidated: ConsolidatedMetadata | None) -> None:
         group = self.run.group
@@ -479,6 +491,7 @@ class RunWriter:
             _drop_chunks_past(self.run.location, join(self.run.key, name), array.metadata, n)
         _require_group(zarr.open_group(self.run.group.store_path, mode="r+", use_consolidated=False), DERIVED)
         self._publish(n, {})
+        self._write_array_metadata(self._whole_chunks(n))
 
 
 def _sample_axis(metadata: ArrayV3Metadata) -> int:
