@@ -177,6 +177,7 @@ class StreamBudget:
         self.idle_s = idle_s
         self._open: Counter[str] = Counter()
         self._bytes = 0
+        self._waiting = 0  # reservations waiting for room, to be woken when some is given back
         self._freed = asyncio.Condition()
 
     @property
@@ -201,22 +202,35 @@ class StreamBudget:
 
     @contextlib.asynccontextmanager
     async def reserve(self, nbytes: int) -> AsyncIterator[None]:
-        """``nbytes`` of the server's response bytes for the duration, waiting up to ``idle_s`` for them;
+        """``nbytes`` of the server's response bytes for the duration, waiting up to ``idle_s`` for room;
         TooLarge (RESOURCE_EXHAUSTED) after that. One reservation larger than the whole budget is let
-        through alone, so that no answer the response cap allows is refused forever."""
-        async with self._freed:
-            try:
-                await asyncio.wait_for(self._freed.wait_for(lambda: self._fits(nbytes)), self.idle_s)
-            except TimeoutError:
-                raise TooLarge(f"this server holds {self._bytes / 2**20:.3g} MiB of responses its readers have not "
-                               f"taken yet, its limit of {self.max_bytes / 2**20:.3g} MiB: retry later") from None
+        through alone, so that no answer the response cap allows is refused forever. Taking room that is
+        free costs no await (the common case, on every message)."""
+        if self._fits(nbytes):
             self._bytes += nbytes
+        else:
+            await self._wait_for_room(nbytes)
         try:
             yield
         finally:
-            async with self._freed:
-                self._bytes -= nbytes
-                self._freed.notify_all()
+            self._bytes -= nbytes
+            if self._waiting:
+                async with self._freed:
+                    self._freed.notify_all()
+
+    async def _wait_for_room(self, nbytes: int) -> None:
+        """Take ``nbytes`` once they fit, or TooLarge after ``idle_s``; taken under the lock, without an await
+        between the check and the taking, so that two waiters woken together cannot both take the room."""
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(self.idle_s), self._freed:
+                await self._freed.wait_for(lambda: self._fits(nbytes))
+                self._bytes += nbytes
+        except TimeoutError:
+            raise TooLarge(f"this server holds {self._bytes / 2**20:.3g} MiB of responses its readers have not "
+                           f"taken yet, its limit of {self.max_bytes / 2**20:.3g} MiB: retry later") from None
+        finally:
+            self._waiting -= 1
 
     def _fits(self, nbytes: int) -> bool:
         return self._bytes + nbytes <= self.max_bytes or self._bytes == 0

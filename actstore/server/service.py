@@ -230,8 +230,8 @@ class DataService(_Base, pb_grpc.DataServiceServicer):
         suspends this coroutine holding one message, and is ended after the idle period; a cancelled or
         expired call stops the reads. Messages are serialized on the executor, and the AuthGate passes the
         bytes on as they are."""
-        header, messages, size = await self.offload(self._plan_read, request, caller)
-        sent, first = 0, pb.ReadStatesResponse(header=header).SerializeToString()
+        first, messages, size = await self.offload(self._plan_read, request, caller)
+        sent = 0
         try:
             while (nbytes := await self._send_next(context, messages, first, size - sent)) is not None:
                 sent, first = sent + nbytes, b""
@@ -251,25 +251,26 @@ class DataService(_Base, pb_grpc.DataServiceServicer):
             return item[1]
 
     async def _write(self, context: grpc.aio.ServicerContext, message: bytes) -> None:
-        """Write, or Stalled when the client takes none of the message for the idle period.
-
-        Not ``asyncio.wait_for``: when the client goes away, gRPC fails the write it cancels with its own
-        error, which wait_for would raise in place of the CancelledError that marks a cancelled call.
-        """
-        write = asyncio.ensure_future(context.write(message))
-        write.add_done_callback(_retrieve)
+        """Write, or Stalled when the client takes none of the message for the idle period. gRPC fails a
+        write only on a call already over (cancelled, or past its deadline, sometimes before it cancels
+        this task): that is a cancelled call, not an internal error."""
         try:
-            done, _ = await asyncio.wait([write], timeout=self.streams.idle_s)
-        finally:
-            write.cancel()  # a no-op once written
-        if not done:
-            raise Stalled(f"the client read none of this stream for {self.streams.idle_s:g} s, this server's "
-                          "limit (actstore serve --stream-idle-timeout): read a stream as it arrives")
-        if write.exception() is not None:  # gRPC fails writes only on a call already over: cancelled, or its
-            raise asyncio.CancelledError from write.exception()  # deadline passed, before it cancels this task
+            async with asyncio.timeout(self.streams.idle_s) as idle:
+                await context.write(message)
+        except TimeoutError:
+            raise Stalled(self._stalled()) from None
+        except Exception as exc:  # noqa: BLE001 - gRPC's failed batch, whatever its class
+            if idle.expired():
+                raise Stalled(self._stalled()) from exc
+            raise asyncio.CancelledError from exc
 
-    def _plan_read(self, request: pb.ReadStatesRequest, caller: Caller) -> tuple[pb.StatesHeader, Iterator, int]:
-        """The header, the messages to send (read lazily) and the answer's size; every check before any read."""
+    def _stalled(self) -> str:
+        return (f"the client read none of this stream for {self.streams.idle_s:g} s, this server's limit "
+                "(actstore serve --stream-idle-timeout): read a stream as it arrives")
+
+    def _plan_read(self, request: pb.ReadStatesRequest, caller: Caller) -> tuple[bytes, Iterator[Message], int]:
+        """The header (a serialized response holding it), the messages to send (read lazily) and the answer's
+        size; every check before any read."""
         wanted = selection.sample_ids(request.samples)
         if request.dtype not in DTYPE_NAMES:
             raise selection.BadRequest(f"unknown dtype {request.dtype}")
@@ -290,13 +291,7 @@ class DataService(_Base, pb_grpc.DataServiceServicer):
             messages = _stored_chunks(run, layers, int(positions[0]), len(positions))
         else:
             messages = _raw_messages(run, layers, positions, cols, dtype, request.allow_lossy)
-        return header, messages, size
-
-
-def _retrieve(task: asyncio.Future) -> None:
-    """Take a finished write's outcome, so that asyncio does not report one nobody awaited (a cancelled call's)."""
-    if not task.cancelled():
-        task.exception()
+        return pb.ReadStatesResponse(header=header).SerializeToString(), messages, size
 
 
 Message = tuple[bytes, int]  # a serialized ReadStatesResponse and the bytes of the answer it carries
