@@ -296,3 +296,17 @@ def test_the_errors_travel_from_dask_workers_and_map_to_their_statuses():
         copy = pickle.loads(pickle.dumps(error))
         assert type(copy) is type(error) and str(copy) == str(error) and status_of(copy) == code
     assert pickle.loads(pickle.dumps(damaged)).access == {"visibility": "private"}
+
+
+def test_a_failed_first_ingest_keeps_a_damaged_run_it_cannot_read(tmp_path):
+    """A failed job removes the store it created only if no run holds samples; a damaged run's samples
+    cannot be counted, so it is kept, and the job's own error is what the caller sees."""
+    root = tmp_path / "store"
+    store = Store(root)
+    with pytest.raises(RuntimeError, match="the job failed"):
+        with store.writing():
+            write_run(store, "truncated")
+            truncate(root / MODEL / "truncated" / "zarr.json")
+            raise RuntimeError("the job failed")
+    assert shard(root, "truncated").is_file()
+    assert store.has_run(MODEL, "truncated")

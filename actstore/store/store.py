@@ -127,8 +127,10 @@ class Store:
             raise
 
     def _remove_if_unused(self, folder_made: bool) -> None:
-        """Remove the store if no run holds a committed sample and no other writer is at work in it."""
-        if any(run.n_samples for run in self.runs()):
+        """Remove the store if no run holds a committed sample and no other writer is at work in it; a damaged
+        run counts as holding samples (what it holds cannot be read, so it is kept)."""
+        runs, damaged = self.scan()
+        if damaged or any(run.n_samples for run in runs):
             return
         locks = []
         try:
