@@ -9,7 +9,9 @@ from actstore.store import Store
 from conftest import derived_files, make_questions, write_jsonl
 
 ICL = ["0shot", "1shot", "2shot", "5shot"]
-FINETUNED = ["finetuned-step10", "finetuned"]  # 60 training questions: 4 steps an epoch, 16 in all
+# the job's pool: 8 training + 2 held-out questions from every subject (24 + 6), 1 epoch of 2 steps; its 5
+# log-spaced checkpoints round to step 1 alone, and every checkpoint is probed
+FINETUNED = ["finetuned-step1", "finetuned"]
 METHODS = ICL + FINETUNED
 PAIRS = ["0shot vs 5shot", "0shot vs finetuned", "5shot vs finetuned"]
 
@@ -54,10 +56,17 @@ def test_the_job_writes_figures_tables_and_summary(study):
     tuned, base = store.run("tiny-llama", "finetuned"), store.run("tiny-llama", "0shot")
     assert f"| accuracy on the probed questions | {base.accuracy:.3f} | {tuned.accuracy:.3f} |" in summary
     record = tuned.attrs["finetune"]
-    assert (f"| accuracy on the training questions | {record['accuracy']['train_before']:.3f} | "
-            f"{record['accuracy']['train_after']:.3f} |") in summary
+    held = record["accuracy"]
+    assert (f"| accuracy on 6 held-out questions (neither trained on nor probed) | {held['before']:.3f} | "
+            f"{held['after']:.3f} |") in summary
+    assert "Held-out accuracy at every checkpoint: step 0 " in summary and "without the subject header" in summary
+    assert "Clipping: none" in summary and "checkpoints at steps 1, every one probed" in summary
+    assert "reach 5shot accuracy on the probed questions" in summary  # said plainly, either way
+    assert record["recipe"]["subjects"] == ["anatomy", "astronomy", "college_biology"]
+    assert tuned.attrs["recipe"]["adapter"].startswith("unmerged")
     assert "Where finetuned and 5shot differ" in summary and "| ari_prediction |" in summary
-    assert not set(record["training"]["ids"]) & set(base.labels()["sample"].tolist())
+    for ids in (record["training"]["ids"], record["training"]["held_out_ids"]):
+        assert not set(ids) & set(base.labels()["sample"].tolist())
     log = (results / "server.log").read_text().splitlines()
     assert any(line.endswith(": stopped") for line in log)  # SIGTERM: graceful shutdown, Dask closed
 

@@ -1,4 +1,5 @@
-"""Training a LoRA adapter on the study's 0-shot prompts, the loss on the answer letter alone.
+"""Training a LoRA adapter on the authors' training prompt, the loss on the answer letter alone, with the
+held-out accuracy measured at every checkpoint.
 
 The data order of every epoch is a permutation seeded by (seed, epoch), and a checkpoint holds the
 adapter, the optimizer, the schedule and the random state, so training resumed from a checkpoint
@@ -13,27 +14,26 @@ import math
 import resource
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
+from torch.optim.lr_scheduler import LambdaLR
 
 from actstore.finetune import folder
 from actstore.finetune.folder import AdapterError
-from actstore.finetune.options import FinetuneOptions
+from actstore.finetune.options import FinetuneOptions, checkpoint_schedule, lr_factor
 from actstore.finetune.precision import MasterWeights, use_fast_dropout
 from actstore.ingest.datasets import LETTERS, DatasetError, Question, load_dataset
-from actstore.ingest.extract import StateExtractor, encode, letter_token_ids
+from actstore.ingest.extract import encode, letter_token_ids
 from actstore.ingest.model import LoadedModel, ModelSource, load_model, peft_quietly, resolve_device, resolve_dtype
 from actstore.ingest.pipeline import versions
-from actstore.ingest.prompts import PROMPT_FORMAT, build_prompt
-from actstore.ingest.selection import select, train_source
+from actstore.ingest.prompts import PROMPT_FORMAT, build_prompt, question_block
+from actstore.ingest.selection import Selection, select, share_out, split_train_eval, train_source
 from actstore.store.lock import FolderLock
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,41 @@ def letter_losses(model: torch.nn.Module, inputs: dict[str, torch.Tensor], targe
     return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
 
 
+def training_prompt(question: Question, subject_header: bool) -> str:
+    """The authors' training prompt: the question, its options and ``Answer:`` (the letter is the target),
+    without the subject header that probes carry, unless asked for."""
+    return build_prompt(question, [], None) if subject_header else question_block(question)
+
+
+def prompt_description(subject_header: bool) -> str:
+    if subject_header:
+        return f"{PROMPT_FORMAT}, 0-shot: the subject header, the question, its options, 'Answer:' and the letter"
+    return ("the question, its options, 'Answer:' and the letter, without the subject header (the authors' training "
+            "prompt; probes carry the header)")
+
+
+def _limited(questions: list[Question], limit: int | None) -> list[Question]:
+    """At most ``limit`` questions, spread across subjects as evenly as their sizes allow."""
+    by_subject: dict[str, list[Question]] = {}
+    for q in questions:
+        by_subject.setdefault(q.subject, []).append(q)
+    counts = share_out({s: len(qs) for s, qs in by_subject.items()}, limit)
+    return [q for s in sorted(by_subject) for q in by_subject[s][: counts[s]]]
+
+
+@torch.inference_mode()
+def predicted_letters(model: torch.nn.Module, tokenizer, prompts: list[str], device: torch.device,
+                      max_length: int, batch_size: int) -> np.ndarray:
+    """The argmax letter (A-D) after each prompt, from the model as it stands (unmerged adapter included)."""
+    ids = letter_token_ids(tokenizer)
+    found = []
+    for start in range(0, len(prompts), batch_size):
+        inputs = encode(tokenizer, prompts[start : start + batch_size], device, max_length)
+        last = model.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, -1]
+        found.append(model.get_output_embeddings()(last)[:, ids].argmax(-1).cpu().numpy())
+    return np.asarray(LETTERS)[np.concatenate(found)] if found else np.array([], dtype=str)
+
+
 @dataclass
 class Status:
     """Where a fine-tuning folder stands: ``done``, or the step training (re)starts from."""
@@ -70,29 +105,47 @@ class Finetune:
         self.hyper = opts.hyper
         self.source = ModelSource.resolve(opts.model, opts.gguf_file)
         self.dataset = load_dataset(opts.dataset)
-        self.selection = select(self.dataset, opts.subjects, train_pool=opts.train_pool)
-        self.questions = self.selection.train
+        self.selection: Selection = select(self.dataset, opts.subjects, train_pool=opts.train_pool)
+        train, self.held_out = split_train_eval(self.selection.train, opts.eval_per_subject)
+        self.questions = _limited(train, opts.limit)
         if not self.questions:
             raise DatasetError(f"no training questions in {self.dataset.name} ({self.selection.train_split} split, "
-                               f"--train-pool {opts.train_pool})")
+                               f"--train-pool {opts.train_pool}, of which {opts.eval_per_subject} per subject held out "
+                               "for accuracy)")
         self.device = resolve_device(opts.device)
         self.dtype = resolve_dtype(opts.dtype, self.device)
         self.steps_per_epoch = math.ceil(len(self.questions) / self.hyper.batch_size)
         self.total_steps = self.steps_per_epoch * self.hyper.epochs
-        self.prompts = [build_prompt(q, [], None) for q in self.questions]
+        self.schedule = checkpoint_schedule(self.total_steps, self.steps_per_epoch, opts.checkpoints, opts.save_every)
+        header = self.hyper.subject_header
+        self.prompts = [training_prompt(q, header) for q in self.questions]
+        self.held_out_prompts = [training_prompt(q, header) for q in self.held_out]
         self.weights = torch.tensor(subject_weights(self.questions), dtype=torch.float32)
         self.dropout_rng = np.random.default_rng([self.hyper.seed, 1])
-        self.recipe = {
+        self.recipe = self._recipe()
+
+    def _recipe(self) -> dict[str, Any]:
+        """Everything that decides the adapter's weights, in words and numbers (the checkpoint schedule does not)."""
+        h, opts = self.hyper, self.opts
+        return {
             "base": {"model_id": self.source.model_id, "fingerprint": self.source.fingerprint()},
             "dataset": {"name": self.dataset.name, "sha256": self.dataset.sha256},
-            "training_questions": train_source(self.selection, opts.train_pool),
+            "training_questions": train_source(self.selection, opts.train_pool) + (
+                f"; the last {opts.eval_per_subject} of each subject's pool measure held-out accuracy instead"
+                if opts.eval_per_subject else "") + (f"; at most {opts.limit} in all" if opts.limit else ""),
             "subjects": sorted({q.subject for q in self.questions}),
-            "prompt_format": PROMPT_FORMAT + ", 0-shot",
+            "prompt_format": prompt_description(h.subject_header),
             "target": "the answer letter's token after 'Answer:'; no other position is a target",
-            "weighting": "inverse subject size",
+            "weighting": "inverse subject size over each batch of 16 (the paper's text; the authors' code normalises "
+                         "the weights within micro-batches of one question, which cancels them)",
             "optimizer": "AdamW",
-            "schedule": "linear warm-up, then cosine down to min_lr_ratio x the learning rate",
-            "hyperparameters": self.hyper.as_dict(),
+            "schedule": f"linear warm-up over {h.warmup_steps(self.total_steps)} steps from min_lr_ratio x the rate "
+                        "(int(warmup_ratio x steps), at most max_warmup_steps), then cosine down to min_lr_ratio x "
+                        "the rate (the authors')",
+            "clipping": f"global gradient norm clipped at {h.max_grad_norm}" if h.max_grad_norm > 0 else
+                        "none (the authors')",
+            "stop_accuracy": opts.stop_accuracy,
+            "hyperparameters": h.as_dict(),
             "compute_dtype": str(self.dtype).removeprefix("torch."),
         }
 
@@ -155,40 +208,57 @@ class Finetune:
         started = time.perf_counter()
         loaded = load_model(self.source, self.device, self.dtype)
         targets = self._targets(loaded)
-        accuracy_before = self.accuracy(loaded) if start_step == 0 else folder.read_record(self.opts.out)[
-            "accuracy"]["train_before"]
         model, master, optimizer, scheduler = self._trainable(loaded.model)
         losses: list[float] = []
         if start_step:
-            losses = self._resume(master, optimizer, scheduler, start_step)
+            losses, held_out = self._resume(master, optimizer, scheduler, start_step)
             log.info("resuming from checkpoint-%d", start_step)
         else:
-            folder.write_json_atomic(self.opts.out / folder.RECORD, self._record(
-                model, 0, [], complete=False, accuracy={"train_before": accuracy_before}))
+            held_out = [[0, self.held_out_accuracy(model, loaded.tokenizer)]]  # the base: LoRA B starts at zero
+            folder.write_json_atomic(self.opts.out / folder.RECORD, self._record(model, 0, [], False, held_out))
         model.train()
         loop_started = time.perf_counter()
+        step = start_step
         with tqdm(total=self.total_steps, initial=start_step, unit="step", desc=f"finetune {self.source.model_id}",
                   mininterval=1.0) as bar:
-            for step in range(start_step, self.total_steps):
+            while step < self.total_steps and not self._reached(held_out):
                 losses.append(self._step(model, loaded.tokenizer, master, optimizer, scheduler, self.batch(step),
                                          targets))
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", epoch=step // self.steps_per_epoch + 1)
+                step += 1
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", epoch=(step - 1) // self.steps_per_epoch + 1)
                 bar.update(1)
-                done = step + 1
-                if done % self.opts.save_every == 0 and done < self.total_steps:
-                    self._save_checkpoint(model, master, optimizer, scheduler, done, losses)
+                if step in self.schedule:
+                    held_out.append([step, self.held_out_accuracy(model, loaded.tokenizer)])
+                    self._save_checkpoint(model, master, optimizer, scheduler, step, losses, held_out)
         train_seconds = time.perf_counter() - loop_started
+        if held_out[-1][0] != step:
+            held_out.append([step, self.held_out_accuracy(model, loaded.tokenizer)])
         tmp = self.opts.out / ".final.tmp"
         model.save_pretrained(tmp, state_dict=master.state_dict())
-        record = self._record(model, self.total_steps, losses, complete=True)
-        # merged, the adapter costs nothing at inference (unmerged LoRA layers are slow on a CPU)
-        merged = replace(loaded, model=model.merge_and_unload().eval())
-        record["accuracy"] = {"train_before": accuracy_before, "train_after": self.accuracy(merged)}
+        record = self._record(model, step, losses, True, held_out)
+        record["stopped_early"] = step < self.total_steps  # at stop_accuracy
         record["seconds"] = {"total": time.perf_counter() - started, "training_steps": train_seconds,
                              "resumed_at_step": start_step}
         record["adapter"]["fingerprint"] = folder.fingerprint(tmp)
         folder.publish_files(tmp, self.opts.out, record)
         return record
+
+    def _reached(self, held_out: list[list]) -> bool:
+        """Whether the last measured held-out accuracy reached ``stop_accuracy`` (never at step 0: the base)."""
+        stop = self.opts.stop_accuracy
+        return stop is not None and held_out[-1][0] > 0 and held_out[-1][1] >= stop
+
+    def held_out_accuracy(self, model: torch.nn.Module, tokenizer) -> float | None:
+        """Share of the held-out questions (neither trained on nor probed) answered right by the model as it
+        stands: the base with the LoRA branch beside it in the compute dtype, dropout off, as probes run it."""
+        if not self.held_out:
+            return None
+        was_training = model.training
+        model.eval()
+        predicted = predicted_letters(model, tokenizer, self.held_out_prompts, self.device, self.hyper.max_length,
+                                      self.opts.micro_batch)
+        model.train(was_training)
+        return float(np.mean(predicted == np.array([q.answer for q in self.held_out])))
 
     def _targets(self, loaded: LoadedModel) -> torch.Tensor:
         ids = letter_token_ids(loaded.tokenizer)
@@ -211,9 +281,8 @@ class Finetune:
             use_fast_dropout(model, self.dropout_rng)
         master = MasterWeights(model)
         optimizer = torch.optim.AdamW(master.parameters, lr=h.learning_rate, weight_decay=h.weight_decay)
-        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, num_warmup_steps=math.ceil(h.warmup_ratio * self.total_steps),
-            num_training_steps=self.total_steps, min_lr_rate=h.min_lr_ratio)
+        warmup, total = h.warmup_steps(self.total_steps), self.total_steps
+        scheduler = LambdaLR(optimizer, lambda step: float(lr_factor(step, total, warmup, h.min_lr_ratio)))
         return model, master, optimizer, scheduler
 
     def _step(self, model: PeftModel, tokenizer, master: MasterWeights, optimizer: torch.optim.Optimizer,
@@ -231,26 +300,17 @@ class Finetune:
             loss.backward()
             master.collect_grads()
             total += loss.item()
-        torch.nn.utils.clip_grad_norm_(master.parameters, self.hyper.max_grad_norm)
+        if self.hyper.max_grad_norm > 0:  # the authors clip nothing
+            torch.nn.utils.clip_grad_norm_(master.parameters, self.hyper.max_grad_norm)
         optimizer.step()
         scheduler.step()
         master.push()
         return total
 
-    def accuracy(self, loaded: LoadedModel) -> float:
-        """Share of the training questions whose predicted letter (argmax over A-D) is the answer."""
-        extractor = StateExtractor(loaded, "residual")
-        answers = np.array([q.answer for q in self.questions])
-        correct = 0
-        for start in range(0, len(self.prompts), self.opts.micro_batch):
-            _, predicted = extractor(self.prompts[start : start + self.opts.micro_batch])
-            correct += int((predicted == answers[start : start + self.opts.micro_batch]).sum())
-        return correct / len(self.prompts)
-
     # -- checkpoints and records ----------------------------------------------------------------
 
     def _save_checkpoint(self, model: PeftModel, master: MasterWeights, optimizer: torch.optim.Optimizer,
-                         scheduler, step: int, losses: list[float]) -> None:
+                         scheduler, step: int, losses: list[float], held_out: list[list]) -> None:
         """The adapter and everything needed to go on from ``step``, published in one rename."""
         tmp = self.opts.out / f".checkpoint-{step}.tmp"
         if tmp.exists():
@@ -262,12 +322,14 @@ class Finetune:
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         torch.save(state, tmp / folder.TRAINING_STATE)
-        record = self._record(model, step, losses, complete=True)
+        record = self._record(model, step, losses, True, held_out)
         record["adapter"]["fingerprint"] = folder.fingerprint(tmp)
         folder.write_json_atomic(tmp / folder.RECORD, record)
         folder.publish_folder(tmp, folder.checkpoint_dir(self.opts.out, step))
 
-    def _resume(self, master: MasterWeights, optimizer: torch.optim.Optimizer, scheduler, step: int) -> list[float]:
+    def _resume(self, master: MasterWeights, optimizer: torch.optim.Optimizer, scheduler, step: int
+                ) -> tuple[list[float], list[list]]:
+        """Losses and held-out accuracies so far, with every state restored from ``checkpoint-step``."""
         path = folder.checkpoint_dir(self.opts.out, step)
         state = torch.load(path / folder.TRAINING_STATE, map_location=self.device, weights_only=True)
         master.load_state_dict(state["master"])
@@ -277,11 +339,12 @@ class Finetune:
         self.dropout_rng.bit_generator.state = json.loads(state["dropout_rng"])
         if "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
-        return list(state["losses"])
+        return list(state["losses"]), folder.read_record(path)["accuracy"]["held_out"]
 
     def _record(self, model: PeftModel, step: int, losses: list[float], complete: bool,
-                accuracy: dict[str, float] | None = None) -> dict[str, Any]:
-        """What a probe of this adapter records as its provenance: recipe, base, training ids, losses."""
+                held_out: list[list]) -> dict[str, Any]:
+        """What a probe of this adapter records as its provenance: recipe, base, training ids, losses, the
+        checkpoint schedule and the held-out accuracy at every checkpoint so far."""
         last_epoch = losses[-self.steps_per_epoch :]
         return {
             "format": folder.FORMAT,
@@ -289,13 +352,20 @@ class Finetune:
             "recipe": self.recipe,
             "base_location": self.source.location,
             "training": {"split": self.selection.train_split, "ids": [q.id for q in self.questions],
-                         "n_questions": len(self.questions)},
+                         "n_questions": len(self.questions), "held_out_ids": [q.id for q in self.held_out]},
             "step": step,
             "total_steps": self.total_steps,
+            "checkpoints": {"steps": self.schedule, "final": self.total_steps,
+                            "rule": f"every {self.opts.save_every} steps" if self.opts.save_every else
+                            f"np.unique(np.around(np.geomspace(1, {self.total_steps}, {self.opts.checkpoints}, "
+                            "endpoint=False))) (the authors'), plus the end of every epoch"},
             "epoch": step / self.steps_per_epoch,
             "losses": losses,
             "final_loss": float(np.mean(last_epoch)) if last_epoch else None,  # mean over the last epoch's steps
-            "accuracy": accuracy or {},
+            "accuracy": {"held_out": held_out, "before": held_out[0][1], "after": held_out[-1][1],
+                         "n_held_out": len(self.held_out),
+                         "measured": "held-out questions (neither trained on nor probed), training prompt, adapter "
+                                     "unmerged beside the base in the compute dtype"},
             "adapter": {"target_modules": sorted(model.peft_config["default"].target_modules),
                         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)},
             "micro_batch": self.opts.micro_batch,

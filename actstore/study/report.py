@@ -98,7 +98,8 @@ def write_results(out: Path, model: str, results: xr.Dataset, accuracy: dict[str
             f"{model}, {reference}, layer {tree_layer}:\n"
             "density peaks of clusters over 30 points, by majority subject"))
     summary = out / "summary.md"
-    finetuning = _finetuning(table, accuracy, training, n_layers) if "finetuned" in training else []
+    finetuning = _finetuning(table, accuracy, training, n_layers, n_samples.get("finetuned") or 1) \
+        if "finetuned" in training else []
     summary.write_text(_summary(model, table, accuracy, n_samples, reference, found, tree_layer, written, n_layers,
                                 finetuning))
     return [*written, summary]
@@ -189,24 +190,34 @@ COMPARED = ("ari_subject", "ari_answer", "ari_prediction", "overlap_answer")
 
 
 def _finetuning(table: xr.Dataset, accuracy: dict[str, float | None], training: dict[str, dict],
-                n_layers: int) -> list[str]:
-    """Accuracy before and after fine-tuning, and where the fine-tuned run and the most-shot run differ."""
+                n_layers: int, n_probed: int) -> list[str]:
+    """What the fine-tuned arm shows: its recipe, accuracy before and after (probed and held out) against the
+    most-shot run's, whether the answer structure the study saw appears, and where fine-tuned and the
+    most-shot run differ."""
     final = training["finetuned"]
-    train = final["accuracy"]
+    recipe, held = final["recipe"], final["accuracy"]
+    other = reference_method([m for m in map(str, table.method.values) if not m.startswith("finetuned")])
+    steps = final.get("checkpoints", {}).get("steps", [])
     lines = ["", "## Fine-tuning", "",
-             f"LoRA (the study's recipe) on {final['training']['n_questions']} training questions (held out of every "
-             f"method's questions), {final['step']} steps, final training loss {final['final_loss']:.4f}.", "",
+             f"LoRA with the authors' recipe on {final['training']['n_questions']} training questions from "
+             f"{len(recipe['subjects'])} subjects (held out of every method's questions), {final['step']} steps"
+             f"{' (stopped at the asked accuracy)' if final.get('stopped_early') else ''}, checkpoints at steps "
+             f"{', '.join(map(str, steps)) or 'none'}, every one probed; final training loss {final['final_loss']:.4f}. "
+             f"Training prompt: {recipe['prompt_format']}. Clipping: {recipe['clipping']}. Schedule: "
+             f"{recipe['schedule']}. Weighting: {recipe['weighting']}.", "",
              "| | before (0-shot) | after (finetuned) |", "| --- | ---: | ---: |",
              f"| accuracy on the probed questions | {_number(accuracy.get('0shot'))} | "
              f"{_number(accuracy.get('finetuned'))} |",
-             f"| accuracy on the training questions | {_number(train.get('train_before'))} | "
-             f"{_number(train.get('train_after'))} |"]
+             f"| accuracy on {held['n_held_out']} held-out questions (neither trained on nor probed) | "
+             f"{_number(held['before'])} | {_number(held['after'])} |"]
     checkpoints = sorted((info["step"], m) for m, info in training.items() if m != "finetuned")
     if checkpoints:
         lines += ["", "Probed accuracy across training: " + ", ".join(
             f"step {step} {_number(accuracy.get(m))}" for step, m in checkpoints)
             + f", step {final['step']} {_number(accuracy.get('finetuned'))}."]
-    other = reference_method([m for m in map(str, table.method.values) if not m.startswith("finetuned")])
+    lines += ["", "Held-out accuracy at every checkpoint: " + ", ".join(
+        f"step {step} {_number(value)}" for step, value in held["held_out"]) + "."]
+    lines += ["", _verdict(table, accuracy, held, other, n_layers, n_probed)]
     if other in table.method:
         half = n_layers / 2
         lines += ["", f"Where finetuned and {other} differ (mean over the first half / second half of the layers; "
@@ -219,6 +230,47 @@ def _finetuning(table: xr.Dataset, accuracy: dict[str, float | None], training: 
             lines.append(f"| {name} | {_halves(tuned, half)} | {_halves(shots, half)} | "
                          f"{float(gap[at]):+.3f} (layer {int(gap.layer[at])}) |")
     return lines + ["", f"For comparison, {STUDY_FINETUNED}."]
+
+
+CHANCE = 0.25  # four options
+ANSWER_STRUCTURE = 0.05  # answer ARI of the second half's layers below this: no answer clustering to speak of
+
+
+def _verdict(table: xr.Dataset, accuracy: dict[str, float | None], held: dict[str, Any], other: str,
+             n_layers: int, n_probed: int) -> str:
+    """In plain words: did fine-tuning reach the most-shot run's accuracy, and does the study's late-layer answer
+    structure appear; where it does not and the model answers at chance, that is why."""
+    tuned, shots = accuracy.get("finetuned"), accuracy.get(other)
+    best_held = max((v for _, v in held["held_out"] if v is not None), default=None)
+    if tuned is None or shots is None:
+        reached = "No accuracy to compare with the most-shot run."
+    elif tuned >= shots:
+        reached = (f"The fine-tuned model reached {other} accuracy on the probed questions ({tuned:.3f} vs "
+                   f"{shots:.3f}).")
+    else:
+        reached = (f"The fine-tuned model did not reach {other} accuracy on the probed questions ({tuned:.3f} vs "
+                   f"{shots:.3f}; held-out accuracy at best {_number(best_held)}).")
+    late = table.ari_answer.sel({"method": "finetuned"}).where(table.layer >= n_layers / 2)
+    late_max = float(late.max()) if not late.isnull().all() else float("nan")
+    at_chance = tuned is not None and abs(tuned - CHANCE) <= _chance_band(n_probed)
+    if late_max >= ANSWER_STRUCTURE:
+        structure = (f"The answer structure appears: the fine-tuned run's answer ARI reaches {late_max:.3f} in the "
+                     "second half of the layers (the study: ~0.17-0.19 from layer 17 of 32).")
+    elif at_chance:
+        structure = (f"The study's late-layer answer structure does not appear (answer ARI at most {late_max:.3f} in "
+                     f"the second half of the layers, against ~0.17-0.19 in the study), and this is no reproduction "
+                     f"of it: the model answers at chance ({tuned:.3f}, chance {CHANCE}), so there is no right answer "
+                     "in its representation for the late layers to organise by.")
+    else:
+        structure = (f"The study's late-layer answer structure does not appear (answer ARI at most {late_max:.3f} in "
+                     "the second half of the layers, against ~0.17-0.19 in the study), although the model answers "
+                     "above chance.")
+    return f"{reached} {structure}"
+
+
+def _chance_band(n_probed: int) -> float:
+    """Two binomial standard errors of an accuracy at chance over ``n_probed`` questions (0.043 for 400)."""
+    return 2 * float(np.sqrt(CHANCE * (1 - CHANCE) / n_probed))
 
 
 def _number(value: float | None) -> str:
