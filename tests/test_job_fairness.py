@@ -8,6 +8,7 @@ import time
 
 import grpc
 import pytest
+from conftest import make_questions, write_jsonl
 
 from actstore.cli import main
 from actstore.client import ActstoreError, Client
@@ -15,7 +16,6 @@ from actstore.client.client import AnalysisJob
 from actstore.server.jobs import MAX_RUNNING
 from actstore.server.process import ServerProcess
 from actstore.v1 import actstore_pb2 as pb
-from conftest import make_questions, write_jsonl
 
 SMALL = dict(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8)
 METHODS = ["0shot", "1shot", "2shot"]
@@ -70,7 +70,7 @@ def solo_seconds(client: Client, per_subject: int) -> float:
     return min(times)
 
 
-def behind_a_quota(hog: Client, other: Client, per_subject: int) -> tuple[float, list[AnalysisJob], float]:
+def behind_a_quota(hog: Client, other: Client, per_subject: int) -> tuple[float, list[AnalysisJob], int]:
     """``hog`` starts its quota of long jobs, then ``other`` a one-layer job (masks ``per_subject`` and
     below); returns the one-layer job's time, the long jobs, and how many of their tasks were left when
     it ended."""
@@ -78,8 +78,8 @@ def behind_a_quota(hog: Client, other: Client, per_subject: int) -> tuple[float,
     while sum(job.status().tasks_done for job in jobs) < 2:  # the hog's first tasks hold both workers
         time.sleep(0.05)
     started = time.monotonic()
-    job = other.analyze("tiny-llama", ["1shot"], layers=[2], per_subject=per_subject - MAX_RUNNING, **SMALL)
-    elapsed = timed(job, started)
+    small = other.analyze("tiny-llama", ["1shot"], layers=[2], per_subject=per_subject - MAX_RUNNING, **SMALL)
+    elapsed = timed(small, started)
     left = sum(s.tasks_total - s.tasks_done for s in (job.status() for job in jobs))
     return elapsed, jobs, left
 

@@ -55,7 +55,7 @@ class Caller:
         open access the client key."""
         return f"group {self.group}" if not self.is_open else f"open caller {self.client or 'unknown'}"
 
-    def identified(self, peer: str, metadata: Metadata | None) -> "Caller":
+    def identified(self, peer: str, metadata: Metadata | None) -> Caller:
         """This caller with its client key under open access (unchanged with a group, which already says who
         calls); ``peer`` as ``ServicerContext.peer()`` gives it, ``metadata`` the call's."""
         if not self.is_open:
