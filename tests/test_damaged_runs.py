@@ -6,6 +6,7 @@ store itself."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -93,9 +94,8 @@ def test_damaged_runs_beside_good_ones_leave_the_catalog_working_through_a_serve
             listed = [(r["model"], r["method"]) for r in client.runs()]
             assert listed == [(MODEL, m) for m in GOOD]
             for method in DAMAGED:
-                for call in (lambda: client.describe(MODEL, method), lambda: client.labels(MODEL, method),
-                             lambda: client.hidden_states(MODEL, method, layers=0)):
-                    error = error_of(call)
+                for call in (client.describe, client.labels, functools.partial(client.hidden_states, layers=0)):
+                    error = error_of(functools.partial(call, MODEL, method))
                     assert error.code in REFUSED, error
                     assert f"{MODEL}/{method}" in error.message
                     assert "passwd" not in error.message.replace(f"{MODEL}/passwd", "")  # no path of the link
@@ -303,10 +303,9 @@ def test_a_failed_first_ingest_keeps_a_damaged_run_it_cannot_read(tmp_path):
     cannot be counted, so it is kept, and the job's own error is what the caller sees."""
     root = tmp_path / "store"
     store = Store(root)
-    with pytest.raises(RuntimeError, match="the job failed"):
-        with store.writing():
-            write_run(store, "truncated")
-            truncate(root / MODEL / "truncated" / "zarr.json")
-            raise RuntimeError("the job failed")
+    with pytest.raises(RuntimeError, match="the job failed"), store.writing():
+        write_run(store, "truncated")
+        truncate(root / MODEL / "truncated" / "zarr.json")
+        raise RuntimeError("the job failed")
     assert shard(root, "truncated").is_file()
     assert store.has_run(MODEL, "truncated")
