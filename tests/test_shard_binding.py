@@ -151,3 +151,21 @@ def test_samples_a_killed_writer_wrote_but_never_committed_do_not_make_the_parti
     run = Store(tmp_path).run(MODEL, "0shot")
     assert run.n_samples == 44
     np.testing.assert_array_equal(run.read_states([0, 1, 2]), states[:, :44])
+
+
+def _read_on_a_worker(root: str, layer: int, positions: list[int]) -> np.ndarray:
+    return Store(root).run(MODEL, "0shot").read_rows([layer], np.array(positions))
+
+
+def test_a_dask_worker_reading_a_swapped_partial_shard_gets_corrupt_data(tmp_path):
+    """What analyses do: a worker process opens the run and reads rows (Run.read_rows) of one layer."""
+    from distributed import Client as DaskClient, LocalCluster
+
+    store = Store(tmp_path)
+    states = swap(store, "another layer", SHARDS["partial"])
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            DaskClient(cluster) as client:
+        with pytest.raises(CorruptData, match=rf"run {MODEL}/0shot, layer {LAYER}.*not the shard committed here"):
+            client.submit(_read_on_a_worker, str(tmp_path), LAYER, [70, 3]).result()
+        intact = client.submit(_read_on_a_worker, str(tmp_path), 0, [70, 3]).result()
+    np.testing.assert_array_equal(intact, states[:1, [70, 3]])
