@@ -159,7 +159,8 @@ def _read_on_a_worker(root: str, layer: int, positions: list[int]) -> np.ndarray
 
 def test_a_dask_worker_reading_a_swapped_partial_shard_gets_corrupt_data(tmp_path):
     """What analyses do: a worker process opens the run and reads rows (Run.read_rows) of one layer."""
-    from distributed import Client as DaskClient, LocalCluster
+    from distributed import Client as DaskClient
+    from distributed import LocalCluster
 
     store = Store(tmp_path)
     states = swap(store, "another layer", SHARDS["partial"])
