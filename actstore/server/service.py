@@ -230,12 +230,12 @@ class DataService(_Base, pb_grpc.DataServiceServicer):
         suspends this coroutine holding one message, and is ended after the idle period; a cancelled or
         expired call stops the reads. Messages are serialized on the executor, and the AuthGate passes the
         bytes on as they are."""
-        first, messages, size = await self.offload(self._plan_read, request, caller)
-        sent = 0
+        sent, size = 0, 0
         try:
+            first, messages, size = await self.offload(self._plan_read, request, caller)
             while (nbytes := await self._send_next(context, messages, first, size - sent)) is not None:
                 sent, first = sent + nbytes, b""
-        except asyncio.CancelledError:  # the client cancelled, or its deadline passed
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed (planning included)
             log.info("ReadStates cancelled by the client after %d of %d bytes; stopped reading", sent, size)
             raise
 
