@@ -1,5 +1,7 @@
 """The main job end to end at a tiny size: ingest -> server -> client -> analyses -> figures and tables."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -61,7 +63,8 @@ def test_the_job_writes_figures_tables_and_summary(study):
             f"{held['after']:.3f} |") in summary
     assert "Held-out accuracy at every checkpoint: step 0 " in summary and "without the subject header" in summary
     assert "Clipping: none" in summary and "checkpoints at steps 1, every one probed" in summary
-    assert "reach 5shot accuracy on the probed questions" in summary  # said plainly, either way
+    assert re.search(r"The fine-tuned model (reached|did not reach) 5shot accuracy on the probed questions", summary)
+    assert "the model answers at chance" in summary  # the tiny random model: why no answer structure appears
     assert record["recipe"]["subjects"] == ["anatomy", "astronomy", "college_biology"]
     assert tuned.attrs["recipe"]["adapter"].startswith("unmerged")
     assert "Where finetuned and 5shot differ" in summary and "| ari_prediction |" in summary

@@ -112,6 +112,8 @@ class Finetune:
             raise DatasetError(f"no training questions in {self.dataset.name} ({self.selection.train_split} split, "
                                f"--train-pool {opts.train_pool}, of which {opts.eval_per_subject} per subject held out "
                                "for accuracy)")
+        if opts.stop_accuracy is not None and not self.held_out:
+            raise DatasetError("--stop-accuracy needs held-out questions to measure: --eval-per-subject is 0")
         self.device = resolve_device(opts.device)
         self.dtype = resolve_dtype(opts.dtype, self.device)
         self.steps_per_epoch = math.ceil(len(self.questions) / self.hyper.batch_size)
@@ -246,7 +248,8 @@ class Finetune:
     def _reached(self, held_out: list[list]) -> bool:
         """Whether the last measured held-out accuracy reached ``stop_accuracy`` (never at step 0: the base)."""
         stop = self.opts.stop_accuracy
-        return stop is not None and held_out[-1][0] > 0 and held_out[-1][1] >= stop
+        step, value = held_out[-1]
+        return stop is not None and step > 0 and value is not None and value >= stop
 
     def held_out_accuracy(self, model: torch.nn.Module, tokenizer) -> float | None:
         """Share of the held-out questions (neither trained on nor probed) answered right by the model as it
