@@ -7,20 +7,23 @@ On disk a run is the Zarr v3 group ``{model}/{method}``::
     sample         (sample,)                the question's stable id in its dataset
     subject, answer, prediction (sample,)   strings; correct (sample,) bool
 
-The sample axis only grows, and only by whole committed batches. A commit writes the new samples past
+The sample axis only grows, and only by whole commits. A commit writes the new samples past
 the end that readers are shown, then publishes them with one atomic file replace: while a writer works,
 the run group's ``zarr.json`` holds the attributes (``progress.n_committed`` and the ``shard_record`` of
 that commit) and, as Zarr's consolidated metadata, every array's metadata with its shape. Readers that
 open the group with it (xarray by default or with ``consolidated=True``, zarr-python, Run) therefore see
 the run as of one commit and never a row whose data is missing. Plain readers are shown the committed
-samples in whole inner chunks of states (the last, partly filled chunk joins when the next commit fills it
-or the writer finishes): zarr-python reads a shard's index and its chunks in separate reads, and a whole
-chunk keeps its bytes at its offset in every later version of its shard (shown exactly, that chunk failed
-its checksum in about 1 read of 40 beside a writer committing every few milliseconds). Readers that skip
-the consolidated metadata (xarray's ``consolidated=False``) take each array's own ``zarr.json``: those are
-set only when a writer starts and finishes, since several files cannot change at once (set at every
-commit, 1 such read in 5 found two lengths beside that writer); meanwhile, and after a kill until the next
-writer, they show the run as of the last start or finish. Shard files are rewritten whole, by a temporary
+samples in whole inner chunks of states: zarr-python reads a shard's index and its chunks in separate
+reads, and only a whole chunk keeps its bytes at its offset in every later version of its shard (a partly
+filled chunk shown to it failed its checksum in about 1 read of 40 beside a fast writer). So timed commits
+stop at the last whole inner chunk buffered and keep the rest for the next (``RunWriter.commit``): what plain
+readers are shown is exactly what is committed, during an ingest and after a kill, unless an inner chunk
+takes more than a commit interval to fill (then the partly filled chunk is committed an interval later and
+joins the view when the next commit fills it). Readers that skip the consolidated metadata (xarray's
+``consolidated=False``) take each array's own ``zarr.json``: those are set only when a writer starts and
+finishes, since several files cannot change at once (set at every commit, 1 such read in 5 found two
+lengths beside that writer); meanwhile, and after a kill until the next writer, they show the run as of the
+last start or finish. Shard files are rewritten whole, by a temporary
 file renamed into place (zarr's LocalStore), so a crash or a full disk never damages a committed sample.
 When the writer finishes, each array's own ``zarr.json`` gets the final length and the group drops its
 consolidated metadata (which would hide the ``derived/`` entries analyses add later); the next writer
@@ -375,23 +378,40 @@ class RunWriter:
         of at most MAX_LABEL_CHARS characters (else LabelTooLong, the batch not taken)."""
         check_labels(labels)
         self._pending.append((np.asarray(states, dtype=STATE_DTYPE), labels))
-        if time.monotonic() - self._last_commit >= self._commit_seconds:
-            self.commit()
+        waited = time.monotonic() - self._last_commit
+        if waited >= self._commit_seconds:
+            # a partly filled chunk only once a whole one has been awaited for another interval
+            self.commit(whole_chunks=waited < 2 * self._commit_seconds)
 
-    def commit(self) -> None:
-        """Write the buffered batches past the published end, then publish them with one metadata write."""
+    def commit(self, whole_chunks: bool = False) -> None:
+        """Write the buffered batches past the published end, then publish them with one metadata write.
+
+        ``whole_chunks``: commit only up to the last whole inner chunk of states buffered, keeping the rest
+        for the next commit, so that plain readers, who are shown whole chunks (``_whole_chunks``), see
+        exactly the committed samples, during an ingest and after a kill; nothing when no whole chunk is
+        buffered past the published end (``add`` then commits everything one interval later, so a kill loses
+        at most about twice ``commit_seconds`` of work even when a chunk takes longer to fill).
+        """
         if not self._pending:
             return
         start = self.n_committed
         values = {STATES: np.concatenate([s for s, _ in self._pending], axis=1)}
         values.update({k: np.concatenate([lab[k] for _, lab in self._pending]) for k in LABELS})
         stop = start + values[STATES].shape[1]
+        rest: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        if whole_chunks and self._whole_chunks(stop) <= start:
+            return
+        if whole_chunks and self._whole_chunks(stop) < stop:
+            stop = self._whole_chunks(stop)
+            kept = stop - start
+            rest = [(values[STATES][:, kept:], {k: values[k][kept:] for k in LABELS})]
+            values = {name: value[:, :kept] if name == STATES else value[:kept] for name, value in values.items()}
         with self._writing():
             for name in SAMPLE_ARRAYS:
                 array = self.run.group[name]
                 _past_the_end(array, stop)[_rows(array.metadata, start, stop)] = values[name]
             self._publish(stop, {**self._progress(stop, int(values["correct"].sum())), **self._shard_record(stop)})
-        self._pending.clear()
+        self._pending = rest
         self._last_commit = time.monotonic()
 
     def close(self) -> None:
