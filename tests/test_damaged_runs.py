@@ -309,3 +309,26 @@ def test_a_failed_first_ingest_keeps_a_damaged_run_it_cannot_read(tmp_path):
         raise RuntimeError("the job failed")
     assert shard(root, "truncated").is_file()
     assert store.has_run(MODEL, "truncated")
+
+
+def test_a_damaged_private_run_is_hidden_from_outsiders_like_an_absent_one(tmp_path):
+    """DATA_LOSS would tell another group that the private run exists: it gets NOT_FOUND, worded as for a
+    run that is not there; the owner group learns the run is damaged."""
+    root = tmp_path / "store"
+    store = Store(root)
+    write_run(store, "private")
+    store.set_access(MODEL, "private", {"owner_group": "lab-a", "visibility": "private", "shared_with": []})
+    shutil.rmtree(root / MODEL / "private" / "hidden_states")
+    (tmp_path / "auth.toml").write_text('[tokens]\n"tok-a-at-least-16-chars" = "lab-a"\n'
+                                        '"tok-b-at-least-16-chars" = "lab-b"\n')
+    server = ServerProcess(root, tmp_path / "server.log", "--auth", str(tmp_path / "auth.toml"))
+    try:
+        with Client(server.address, token="tok-b-at-least-16-chars", retries=0) as outsider:
+            hidden = error_of(functools.partial(outsider.describe, MODEL, "private"))
+            absent = error_of(functools.partial(outsider.describe, MODEL, "never-written"))
+        assert hidden.code == absent.code == grpc.StatusCode.NOT_FOUND
+        assert hidden.message.replace("private", "X") == absent.message.replace("never-written", "X")
+        with Client(server.address, token="tok-a-at-least-16-chars", retries=0) as owner:
+            assert error_of(functools.partial(owner.describe, MODEL, "private")).code == grpc.StatusCode.DATA_LOSS
+    finally:
+        stop(server)

@@ -22,6 +22,7 @@ from actstore.server.auth import Caller
 from actstore.server.errors import Forbidden, Lossy, TooLarge, status_of
 from actstore.server.gate import Stalled, StreamBudget, caller_key, log_call
 from actstore.store import Run, RunNotFound, Store
+from actstore.store.errors import DamagedRun
 from actstore.v1 import actstore_pb2 as pb
 from actstore.v1 import actstore_pb2_grpc as pb_grpc
 
@@ -104,6 +105,10 @@ class _Base:
             run = self.store.run(ref.model, ref.method)
         except RunNotFound:
             raise absent from None
+        except DamagedRun as damaged:  # DATA_LOSS only to callers who could read it; unknown access: open servers
+            if not (caller.can_read(damaged.access) if damaged.access is not None else caller.is_open):
+                raise absent from None
+            raise
         if not caller.can_read(run.access):
             raise absent
         return run
