@@ -39,7 +39,9 @@ def _ls(args: argparse.Namespace) -> int:
     store = Store(args.store)
     if not store.exists():
         raise StoreError(f"no actstore store at {store.url}")
-    runs = store.runs()
+    runs, damaged = store.scan()
+    for problem in damaged:
+        print(f"actstore: {problem}", file=sys.stderr)
     if not runs:
         print(f"no runs in {store.url}")
         return 0

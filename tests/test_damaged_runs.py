@@ -107,8 +107,9 @@ def test_damaged_runs_beside_good_ones_leave_the_catalog_working_through_a_serve
 
 def test_ls_and_the_store_list_the_good_runs_and_name_the_damaged(damaged_folder, capsys, caplog):
     assert main(["ls", "--store", str(damaged_folder)]) == 0
-    shown = capsys.readouterr().out
-    assert all(f"{MODEL}/{m}" in shown for m in GOOD) and not any(f"{MODEL}/{m} " in shown for m in DAMAGED)
+    shown = capsys.readouterr()
+    assert all(f"{MODEL}/{m}" in shown.out for m in GOOD) and not any(f"{MODEL}/{m} " in shown.out for m in DAMAGED)
+    assert all(f"run {MODEL}/{m} " in shown.err and "damaged" in shown.err for m in DAMAGED), shown.err
     store = Store(damaged_folder)
     good, damaged = store.scan()
     assert [r.method for r in good] == list(GOOD)
