@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from actstore.cli import main
-from actstore.server.address import parse_address
+from actstore.address import parse_address
 from actstore.server.process import ServerProcess
 from actstore.store import Store
 from actstore import __version__

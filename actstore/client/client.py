@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-import numcodecs
 import numpy as np
 import xarray as xr
 
 from actstore.protocol import CHANNEL_OPTIONS, DEFAULT_ADDRESS, DTYPE_ENUMS, DTYPE_NAMES, VISIBILITY_ENUMS, VISIBILITY_NAMES
-from actstore.server.address import parse_addresses
+from actstore.address import parse_addresses
 from actstore.v1 import actstore_pb2 as pb
+from actstore.wire.results import dendrogram_of, layer_result, results_dataset
+from actstore.wire.states import MalformedBlock, decode_block
 from actstore.v1 import actstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,9 @@ class Client:
                 flat[chunk.offset : chunk.offset + len(chunk.data)] = np.frombuffer(chunk.data, dtype=np.uint8)
                 received += len(chunk.data)
                 for block in message.blocks:  # stored chunks, forwarded undecoded by the server
-                    received += _decode_block(block, data[block.layer_index])
+                    received += decode_block(block, data[block.layer_index])
+        except MalformedBlock as exc:
+            raise ActstoreError(grpc.StatusCode.DATA_LOSS, str(exc)) from None
         finally:
             stream.cancel()  # a no-op once complete; stops the server's work if we leave early
         if header is None:
@@ -348,7 +351,7 @@ class AnalysisJob:
 
     def assignments(self, run: str, layer: int) -> xr.DataArray:
         """The clusters of one layer of one run (``"model/method"``), indexed by sample id."""
-        r = _layer_result(self._final(), run, layer)
+        r = layer_result(self._final(), run, layer)
         return xr.DataArray(np.asarray(r.assignment), dims="sample", coords={"sample": np.asarray(r.sample_ids)},
                             name="cluster")
 
@@ -379,77 +382,6 @@ def _job_error(job_id: str, last: pb.Job | None) -> ActstoreError:
 
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
-
-METRICS = ("id", "id_2nn", "n_clusters", "core_fraction", "ari_subject", "ari_answer", "ari_prediction",
-           "overlap_subject", "overlap_answer")
-
-
-COMPARISON_METRICS = ("n_common", "data_overlap", "ari_clusters")
-
-
-def dendrogram_of(job: pb.Job, run: str, layer: int) -> dict[str, Any] | None:
-    """The dendrogram of one layer of one run (``"model/method"``) in a job's results, or None when fewer
-    than two clusters have more than 30 points: ``linkage`` is ready for
-    ``scipy.cluster.hierarchy.dendrogram(linkage, labels=labels)``; ``labels`` are majority subjects,
-    holding ``majority_share`` of each cluster."""
-    d = _layer_result(job, run, layer).dendrogram
-    if not d.clusters:
-        return None
-    return {"clusters": np.asarray(d.clusters), "sizes": np.asarray(d.sizes), "labels": list(d.labels),
-            "majority_share": np.asarray(d.majority_share), "linkage": np.asarray(d.linkage).reshape(-1, 4)}
-
-
-def _layer_result(job: pb.Job, run: str, layer: int) -> pb.LayerResult:
-    for r in job.results:
-        if _name(r.run) == run and r.layer == layer and not r.error:
-            return r
-    raise KeyError(f"no result for {run} layer {layer} in job {job.job_id or '(stored results)'}")
-
-
-def results_dataset(job: pb.Job) -> xr.Dataset:
-    """A job's results as a Dataset: metrics over (run, layer) and comparisons over (pair, layer, named
-    "model/a vs model/b"), NaN where a task failed (its reason in ``error`` / ``compare_error``)."""
-    layers = sorted({r.layer for r in [*job.results, *job.comparisons]})
-    runs = _table(job.results, lambda r: _name(r.run), layers, METRICS, "run", "error")
-    pairs = _table(job.comparisons, lambda c: f"{_name(c.runs.a)} vs {_name(c.runs.b)}", layers,
-                   COMPARISON_METRICS, "pair", "compare_error")
-    return xr.merge([runs, pairs]).assign_attrs(job_id=job.job_id)
-
-
-def _table(results: Sequence[Any], row: Callable[[Any], str], layers: list[int], metrics: Sequence[str],
-           dim: str, error: str) -> xr.Dataset:
-    rows = sorted({row(r) for r in results})
-    table = {m: np.full((len(rows), len(layers)), np.nan) for m in metrics}
-    errors = np.full((len(rows), len(layers)), "", dtype=object)
-    for r in results:
-        i, j = rows.index(row(r)), layers.index(r.layer)
-        errors[i, j] = r.error
-        if not r.error:
-            for m in metrics:
-                table[m][i, j] = getattr(r, m)
-    if not rows:
-        return xr.Dataset()
-    return xr.Dataset({m: ((dim, "layer"), v) for m, v in table.items()} | {error: ((dim, "layer"), errors)},
-                      coords={dim: rows, "layer": layers})
-
-
-def _name(ref: pb.RunRef) -> str:
-    return f"{ref.model}/{ref.method}"
-
-
-def _decode_block(block: pb.EncodedBlock, layer: np.ndarray) -> int:
-    """Decode a run of stored chunks into ``layer`` (sample, hidden); returns the bytes written."""
-    row, offset = block.sample_start, 0
-    encoded = memoryview(block.blosc)
-    for size in block.chunk_bytes:
-        rows = np.frombuffer(numcodecs.blosc.decompress(encoded[offset : offset + size]), dtype="<f4")
-        rows = rows.reshape(-1, layer.shape[1])
-        layer[row : row + len(rows)] = rows
-        row, offset = row + len(rows), offset + size
-    if row != block.sample_start + block.n_samples:
-        raise ActstoreError(grpc.StatusCode.DATA_LOSS, "a stored block decoded to the wrong number of rows")
-    return block.n_samples * layer.shape[1] * 4
-
 
 def _ref(model: str, method: str) -> pb.RunRef:
     return pb.RunRef(model=model, method=method)

@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from actstore.protocol import DEFAULT_ADDRESS, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES
-from actstore.server.address import parse_address
+from actstore.address import parse_address
 from actstore.server.auth import Authenticator
 from actstore.server.gate import (DEFAULT_MAX_INFLIGHT_MB, DEFAULT_MAX_STREAMS_PER_CALLER, DEFAULT_STREAM_IDLE_S,
                                   AuthGate, Drain, StreamBudget)

@@ -58,6 +58,7 @@ from actstore.server.errors import Forbidden, TooLarge, status_of
 from actstore.server.selection import BadRequest
 from actstore.store import Store, echo
 from actstore.v1 import actstore_pb2 as pb
+from actstore.wire.results import job_fields
 
 log = logging.getLogger(__name__)
 
@@ -221,48 +222,14 @@ class Job:
             outcomes = [self._loaded(o) for o in self.outcomes[since:]]
             return pb.Job(job_id=self.id, state=self.state, stage=self.stage, tasks_done=len(self.outcomes),
                           tasks_total=self.total, failure_code=self.failure.value[0] if self.failure else 0,
-                          **outcome_messages(outcomes))
+                          **job_fields([o for o in outcomes if isinstance(o, LayerOutcome)],
+                                       [o for o in outcomes if isinstance(o, ComparisonOutcome)]))
 
     def _loaded(self, outcome: LayerOutcome | ComparisonOutcome | Stored) -> LayerOutcome | ComparisonOutcome:
         if not isinstance(outcome, Stored):
             return outcome
         store, plan = self.cache
         return outcome.load(Store(store), plan)
-
-
-def outcome_messages(outcomes: list[LayerOutcome | ComparisonOutcome]) -> dict[str, list]:
-    """The ``results`` and ``comparisons`` fields of a Job message holding these outcomes."""
-    return {"results": [_result(o) for o in outcomes if isinstance(o, LayerOutcome)],
-            "comparisons": [_comparison(o) for o in outcomes if isinstance(o, ComparisonOutcome)]}
-
-
-def _comparison(o: ComparisonOutcome) -> pb.LayerComparison:
-    out = pb.LayerComparison(runs=_pair(o.a, o.b), layer=o.layer, error=o.error or "")
-    if o.result is not None:
-        out.MergeFrom(pb.LayerComparison(n_common=o.result.n_common, data_overlap=o.result.data_overlap,
-                                         ari_clusters=o.result.ari_clusters))
-    return out
-
-
-def _pair(a: RunName, b: RunName) -> pb.RunPair:
-    return pb.RunPair(a=pb.RunRef(model=a[0], method=a[1]), b=pb.RunRef(model=b[0], method=b[1]))
-
-
-def _result(o: LayerOutcome) -> pb.LayerResult:
-    out = pb.LayerResult(run=pb.RunRef(model=o.model, method=o.method), layer=o.layer, error=o.error or "")
-    if o.result is not None:
-        r = o.result
-        out.MergeFrom(pb.LayerResult(
-            id=r.id, ids_gride=r.ids_gride.tolist(), id_2nn=r.id_2nn, n_clusters=r.n_clusters,
-            core_fraction=r.core_fraction, ari_subject=r.ari_subject, ari_answer=r.ari_answer,
-            ari_prediction=r.ari_prediction, overlap_subject=r.overlap_subject, overlap_answer=r.overlap_answer,
-            sample_ids=o.sample_ids.tolist(), assignment=r.assignment.tolist()))
-    if o.dendrogram is not None:
-        d = o.dendrogram
-        out.dendrogram.CopyFrom(pb.Dendrogram(clusters=d.clusters.tolist(), sizes=d.sizes.tolist(), labels=d.labels,
-                                              linkage=d.linkage.ravel().tolist(),
-                                              majority_share=d.majority_share.tolist()))
-    return out
 
 
 class JobManager:

@@ -25,6 +25,7 @@ from actstore.store import Run, RunNotFound, Store
 from actstore.store.errors import DamagedRun
 from actstore.v1 import actstore_pb2 as pb
 from actstore.v1 import actstore_pb2_grpc as pb_grpc
+from actstore.wire.states import encode_block
 
 log = logging.getLogger(__name__)
 
@@ -345,14 +346,14 @@ def _stored_chunks(run: Run, layers: list[int], first: int, n: int) -> Iterator[
             else:  # a partial chunk at either end of the range, decoded
                 yield _chunk_message((index * n + start - first) * row_bytes, payload)
             if pieces and (wire >= READ_BYTES or not isinstance(payload, bytes)):
-                blocks.append(_encoded_block(index, run_start, run_count, pieces))
+                blocks.append(encode_block(index, run_start, run_count, pieces))
                 pieces = []
             if wire >= READ_BYTES:
                 message, blocks = pb.ReadStatesResponse(blocks=blocks).SerializeToString(), []
                 yield message, carried
                 wire, carried = 0, 0
         if pieces:
-            blocks.append(_encoded_block(index, run_start, run_count, pieces))
+            blocks.append(encode_block(index, run_start, run_count, pieces))
     if blocks:
         yield pb.ReadStatesResponse(blocks=blocks).SerializeToString(), carried
 
@@ -380,11 +381,6 @@ def _spans(start: int, stop: int, rows: int) -> Iterator[tuple[int, int]]:
         hi = min(stop, (lo // rows + 1) * rows)
         yield lo, hi
         lo = hi
-
-
-def _encoded_block(layer_index: int, sample_start: int, n_samples: int, pieces: list[bytes]) -> pb.EncodedBlock:
-    return pb.EncodedBlock(layer_index=layer_index, sample_start=sample_start, n_samples=n_samples,
-                           blosc=b"".join(pieces), chunk_bytes=[len(p) for p in pieces])
 
 
 def _is_range(positions: np.ndarray) -> bool:

@@ -10,11 +10,10 @@ from actstore.analysis.density import PAPER, DensityParams
 from actstore.analysis import NotAnalysed
 from actstore.analysis.layers import Mask
 from actstore.analysis.scheduler import comparison_outcome, layer_outcome
-from actstore.client.client import dendrogram_of, results_dataset
-from actstore.server.jobs import outcome_messages
 from actstore.store import Store
 from actstore.study.report import write_results
 from actstore.v1 import actstore_pb2 as pb
+from actstore.wire.results import dendrogram_of, job_fields, results_dataset
 
 
 def plot_stored(store_url: str | os.PathLike[str], model: str, methods: list[str] | None, out: Path,
@@ -55,7 +54,7 @@ def plot_stored(store_url: str | os.PathLike[str], model: str, methods: list[str
         raise NotAnalysed(f"no stored analyses (preset paper) for {model}: {shown}. Compute them with `actstore "
                           f"study` or `actstore analyze {model} --methods {','.join(methods)}{compared}` on a server "
                           "of this store")
-    job = pb.Job(**outcome_messages([*outcomes.values(), *comparisons]))
+    job = pb.Job(**job_fields(outcomes.values(), comparisons))
     training = {m: runs[m].attrs["finetune"] for m in methods if runs[m].attrs.get("finetune")}
     return write_results(out, model, results_dataset(job), {m: runs[m].accuracy for m in methods},
                          {m: runs[m].n_samples for m in methods}, functools.partial(dendrogram_of, job), training)

@@ -1,0 +1,104 @@
+"""Analysis results in a ``Job`` message: encoded by the server from its outcomes (and by the study from
+results stored beside a run), decoded by the client into an xarray Dataset, assignments and dendrograms."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from actstore.v1 import actstore_pb2 as pb
+
+METRICS = ("id", "id_2nn", "n_clusters", "core_fraction", "ari_subject", "ari_answer", "ari_prediction",
+           "overlap_subject", "overlap_answer")
+
+
+COMPARISON_METRICS = ("n_common", "data_overlap", "ari_clusters")
+
+
+def job_fields(layers: Iterable[Any], comparisons: Iterable[Any]) -> dict[str, list]:
+    """The ``results`` and ``comparisons`` fields of a Job message holding these outcomes: ``layers`` are
+    ``actstore.analysis.scheduler.LayerOutcome``, ``comparisons`` its ``ComparisonOutcome`` (taken by their
+    fields, so that the client, which only decodes, needs none of the analysis stack)."""
+    return {"results": [_result(o) for o in layers], "comparisons": [_comparison(o) for o in comparisons]}
+
+
+def _comparison(o: Any) -> pb.LayerComparison:
+    out = pb.LayerComparison(runs=_pair(o.a, o.b), layer=o.layer, error=o.error or "")
+    if o.result is not None:
+        out.MergeFrom(pb.LayerComparison(n_common=o.result.n_common, data_overlap=o.result.data_overlap,
+                                         ari_clusters=o.result.ari_clusters))
+    return out
+
+
+def _pair(a: tuple[str, str], b: tuple[str, str]) -> pb.RunPair:
+    return pb.RunPair(a=pb.RunRef(model=a[0], method=a[1]), b=pb.RunRef(model=b[0], method=b[1]))
+
+
+def _result(o: Any) -> pb.LayerResult:
+    out = pb.LayerResult(run=pb.RunRef(model=o.model, method=o.method), layer=o.layer, error=o.error or "")
+    if o.result is not None:
+        r = o.result
+        out.MergeFrom(pb.LayerResult(
+            id=r.id, ids_gride=r.ids_gride.tolist(), id_2nn=r.id_2nn, n_clusters=r.n_clusters,
+            core_fraction=r.core_fraction, ari_subject=r.ari_subject, ari_answer=r.ari_answer,
+            ari_prediction=r.ari_prediction, overlap_subject=r.overlap_subject, overlap_answer=r.overlap_answer,
+            sample_ids=o.sample_ids.tolist(), assignment=r.assignment.tolist()))
+    if o.dendrogram is not None:
+        d = o.dendrogram
+        out.dendrogram.CopyFrom(pb.Dendrogram(clusters=d.clusters.tolist(), sizes=d.sizes.tolist(), labels=d.labels,
+                                              linkage=d.linkage.ravel().tolist(),
+                                              majority_share=d.majority_share.tolist()))
+    return out
+
+
+def dendrogram_of(job: pb.Job, run: str, layer: int) -> dict[str, Any] | None:
+    """The dendrogram of one layer of one run (``"model/method"``) in a job's results, or None when fewer
+    than two clusters have more than 30 points: ``linkage`` is ready for
+    ``scipy.cluster.hierarchy.dendrogram(linkage, labels=labels)``; ``labels`` are majority subjects,
+    holding ``majority_share`` of each cluster."""
+    d = layer_result(job, run, layer).dendrogram
+    if not d.clusters:
+        return None
+    return {"clusters": np.asarray(d.clusters), "sizes": np.asarray(d.sizes), "labels": list(d.labels),
+            "majority_share": np.asarray(d.majority_share), "linkage": np.asarray(d.linkage).reshape(-1, 4)}
+
+
+def layer_result(job: pb.Job, run: str, layer: int) -> pb.LayerResult:
+    for r in job.results:
+        if _name(r.run) == run and r.layer == layer and not r.error:
+            return r
+    raise KeyError(f"no result for {run} layer {layer} in job {job.job_id or '(stored results)'}")
+
+
+def results_dataset(job: pb.Job) -> xr.Dataset:
+    """A job's results as a Dataset: metrics over (run, layer) and comparisons over (pair, layer, named
+    "model/a vs model/b"), NaN where a task failed (its reason in ``error`` / ``compare_error``)."""
+    layers = sorted({r.layer for r in [*job.results, *job.comparisons]})
+    runs = _table(job.results, lambda r: _name(r.run), layers, METRICS, "run", "error")
+    pairs = _table(job.comparisons, lambda c: f"{_name(c.runs.a)} vs {_name(c.runs.b)}", layers,
+                   COMPARISON_METRICS, "pair", "compare_error")
+    return xr.merge([runs, pairs]).assign_attrs(job_id=job.job_id)
+
+
+def _table(results: Sequence[Any], row: Callable[[Any], str], layers: list[int], metrics: Sequence[str],
+           dim: str, error: str) -> xr.Dataset:
+    rows = sorted({row(r) for r in results})
+    table = {m: np.full((len(rows), len(layers)), np.nan) for m in metrics}
+    errors = np.full((len(rows), len(layers)), "", dtype=object)
+    for r in results:
+        i, j = rows.index(row(r)), layers.index(r.layer)
+        errors[i, j] = r.error
+        if not r.error:
+            for m in metrics:
+                table[m][i, j] = getattr(r, m)
+    if not rows:
+        return xr.Dataset()
+    return xr.Dataset({m: ((dim, "layer"), v) for m, v in table.items()} | {error: ((dim, "layer"), errors)},
+                      coords={dim: rows, "layer": layers})
+
+
+def _name(ref: pb.RunRef) -> str:
+    return f"{ref.model}/{ref.method}"
