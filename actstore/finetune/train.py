@@ -14,6 +14,7 @@ import math
 import resource
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -87,6 +88,25 @@ def predicted_letters(model: torch.nn.Module, tokenizer, prompts: list[str], dev
         last = model.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, -1]
         found.append(model.get_output_embeddings()(last)[:, ids].argmax(-1).cpu().numpy())
     return np.asarray(LETTERS)[np.concatenate(found)] if found else np.array([], dtype=str)
+
+
+MICRO_BATCH_CHARS = 4096  # padded prompt characters per forward/backward pass (~1,000 tokens)
+
+
+def micro_batches(batch: np.ndarray, lengths: list[int], most: int) -> Iterator[np.ndarray]:
+    """``batch`` sorted by prompt length and cut into runs of at most ``most`` questions whose padded length
+    (count x the longest) stays within MICRO_BATCH_CHARS, a long prompt alone. Eager attention keeps every
+    head's weights for the backward pass, so eight prompts padded to one of ~1,000 tokens held ~9 GB and
+    took minutes a step on a CPU; the gradient is the same sum however the batch is cut."""
+    order = batch[np.argsort([lengths[i] for i in batch], kind="stable")]
+    start = 0
+    while start < len(order):
+        stop = start + 1
+        while (stop < len(order) and stop - start < most
+               and (stop - start + 1) * lengths[order[stop]] <= MICRO_BATCH_CHARS):
+            stop += 1
+        yield order[start:stop]
+        start = stop
 
 
 @dataclass
@@ -291,12 +311,10 @@ class Finetune:
     def _step(self, model: PeftModel, tokenizer, master: MasterWeights, optimizer: torch.optim.Optimizer,
               scheduler, batch: np.ndarray, targets: torch.Tensor) -> float:
         """One optimizer step over ``batch``: the weighted mean of its letter losses, in micro-batches of
-        questions of similar length (little padding)."""
+        questions of similar length (little padding; see ``micro_batches``)."""
         master.zero_grad()
-        batch = batch[np.argsort([len(self.prompts[i]) for i in batch], kind="stable")]
         total = 0.0
-        for start in range(0, len(batch), self.opts.micro_batch):
-            part = batch[start : start + self.opts.micro_batch]
+        for part in micro_batches(batch, [len(p) for p in self.prompts], self.opts.micro_batch):
             inputs = encode(tokenizer, [self.prompts[i] for i in part], self.device, self.hyper.max_length)
             losses = letter_losses(model, inputs, targets[part])
             loss = (losses * self.weights[part].to(losses.device)).sum() / len(batch)
