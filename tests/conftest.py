@@ -47,6 +47,29 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+# What each test needs, marked from the fixtures it uses (directly or not), so that lanes can be chosen by
+# need: `python3 tasks.py test --quick` leaves out the costly ones (see QUICK in tasks.py).
+NEEDS = {
+    "model": {"tiny_model"},
+    "bucket": {"local_s3_server"},
+    "server": {"server", "served", "servers", "replicas", "open_server", "secured", "damaged_folder"},
+    "cluster": {"dask_cluster", "idle_scheduler", "manager"},
+}
+# Whole files whose tests run a real model end to end, in subprocesses or at length.
+SLOW_FILES = {"test_smollm2.py", "test_study.py", "test_bench_smoke.py", "test_crash_safety.py",
+              "test_finetune.py", "test_finetune_recipe.py", "test_stream_memory.py", "test_job_fairness.py"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        for need, fixtures in NEEDS.items():
+            if used & fixtures:
+                item.add_marker(need)
+        if item.path.name in SLOW_FILES:
+            item.add_marker("slow")
+
+
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """Shrink chunks and shards so the tiny model's 32-wide states span many of both, as real runs do."""

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actstore.cli import main
 from actstore.client import Client
-from actstore.finetune.folder import RECORD, AdapterError, finished_adapter
+from actstore.adapter import RECORD, AdapterError, finished_adapter
 from actstore.finetune.options import FinetuneOptions, Hyperparameters
 from actstore.finetune.train import Finetune, letter_losses, subject_weights
 from actstore.ingest.datasets import Question

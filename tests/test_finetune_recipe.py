@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 
 from actstore.cli import main
-from actstore.finetune.folder import RECORD
+from actstore.adapter import RECORD
 from actstore.finetune.options import FinetuneOptions, Hyperparameters, checkpoint_schedule, lr_factor
 from actstore.finetune.train import Finetune
 from actstore.ingest.extract import StateExtractor

@@ -9,12 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from actstore.arguments import csv_list
 from actstore.client.client import DEFAULT_RETRY_FOR_S, RETRY_ENV
 from actstore.protocol import DEFAULT_ADDRESS
-
-
-def _csv(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _span(text: str) -> slice:
@@ -48,7 +45,7 @@ def _retry_for(args: argparse.Namespace) -> float:
 
 
 def _layers(text: str) -> slice | list[int]:
-    return _span(text) if ":" in text else [int(v) for v in _csv(text)]
+    return _span(text) if ":" in text else [int(v) for v in csv_list(text)]
 
 
 def _connection(p: argparse.ArgumentParser) -> None:
@@ -69,28 +66,17 @@ def register_analyze(subparsers: argparse._SubParsersAction) -> None:
                                           "print the per-layer table.")
     _connection(p)
     p.add_argument("model")
-    p.add_argument("--methods", type=_csv, default=[], help="comma list of methods (runs of MODEL) to analyse")
+    p.add_argument("--methods", type=csv_list, default=[], help="comma list of methods (runs of MODEL) to analyse")
     p.add_argument("--layers", type=_layers, help="comma list or START:STOP (default: every layer but 0)")
     p.add_argument("--per-subject", type=int, help="analyse the first N samples of each subject (the study: 200)")
     p.add_argument("--preset", default="paper", help="parameter preset (default: paper, the study's)")
     for name, kind in (("maxk", int), ("density-k", int), ("z", float), ("subject-fraction", float),
                        ("answer-fraction", float)):
         p.add_argument(f"--{name}", type=kind, help="override the preset")
-    p.add_argument("--compare", type=_csv, action="append", default=[], metavar="A,B",
+    p.add_argument("--compare", type=csv_list, action="append", default=[], metavar="A,B",
                    help="also compare two methods (or MODEL/METHOD runs) layer by layer; repeatable")
     p.add_argument("--out", type=Path, help="also write the tables to this .csv (comparisons to *-compare.csv)")
     p.set_defaults(func=run_analyze)
-
-
-def follow(job, desc: str) -> None:
-    """Watch an AnalysisJob to its end with a progress bar of its tasks and its stage."""
-    from tqdm import tqdm
-
-    with tqdm(unit="task", desc=desc) as bar:
-        for event in job.watch():
-            bar.total = event.tasks_total
-            bar.set_postfix_str(event.stage)
-            bar.update(event.tasks_done - bar.n)
 
 
 def run_analyze(args: argparse.Namespace) -> int:
@@ -102,14 +88,14 @@ def run_analyze(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.analyze(args.model, args.methods, layers=layers, preset=args.preset,
                              per_subject=args.per_subject, compare=[tuple(pair) for pair in args.compare], **params)
-        follow(job, f"job {job.id}")
+        job.follow(f"job {job.id}")
         table = job.result()
     for dim, suffix in (("run", ""), ("pair", "-compare")):
         if dim in table.dims:
             frame = table[[name for name in table.data_vars if dim in table[name].dims]].to_dataframe()
             print(frame.to_string(float_format=lambda v: f"{v:.3f}"))
             if args.out:
-                frame.to_csv(args.out.with_name(args.out.stem + suffix + args.out.suffix))
+                frame.tocsv_list(args.out.with_name(args.out.stem + suffix + args.out.suffix))
     return 0
 
 
@@ -130,10 +116,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q.add_argument("method")
         if name in ("get", "labels"):
             q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-            q.add_argument("--samples", type=_csv, help="comma list of sample ids")
+            q.add_argument("--samples", type=csv_list, help="comma list of sample ids")
             q.add_argument("--positions", type=_span, help="START:STOP along the run's sample axis")
-            q.add_argument("--subject", type=_csv, help="comma list of subjects to keep")
-            q.add_argument("--answer", type=_csv, help="comma list of answer letters to keep")
+            q.add_argument("--subject", type=csv_list, help="comma list of subjects to keep")
+            q.add_argument("--answer", type=csv_list, help="comma list of answer letters to keep")
         if name == "get":
             q.add_argument("--layers", type=_layers, help="comma list (3,7) or range START:STOP (default: all)")
             q.add_argument("--hidden", type=_span, help="START:STOP of hidden dimensions")
@@ -144,7 +130,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             q.add_argument("--out", type=Path, help="a .csv path (default: print)")
         if name == "share":
             q.add_argument("visibility", choices=["private", "shared", "public"])
-            q.add_argument("--with", dest="shared_with", type=_csv, default=[], help="groups, for 'shared'")
+            q.add_argument("--with", dest="shared_with", type=csv_list, default=[], help="groups, for 'shared'")
     p.set_defaults(func=run)
 
 
@@ -182,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.query == "labels":
             frame = client.labels(args.model, args.method, **_selection(args)).to_dataframe()
             if args.out:
-                frame.to_csv(args.out)
+                frame.tocsv_list(args.out)
             else:
                 print(frame.to_string())
         else:

@@ -337,6 +337,16 @@ class AnalysisJob:
         except grpc.RpcError as exc:
             raise ActstoreError(exc.code(), exc.details() or "") from None
 
+    def follow(self, desc: str = "analysis") -> None:
+        """Watch the job to its end with a progress bar of its tasks and its stage (on stderr)."""
+        from tqdm import tqdm
+
+        with tqdm(unit="task", desc=desc) as bar:
+            for event in self.watch():
+                bar.total = event.tasks_total
+                bar.set_postfix_str(event.stage)
+                bar.update(event.tasks_done - bar.n)
+
     def cancel(self) -> pb.Job:
         return self.client._call(self.client._analysis.CancelJob, pb.JobRef(job_id=self.id))
 

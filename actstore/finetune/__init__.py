@@ -4,6 +4,6 @@
 --checkpoint FOLDER`` probes it (or one of its checkpoints) with the 0-shot prompt.
 """
 
-from actstore.finetune.folder import AdapterError
+from actstore.adapter import AdapterError
 
 __all__ = ["AdapterError"]

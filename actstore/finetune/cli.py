@@ -7,7 +7,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from actstore.finetune.options import CHECKPOINTS, FinetuneOptions, Hyperparameters
-from actstore.ingest.cli import _csv, _positive, non_negative
+from actstore.arguments import csv_list, non_negative, positive
 from actstore.ingest.options import PACKAGED_SMOLLM2
 from actstore.ingest.selection import EVAL_PER_SUBJECT, TRAIN_POOL_SIZE
 
@@ -28,7 +28,7 @@ _HYPER_HELP = {
 
 def _hyper_type(name: str, kind: type):
     if kind is int:
-        return {"seed": int, "max_warmup_steps": non_negative}.get(name, _positive)
+        return {"seed": int, "max_warmup_steps": non_negative}.get(name, positive)
     return kind
 
 
@@ -64,23 +64,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="mmlu",
                    help="'mmlu' (packaged test split: a training pool is held out of it), an MMLU CSV folder "
                         "(trains on dev/ + val/) or a JSONL file")
-    p.add_argument("--subjects", type=_csv, help="comma list of subject ids (default: all)")
+    p.add_argument("--subjects", type=csv_list, help="comma list of subject ids (default: all)")
     p.add_argument("--train-pool", type=non_negative, default=TRAIN_POOL_SIZE,
                    help="fine-tuning questions per subject (default %(default)s, the study's); held out of the test "
                         "split when the data has no dev/val, and then excluded from every ingest with the same value")
     p.add_argument("--eval-per-subject", type=non_negative, default=EVAL_PER_SUBJECT,
                    help="of each subject's pool, the last N are not trained on but measure held-out accuracy at "
                         "every checkpoint (default %(default)s)")
-    p.add_argument("--limit", type=_positive, help="at most N training questions in all, spread across subjects")
+    p.add_argument("--limit", type=positive, help="at most N training questions in all, spread across subjects")
     _add_hyperparameters(p)
     p.add_argument("--checkpoints", type=non_negative, default=CHECKPOINTS,
                    help="log-spaced checkpoint steps, the authors' np.geomspace(1, steps, N, endpoint=False) rounded, "
                         "besides every epoch's end (default %(default)s)")
-    p.add_argument("--save-every", type=_positive, help="instead of --checkpoints: a checkpoint every K steps")
+    p.add_argument("--save-every", type=positive, help="instead of --checkpoints: a checkpoint every K steps")
     p.add_argument("--stop-accuracy", type=_share,
                    help="end training at the first checkpoint whose held-out accuracy reaches this share (e.g. the "
                         "5-shot accuracy); the adapter is that checkpoint's")
-    p.add_argument("--micro-batch", type=_positive, default=8,
+    p.add_argument("--micro-batch", type=positive, default=8,
                    help="questions per forward/backward pass; gradients accumulate to --batch-size (default 8)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                    help="base model dtype (auto: bf16 on CUDA and CPUs with native bf16, else float32); the "

@@ -1,6 +1,6 @@
 """What a fine-tuning run can be asked to do, with the study's recipe as defaults; importable without torch.
 
-The defaults are Doimo et al.'s code as published (REFERENCE.md, "Fine-tuned arm (the authors' code)"):
+The defaults are Doimo et al.'s code as published (docs/how-to/finetune.md):
 LoRA rank 64, alpha 16, dropout 0.1 on every linear projection of the blocks; the training prompt is the
 question, its options and ``Answer:`` without the subject header, the loss on the answer letter alone;
 AdamW at 1e-4, weight decay 0, a warm-up of int(0.05 x steps) steps (at most 3) from 1 % of the rate, then

@@ -25,8 +25,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 from torch.optim.lr_scheduler import LambdaLR
 
-from actstore.finetune import folder
-from actstore.finetune.folder import AdapterError
+from actstore import adapter as folder
+from actstore.adapter import AdapterError
 from actstore.finetune.options import FinetuneOptions, checkpoint_schedule, lr_factor
 from actstore.finetune.precision import MasterWeights, use_fast_dropout
 from actstore.ingest.datasets import LETTERS, DatasetError, Question, load_dataset

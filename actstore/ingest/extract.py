@@ -1,6 +1,6 @@
 """One forward pass per batch: the last prompt token's state at every layer, and the model's answer.
 
-Two sites are offered (REFERENCE.md, "Extraction"):
+Two sites are offered (docs/explanation/science.md):
 
 * ``residual``: transformers' ``hidden_states``: the embeddings, then each block's output (the last
   entry is after the final norm in Llama-style decoders);

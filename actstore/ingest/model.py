@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from actstore.finetune import folder as adapter_folder
+from actstore import adapter as adapter_folder
 from actstore.ingest.options import DTYPE_NAMES, PACKAGED_SMOLLM2
 
 log = logging.getLogger(__name__)

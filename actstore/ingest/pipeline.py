@@ -9,12 +9,12 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from actstore.finetune.folder import AdapterError, finished_adapter, read_record, saved_steps
+from actstore.adapter import AdapterError, finished_adapter, read_record, saved_steps
 from actstore.ingest.datasets import Dataset, DatasetError, Question, load_dataset
 from actstore.ingest.extract import StateExtractor
 from actstore.ingest.methods import Method, parse_method
@@ -352,3 +352,20 @@ def estimate(ingest: Ingest, plan: Plan) -> dict:
 def _padded_tokens(lengths: list[int], batch_size: int) -> int:
     return sum(max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size])
                for i in range(0, len(lengths), batch_size))
+
+
+def ingest_all(opts: IngestOptions, say: Callable[[str], None] = log.info) -> str:
+    """Ingest every method of ``opts``, telling ``say`` one line per run (the CLI prints them); returns the
+    model's name in the store."""
+    ingest = Ingest(opts)
+    with ingest.store.writing():  # a store this ingest creates is removed again if it fails before committing
+        for plan in ingest.plans():
+            if not plan.pending:
+                say(f"{ingest.name}/{plan.method.name}: up to date, nothing to do")
+                continue
+            r = ingest.run(plan)
+            accuracy = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
+            say(f"{r.model}/{r.method}: +{r.added} questions ({r.samples} stored), accuracy {accuracy}, "
+                  f"{r.size_bytes / 1e6:.1f} MB on disk, {r.seconds:.1f} s ({r.added / r.seconds:.1f} questions/s; "
+                  f"model loaded in {r.load_seconds:.1f} s)")
+    return ingest.name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from actstore.cli import add_store_argument
+from actstore.arguments import add_store_argument
 from actstore.protocol import DEFAULT_ADDRESS
 
 

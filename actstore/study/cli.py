@@ -5,20 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from actstore.cli import add_store_argument
-from actstore.ingest.cli import _csv, _positive, add_source_arguments
+from actstore.arguments import add_store_argument, csv_list, positive
+from actstore.ingest.options import add_source_arguments
 from actstore.study.job import JOB_ADAPTER_BRANCH, METHODS, PER_SUBJECT, SUBJECTS
 
 
 def _pair(text: str) -> tuple[str, str]:
-    pair = _csv(text)
+    pair = csv_list(text)
     if len(pair) != 2:
         raise argparse.ArgumentTypeError(f"expected two methods A,B, got {text!r}")
     return pair[0], pair[1]
 
 
 def _subjects(text: str) -> list[str]:
-    return [] if text == "all" else _csv(text)
+    return [] if text == "all" else csv_list(text)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,10 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--subjects", type=_subjects,
                    help="comma list of subject ids, or 'all' (default: every subject, except for the embedded "
                         f"default size on the packaged MMLU: {PER_SUBJECT} questions of {','.join(SUBJECTS)})")
-    p.add_argument("--per-subject", type=_positive,
+    p.add_argument("--per-subject", type=positive,
                    help=f"questions per subject, over every subject unless --subjects (default: {PER_SUBJECT}; "
                         "200 is the study's size)")
-    p.add_argument("--limit", type=_positive, help="at most N questions per method, spread across the subjects")
+    p.add_argument("--limit", type=positive, help="at most N questions per method, spread across the subjects")
     p.set_defaults(adapter_branch=JOB_ADAPTER_BRANCH)  # the job's probes: see actstore.study.job
     p.add_argument("--compare", type=_pair, default=("0shot", "5shot"), metavar="A,B",
                    help="two methods compared layer by layer (default: 0shot,5shot; 0shot and 5shot are compared "
@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", type=Path,
                    help="the fine-tuning folder, always local (default: STORE-finetuned beside a store folder; for "
                         "an s3://BUCKET/PREFIX store, BUCKET-PREFIX-finetuned in the working directory)")
-    p.add_argument("--dask-workers", type=_positive, help="the server's Dask worker processes (default: one per core)")
+    p.add_argument("--dask-workers", type=positive, help="the server's Dask worker processes (default: one per core)")
     p.set_defaults(func=run_study_command)
 
     plot = subparsers.add_parser("plot", help="draw a study's figures from the analyses stored in a store",
@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                              "and summary.md for a model's runs, from their stored `paper` analyses.")
     add_store_argument(plot)
     plot.add_argument("--model", required=True, help="model name in the store (see actstore ls)")
-    plot.add_argument("--methods", type=_csv, help="comma list of methods (default: every run of the model)")
+    plot.add_argument("--methods", type=csv_list, help="comma list of methods (default: every run of the model)")
     plot.add_argument("--compare", type=_pair, action="append", metavar="A,B",
                       help="a pair whose data overlap is drawn, repeatable (default: 0shot,5shot, and 0shot,finetuned "
                            "and 5shot,finetuned where there is a finetuned run)")

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from actstore.client import Client
-from actstore.client.cli import follow
 from actstore.finetune.options import FinetuneOptions, Hyperparameters
 from actstore.ingest.options import PACKAGED_SMOLLM2, IngestOptions
 from actstore.ingest.selection import TRAIN_POOL_SIZE
@@ -80,7 +79,7 @@ class StudyOptions:
 
 def run_study(opts: StudyOptions) -> list[Path]:
     """The whole job; returns the files written under ``opts.results``."""
-    from actstore.ingest.cli import ingest_all  # loads torch
+    from actstore.ingest.pipeline import ingest_all  # loads torch
 
     store = locate(opts.store)  # an unknown URL scheme is refused before any work
     log.info("[1/4] ingest: %s into %s", ", ".join(opts.methods), store)
@@ -114,7 +113,7 @@ def _finetuned_arm(opts: StudyOptions, ingest: IngestOptions) -> list[str]:
     """Train the adapter on the training pool of every subject (or find it trained), then probe it and every
     one of its checkpoints; returns the methods added."""
     from actstore.finetune.train import Finetune
-    from actstore.ingest.cli import ingest_all
+    from actstore.ingest.pipeline import ingest_all
 
     log.info("[1/4] fine-tuning %s on the training pool of every subject into %s", opts.model, opts.adapter_folder)
     finetune = Finetune(FinetuneOptions(out=opts.adapter_folder, model=opts.model, gguf_file=opts.gguf_file,
@@ -156,7 +155,7 @@ def _analyse_through(client: Client, model: str, opts: StudyOptions) -> list[Pat
     job = client.analyze(model, opts.methods, layers=range(1, n_layers), preset="paper", compare=pairs)
     log.info("[3/4] analyses: %d methods x %d layers%s (job %s)", len(opts.methods), n_layers - 1,
              f", {', '.join(' vs '.join(p) for p in pairs)} compared per layer" if pairs else "", job.id)
-    follow(job, "analyses")
+    job.follow("analyses")
     results = job.result()
     failed = int((results.error != "").sum())
     if failed:

@@ -182,7 +182,7 @@ def _summary(model: str, table: xr.Dataset, accuracy: dict[str, float | None], n
     return "\n".join(lines) + "\n"
 
 
-# The study's figures for the fine-tuned arm (REFERENCE.md, section 1), beside which ours are put.
+# The study's figures for the fine-tuned arm (docs/explanation/science.md), beside which ours are put.
 STUDY_FINETUNED = ("Llama-3-8B (the study): answer ARI of few-shot runs ~0 up to layer 17 and <= 0.12 after, the "
                    "fine-tuned model's jumping to ~0.17-0.19 from layer 17 of 32; answer label overlap after layer 16 "
                    "~0.45 fine-tuned vs ~0.38 5-shot (Llama-2-13B)")

@@ -1,4 +1,5 @@
-"""The fine-tuning output folder: the final adapter, ``checkpoint-STEP/`` adapters and their records.
+"""The adapter folder that `actstore finetune` writes and ingest probes: the final adapter, ``checkpoint-STEP/``
+adapters and their records. Below both finetune and ingest, which each import it.
 
 Layout of ``--out DIR``::
 
