@@ -28,3 +28,15 @@ def test_output_piped_into_a_reader_that_stops_prints_no_traceback(tmp_path: Pat
     result = _into_closed_pipe("ls", "--store", str(store))
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
     assert result.returncode == 141, (result.returncode, result.stderr)
+
+
+def test_no_log_line_advertises_a_dashboard_that_does_not_answer(caplog):
+    """The local Dask cluster opens no dashboard; Dask still logged "dashboard at: http://...", a 404."""
+    import logging
+
+    from actstore.analysis.scheduler import dask_client
+
+    with caplog.at_level(logging.INFO), dask_client(n_workers=1):
+        pass
+    assert "Scheduler at" in caplog.text or "distributed" in caplog.text  # Dask did log its start here
+    assert "dashboard at" not in caplog.text

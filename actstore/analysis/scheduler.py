@@ -37,6 +37,18 @@ RunName = tuple[str, str]  # (model, method)
 CONNECT_S = 10.0  # a scheduler that does not answer within this is reported unreachable
 
 
+class _NoDashboardLine(logging.Filter):
+    """Drops Dask's "dashboard at: URL" lines: the local cluster opens no dashboard (only Dask's health and
+    metrics endpoints answer there), so the URL they advertise answers 404."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "dashboard at:" not in record.getMessage()
+
+
+for _name in ("distributed.scheduler", "distributed.worker"):
+    logging.getLogger(_name).addFilter(_NoDashboardLine())
+
+
 def dask_client(address: str | None = None, n_workers: int | None = None, timeout: float = CONNECT_S) -> Client:
     """A client of the cluster at ``address``, or of a new local one (workers = cores, 1 thread each);
     raises OSError (or TimeoutError) when the scheduler at ``address`` does not answer within ``timeout``."""
