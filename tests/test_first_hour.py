@@ -40,3 +40,29 @@ def test_no_log_line_advertises_a_dashboard_that_does_not_answer(caplog):
         pass
     assert "Scheduler at" in caplog.text or "distributed" in caplog.text  # Dask did log its start here
     assert "dashboard at" not in caplog.text
+
+
+def test_the_objects_a_user_holds_say_what_they_are(tmp_path):
+    """Typing a name at the prompt shows what it is: the store, a run's shape and state, the client's
+    address (never its token), a job's id and state."""
+    import numpy as np
+
+    from actstore.client import Client
+    from actstore.client.client import AnalysisJob
+    from actstore.server.process import ServerProcess
+    from actstore.store import Store
+
+    store = Store(tmp_path / "store")
+    n = 12
+    text = np.array(["s"] * n, dtype=object)
+    with store.writer("m", "0shot", recipe={"r": 1}, attrs={}, n_layers=2, hidden=8) as writer:
+        writer.add(np.zeros((2, n, 8), np.float32), {"sample": np.arange(n), "subject": text, "answer": text,
+                                                    "prediction": text, "correct": np.ones(n, dtype=bool)})
+    run = store.run("m", "0shot")
+    assert repr(store) == f"Store({str(tmp_path / 'store')!r})"
+    assert repr(run).startswith("<Run m/0shot: 2 layers x 12 samples x 8, complete, accuracy 1.000; store ")
+    with ServerProcess(store.url, tmp_path / "server.log") as server:
+        with Client(server.address, token="a-secret-token-of-16+") as client:
+            shown = repr(client)
+            assert shown == f"<Client {server.address} (with token, plaintext)>" and "secret" not in shown
+            assert repr(AnalysisJob(client, "j1")) == f"<AnalysisJob j1 on {server.address}: not waited on>"

@@ -89,6 +89,7 @@ class Client:
         if not retry_for >= 0:
             raise ValueError(f"retry_for must be 0 or more seconds, not {retry_for}")
         target, options = channel_target(address)
+        self._shown = (",".join(address) if not isinstance(address, str) else address, bool(token), bool(tls))
         options = [*CLIENT_OPTIONS, *options]
         if tls:
             roots = None if tls is True else Path(tls).read_bytes()
@@ -101,6 +102,10 @@ class Client:
         self._catalog = pb_grpc.CatalogServiceStub(self._channel)
         self._data = pb_grpc.DataServiceStub(self._channel)
         self._analysis = pb_grpc.AnalysisServiceStub(self._channel)
+
+    def __repr__(self) -> str:
+        address, token, tls = self._shown  # never the token itself
+        return f"<Client {address} ({'with' if token else 'no'} token, {'TLS' if tls else 'plaintext'})>"
 
     def close(self) -> None:
         self._channel.close()
@@ -324,6 +329,10 @@ class AnalysisJob:
         self.client = client
         self.id = job_id
         self._done: pb.Job | None = None
+
+    def __repr__(self) -> str:
+        state = pb.JobState.Name(self._done.state) if self._done is not None else "not waited on"
+        return f"<AnalysisJob {self.id} on {self.client._shown[0]}: {state}>"
 
     def status(self) -> pb.Job:
         return self.client._call(self.client._analysis.GetJob, pb.JobRef(job_id=self.id))

@@ -100,7 +100,7 @@ def check_labels(labels: dict[str, np.ndarray]) -> None:
                                f"the {MAX_LABEL_CHARS} a run stores: shorten it in the dataset")
 
 
-@dataclass
+@dataclass(repr=False)
 class Run:
     """A read-only view of one run, limited to its committed samples."""
 
@@ -108,6 +108,13 @@ class Run:
     group: zarr.Group
     model: str
     method: str
+
+    def __repr__(self) -> str:
+        layers, samples, hidden = self.shape
+        state = "complete" if self.complete else "partial"
+        accuracy = "" if self.accuracy is None else f", accuracy {self.accuracy:.3f}"
+        return (f"<Run {self.key}: {layers} layers x {samples} samples x {hidden}, {state}{accuracy}; "
+                f"store {self.location}>")
 
     @property
     def key(self) -> str:
