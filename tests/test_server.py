@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import inspect
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+import xarray as xr
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -324,6 +326,13 @@ def test_query_cli(served, tmp_path, capsys, monkeypatch):
     run = Store(store).run("tiny-llama", "0shot")
     keep = run.labels()["subject"] == "anatomy"
     np.testing.assert_array_equal(np.load(out), run.hidden_states[1:3][:, keep])
+    nc = tmp_path / "s.nc"  # a saved file says what made its numbers: the run's recipe (site included)
+    assert main(["query", "--address", server.address, "get", "tiny-llama", "0shot", "--layers", "1", "--out",
+                 str(nc)]) == 0
+    saved = xr.open_dataset(nc)
+    assert json.loads(saved.attrs["recipe"]) == run.attrs["recipe"] and json.loads(saved.attrs["recipe"])["site"]
+    assert json.loads(saved.attrs["run_attributes"])["model_id"] == "tiny-llama"
+    saved.close()
     assert main(["query", "--address", server.address, "runs"]) == 0
     assert "tiny-llama/0shot" in capsys.readouterr().out
     assert main(["query", "--address", server.address, "describe", "tiny-llama", "9shot"]) == 1

@@ -95,7 +95,7 @@ def run_analyze(args: argparse.Namespace) -> int:
             frame = table[[name for name in table.data_vars if dim in table[name].dims]].to_dataframe()
             print(frame.to_string(float_format=lambda v: f"{v:.3f}"))
             if args.out:
-                frame.tocsv_list(args.out.with_name(args.out.stem + suffix + args.out.suffix))
+                frame.to_csv(args.out.with_name(args.out.stem + suffix + args.out.suffix))
     return 0
 
 
@@ -168,23 +168,32 @@ def run(args: argparse.Namespace) -> int:
         elif args.query == "labels":
             frame = client.labels(args.model, args.method, **_selection(args)).to_dataframe()
             if args.out:
-                frame.tocsv_list(args.out)
+                frame.to_csv(args.out)
             else:
                 print(frame.to_string())
         else:
             states = client.hidden_states(args.model, args.method, layers=args.layers, hidden=args.hidden,
                                           dtype=args.dtype, allow_lossy=args.allow_lossy, **_selection(args))
-            _save(states, args.out, args.overwrite)
+            _save(_with_provenance(states, client.describe(args.model, args.method)), args.out, args.overwrite)
             print(f"wrote {args.out}: {dict(states.sizes)} {states.dtype}")
     return 0
+
+
+def _with_provenance(states, info: dict):
+    """``states`` carrying the run's recipe (model and weights, method, site, dtype, ...) and attributes
+    (provenance, history) as JSON text, named in ``json_attributes`` as a store does: a saved file says
+    what made its numbers."""
+    extra = {"recipe": json.dumps(info["recipe"]), "run_attributes": json.dumps(info["attributes"]),
+             "json_attributes": "recipe run_attributes"}
+    return states.assign_attrs(extra)
 
 
 def _save(states, out: Path, overwrite: bool) -> None:
     if out.suffix == ".npy":
         np.save(out, states.values)
     elif out.suffix == ".nc":
-        states.to_dataset().to_netcdf(out)
+        states.to_dataset().assign_attrs(states.attrs).to_netcdf(out)
     elif out.suffix == ".zarr":
-        states.to_dataset().to_zarr(out, mode="w" if overwrite else "w-", consolidated=False)
+        states.to_dataset().assign_attrs(states.attrs).to_zarr(out, mode="w" if overwrite else "w-", consolidated=False)
     else:
         raise ValueError(f"--out must end in .npy, .nc or .zarr, not {out.suffix or out.name!r}")
