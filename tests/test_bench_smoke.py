@@ -23,7 +23,8 @@ BENCHES = {  # script: its arguments at a tiny size
     "layout.py": ["--store", STORE, "--samples", "100"],
     "analysis.py": ["--dims", "576", "--samples", "600"],  # at 300 (~5 per subject) its overlap check fails
     "ingest.py": ["--limit", "2", "--repeats", "1"],  # the packaged SmolLM2 on 2 questions
-    "finetune.py": ["--subjects", "world_religions", "--train-pool", "2", "--epochs", "1", "--repeats", "1"],
+    "finetune.py": ["--subjects", "world_religions", "--train-pool", "2", "--epochs", "1", "--repeats", "1",
+                    "--probes", "4"],
     "load.py": ["--seconds", "3", "--clients", "4", "--stalled", "1", "--samples", "500"],
     "objectstore.py": ["--layers", "3", "--samples", "256", "--hidden", "64", "--repeats", "1", "--fetches", "3"],
 }
