@@ -94,15 +94,13 @@ def test_a_label_longer_than_a_run_stores_is_refused_before_its_batch_is_written
     assert run.n_samples == 6 and run.labels()["subject"][3] == "y" * MAX_LABEL_CHARS
 
 
-def test_ingest_refuses_a_too_long_subject_in_one_line(tiny_model, tmp_path, capsys):
-    """300 characters: short enough for the tiny model's prompt, so the refusal is the store's (a check when
-    the dataset is read, before the model runs, is ingest's: see the store's LabelTooLong)."""
-    rows = [{**r, "topic": "anatomy " + "x" * 292} if r["topic"] == "anatomy" else r for r in make_questions()]
+def test_ingest_refuses_a_65536_character_subject_in_one_line_before_the_model_runs(tiny_model, tmp_path, capsys):
+    """The issue's case: a subject of 65,536 characters is refused as the dataset is read, in one line, and
+    nothing is stored (it would otherwise reach the model's attention as a prompt of ~65,000 tokens)."""
+    rows = [{**r, "topic": "x" * 65536} if r["topic"] == "anatomy" else r for r in make_questions()]
     data = write_jsonl(tmp_path / "long.jsonl", rows)
     store = tmp_path / "store"
     assert main(ingest_args(store, tiny_model, data)) == 1
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # no progress bars
-    assert len(errors) == 1 and "has 300 characters, above the 256 a run stores" in errors[0], errors
-    if (store / "tiny-llama" / "1shot" / "zarr.json").exists():  # batches before the refused one are kept
-        run = Store(store).run(*RUN.split("/"))
-        assert all(len(subject) <= 256 for subject in run.labels()["subject"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "a subject of 65,536 characters, above the 256 a run stores" in errors[0], errors
+    assert not (store / "tiny-llama").exists()

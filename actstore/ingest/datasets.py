@@ -15,6 +15,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from actstore.store.run import MAX_LABEL_CHARS
+
 log = logging.getLogger(__name__)
 
 LETTERS = ("A", "B", "C", "D")
@@ -97,6 +99,9 @@ def _question(qid: int, subject: object, question: object, choices: object, answ
         raise DatasetError(f"{where}: empty or missing question")
     if not isinstance(subject, str) or not subject.strip():
         raise DatasetError(f"{where}: empty or missing subject")
+    if len(subject) > MAX_LABEL_CHARS:  # refused as the file is read, before any prompt reaches the model
+        raise DatasetError(f"{where}: a subject of {len(subject):,} characters, above the {MAX_LABEL_CHARS} a run "
+                           "stores")
     if not isinstance(choices, (list, tuple)) or len(choices) != 4 or not all(isinstance(c, str) for c in choices):
         raise DatasetError(f"{where}: needs exactly 4 text choices")
     return Question(qid, subject_id(subject), question, tuple(choices), _answer_letter(answer, where))
