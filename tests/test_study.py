@@ -1,5 +1,6 @@
 """The main job end to end at a tiny size: ingest -> server -> client -> analyses -> figures and tables."""
 
+import logging
 import re
 
 import numpy as np
@@ -11,11 +12,19 @@ from actstore.store import Store
 from conftest import derived_files, make_questions, write_jsonl
 
 ICL = ["0shot", "1shot", "2shot", "5shot"]
-# the job's pool: 8 training + 2 held-out questions from every subject (24 + 6), 1 epoch of 2 steps; its 5
-# log-spaced checkpoints round to step 1 alone, and every checkpoint is probed
+# the job's pool, widened to 8 training + 2 held-out questions from every subject (24 + 6) so that the 3
+# subjects here make 1 epoch of 2 steps; its log-spaced checkpoints round to step 1, and every one is probed
 FINETUNED = ["finetuned-step1", "finetuned"]
 METHODS = ICL + FINETUNED
 PAIRS = ["0shot vs 5shot", "0shot vs finetuned", "5shot vs finetuned"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def wider_pool():
+    """Every job of this module with the wider pool (reruns must ask for the same adapter)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("actstore.study.job.JOB_TRAIN_POOL", 10)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +83,14 @@ def test_the_job_writes_figures_tables_and_summary(study):
     assert any(line.endswith(": stopped") for line in log)  # SIGTERM: graceful shutdown, Dask closed
 
 
-def test_a_rerun_reuses_everything_and_plot_draws_the_same_from_the_store(study, capsys, tmp_path):
+def test_a_rerun_reuses_everything_and_plot_draws_the_same_from_the_store(study, caplog, tmp_path):
     root, args = study
     first = (root / "results" / "layers.csv").read_text()
     cached = derived_files(root / "store")
-    assert main(args) == 0
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
     assert derived_files(root / "store") == cached and cached  # every analysis answered from the store
-    assert capsys.readouterr().out.count("up to date, nothing to do") == len(METHODS)  # the adapter is reused too
+    assert caplog.text.count("up to date, nothing to do") == len(METHODS)  # the adapter is reused too
     assert (root / "results" / "layers.csv").read_text() == first
 
     assert main(["plot", "--store", str(root / "store"), "--model", "tiny-llama", "--out", str(tmp_path)]) == 0
