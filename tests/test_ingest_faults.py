@@ -214,7 +214,9 @@ def test_a_full_disk_is_a_one_line_error_keeps_commits_and_resumes(wide_model, b
     assert plain.sizes["sample"] == n // inner * inner > 0 and not np.isnan(plain.hidden_states.values).any()
     np.testing.assert_array_equal(plain.hidden_states.values, reference.hidden_states.values[:, :plain.sizes["sample"]])
 
-    assert main(ingest_args(store, wide_model, big_data)) == 0  # space freed: the same command resumes
+    resumed = subprocess.run([sys.executable, "-m", "actstore", *ingest_args(store, wide_model, big_data)],
+                             capture_output=True, text=True, timeout=900)  # a fresh process, as the reference's
+    assert resumed.returncode == 0, resumed.stderr[-3000:]  # space freed: the same command resumes
     assert Store(store).run(MODEL, METHOD).complete
     assert_equals_reference(store, reference)
     assert_equals_reference(store, reference, consolidated=False)
