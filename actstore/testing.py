@@ -16,6 +16,12 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from actstore.store import Store
 
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
 
@@ -72,3 +78,23 @@ def _wait_until_up(endpoint: str, server: subprocess.Popen, log: Path, timeout: 
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"moto's S3 server did not start (log: {log})") from None
             time.sleep(0.1)
+
+
+def write_synthetic_run(store: "Store", model: str, method: str, n_layers: int, n_samples: int, hidden: int,
+                        batch: int | None = None, seed: int = 0) -> "np.ndarray":
+    """A public run of standard-normal float32 states (labels: subject "s", answer "A", prediction "B") written
+    through the store's run writer in batches of ``batch`` samples; returns its states. For tests and benches
+    that need a run of a given size without a model."""
+    import numpy as np
+
+    states = np.random.default_rng(seed).standard_normal((n_layers, n_samples, hidden), dtype=np.float32)
+    batch = batch or n_samples
+    with store.writer(model, method, recipe={"synthetic": seed}, attrs={"access": {"visibility": "public"}},
+                      n_layers=n_layers, hidden=hidden) as writer:
+        for start in range(0, n_samples, batch):
+            n = min(batch, n_samples - start)
+            text = {name: np.array([value] * n, dtype=object)
+                    for name, value in (("subject", "s"), ("answer", "A"), ("prediction", "B"))}
+            writer.add(states[:, start : start + n], {"sample": np.arange(start, start + n), **text,
+                                                      "correct": np.zeros(n, dtype=bool)})
+    return states

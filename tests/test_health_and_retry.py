@@ -11,7 +11,6 @@ import sys
 import time
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -19,6 +18,7 @@ from actstore.cli import main
 from actstore.client import ActstoreError, Client
 from actstore.server.process import ServerProcess
 from actstore.store import Store
+from actstore.testing import write_synthetic_run
 from actstore.v1 import actstore_pb2 as pb
 from actstore.v1 import actstore_pb2_grpc as pb_grpc
 
@@ -29,13 +29,7 @@ GARBAGE = b"\xff" * 64  # a varint that never ends: no protobuf message
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("health") / "store"
-    rng = np.random.default_rng(0)
-    with Store(root).writer(*RUN, recipe={"synthetic": 1}, attrs={"access": {"visibility": "public"}},
-                            n_layers=2, hidden=576) as writer:
-        writer.add(rng.standard_normal((2, 4000, 576), dtype=np.float32), {
-            "sample": np.arange(4000), "subject": np.array(["s"] * 4000, dtype=object),
-            "answer": np.array(["A"] * 4000, dtype=object), "prediction": np.array(["B"] * 4000, dtype=object),
-            "correct": np.zeros(4000, dtype=bool)})
+    write_synthetic_run(Store(root), *RUN, n_layers=2, n_samples=4000, hidden=576)
     return root
 
 

@@ -14,9 +14,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "actstore"
 # Lowest first. A module may import from a lower floor, and from its own package.
 FLOORS = [
     {"v1", "__init__"},
-    {"protocol", "wire", "address", "testing"},
+    {"protocol", "wire", "address"},
     {"store"},
-    {"arguments", "adapter"},
+    {"arguments", "adapter", "testing"},
     {"analysis", "ingest"},
     {"finetune", "server", "client"},
     {"study"},

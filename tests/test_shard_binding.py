@@ -72,18 +72,11 @@ def assert_swap_is_corrupt(store: Store, states: np.ndarray, shard: int, n: int 
     np.testing.assert_array_equal(run.read_states([0, 2]), states[[0, 2]])  # the other layers read
 
 
+@pytest.mark.parametrize("where", ["folder", pytest.param("bucket", marks=pytest.mark.bucket)])
 @pytest.mark.parametrize("which", SHARDS)
 @pytest.mark.parametrize("source", ["another layer", "another run"])
-def test_a_swapped_intact_shard_is_corrupt_data_in_a_folder(tmp_path, source, which):
-    store = Store(tmp_path)
-    states = swap(store, source, SHARDS[which])
-    assert_swap_is_corrupt(store, states, SHARDS[which])
-
-
-@pytest.mark.parametrize("which", SHARDS)
-@pytest.mark.parametrize("source", ["another layer", "another run"])
-def test_a_swapped_intact_shard_is_corrupt_data_in_a_bucket(bucket, source, which):
-    store = Store(bucket)
+def test_a_swapped_intact_shard_is_corrupt_data(tmp_path, request, where, source, which):
+    store = Store(tmp_path if where == "folder" else request.getfixturevalue("bucket"))
     states = swap(store, source, SHARDS[which])
     assert_swap_is_corrupt(store, states, SHARDS[which])
 
@@ -118,7 +111,7 @@ def test_the_server_answers_data_loss_for_a_swapped_partial_shard(tmp_path):
         np.testing.assert_array_equal(client.hidden_states(MODEL, "0shot", layers=0).values[0], states[0])
 
 
-@pytest.mark.parametrize("where", ["folder", "bucket"])
+@pytest.mark.parametrize("where", ["folder", pytest.param("bucket", marks=pytest.mark.bucket)])
 def test_a_reader_of_an_older_commit_reads_the_partial_shard_rewritten_since(tmp_path, request, where):
     """The partial shard's record changes at every commit; a Run opened before keeps serving its samples."""
     store = Store(tmp_path if where == "folder" else request.getfixturevalue("bucket"))

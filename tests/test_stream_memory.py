@@ -11,7 +11,6 @@ import textwrap
 import time
 
 import grpc
-import numpy as np
 import pytest
 
 from actstore.client import Client
@@ -19,6 +18,7 @@ from actstore.server.errors import TooLarge
 from actstore.server.gate import StreamBudget
 from actstore.server.process import ServerProcess
 from actstore.store import Store
+from actstore.testing import write_synthetic_run
 from actstore.v1 import actstore_pb2 as pb
 from actstore.v1 import actstore_pb2_grpc as pb_grpc
 
@@ -47,14 +47,7 @@ STALLER = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("stall") / "store"
-    rng = np.random.default_rng(0)
-    with Store(root).writer(*RUN, recipe={"synthetic": 1}, attrs={"access": {"visibility": "public"}},
-                            n_layers=4, hidden=576) as writer:
-        for start in range(0, 2000, 1000):
-            writer.add(rng.standard_normal((4, 1000, 576), dtype=np.float32), {
-                "sample": np.arange(start, start + 1000), "subject": np.array(["s"] * 1000, dtype=object),
-                "answer": np.array(["A"] * 1000, dtype=object), "prediction": np.array(["B"] * 1000, dtype=object),
-                "correct": np.zeros(1000, dtype=bool)})
+    write_synthetic_run(Store(root), *RUN, n_layers=4, n_samples=2000, hidden=576, batch=1000)
     return root
 
 
