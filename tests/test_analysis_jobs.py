@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from actstore.cli import main
-from actstore.client import ActstoreError, Client
-from actstore.client.client import AnalysisJob
+from actstore.client import ActstoreError, AnalysisJob, Client
 from actstore.v1 import actstore_pb2 as pb
 from conftest import derived_files, make_questions, write_jsonl
 from actstore.server.process import ServerProcess
@@ -190,9 +189,10 @@ def test_a_job_is_visible_to_its_group_only(server):
 def test_ended_jobs_are_forgotten_after_a_while(tmp_path):
     from actstore.server import jobs
     from actstore.server.auth import OPEN
+    from actstore.server.job import Job
 
     manager = jobs.JobManager(tmp_path)
-    ended, running = jobs.Job("ended", OPEN, 1), jobs.Job("running", OPEN, 1)
+    ended, running = Job("ended", OPEN, 1), Job("running", OPEN, 1)
     manager._jobs, manager._by_request = {"ended": ended, "running": running}, {(OPEN.owner, "retry"): "ended"}
     ended.update(state=pb.JOB_STATE_DONE, stage="done")
     manager._forget_ended()

@@ -47,8 +47,7 @@ def test_the_objects_a_user_holds_say_what_they_are(tmp_path):
     address (never its token), a job's id and state."""
     import numpy as np
 
-    from actstore.client import Client
-    from actstore.client.client import AnalysisJob
+    from actstore.client import AnalysisJob, Client
     from actstore.server.process import ServerProcess
     from actstore.store import Store
 

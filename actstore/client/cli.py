@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from actstore.arguments import csv_list
-from actstore.client.client import DEFAULT_RETRY_FOR_S, RETRY_ENV
+from actstore.client.connection import DEFAULT_RETRY_FOR_S, RETRY_ENV
 from actstore.protocol import DEFAULT_ADDRESS
 
 

@@ -16,8 +16,10 @@ from actstore.analysis.compare import OVERLAP_K
 from actstore.analysis.layers import Mask
 from actstore.server import selection
 from actstore.server.auth import Caller
-from actstore.server.jobs import Job, JobManager, params_from
-from actstore.server.service import _Base, rpc
+from actstore.server.job import Job
+from actstore.server.job_requests import params_from
+from actstore.server.jobs import JobManager
+from actstore.server.rpc import Servicer, rpc
 from actstore.v1 import actstore_pb2 as pb
 from actstore.v1 import actstore_pb2_grpc as pb_grpc
 
@@ -35,7 +37,7 @@ def identified(handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
     return call
 
 
-class AnalysisService(_Base, pb_grpc.AnalysisServiceServicer):
+class AnalysisService(Servicer, pb_grpc.AnalysisServiceServicer):
     def __init__(self, *args, jobs: JobManager, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.jobs = jobs

@@ -20,7 +20,8 @@ from actstore.address import parse_address
 from actstore.server.auth import Authenticator
 from actstore.server.gate import (DEFAULT_MAX_INFLIGHT_MB, DEFAULT_MAX_STREAMS_PER_CALLER, DEFAULT_STREAM_IDLE_S,
                                   AuthGate, Drain, StreamBudget)
-from actstore.server.service import CatalogService, DataService
+from actstore.server.catalog_service import CatalogService
+from actstore.server.data_service import DataService
 from actstore.store import Store
 from actstore.v1 import actstore_pb2 as pb
 from actstore.v1 import actstore_pb2_grpc as pb_grpc

@@ -34,9 +34,7 @@ task's outcome arrives.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import queue
 import threading
 import time
@@ -48,188 +46,26 @@ import grpc
 from distributed import Client, Future
 from distributed.scheduler import KilledWorker
 
-from actstore.analysis.density import PAPER, DensityParams
+from actstore.analysis.density import DensityParams
 from actstore.analysis.layers import Mask
-from actstore.analysis import NotAnalysed
-from actstore.analysis.scheduler import (ComparisonOutcome, FairShares, LayerOutcome, RunName, comparison_outcome,
-                                         dask_client, layer_outcome, restore_workers, submit_layers)
+from actstore.analysis.scheduler import FairShares, RunName, dask_client, restore_workers, submit_layers
 from actstore.server.auth import Caller
 from actstore.server.errors import Forbidden, TooLarge, status_of
-from actstore.server.selection import BadRequest
+from actstore.server.job import Job
+from actstore.server.job_requests import Plan, params_from  # noqa: F401 - params_from: where callers look it up
 from actstore.store import Store, echo
 from actstore.v1 import actstore_pb2 as pb
-from actstore.wire.results import job_fields
 
 log = logging.getLogger(__name__)
 
-PRESETS = {"paper": PAPER}
 KEEP_ENDED_S = 3600.0  # an ended job (and its results, kept in memory for watchers) is forgotten after this
 MAX_RUNNING = 4  # jobs an owner (a group, or an open caller) may have queued or running at once
 MAX_KEPT = 32  # ended jobs remembered per owner
-MAX_K = 4096  # the most neighbours any analysis may ask for: its graph holds samples x k of them
 CHECK_S = 1.0  # how often the dispatcher looks at the local cluster's workers
 
 
 class JobNotFound(LookupError):
     """NOT_FOUND."""
-
-
-def params_from(request: pb.StartAnalysisRequest) -> DensityParams:
-    """The preset with the request's overrides; raises BadRequest naming a bad value."""
-    preset = request.preset or "paper"
-    if preset not in PRESETS:
-        raise BadRequest(f"unknown preset {echo(preset)}; known: {', '.join(PRESETS)}")
-    overrides = {f.name: getattr(request.params, f.name) for f in dataclasses.fields(DensityParams)
-                 if request.params.HasField(f.name)}
-    params = dataclasses.replace(PRESETS[preset], **overrides)
-    if not 2 <= params.maxk <= MAX_K or not 1 <= params.density_k <= params.maxk:
-        raise BadRequest(f"need 2 <= maxk <= {MAX_K} and 1 <= density_k <= maxk")
-    if not (math.isfinite(params.z) and params.z > 0):  # NaN passes a plain z <= 0 test
-        raise BadRequest(f"z must be a finite number above 0, not {params.z}")
-    if not 2 <= params.gride_range_max <= params.maxk or not 0 <= params.id_scale_index:
-        raise BadRequest("need 2 <= gride_range_max <= maxk and id_scale_index >= 0")
-    if params.id_scale_index >= params.gride_range_max.bit_length() - 1:
-        raise BadRequest(f"id_scale_index {params.id_scale_index} is beyond the Gride scales up to "
-                         f"{params.gride_range_max}")
-    if not (0 < params.subject_fraction <= 1 and 0 < params.answer_fraction <= 1):  # NaN fails both
-        raise BadRequest("class fractions must lie in (0, 1]")
-    return params
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """What a job computes, each task once: every run (named, or in a pair) at every layer, and every
-    pair at every layer."""
-
-    runs: tuple[RunName, ...]
-    layers: tuple[int, ...]
-    pairs: tuple[tuple[RunName, RunName], ...]
-    params: DensityParams
-    mask: Mask
-    k: int
-
-    @classmethod
-    def of(cls, runs: list[RunName], layers: list[int], pairs: list[tuple[RunName, RunName]],
-           params: DensityParams, mask: Mask, k: int) -> Plan:
-        """The request's plan with repeated runs, layers and pairs merged (first occurrence's order)."""
-        return cls(tuple(dict.fromkeys(runs)), tuple(dict.fromkeys(layers)), tuple(dict.fromkeys(pairs)), params,
-                   mask, k)
-
-    @property
-    def every_run(self) -> tuple[RunName, ...]:
-        return tuple(dict.fromkeys([*self.runs, *(run for pair in self.pairs for run in pair)]))
-
-    @property
-    def total(self) -> int:
-        return (len(self.every_run) + len(self.pairs)) * len(self.layers)
-
-    def check_size(self, store: Store) -> None:
-        """BadRequest when a neighbour count cannot be met: analyses need more samples than maxk, the
-        data overlap more than compare_k (known up front: no run has more samples than it holds)."""
-        if not 1 <= self.k <= MAX_K:
-            raise BadRequest(f"compare_k must lie in 1..{MAX_K}")
-        runs = {run: store.run(*run).n_samples for run in self.every_run}
-        run, fewest = min(runs.items(), key=lambda item: item[1])
-        for name, k in (("maxk", self.params.maxk), ("compare_k", self.k if self.pairs else 0)):
-            if k >= fewest:
-                raise BadRequest(f"{name}={k} needs more than {k} samples; {run[0]}/{run[1]} holds {fewest}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Stored:
-    """A task's outcome once its job ended: only what finds it again in the store's cache, so that a kept
-    job holds no arrays (a layer's result carries a cluster and a sample id per sample)."""
-
-    names: tuple[RunName, ...]  # the run analysed, or the two compared
-    layer: int
-
-    @classmethod
-    def of(cls, outcome: LayerOutcome | ComparisonOutcome) -> Stored:
-        if isinstance(outcome, LayerOutcome):
-            return cls(((outcome.model, outcome.method),), outcome.layer)
-        return cls((outcome.a, outcome.b), outcome.layer)
-
-    def load(self, store: Store, plan: Plan) -> LayerOutcome | ComparisonOutcome:
-        """The outcome again, from the cache (an error outcome saying so when the run has grown since)."""
-        args = plan.params, plan.mask
-        try:
-            if len(self.names) == 1:
-                return layer_outcome(store, *self.names[0], self.layer, *args, compute=False)
-            a, b = (LayerOutcome(*name, self.layer, None, None, None) for name in self.names)
-            return comparison_outcome(store, a, b, *args, plan.k, compute=False)
-        except NotAnalysed:
-            error = "no longer in the store's cache (the run has grown since the job); start the job again"
-            if len(self.names) == 1:
-                return LayerOutcome(*self.names[0], self.layer, None, None, error)
-            return ComparisonOutcome(*self.names, self.layer, None, error)
-
-
-class Job:
-    def __init__(self, job_id: str, caller: Caller, total: int, cache: tuple[str, Plan] | None = None) -> None:
-        """``caller``: who started it (its group sees it, its owner cancels it). ``cache``: the store and plan
-        its results are cached with, which an ended job reads them back from."""
-        self.id = job_id
-        self.caller = caller
-        self.state = pb.JOB_STATE_QUEUED
-        self.stage = "queued"
-        self.failure: grpc.StatusCode | None = None  # why a FAILED job failed, as a status code
-        self.total = total
-        self.cache = cache
-        self.outcomes: list[LayerOutcome | ComparisonOutcome | Stored] = []  # in finishing order
-        self.ended_at: float | None = None
-        self.changed = threading.Condition()
-        self.futures: list[Future] = []  # while it runs
-        self.client: Client | None = None
-
-    def update(self, **values) -> bool:
-        """Set attributes and wake watchers, unless the job has already ended (a cancel wins every race)."""
-        with self.changed:
-            if self.finished:
-                return False
-            for name, value in values.items():
-                setattr(self, name, value)
-            if self.finished:
-                self.ended_at = time.monotonic()
-                if self.cache is not None:  # from now on its results are read back from the store
-                    self.outcomes = [o if o.error else Stored.of(o) for o in self.outcomes]
-            self.changed.notify_all()
-            return True
-
-    def add(self, outcome: LayerOutcome | ComparisonOutcome) -> None:
-        """One more task's outcome; the last one makes the job DONE."""
-        with self.changed:
-            outcomes = [*self.outcomes, outcome]
-            if len(outcomes) < self.total:
-                self.update(outcomes=outcomes)
-            else:
-                self.update(outcomes=outcomes, state=pb.JOB_STATE_DONE, stage="done", futures=[], client=None)
-
-    def end(self, state: int, stage: str, failure: grpc.StatusCode | None = None) -> None:
-        """End it (FAILED with the ``failure`` code, or CANCELLED) and cancel the tasks it still has on Dask."""
-        with self.changed:
-            futures, client = self.futures, self.client
-            ended = self.update(state=state, stage=stage, failure=failure, futures=[], client=None)
-        if ended and client is not None:
-            client.cancel(futures)
-
-    @property
-    def finished(self) -> bool:
-        return self.state in (pb.JOB_STATE_DONE, pb.JOB_STATE_CANCELLED, pb.JOB_STATE_FAILED)
-
-    def to_proto(self, since: int = 0) -> pb.Job:
-        """The job with the outcomes of tasks ``since`` onwards (in finishing order)."""
-        with self.changed:
-            outcomes = [self._loaded(o) for o in self.outcomes[since:]]
-            return pb.Job(job_id=self.id, state=self.state, stage=self.stage, tasks_done=len(self.outcomes),
-                          tasks_total=self.total, failure_code=self.failure.value[0] if self.failure else 0,
-                          **job_fields([o for o in outcomes if isinstance(o, LayerOutcome)],
-                                       [o for o in outcomes if isinstance(o, ComparisonOutcome)]))
-
-    def _loaded(self, outcome: LayerOutcome | ComparisonOutcome | Stored) -> LayerOutcome | ComparisonOutcome:
-        if not isinstance(outcome, Stored):
-            return outcome
-        store, plan = self.cache
-        return outcome.load(Store(store), plan)
 
 
 class JobManager:

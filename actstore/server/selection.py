@@ -1,6 +1,6 @@
 """Turning a ReadStates / ReadLabels request into layers, sample positions and a hidden slice.
 
-Every failure names what was asked and what exists, and maps to one gRPC status (see service.py).
+Every failure names what was asked and what exists, and maps to one gRPC status (see errors.py).
 """
 
 from __future__ import annotations

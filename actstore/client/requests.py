@@ -1,0 +1,51 @@
+"""Python selections (runs, layers, samples, label filters) as the request messages the server takes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from actstore.v1 import actstore_pb2 as pb
+
+Layers = int | Sequence[int] | range | slice | None
+Labels = str | Sequence[str] | None
+
+
+def run_ref(model: str, method: str) -> pb.RunRef:
+    return pb.RunRef(model=model, method=method)
+
+
+def run_of(model: str, name: str) -> pb.RunRef:
+    """A method of ``model``, or a ``"model/method"`` naming another model's run."""
+    other, _, method = name.rpartition("/")
+    return run_ref(other or model, method)
+
+
+def range_of(s: slice | range) -> pb.Range:
+    if s.step not in (None, 1):
+        raise ValueError("only contiguous ranges (step 1) are supported")
+    if s.start is None or s.stop is None:
+        raise ValueError("a range needs a start and a stop")
+    return pb.Range(start=s.start, stop=s.stop)
+
+
+def layer_fields(layers: Layers) -> dict:
+    """The ``layers`` or ``layer_range`` field of a ReadStatesRequest; none for every layer."""
+    if layers is None:
+        return {}
+    if isinstance(layers, int):
+        return {"layers": [layers]}
+    if isinstance(layers, (slice, range)):
+        return {"layer_range": range_of(layers)}
+    return {"layers": list(layers)}
+
+
+def sample_selection(samples: Sequence[int] | slice | None, filters: dict[str, Labels]) -> pb.SampleSelection:
+    """Sample ids (a sequence) or positions (a slice), narrowed by label filters (None: no filter)."""
+    selection = pb.SampleSelection(filters=[
+        pb.LabelFilter(name=name, values=[str(v) for v in ([values] if isinstance(values, (str, bool)) else values)])
+        for name, values in filters.items() if values is not None])
+    if isinstance(samples, slice):
+        selection.positions.CopyFrom(range_of(samples))
+    elif samples is not None:
+        selection.ids.extend(int(i) for i in samples)
+    return selection

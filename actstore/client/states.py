@@ -1,0 +1,40 @@
+"""Assembling a ReadStates stream into one array: raw chunks at their byte offsets, stored Blosc blocks
+decoded in place, and a stream that ends short or carries a malformed block reported as DATA_LOSS."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+
+from actstore.client.errors import ActstoreError
+from actstore.protocol import DTYPE_NAMES
+from actstore.v1 import actstore_pb2 as pb
+from actstore.wire.states import MalformedBlock, decode_block
+
+
+def receive_states(stream: Iterator[pb.ReadStatesResponse]) -> tuple[pb.StatesHeader, np.ndarray]:
+    """The header and the array of a ReadStates stream (a gRPC call: cancelled when left early)."""
+    try:
+        header = None
+        received = 0
+        for message in stream:
+            if header is None:
+                header = message.header
+                data = np.empty(tuple(header.shape), dtype=DTYPE_NAMES[header.dtype])
+                flat = data.reshape(-1).view(np.uint8)
+            chunk = message.chunk
+            flat[chunk.offset : chunk.offset + len(chunk.data)] = np.frombuffer(chunk.data, dtype=np.uint8)
+            received += len(chunk.data)
+            for block in message.blocks:  # stored chunks, forwarded undecoded by the server
+                received += decode_block(block, data[block.layer_index])
+    except MalformedBlock as exc:
+        raise ActstoreError(grpc.StatusCode.DATA_LOSS, str(exc)) from None
+    finally:
+        stream.cancel()  # a no-op once complete; stops the server's work if we leave early
+    if header is None:
+        raise ActstoreError(grpc.StatusCode.DATA_LOSS, "the server's stream ended before its header")
+    if received != flat.size:
+        raise ActstoreError(grpc.StatusCode.DATA_LOSS, f"received {received} of {flat.size} bytes")
+    return header, data
