@@ -1,13 +1,18 @@
-"""A real S3 API on loopback for tests and benchmarks: moto's standalone server (``pip install 'actstore[dev]'``).
+"""Real things for tests and benchmarks, made on the spot (``pip install 'actstore[dev]'``): a real S3 API on
+loopback, synthetic runs written through the store, the stored objects of a run as an operator reaches them,
+and MMLU-format question files.
 
-Not a mock of any client library: s3fs, boto3 and zarr talk HTTP to it as to any S3-compatible service. Its
-access log has one line per request, which is how the benchmarks count the requests a read makes.
+The S3 API is moto's standalone server, not a mock of any client library: s3fs, boto3 and zarr talk HTTP to it
+as to any S3-compatible service. Its access log has one line per request, which is how the benchmarks count
+the requests a read makes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -80,21 +85,99 @@ def _wait_until_up(endpoint: str, server: subprocess.Popen, log: Path, timeout: 
             time.sleep(0.1)
 
 
-def write_synthetic_run(store: "Store", model: str, method: str, n_layers: int, n_samples: int, hidden: int,
-                        batch: int | None = None, seed: int = 0) -> "np.ndarray":
-    """A public run of standard-normal float32 states (labels: subject "s", answer "A", prediction "B") written
-    through the store's run writer in batches of ``batch`` samples; returns its states. For tests and benches
-    that need a run of a given size without a model."""
+SUBJECTS = ("anatomy", "astronomy", "college_biology")
+PER_SUBJECT = 34  # 5 held out as shots, 20 as fine-tuning questions, 9 probed by every method
+WORDS = "cell bone star orbit protein heart moon gene lung planet enzyme nerve comet tissue light mass".split()
+
+
+def make_questions(seed: int = 0) -> list[dict]:
+    """MMLU-jsonl rows (answer_a..d, correct_answer, topic) of varied length, plus one header row."""
+    rng = random.Random(seed)
+    rows = []
+    for subject in SUBJECTS:
+        for i in range(PER_SUBJECT):
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 25)))
+            rows.append({
+                "question": f"Question {i} on {subject.replace('_', ' ')}: which {words}?",
+                **{f"answer_{c}": f"{c} {rng.choice(WORDS)} {rng.choice(WORDS)}" for c in "abcd"},
+                "correct_answer": "ABCD"[rng.randrange(4)],
+                "topic": subject.replace("_", " "),
+            })
+    rows.insert(20, {"question": "question", **{f"answer_{c}": c for c in "abcd"}, "correct_answer": "answer",
+                     "topic": "topic"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def derived_files(store: Path) -> dict[Path, int]:
+    """Every file of the store's cached analyses, with its modification time: equal snapshots mean that
+    nothing was computed or written again."""
+    return {p: p.stat().st_mtime_ns for p in store.glob("*/*/derived/**/*") if p.is_file()}
+
+
+def synthetic_labels(start: int, n: int) -> dict[str, "np.ndarray"]:
+    """Labels of samples ``start`` to ``start + n``: sample ids, subject "s", answer "A", prediction "B", wrong."""
     import numpy as np
 
-    states = np.random.default_rng(seed).standard_normal((n_layers, n_samples, hidden), dtype=np.float32)
+    text = {name: np.array([value] * n, dtype=object) for name, value in (("subject", "s"), ("answer", "A"),
+                                                                          ("prediction", "B"))}
+    return {"sample": np.arange(start, start + n), **text, "correct": np.zeros(n, dtype=bool)}
+
+
+def write_synthetic_run(store: "Store", model: str, method: str, n_layers: int = 3, n_samples: int = 100,
+                        hidden: int = 32, batch: int | None = None, seed: int = 0, states: "np.ndarray | None" = None,
+                        labels: dict[str, "np.ndarray"] | None = None) -> "np.ndarray":
+    """A public run written through the store's run writer, each ``batch`` samples one commit (all in one
+    commit by default); returns its states. For tests and benches that need a run of a given size or content
+    without a model.
+
+    ``states``: the values to store, (layer, sample, hidden), in place of standard-normal float32 ones of
+    the sizes given, drawn from ``seed``. ``labels``: every sample's, in place of ``synthetic_labels``. The
+    recipe is ``{"synthetic": seed}``: a run written again under another seed is refused (RecipeMismatch),
+    under the same seed appended to.
+    """
+    import numpy as np
+
+    if states is None:
+        states = np.random.default_rng(seed).standard_normal((n_layers, n_samples, hidden), dtype=np.float32)
+    n_layers, n_samples, hidden = states.shape
+    labels = synthetic_labels(0, n_samples) if labels is None else labels
     batch = batch or n_samples
     with store.writer(model, method, recipe={"synthetic": seed}, attrs={"access": {"visibility": "public"}},
                       n_layers=n_layers, hidden=hidden) as writer:
         for start in range(0, n_samples, batch):
-            n = min(batch, n_samples - start)
-            text = {name: np.array([value] * n, dtype=object)
-                    for name, value in (("subject", "s"), ("answer", "A"), ("prediction", "B"))}
-            writer.add(states[:, start : start + n], {"sample": np.arange(start, start + n), **text,
-                                                      "correct": np.zeros(n, dtype=bool)})
+            stop = min(start + batch, n_samples)
+            writer.add(states[:, start:stop], {name: values[start:stop] for name, values in labels.items()})
+            writer.commit()
     return states
+
+
+def shard_key(model: str, method: str, layer: int, shard: int) -> str:
+    """The key of one shard of a run's states in its store (a file's path below a folder store's root)."""
+    from actstore.store.run import STATES
+
+    return f"{model}/{method}/{STATES}/c/{layer}/{shard}/0"
+
+
+def read_object(store: "Store", key: str) -> bytes:
+    """The bytes stored at ``key``, in a folder or a bucket alike, read past the store's own reader."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    found = sync(store.location.zarr_store().get(key, default_buffer_prototype()))
+    if found is None:
+        raise FileNotFoundError(f"no {key} in store {store.url}")
+    return found.to_bytes()
+
+
+def write_object(store: "Store", key: str, data: bytes) -> None:
+    """Replace the bytes at ``key`` behind the store's back, as an operator, a sync tool or a failing disk
+    would: how tests damage runs in a folder or a bucket alike."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    sync(store.location.zarr_store().set(key, default_buffer_prototype().buffer.from_bytes(data)))

@@ -32,23 +32,24 @@ from actstore.analysis.density import PAPER, DensityParams
 from actstore.analysis.layers import analyse, compare
 from actstore.analysis.scheduler import analyse_layers, dask_client
 from actstore.store import Store
+from actstore.testing import write_synthetic_run
 
 SUBJECTS = 57
 
 
 def write_run(root: Path, n: int, d: int, n_layers: int, seed: int = 0, method: str | None = None) -> None:
+    """A run of ``n`` samples of 57 subjects, each a Gaussian cluster whose spread fades with depth (as
+    subjects do in the study), with random answers."""
     rng = np.random.default_rng(seed)
     subjects = rng.integers(0, SUBJECTS, n)
-    answers = np.array(list("ABCD"))[rng.integers(0, 4, n)]
-    with Store(root).writer("synthetic", method or f"d{d}", recipe={"d": d, "seed": seed}, attrs={}, n_layers=n_layers,
-                            hidden=d) as writer:
-        states = np.empty((n_layers, n, d), dtype=np.float32)
-        for layer in range(n_layers):  # clusters fading with depth, as subjects do in the study
-            means = rng.normal(scale=3.0 / (1 + layer), size=(SUBJECTS, d))
-            states[layer] = means[subjects] + rng.normal(size=(n, d))
-        writer.add(states, {"sample": np.arange(n), "subject": np.array([f"s{s}" for s in subjects], dtype=object),
-                            "answer": answers.astype(object), "prediction": answers.astype(object),
-                            "correct": np.ones(n, dtype=bool)})
+    answers = np.array(list("ABCD"))[rng.integers(0, 4, n)].astype(object)
+    states = np.empty((n_layers, n, d), dtype=np.float32)
+    for layer in range(n_layers):
+        means = rng.normal(scale=3.0 / (1 + layer), size=(SUBJECTS, d))
+        states[layer] = means[subjects] + rng.normal(size=(n, d))
+    labels = {"sample": np.arange(n), "subject": np.array([f"s{s}" for s in subjects], dtype=object),
+              "answer": answers, "prediction": answers, "correct": np.ones(n, dtype=bool)}
+    write_synthetic_run(Store(root), "synthetic", method or f"d{d}", seed=seed, states=states, labels=labels)
 
 
 def plain_dadapy(x: np.ndarray, subjects: np.ndarray, answers: np.ndarray, params: DensityParams,

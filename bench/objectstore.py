@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from actstore.client import Client  # noqa: E402
 from actstore.server.process import ServerProcess  # noqa: E402
 from actstore.store import Store  # noqa: E402
-from actstore.testing import LocalS3, local_s3  # noqa: E402
+from actstore.testing import LocalS3, local_s3, write_synthetic_run  # noqa: E402
 
 MODEL, METHOD = "bench", "0shot"
 
@@ -42,17 +42,6 @@ def synthetic_states(n_layers: int, n: int, hidden: int) -> np.ndarray:
     """bf16-valued float32 states (as ingest stores them), so they compress as real ones do (~1.5x)."""
     values = np.random.default_rng(0).standard_normal((n_layers, n, hidden), dtype=np.float32)
     return (values.view(np.uint32) & 0xFFFF0000).view(np.float32)
-
-
-def write_run(store: Store, states: np.ndarray) -> None:
-    n = states.shape[1]
-    labels = {"sample": np.arange(n), "subject": np.array([f"s{i % 57}" for i in range(n)], dtype=object),
-              "answer": np.array(["ABCD"[i % 4] for i in range(n)], dtype=object),
-              "prediction": np.array(["ABCD"[i % 3] for i in range(n)], dtype=object),
-              "correct": np.arange(n) % 4 == np.arange(n) % 3}
-    with store.writer(MODEL, METHOD, recipe={"bench": 1}, attrs={}, n_layers=states.shape[0],
-                      hidden=states.shape[2]) as writer:
-        writer.add(states, labels)
 
 
 def timed(read) -> float:
@@ -86,7 +75,7 @@ def main() -> None:
         url = f"{s3.create_bucket('bench')}/store"
         bucket_store, folder_store = Store(url), Store(Path(tmp) / "store")
         for store in (bucket_store, folder_store):
-            write_run(store, states)
+            write_synthetic_run(store, MODEL, METHOD, states=states)
         plain = zarr.open_array(FsspecStore.from_url(f"{url}/{MODEL}/{METHOD}/hidden_states", read_only=True),
                                 mode="r")
         servers = {name: ServerProcess(store.url, Path(tmp) / f"{name}.log")

@@ -1,9 +1,8 @@
-"""Small real things for the tests: a tiny random Llama with a tokenizer trained on the spot, and
-MMLU-format question files. Nothing is downloaded."""
+"""Small real things for the tests: a tiny random Llama with a tokenizer trained on the spot, MMLU-format
+question files (actstore.testing), and a real S3 API on loopback. Nothing is downloaded."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Iterator
@@ -11,41 +10,10 @@ from pathlib import Path
 
 import pytest
 
+# derived_files, PER_SUBJECT and SUBJECTS are imported from here by test files not yet moved to actstore.testing
+from actstore.testing import PER_SUBJECT, SUBJECTS, derived_files, make_questions, write_jsonl  # noqa: F401
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-SUBJECTS = ("anatomy", "astronomy", "college_biology")
-PER_SUBJECT = 34  # 5 held out as shots, 20 as fine-tuning questions, 9 probed by every method
-WORDS = "cell bone star orbit protein heart moon gene lung planet enzyme nerve comet tissue light mass".split()
-
-
-def make_questions(seed: int = 0) -> list[dict]:
-    """MMLU-jsonl rows (answer_a..d, correct_answer, topic) of varied length, plus one header row."""
-    rng = random.Random(seed)
-    rows = []
-    for subject in SUBJECTS:
-        for i in range(PER_SUBJECT):
-            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 25)))
-            rows.append({
-                "question": f"Question {i} on {subject.replace('_', ' ')}: which {words}?",
-                **{f"answer_{c}": f"{c} {rng.choice(WORDS)} {rng.choice(WORDS)}" for c in "abcd"},
-                "correct_answer": "ABCD"[rng.randrange(4)],
-                "topic": subject.replace("_", " "),
-            })
-    rows.insert(20, {"question": "question", **{f"answer_{c}": c for c in "abcd"}, "correct_answer": "answer",
-                     "topic": "topic"})
-    return rows
-
-
-def derived_files(store: Path) -> dict[Path, int]:
-    """Every file of the store's cached analyses, with its modification time: equal snapshots mean that
-    nothing was computed or written again."""
-    return {p: p.stat().st_mtime_ns for p in store.glob("*/*/derived/**/*") if p.is_file()}
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 # What each test needs, marked from the fixtures it uses (directly or not), so that lanes can be chosen by
 # need: `python3 tasks.py test --quick` leaves out the costly ones (see QUICK in tasks.py).

@@ -24,6 +24,7 @@ from actstore.client import ActstoreError, Client
 from actstore.server.process import ServerProcess
 from actstore.store import CorruptData, Store
 from actstore.store.layout import state_compressor, state_compressors
+from actstore.testing import shard_key, synthetic_labels, write_synthetic_run
 
 pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")  # zarr on consolidate_metadata
 MODEL, LAYER, SHARD = "tiny", 1, 1  # the damaged shard: layer 1, samples 32:64 (32 samples per shard here)
@@ -34,18 +35,10 @@ LAYOUTS = {  # how the run's states are stored: (shard index location, chunk cod
 }
 
 
-def labels(start: int, n: int) -> dict[str, np.ndarray]:
-    return {"sample": np.arange(start, start + n), "subject": np.array(["s"] * n, dtype=object),
-            "answer": np.array(["A"] * n, dtype=object), "prediction": np.array(["B"] * n, dtype=object),
-            "correct": np.zeros(n, dtype=bool)}
-
-
-def write_run(root: Path, method: str, layout: str = "checksummed", hidden: int = 32, n: int = 100,
-              n_layers: int = 3) -> np.ndarray:
+def write_in_layout(root: Path, method: str, layout: str = "checksummed", hidden: int = 32, n: int = 100,
+                    n_layers: int = 3) -> np.ndarray:
     """A run written through the store, its states then stored again under ``layout``; returns the states."""
-    states = np.random.default_rng(len(method) + hidden).standard_normal((n_layers, n, hidden), dtype=np.float32)
-    with Store(root).writer(MODEL, method, recipe={"r": 1}, attrs={}, n_layers=n_layers, hidden=hidden) as writer:
-        writer.add(states, labels(0, n))
+    states = write_synthetic_run(Store(root), MODEL, method, n_layers, n, hidden, seed=len(method) + hidden)
     restore(root / MODEL / method / "hidden_states", states, layout)
     zarr.consolidate_metadata(root, path=f"{MODEL}/{method}")  # the run's snapshot of its arrays' metadata
     return states
@@ -63,7 +56,7 @@ def restore(path: Path, states: np.ndarray, layout: str) -> None:
 
 
 def shard_file(root: Path, method: str, layer: int = LAYER, shard: int = SHARD) -> Path:
-    return root / MODEL / method / "hidden_states" / "c" / str(layer) / str(shard) / "0"
+    return root / shard_key(MODEL, method, layer, shard)
 
 
 def index_table(data: bytes, layout: str, n: int = 4) -> tuple[np.ndarray, int]:
@@ -94,7 +87,7 @@ def truncate(root: Path, method: str, layout: str) -> None:
 
 def foreign(root: Path, method: str, layout: str) -> None:
     """The same shard of a run of another width (48), in the same layout, copied over this one."""
-    write_run(root, "other", layout, hidden=48)
+    write_in_layout(root, "other", layout, hidden=48)
     shutil.copyfile(shard_file(root, "other"), shard_file(root, method))
 
 
@@ -118,7 +111,7 @@ def assert_names_the_damage(message: str, method: str) -> None:
 @pytest.mark.parametrize("read", READS)
 @pytest.mark.parametrize("layout, damage", CASES)
 def test_damaged_shards_raise_corrupt_data_naming_run_layer_and_samples(tmp_path, layout, damage, read):
-    states = write_run(tmp_path, "0shot", layout)
+    states = write_in_layout(tmp_path, "0shot", layout)
     DAMAGES[damage](tmp_path, "0shot", layout)
     run = Store(tmp_path).run(MODEL, "0shot")
     assert run.reader.direct == (layout != "zarr-only")
@@ -131,7 +124,7 @@ def test_damaged_shards_raise_corrupt_data_naming_run_layer_and_samples(tmp_path
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_layout_reads_back_exactly_through_every_path(tmp_path, layout):
-    states = write_run(tmp_path, "0shot", layout)
+    states = write_in_layout(tmp_path, "0shot", layout)
     run = Store(tmp_path).run(MODEL, "0shot")
     np.testing.assert_array_equal(run.read_states([2, 0], 5, 77), states[[2, 0], 5:77])
     decoded = np.empty((100, 32), dtype=np.float32)
@@ -143,9 +136,7 @@ def test_every_layout_reads_back_exactly_through_every_path(tmp_path, layout):
 
 
 def test_new_runs_checksum_every_chunk_for_every_zarr_reader(tmp_path):
-    states = np.ones((2, 64, 32), dtype=np.float32)
-    with Store(tmp_path).writer(MODEL, "0shot", recipe={"r": 1}, attrs={}, n_layers=2, hidden=32) as writer:
-        writer.add(states, labels(0, 64))
+    write_synthetic_run(Store(tmp_path), MODEL, "0shot", states=np.ones((2, 64, 32), dtype=np.float32))
     array = zarr.open_array(tmp_path / MODEL / "0shot" / "hidden_states", mode="r")
     assert isinstance(array.metadata.codecs[0].codecs[-1], Crc32cCodec)
     flip_chunk(tmp_path, "0shot", "checksummed")
@@ -159,7 +150,7 @@ def test_bytes_that_rot_under_a_shard_already_verified_are_caught_on_the_next_re
     """A whole shard read again is verified in one pass against the CRC its bytes had when each chunk last
     passed its own (reader.py): a byte flipped beneath the file system afterwards, the file's size and mtime
     unchanged so that its cached index stays, must fail that pass and be named like any corruption."""
-    states = write_run(tmp_path, "0shot")
+    states = write_in_layout(tmp_path, "0shot")
     run = Store(tmp_path).run(MODEL, "0shot")
     for _ in range(2):
         np.testing.assert_array_equal(run.read_states([LAYER]), states[LAYER : LAYER + 1])
@@ -184,7 +175,7 @@ def served(tmp_path_factory):
 
         patch.setattr(layout, "INNER_CHUNK_BYTES", 8 * 1024)  # 8 samples of 256 per inner chunk
         patch.setattr(layout, "SHARD_BYTES", 64 * 1024)  # 64 per shard
-        states = write_run(root, "0shot", hidden=256, n=2048, n_layers=5)
+        states = write_in_layout(root, "0shot", hidden=256, n=2048, n_layers=5)
     with ServerProcess(root, root.parent / "server.log") as server:
         yield root, server, states
 
@@ -209,8 +200,8 @@ def test_the_server_answers_data_loss_and_keeps_serving(served, encoded, damage,
 @pytest.mark.parametrize("source", ["another layer", "another run"])
 def test_an_intact_shard_from_elsewhere_of_the_same_shape_is_corruption(tmp_path, source):
     """Intact bytes pass every checksum; the index CRC recorded at commit for each full shard does not."""
-    states = write_run(tmp_path, "0shot", n=80)  # shards 0 and 1 full, shard 2 (64:80) partly filled
-    write_run(tmp_path, "another", n=80)  # the same shape, other numbers (its seed differs)
+    states = write_in_layout(tmp_path, "0shot", n=80)  # shards 0 and 1 full, shard 2 (64:80) partly filled
+    write_in_layout(tmp_path, "another", n=80)  # the same shape, other numbers (its seed differs)
     donor = shard_file(tmp_path, "0shot", layer=2) if source == "another layer" else shard_file(tmp_path, "another")
     shutil.copyfile(donor, shard_file(tmp_path, "0shot"))
     run = Store(tmp_path).run(MODEL, "0shot")
@@ -226,7 +217,7 @@ def test_the_shard_record_grows_with_commits_and_covers_the_partial_shard(tmp_pa
     rng = np.random.default_rng(0)
     with Store(tmp_path).writer(MODEL, "0shot", recipe={"r": 1}, attrs={}, n_layers=n_layers, hidden=hidden) as w:
         for start in range(0, 100, 20):  # commits at 20, 40, ... 100 samples: shards of 32 fill at 40, 80
-            w.add(rng.standard_normal((n_layers, 20, hidden), dtype=np.float32), labels(start, 20))
+            w.add(rng.standard_normal((n_layers, 20, hidden), dtype=np.float32), synthetic_labels(start, 20))
             w.commit()
             record = Store(tmp_path).run(MODEL, "0shot").attrs["shard_record"]
             assert len(record["index_crc32c"]) == -(-(start + 20) // 32)  # the partly filled shard too

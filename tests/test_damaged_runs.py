@@ -25,6 +25,7 @@ from actstore.server.process import ServerProcess
 from actstore.store import Store
 from actstore.store import location as location_module
 from actstore.store.errors import DamagedRun, RefusedEntry
+from actstore.testing import shard_key, write_synthetic_run
 
 MODEL, HIDDEN, N_LAYERS, N_SAMPLES = "m", 32, 2, 40
 GOOD = ("good-a", "good-b")
@@ -34,13 +35,7 @@ REFUSED = {grpc.StatusCode.DATA_LOSS, grpc.StatusCode.FAILED_PRECONDITION}
 
 def write_run(store: Store, method: str) -> np.ndarray:
     """A small run written through the store (2 shards of 32 samples per layer); its states."""
-    states = np.random.default_rng(len(method)).standard_normal((N_LAYERS, N_SAMPLES, HIDDEN), dtype=np.float32)
-    labels = {"sample": np.arange(N_SAMPLES), "subject": np.array(["s"] * N_SAMPLES, dtype=object),
-              "answer": np.array(["A"] * N_SAMPLES, dtype=object),
-              "prediction": np.array(["B"] * N_SAMPLES, dtype=object), "correct": np.zeros(N_SAMPLES, dtype=bool)}
-    with store.writer(MODEL, method, recipe={"method": method}, attrs={}, n_layers=N_LAYERS, hidden=HIDDEN) as w:
-        w.add(states, labels)
-    return states
+    return write_synthetic_run(store, MODEL, method, N_LAYERS, N_SAMPLES, HIDDEN, seed=len(method))
 
 
 def truncate(path: Path) -> None:
@@ -54,7 +49,7 @@ def link(path: Path, target: str | Path) -> None:
 
 
 def shard(root: Path, method: str, layer: int = 0, index: int = 0) -> Path:
-    return root / MODEL / method / "hidden_states" / "c" / str(layer) / str(index) / "0"
+    return root / shard_key(MODEL, method, layer, index)
 
 
 def error_of(call) -> ActstoreError:

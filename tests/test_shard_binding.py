@@ -17,38 +17,20 @@ from actstore.client import ActstoreError, Client
 from actstore.server.process import ServerProcess
 from actstore.store import CorruptData, Store
 from actstore.store.run import STATES, _past_the_end, _rows
+from actstore.testing import read_object, shard_key, synthetic_labels, write_object, write_synthetic_run
 
 MODEL, N, LAYER = "tiny", 80, 1
 SHARDS = {"full": 1, "partial": 2}
 
 
-def labels(start: int, n: int) -> dict[str, np.ndarray]:
-    return {"sample": np.arange(start, start + n), "subject": np.array(["s"] * n, dtype=object),
-            "answer": np.array(["A"] * n, dtype=object), "prediction": np.array(["B"] * n, dtype=object),
-            "correct": np.zeros(n, dtype=bool)}
-
-
 def write_run(store: Store, method: str, n: int = N, batch: int = N) -> np.ndarray:
     """A run of ``n`` samples committed ``batch`` at a time, its values seeded by its name; returns them."""
-    states = np.random.default_rng(sum(map(ord, method))).standard_normal((3, n, 32), dtype=np.float32)
-    with store.writer(MODEL, method, recipe={"r": 1}, attrs={}, n_layers=3, hidden=32) as writer:
-        for start in range(0, n, batch):
-            writer.add(states[:, start : start + batch], labels(start, min(batch, n - start)))
-            writer.commit()
-    return states
-
-
-def shard_key(method: str, layer: int, shard: int) -> str:
-    return f"{MODEL}/{method}/{STATES}/c/{layer}/{shard}/0"
+    return write_synthetic_run(store, MODEL, method, 3, n, 32, batch=batch, seed=sum(map(ord, method)))
 
 
 def copy_shard(store: Store, source: str, target: str) -> None:
     """Copy one shard file or object over another, as an operator or a sync tool would."""
-    location = store.location
-    if location.local:
-        (location.path / target).write_bytes((location.path / source).read_bytes())
-    else:
-        location.fs.pipe_file(location._path(target), location.fs.cat_file(location._path(source)))
+    write_object(store, target, read_object(store, source))
 
 
 def swap(store: Store, source: str, shard: int, n: int = N) -> np.ndarray:
@@ -56,8 +38,8 @@ def swap(store: Store, source: str, shard: int, n: int = N) -> np.ndarray:
     layer 2 or of the donor's LAYER. Returns 0shot's states."""
     states = write_run(store, "0shot", n)
     write_run(store, "donor", n)
-    donor = shard_key("0shot", 2, shard) if source == "another layer" else shard_key("donor", LAYER, shard)
-    copy_shard(store, donor, shard_key("0shot", LAYER, shard))
+    donor = shard_key(MODEL, "0shot", 2, shard) if source == "another layer" else shard_key(MODEL, "donor", LAYER, shard)
+    copy_shard(store, donor, shard_key(MODEL, "0shot", LAYER, shard))
     return states
 
 
@@ -98,8 +80,8 @@ def test_the_server_answers_data_loss_for_a_swapped_partial_shard(tmp_path):
     states = write_run(store, "0shot", n=20)  # one shard, 20 of its 32 samples
     write_run(store, "1shot", n=20)
     write_run(store, "donor", n=20)
-    copy_shard(store, shard_key("0shot", 2, 0), shard_key("0shot", LAYER, 0))  # from another layer
-    copy_shard(store, shard_key("donor", LAYER, 0), shard_key("1shot", LAYER, 0))  # from another run
+    copy_shard(store, shard_key(MODEL, "0shot", 2, 0), shard_key(MODEL, "0shot", LAYER, 0))  # from another layer
+    copy_shard(store, shard_key(MODEL, "donor", LAYER, 0), shard_key(MODEL, "1shot", LAYER, 0))  # from another run
     with ServerProcess(root, tmp_path / "server.log") as server, Client(server.address) as client:
         for method in ("0shot", "1shot"):
             for samples in (slice(0, 20), slice(5, 6)):
@@ -117,12 +99,12 @@ def test_a_reader_of_an_older_commit_reads_the_partial_shard_rewritten_since(tmp
     store = Store(tmp_path if where == "folder" else request.getfixturevalue("bucket"))
     states = np.random.default_rng(1).standard_normal((3, 100, 32), dtype=np.float32)
     with store.writer(MODEL, "0shot", recipe={"r": 1}, attrs={}, n_layers=3, hidden=32) as writer:
-        writer.add(states[:, :44], labels(0, 44))  # shard 1: one whole chunk and 4 samples of the next
+        writer.add(states[:, :44], synthetic_labels(0, 44))  # shard 1: one whole chunk and 4 samples of the next
         writer.commit()
         old = store.run(MODEL, "0shot")
         np.testing.assert_array_equal(old.read_states([0, 1, 2]), states[:, :44])  # its indexes now cached
         for start, stop in ((44, 52), (52, 70), (70, 100)):  # fills a chunk, then shard 1, then into shard 3
-            writer.add(states[:, start:stop], labels(start, stop - start))
+            writer.add(states[:, start:stop], synthetic_labels(start, stop - start))
             writer.commit()
             np.testing.assert_array_equal(old.read_states([0, 1, 2]), states[:, :44])
             np.testing.assert_array_equal(old.read_rows([1], np.array([43, 40, 2])), states[1:2, [43, 40, 2]])
@@ -136,7 +118,7 @@ def test_samples_a_killed_writer_wrote_but_never_committed_do_not_make_the_parti
     store = Store(tmp_path)
     states = np.random.default_rng(2).standard_normal((3, 60, 32), dtype=np.float32)
     writer = store.writer(MODEL, "0shot", recipe={"r": 1}, attrs={}, n_layers=3, hidden=32)
-    writer.add(states[:, :44], labels(0, 44))
+    writer.add(states[:, :44], synthetic_labels(0, 44))
     writer.commit()
     array = writer.run.group[STATES]  # what the next commit does before it publishes, then the kill
     _past_the_end(array, 60)[_rows(array.metadata, 44, 60)] = states[:, 44:60]

@@ -10,7 +10,7 @@ import zarr
 
 from actstore.cli import main
 from actstore.store import InvalidName, Store, safe_name, validate_name
-from conftest import make_questions, write_jsonl
+from actstore.testing import make_questions, synthetic_labels, write_jsonl
 
 
 def snapshot(root) -> dict[str, str]:
@@ -213,9 +213,7 @@ def test_readers_see_only_whole_committed_samples_while_a_writer_commits(tmp_pat
     def batch_of(start):
         ids = np.arange(start, start + batch)
         states = (ids[None, :, None] * 10 + np.arange(3)[:, None, None] + np.zeros(hidden)).astype(np.float32)
-        return states, {"sample": ids, "subject": np.array(["s"] * batch, dtype=object),
-                        "answer": np.array(["A"] * batch, dtype=object),
-                        "prediction": np.array(["A"] * batch, dtype=object), "correct": np.ones(batch, dtype=bool)}
+        return states, synthetic_labels(start, batch)
 
     writer = store.writer("m", "0shot", recipe={"r": 1}, attrs={}, n_layers=3, hidden=hidden, commit_seconds=0)
     writer.add(*batch_of(0))
