@@ -110,7 +110,10 @@ def test_plot_says_what_is_not_analysed(study, capsys, tmp_path, tiny_model):
                  "--per-subject", "60"]) == 0
     assert main(["plot", "--store", store, "--model", "tiny-llama", "--methods", "0shot,3shot", "--out",
                  str(tmp_path)]) == 1
-    assert "no stored analyses (preset paper) for tiny-llama: 3shot layer 1, 3shot layer 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no stored analyses (preset paper, every sample) for tiny-llama: 3shot layer 1, 3shot layer 2" in err
+    assert (f"start `actstore serve --store {store}`, then run `actstore analyze tiny-llama --methods 0shot,3shot "
+            "--layers 1:4`") in err  # no pair of the study among these methods
     assert not (tmp_path / "layers.csv").exists()
 
 

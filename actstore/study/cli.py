@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from actstore.arguments import add_store_argument, csv_list, positive
 from actstore.ingest.options import add_source_arguments
 from actstore.study.job import JOB_ADAPTER_BRANCH, METHODS, PER_SUBJECT, SUBJECTS
+
+if TYPE_CHECKING:
+    from actstore.study.report import Settings
+
+FORMATS = ("png", "svg", "pdf")  # figures.FORMATS, named here so that the parser loads no matplotlib
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -52,8 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_study_command)
 
     plot = subparsers.add_parser("plot", help="draw a study's figures from the analyses stored in a store",
-                                 description="Write layers.png, the dendrogram of an early layer, the CSV tables "
-                                             "and summary.md for a model's runs, from their stored `paper` analyses.")
+                                 description="Write the layers figure (and training steps, when there are "
+                                             "checkpoints), the dendrogram of an early layer, the CSV tables and "
+                                             "summary.md for a model's runs, from the analyses stored with them. "
+                                             "They are looked up with the study's settings (the paper preset over "
+                                             "every sample) unless the flags below name others, as "
+                                             "`actstore analyze` took them.")
     add_store_argument(plot)
     plot.add_argument("--model", required=True, help="model name in the store (see actstore ls)")
     plot.add_argument("--methods", type=csv_list, help="comma list of methods (default: every run of the model)")
@@ -61,6 +72,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="a pair whose data overlap is drawn, repeatable (default: 0shot,5shot, and 0shot,finetuned "
                            "and 5shot,finetuned where there is a finetuned run)")
     plot.add_argument("--out", type=Path, required=True, help="output folder")
+    plot.add_argument("--format", choices=FORMATS, default="png", help="figure file format (default: %(default)s)")
+    plot.add_argument("--per-subject", type=positive,
+                      help="the analyses of the first N samples of each subject (as analyze --per-subject N)")
+    for name, kind in (("maxk", int), ("density-k", int), ("z", float), ("subject-fraction", float),
+                       ("answer-fraction", float)):
+        plot.add_argument(f"--{name}", type=kind, help=f"the analyses with this {name} (as analyze --{name})")
     plot.set_defaults(func=run_plot_command)
 
 
@@ -79,6 +96,18 @@ def run_study_command(args: argparse.Namespace) -> int:
 def run_plot_command(args: argparse.Namespace) -> int:
     from actstore.study.stored import plot_stored
 
-    for path in plot_stored(args.store, args.model, args.methods, args.out, args.compare):
+    for path in plot_stored(args.store, args.model, args.methods, args.out, args.compare, _settings(args),
+                            args.format):
         print(path)
     return 0
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """The settings the plot flags name: the paper preset with their values, over their sample mask."""
+    from actstore.analysis.density import PAPER, DensityParams
+    from actstore.analysis.layers import Mask
+    from actstore.study.report import Settings
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(DensityParams)
+                 if getattr(args, f.name, None) is not None}
+    return Settings(dataclasses.replace(PAPER, **overrides), Mask(args.per_subject))

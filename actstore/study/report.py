@@ -1,11 +1,13 @@
 """Writing a study's results: CSV tables, the figures and ``summary.md`` (accuracy, transition layer).
 
 The input is the table of an analysis job (metrics over (run, layer), comparisons over (pair, layer)),
-whether it came from a server (``actstore study``) or from a store (``actstore plot``).
+whether it came from a server (``actstore study``) or from a store (``actstore plot``), and the settings it
+was analysed with, which the summary and the figures state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Callable
@@ -15,12 +17,68 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from actstore.analysis.compare import OVERLAP_K
+from actstore.analysis.density import PAPER, DensityParams
+from actstore.analysis.layers import Mask
 from actstore.study import figures
 
 log = logging.getLogger(__name__)
 
 Dendrograms = Callable[[str, int], "dict[str, Any] | None"]  # (run "model/method", layer) -> tree or None
 MIN_SUBJECT_ARI = 0.05  # below this peak there is no subject clustering whose end could be placed
+ANALYZE_FLAGS = ("maxk", "density_k", "z", "subject_fraction", "answer_fraction")  # `actstore analyze` sets these
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What analyses ran with: the parameters and the sample mask. Stored results are kept per settings, so
+    plot looks them up by these, and the report states them (figures and summary are read without them)."""
+
+    params: DensityParams = PAPER
+    mask: Mask = Mask()
+
+    @property
+    def changes(self) -> dict[str, Any]:
+        """The parameters that differ from the paper preset's, by name."""
+        return {f.name: getattr(self.params, f.name) for f in dataclasses.fields(DensityParams)
+                if getattr(self.params, f.name) != getattr(PAPER, f.name)}
+
+    def name(self) -> str:
+        """In a few words, e.g. "preset paper with z 2.1, first 20 per subject"."""
+        samples = "every sample" if self.mask.per_subject is None else f"first {self.mask.per_subject} per subject"
+        return f"preset paper{f' with {self._changed()}' if self.changes else ''}, {samples}"
+
+    def flags(self) -> list[str] | None:
+        """The flags that ask ``actstore analyze`` (and ``actstore plot``) for these settings; None when a
+        parameter differs that only the Python client sets (gride_range_max, id_scale_index)."""
+        if not set(self.changes) <= set(ANALYZE_FLAGS):
+            return None
+        per_subject = [] if self.mask.per_subject is None else ["--per-subject", str(self.mask.per_subject)]
+        return per_subject + [item for name, value in self.changes.items()
+                              for item in (f"--{name.replace('_', '-')}", f"{value:g}")]
+
+    def samples(self) -> str:
+        if self.mask.per_subject is None:
+            return "every stored sample analysed"
+        return f"the first {self.mask.per_subject} samples of each subject analysed"
+
+    def values(self) -> str:
+        """The parameters the figures' metrics depend on, as the summary and the figures name them."""
+        p = self.params
+        return (f"Gride ID at scale {2 ** (p.id_scale_index + 1)}, kNN density k = {p.density_k}, ADP Z = {p.z:g}, "
+                f"label overlap class fractions {p.subject_fraction:g} (subjects) and {p.answer_fraction:g} "
+                f"(answers), data overlap k = {OVERLAP_K}")
+
+    def parameters(self) -> str:
+        if not self.changes:
+            return f"the study's parameters (`paper`: {self.values()})"
+        return f"the `paper` preset with {self._changed()} ({self.values()})"
+
+    def _changed(self) -> str:
+        return ", ".join(f"{name} {value:g}" for name, value in self.changes.items())
+
+
+STUDY = Settings()  # what `actstore study` analyses: the paper preset over every sample (study.job)
 
 
 def method_table(results: xr.Dataset, model: str) -> xr.Dataset:
@@ -69,9 +127,13 @@ def training_table(table: xr.Dataset, training: dict[str, dict]) -> xr.Dataset |
 
 def write_results(out: Path, model: str, results: xr.Dataset, accuracy: dict[str, float | None],
                   n_samples: dict[str, int], dendrograms: Dendrograms,
-                  training: dict[str, dict] | None = None) -> list[Path]:
-    """Write layers.csv, comparison.csv, layers.png, a dendrogram of an early layer, and summary.md; with
-    fine-tuned runs (``training``: each one's fine-tuning provenance), training.png across their steps."""
+                  training: dict[str, dict] | None = None, *, settings: Settings = STUDY,
+                  fmt: str = "png") -> list[Path]:
+    """Write layers.csv, comparison.csv, the layers figure, a dendrogram of an early layer, and summary.md;
+    with fine-tuned runs (``training``: each one's fine-tuning provenance), the training figure across their
+    steps. Figures in ``fmt`` (figures.FORMATS); ``settings``: what ``results`` were analysed with."""
+    if fmt not in figures.FORMATS:
+        raise ValueError(f"figure format {fmt!r}: expected one of {', '.join(figures.FORMATS)}")
     out.mkdir(parents=True, exist_ok=True)
     training = training or {}
     table = method_table(results, model)
@@ -82,26 +144,28 @@ def write_results(out: Path, model: str, results: xr.Dataset, accuracy: dict[str
         written.append(out / "comparison.csv")
         table[[v for v in table.data_vars if "pair" in table[v].dims]].to_dataframe().to_csv(written[-1])
     n_layers = int(table.layer.max()) + 1
-    arms = [m for m in methods if "-step" not in m]  # checkpoints are drawn in training.png
-    written.append(figures.layer_profiles(table.sel({"method": arms}), out / "layers.png",
-                                          f"{model} on MMLU: {_sizes(n_samples)}, the study's parameters"))
+    arms = [m for m in methods if "-step" not in m]  # checkpoints are drawn in the training figure
+    written.append(figures.save(figures.draw_layers(
+        table.sel({"method": arms}),
+        f"{model} on MMLU: {_sizes(n_samples)}, {settings.name()}\n{settings.values()}"), out / f"layers.{fmt}"))
     steps = training_table(table, training)
     if steps is not None:
-        written.append(figures.training_steps(steps, out / "training.png",
-                                              f"{model}: the representation across fine-tuning steps (0: before)"))
+        written.append(figures.save(figures.draw_training(
+            steps, f"{model}: the representation across fine-tuning steps (0: before), {settings.name()}"),
+            out / f"training.{fmt}"))
     reference = reference_method(methods)
     found = transition(table.ari_subject.sel({"method": reference}))
     tree_layer, tree = _early_dendrogram(table, model, reference, n_layers, dendrograms)
     if tree is not None:
-        written.append(figures.peak_dendrogram(
-            tree, out / f"dendrogram-{reference}-layer{tree_layer}.png",
-            f"{model}, {reference}, layer {tree_layer}:\n"
-            "density peaks of clusters over 30 points, by majority subject"))
+        written.append(figures.save(figures.draw_dendrogram(
+            tree, f"{model}, {reference}, layer {tree_layer}:\n"
+            "density peaks of clusters over 30 points, by majority subject", reference),
+            out / f"dendrogram-{reference}-layer{tree_layer}.{fmt}"))
     summary = out / "summary.md"
     finetuning = _finetuning(table, accuracy, training, n_layers, n_samples.get("finetuned") or 1) \
         if "finetuned" in training else []
     summary.write_text(_summary(model, table, accuracy, n_samples, reference, found, tree_layer, written, n_layers,
-                                finetuning))
+                                finetuning, settings))
     return [*written, summary]
 
 
@@ -134,13 +198,11 @@ def _at(values: xr.DataArray, pick: Callable) -> str:
 
 def _summary(model: str, table: xr.Dataset, accuracy: dict[str, float | None], n_samples: dict[str, int],
              reference: str, found: dict[str, Any], tree_layer: int | None, written: list[Path],
-             n_layers: int, finetuning: list[str]) -> str:
+             n_layers: int, finetuning: list[str], settings: Settings) -> str:
     half = n_layers / 2
     lines = [f"# {model} on MMLU, layer by layer", "",
-             f"{_sizes(n_samples)} per method, every stored sample analysed; layers 1-{n_layers - 1} of "
-             f"{n_layers} (0 is the embedding); the study's parameters (`paper`: Gride ID at scale 16, kNN "
-             "density k = 16, ADP Z = 1.6, label overlap class fractions 0.3 (subjects) and 0.1 (answers), "
-             "data overlap k = 30).", "",
+             f"{_sizes(n_samples)} per method, {settings.samples()}; layers 1-{n_layers - 1} of {n_layers} (0 is "
+             f"the embedding); {settings.parameters()}.", "",
              "| method | questions | accuracy | ID peak | subject ARI max | answer ARI max | predicted-letter ARI max "
              "| answer overlap max | clusters, first half / second half |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
