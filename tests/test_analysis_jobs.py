@@ -119,7 +119,7 @@ def test_unknown_job(server):
 def test_analyze_cli_prints_the_table(server, capsys, monkeypatch):
     monkeypatch.setenv("ACTSTORE_TOKEN", "tok-a-at-least-16-chars")
     assert main(["analyze", "--address", server.address, "tiny-llama", "--methods", "0shot", "--layers", "1:3",
-                 "--maxk", "20", "--density-k", "8"]) == 1  # gride scales beyond maxk=20 with the paper preset
+                 "--maxk", "20", "--gride-range-max", "32"]) == 1  # explicit Gride scales beyond maxk=20
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
     assert main(["analyze", "--address", server.address, "tiny-llama", "--methods", "0shot,1shot", "--layers",
                  "1,2", "--maxk", "120", "--per-subject", "45", "--compare", "0shot,1shot"]) == 0

@@ -12,8 +12,8 @@ from sklearn.metrics import adjusted_rand_score
 
 from actstore.analysis.density import LayerDensity
 from actstore.analysis.neighbours import knn
+from actstore.analysis.params import OVERLAP_K
 
-OVERLAP_K = 30
 DENDROGRAM_MIN_POINTS = 30
 
 

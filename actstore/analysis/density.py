@@ -15,21 +15,7 @@ import numpy as np
 from dadapy import Data
 from sklearn.metrics import adjusted_rand_score
 
-
-@dataclass(frozen=True)
-class DensityParams:
-    """Analysis parameters; ``PAPER`` holds the values of the study's figures."""
-
-    maxk: int = 100
-    gride_range_max: int = 100  # estimates at scales 2, 4, ..., 64
-    id_scale_index: int = 3  # the scale-16 estimate is the ID used for the density
-    density_k: int = 16
-    z: float = 1.6
-    subject_fraction: float = 0.3
-    answer_fraction: float = 0.1
-
-
-PAPER = DensityParams()
+from actstore.analysis.params import PAPER, DensityParams
 
 
 @dataclass
@@ -98,6 +84,8 @@ def label_overlap(indices: np.ndarray, labels: np.ndarray, class_fraction: float
         raise ValueError(f"label overlap needs {ks.max()} neighbours, the graph holds {indices.shape[1] - 1}")
     same = np.cumsum(inverse[indices[:, 1 : ks.max() + 1]] == inverse[:, None], axis=1)
     valid = ks > 0
+    if not valid.any():  # every class too small for one neighbour at this fraction (a small run): undefined
+        return float("nan")
     shares = same[valid, ks[valid] - 1] / ks[valid]
     weights = 1.0 / counts[inverse[valid]]
     return float(np.sum(shares * weights) / np.sum(weights))

@@ -9,9 +9,22 @@ from pathlib import Path
 
 import numpy as np
 
+from actstore.analysis.params import MIN_SAMPLES, OVERLAP_K, PAPER
 from actstore.arguments import csv_list
 from actstore.client.connection import DEFAULT_RETRY_FOR_S, RETRY_ENV
 from actstore.protocol import DEFAULT_ADDRESS
+
+
+PARAM_HELP = {  # the analysis parameters (actstore.analysis.params.DensityParams), as the help explains them
+    "maxk": "neighbours of each sample in the graph every metric reads",
+    "gride_range_max": "largest neighbour rank of the Gride ID estimates (scales 2, 4, 8, ... up to it)",
+    "id_scale_index": "which Gride scale's estimate is the ID (0: 2 neighbours, 3: 16)",
+    "density_k": "neighbours of the kNN density",
+    "z": "significance of the density-peak clustering (ADP's Z)",
+    "subject_fraction": "label overlap's neighbours, as a fraction of the subject's samples",
+    "answer_fraction": "label overlap's neighbours, as a fraction of the answer's samples",
+}
+NEIGHBOUR_COUNTS = ("maxk", "gride_range_max", "id_scale_index", "density_k")  # fitted to small runs
 
 
 def _span(text: str) -> slice:
@@ -70,9 +83,16 @@ def register_analyze(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=_layers, help="comma list or START:STOP (default: every layer but 0)")
     p.add_argument("--per-subject", type=int, help="analyse the first N samples of each subject (the study: 200)")
     p.add_argument("--preset", default="paper", help="parameter preset (default: paper, the study's)")
-    for name, kind in (("maxk", int), ("density-k", int), ("z", float), ("subject-fraction", float),
-                       ("answer-fraction", float)):
-        p.add_argument(f"--{name}", type=kind, help="override the preset")
+    settings = p.add_argument_group(
+        "analysis settings", "Each overrides the preset; the defaults shown are the paper preset's. A neighbour "
+        f"count left unset (*) is lowered to fit the job's smallest run when it holds {PAPER.maxk} samples or fewer "
+        f"(maxk below its samples, the others within maxk); runs under {MIN_SAMPLES} samples are refused.")
+    for name, text in PARAM_HELP.items():
+        default = getattr(PAPER, name)
+        settings.add_argument(f"--{name.replace('_', '-')}", type=type(default), metavar=type(default).__name__.upper(),
+                              help=f"{text} (default: {default}{'*' if name in NEIGHBOUR_COUNTS else ''})")
+    settings.add_argument("--compare-k", type=int, metavar="INT",
+                          help=f"neighbours of the data overlap of compared runs (default: {OVERLAP_K}*)")
     p.add_argument("--compare", type=csv_list, action="append", default=[], metavar="A,B",
                    help="also compare two methods (or MODEL/METHOD runs) layer by layer; repeatable")
     p.add_argument("--out", type=Path, help="also write the tables to this .csv (comparisons to *-compare.csv)")
@@ -81,15 +101,18 @@ def register_analyze(subparsers: argparse._SubParsersAction) -> None:
 
 def run_analyze(args: argparse.Namespace) -> int:
     layers = list(range(args.layers.start, args.layers.stop)) if isinstance(args.layers, slice) else args.layers
-    params = {name: getattr(args, name) for name in ("maxk", "density_k", "z", "subject_fraction",
-                                                      "answer_fraction") if getattr(args, name) is not None}
+    params = {name: getattr(args, name) for name in PARAM_HELP if getattr(args, name) is not None}
     if any(len(pair) != 2 for pair in args.compare):
         raise ValueError("--compare takes two runs: A,B")
     with _client(args) as client:
         job = client.analyze(args.model, args.methods, layers=layers, preset=args.preset,
-                             per_subject=args.per_subject, compare=[tuple(pair) for pair in args.compare], **params)
+                             per_subject=args.per_subject, compare=[tuple(pair) for pair in args.compare],
+                             compare_k=args.compare_k, **params)
         job.follow(f"job {job.id}")
         table = job.result()
+    settings = {name: value for name, value in table.attrs.items() if name != "job_id"}
+    if settings:  # what the numbers below were computed with, neighbour counts fitted to small runs included
+        print("settings: " + " ".join(f"{name}={value}" for name, value in settings.items()))
     for dim, suffix in (("run", ""), ("pair", "-compare")):
         if dim in table.dims:
             frame = table[[name for name in table.data_vars if dim in table[name].dims]].to_dataframe()

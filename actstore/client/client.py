@@ -105,7 +105,9 @@ class Client(Connection):
         ``compare``: pairs of runs to compare at each layer, each a method of ``model`` or a
         ``"model/method"`` of another model, e.g. ``[("0shot", "5shot")]``; both runs of a pair are
         analysed too. ``params`` override the preset: maxk, gride_range_max, id_scale_index, density_k,
-        z, subject_fraction, answer_fraction. Returns at once; see AnalysisJob.watch and .result.
+        z, subject_fraction, answer_fraction. The neighbour counts left unset (and ``compare_k``) are
+        lowered to fit a smallest run of 100 samples or fewer; the result's ``attrs`` say what was used.
+        Returns at once; see AnalysisJob.watch and .result.
         """
         request = pb.StartAnalysisRequest(
             runs=[run_ref(model, m) for m in methods], layers=list(layers or []), preset=preset,

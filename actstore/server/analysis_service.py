@@ -12,12 +12,12 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from actstore.analysis.compare import OVERLAP_K
 from actstore.analysis.layers import Mask
+from actstore.analysis.params import compare_k_for
 from actstore.server import selection
 from actstore.server.auth import Caller
 from actstore.server.job import Job
-from actstore.server.job_requests import params_from
+from actstore.server.job_requests import fewest_samples, params_from
 from actstore.server.jobs import JobManager
 from actstore.server.rpc import Servicer, rpc
 from actstore.v1 import actstore_pb2 as pb
@@ -51,11 +51,10 @@ class AnalysisService(Servicer, pb_grpc.AnalysisServiceServicer):
         pairs = [(self.readable_run(pair.a, caller), self.readable_run(pair.b, caller)) for pair in request.compare]
         if any((a.model, a.method) == (b.model, b.method) for a, b in pairs):
             raise selection.BadRequest("a run compared with itself")
-        k = request.compare_k if request.HasField("compare_k") else OVERLAP_K
-        if k < 1:
+        if request.HasField("compare_k") and request.compare_k < 1:
             raise selection.BadRequest("compare_k must be at least 1")
-        params = params_from(request)
-        n_layers = min(run.shape[0] for run in [*runs, *(run for pair in pairs for run in pair)])
+        every_run = [*runs, *(run for pair in pairs for run in pair)]
+        n_layers = min(run.shape[0] for run in every_run)
         layers = list(request.layers) or list(range(1, n_layers))
         unknown = [layer for layer in layers if not 0 <= layer < n_layers]
         if unknown:
@@ -63,6 +62,9 @@ class AnalysisService(Servicer, pb_grpc.AnalysisServiceServicer):
         if request.HasField("per_subject") and request.per_subject < 1:
             raise selection.BadRequest("per_subject must be at least 1")
         mask = Mask(request.per_subject if request.HasField("per_subject") else None)
+        _, samples = fewest_samples(every_run, mask)
+        params = params_from(request, samples)
+        k = request.compare_k if request.HasField("compare_k") else compare_k_for(samples)
         job = self.jobs.start(caller, [(r.model, r.method) for r in runs], layers, params, mask,
                               [((a.model, a.method), (b.model, b.method)) for a, b in pairs], k, request.request_id)
         return job.to_proto()

@@ -26,6 +26,10 @@ class Lossy(Exception):
     """FAILED_PRECONDITION: float16 would change values the caller did not agree to lose."""
 
 
+class TooSmall(Exception):
+    """FAILED_PRECONDITION: a run holds too few samples for any analysis; it will not do until it grows."""
+
+
 class Unavailable(Exception):
     """UNAVAILABLE: a part the call needs (the Dask scheduler, a locked run) cannot serve it now; retry later."""
 
@@ -36,7 +40,7 @@ _STATUS = [
     ((RunNotFound, NotFound, LookupError), grpc.StatusCode.NOT_FOUND),
     ((InvalidName, BadRequest), grpc.StatusCode.INVALID_ARGUMENT),
     (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    ((Lossy, RefusedEntry), grpc.StatusCode.FAILED_PRECONDITION),  # a file the store will not open
+    ((Lossy, RefusedEntry, TooSmall), grpc.StatusCode.FAILED_PRECONDITION),  # RefusedEntry: a file not opened
     (CorruptData, grpc.StatusCode.DATA_LOSS),  # DamagedRun among them: a run whose metadata cannot be read
     ((RunLocked, Unavailable), grpc.StatusCode.UNAVAILABLE),
 ]

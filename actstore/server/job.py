@@ -49,11 +49,14 @@ class Stored:
 
 
 class Job:
-    def __init__(self, job_id: str, caller: Caller, total: int, cache: tuple[str, Plan] | None = None) -> None:
+    def __init__(self, job_id: str, caller: Caller, total: int, cache: tuple[str, Plan] | None = None,
+                 settings: pb.AnalysisSettings | None = None) -> None:
         """``caller``: who started it (its group sees it, its owner cancels it). ``cache``: the store and plan
-        its results are cached with, which an ended job reads them back from."""
+        its results are cached with, which an ended job reads them back from. ``settings``: what its
+        analyses run with, told to every watcher."""
         self.id = job_id
         self.caller = caller
+        self.settings = settings
         self.state = pb.JOB_STATE_QUEUED
         self.stage = "queued"
         self.failure: grpc.StatusCode | None = None  # why a FAILED job failed, as a status code
@@ -106,6 +109,7 @@ class Job:
             outcomes = [self._loaded(o) for o in self.outcomes[since:]]
             return pb.Job(job_id=self.id, state=self.state, stage=self.stage, tasks_done=len(self.outcomes),
                           tasks_total=self.total, failure_code=self.failure.value[0] if self.failure else 0,
+                          settings=self.settings,
                           **job_fields([o for o in outcomes if isinstance(o, LayerOutcome)],
                                        [o for o in outcomes if isinstance(o, ComparisonOutcome)]))
 

@@ -107,9 +107,10 @@ class JobManager:
     def start(self, caller: Caller, runs: list[RunName], layers: list[int], params: DensityParams, mask: Mask,
               pairs: list[tuple[RunName, RunName]], k: int, request_id: str) -> Job:
         """A new job (or the one this request id of this owner already started); BadRequest for neighbour
-        counts the runs cannot meet, TooLarge when the owner already runs its quota of jobs."""
+        counts the runs cannot meet, TooSmall for runs too small for any analysis, TooLarge when the owner
+        already runs its quota of jobs."""
         plan = Plan.of(runs, layers, pairs, params, mask, k)
-        plan.check_size(Store(self.store))
+        smallest_run_samples = plan.check_size(Store(self.store))
         owner = caller.owner
         with self._lock:
             self._forget_ended()
@@ -121,7 +122,8 @@ class JobManager:
                 who = "you already have" if caller.is_open else "your group already has"
                 raise TooLarge(f"{who} {running} analysis jobs queued or running, the most allowed at once; "
                                "wait for one to end or cancel one")
-            job = Job(uuid.uuid4().hex[:16], caller, plan.total, (self.store, plan))
+            job = Job(uuid.uuid4().hex[:16], caller, plan.total, (self.store, plan),
+                      plan.settings(smallest_run_samples))
             self._jobs[job.id] = job
             if request_id:
                 self._by_request[request] = job.id

@@ -304,6 +304,18 @@ class StartAnalysisRequest(_message.Message):
     compare_k: int
     def __init__(self, runs: _Optional[_Iterable[_Union[RunRef, _Mapping]]] = ..., layers: _Optional[_Iterable[int]] = ..., preset: _Optional[str] = ..., params: _Optional[_Union[AnalysisParams, _Mapping]] = ..., per_subject: _Optional[int] = ..., request_id: _Optional[str] = ..., compare: _Optional[_Iterable[_Union[RunPair, _Mapping]]] = ..., compare_k: _Optional[int] = ...) -> None: ...
 
+class AnalysisSettings(_message.Message):
+    __slots__ = ("params", "compare_k", "per_subject", "smallest_run_samples")
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    COMPARE_K_FIELD_NUMBER: _ClassVar[int]
+    PER_SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    SMALLEST_RUN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    params: AnalysisParams
+    compare_k: int
+    per_subject: int
+    smallest_run_samples: int
+    def __init__(self, params: _Optional[_Union[AnalysisParams, _Mapping]] = ..., compare_k: _Optional[int] = ..., per_subject: _Optional[int] = ..., smallest_run_samples: _Optional[int] = ...) -> None: ...
+
 class RunPair(_message.Message):
     __slots__ = ("a", "b")
     A_FIELD_NUMBER: _ClassVar[int]
@@ -385,7 +397,7 @@ class LayerComparison(_message.Message):
     def __init__(self, runs: _Optional[_Union[RunPair, _Mapping]] = ..., layer: _Optional[int] = ..., error: _Optional[str] = ..., n_common: _Optional[int] = ..., data_overlap: _Optional[float] = ..., ari_clusters: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "stage", "tasks_done", "tasks_total", "results", "comparisons", "failure_code")
+    __slots__ = ("job_id", "state", "stage", "tasks_done", "tasks_total", "results", "comparisons", "failure_code", "settings")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -394,6 +406,7 @@ class Job(_message.Message):
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     COMPARISONS_FIELD_NUMBER: _ClassVar[int]
     FAILURE_CODE_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     stage: str
@@ -402,4 +415,5 @@ class Job(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[LayerResult]
     comparisons: _containers.RepeatedCompositeFieldContainer[LayerComparison]
     failure_code: int
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., stage: _Optional[str] = ..., tasks_done: _Optional[int] = ..., tasks_total: _Optional[int] = ..., results: _Optional[_Iterable[_Union[LayerResult, _Mapping]]] = ..., comparisons: _Optional[_Iterable[_Union[LayerComparison, _Mapping]]] = ..., failure_code: _Optional[int] = ...) -> None: ...
+    settings: AnalysisSettings
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., stage: _Optional[str] = ..., tasks_done: _Optional[int] = ..., tasks_total: _Optional[int] = ..., results: _Optional[_Iterable[_Union[LayerResult, _Mapping]]] = ..., comparisons: _Optional[_Iterable[_Union[LayerComparison, _Mapping]]] = ..., failure_code: _Optional[int] = ..., settings: _Optional[_Union[AnalysisSettings, _Mapping]] = ...) -> None: ...

@@ -54,6 +54,24 @@ def _result(o: Any) -> pb.LayerResult:
     return out
 
 
+def settings_message(params: dict[str, float], compare_k: int, per_subject: int | None,
+                     smallest_run_samples: int) -> pb.AnalysisSettings:
+    """What a job's analyses run with: ``params`` as ``dataclasses.asdict`` gives an
+    ``actstore.analysis.params.DensityParams``, every value filled in."""
+    settings = pb.AnalysisSettings(params=pb.AnalysisParams(**params), compare_k=compare_k,
+                                   smallest_run_samples=smallest_run_samples)
+    if per_subject is not None:
+        settings.per_subject = per_subject
+    return settings
+
+
+def settings_attrs(settings: pb.AnalysisSettings) -> dict[str, float]:
+    """The settings as a results table's attributes (``per_subject`` only when a mask was asked for)."""
+    values = {field.name: value for field, value in settings.params.ListFields()}
+    values |= {"compare_k": settings.compare_k, "smallest_run_samples": settings.smallest_run_samples}
+    return values | ({"per_subject": settings.per_subject} if settings.HasField("per_subject") else {})
+
+
 def dendrogram_of(job: pb.Job, run: str, layer: int) -> dict[str, Any] | None:
     """The dendrogram of one layer of one run (``"model/method"``) in a job's results, or None when fewer
     than two clusters have more than 30 points: ``linkage`` is ready for
@@ -75,12 +93,14 @@ def layer_result(job: pb.Job, run: str, layer: int) -> pb.LayerResult:
 
 def results_dataset(job: pb.Job) -> xr.Dataset:
     """A job's results as a Dataset: metrics over (run, layer) and comparisons over (pair, layer, named
-    "model/a vs model/b"), NaN where a task failed (its reason in ``error`` / ``compare_error``)."""
+    "model/a vs model/b"), NaN where a task failed (its reason in ``error`` / ``compare_error``); the
+    settings they were computed with, when the job says, as attributes (``maxk``, ``compare_k``...)."""
     layers = sorted({r.layer for r in [*job.results, *job.comparisons]})
     runs = _table(job.results, lambda r: _name(r.run), layers, METRICS, "run", "error")
     pairs = _table(job.comparisons, lambda c: f"{_name(c.runs.a)} vs {_name(c.runs.b)}", layers,
                    COMPARISON_METRICS, "pair", "compare_error")
-    return xr.merge([runs, pairs]).assign_attrs(job_id=job.job_id)
+    settings = settings_attrs(job.settings) if job.HasField("settings") else {}
+    return xr.merge([runs, pairs]).assign_attrs(job_id=job.job_id, **settings)
 
 
 def _table(results: Sequence[Any], row: Callable[[Any], str], layers: list[int], metrics: Sequence[str],
