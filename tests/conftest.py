@@ -7,11 +7,16 @@ import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-# derived_files, PER_SUBJECT and SUBJECTS are imported from here by test files not yet moved to actstore.testing
-from actstore.testing import PER_SUBJECT, SUBJECTS, derived_files, make_questions, write_jsonl  # noqa: F401
+from actstore.testing import LocalS3, local_s3, make_questions, write_jsonl
+# imported from here by test files not yet moved to actstore.testing
+from actstore.testing import PER_SUBJECT, SUBJECTS, derived_files  # noqa: F401
+
+if TYPE_CHECKING:
+    from actstore.store import Store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -107,11 +112,9 @@ def ingest_cli(tiny_model, questions_file, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def local_s3_server(tmp_path_factory) -> Iterator["LocalS3"]:
+def local_s3_server(tmp_path_factory) -> Iterator[LocalS3]:
     """A real S3 API (moto's standalone server) on a free loopback port, for the whole session; the AWS
     variables point every client at it, subprocesses included (servers, Dask workers, CLIs)."""
-    from actstore.testing import local_s3
-
     with local_s3(tmp_path_factory.mktemp("moto")) as server:
         yield server
 
@@ -127,3 +130,13 @@ def bucket(local_s3_server, request) -> str:
     name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-") + \
         f"-{random.randrange(16**6):06x}"
     return local_s3_server.create_bucket(name)
+
+
+@pytest.fixture(params=["folder", pytest.param("bucket", marks=pytest.mark.bucket)])
+def any_store(request, tmp_path) -> Store:
+    """An empty store in a folder, then in a fresh bucket: what every location kind must do alike is tested
+    once over both. The bucket case is marked here (its fixture is reached at setup, after marking by need),
+    so the quick lane keeps the folder case."""
+    from actstore.store import Store
+
+    return Store(tmp_path / "store" if request.param == "folder" else f"{request.getfixturevalue('bucket')}/store")

@@ -197,21 +197,6 @@ def test_the_server_answers_data_loss_and_keeps_serving(served, encoded, damage,
         np.testing.assert_array_equal(client.hidden_states(MODEL, "0shot", layers=0).values[0], states[0])
 
 
-@pytest.mark.parametrize("source", ["another layer", "another run"])
-def test_an_intact_shard_from_elsewhere_of_the_same_shape_is_corruption(tmp_path, source):
-    """Intact bytes pass every checksum; the index CRC recorded at commit for each full shard does not."""
-    states = write_in_layout(tmp_path, "0shot", n=80)  # shards 0 and 1 full, shard 2 (64:80) partly filled
-    write_in_layout(tmp_path, "another", n=80)  # the same shape, other numbers (its seed differs)
-    donor = shard_file(tmp_path, "0shot", layer=2) if source == "another layer" else shard_file(tmp_path, "another")
-    shutil.copyfile(donor, shard_file(tmp_path, "0shot"))
-    run = Store(tmp_path).run(MODEL, "0shot")
-    with pytest.raises(CorruptData) as caught:
-        run.read_states([LAYER], 32, 64)
-    assert_names_the_damage(str(caught.value), "0shot")
-    assert "not the shard committed here" in str(caught.value)
-    np.testing.assert_array_equal(run.read_states([LAYER], 0, 32)[0], states[LAYER, :32])  # its other shards read
-
-
 def test_the_shard_record_grows_with_commits_and_covers_the_partial_shard(tmp_path):
     hidden, n_layers = 32, 3
     rng = np.random.default_rng(0)

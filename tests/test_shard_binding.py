@@ -1,7 +1,8 @@
 """Every shard of a run, the last, partly filled one included, is bound to its place (run, layer, shard) by the
 shard record of the commit a reader serves: an intact shard copied from another layer or run is corruption in
-actstore's reader (folder and bucket) and DATA_LOSS in a real server, while a reader of an older commit keeps
-reading the shard a writer has rewritten since (or a killed writer left with samples it never committed).
+actstore's reader (from another layer, over a folder and a bucket: test_storage_conformance.py) and DATA_LOSS
+in a real server, while a reader of an older commit keeps reading the shard a writer has rewritten since (or
+a killed writer left with samples it never committed).
 
 Runs here: 3 layers of 32 floats, 32 samples per shard, 8 per inner chunk (conftest); 80 samples, so shards
 0 and 1 are full and shard 2 holds 16 samples (two whole inner chunks).
@@ -54,12 +55,11 @@ def assert_swap_is_corrupt(store: Store, states: np.ndarray, shard: int, n: int 
     np.testing.assert_array_equal(run.read_states([0, 2]), states[[0, 2]])  # the other layers read
 
 
-@pytest.mark.parametrize("where", ["folder", pytest.param("bucket", marks=pytest.mark.bucket)])
 @pytest.mark.parametrize("which", SHARDS)
-@pytest.mark.parametrize("source", ["another layer", "another run"])
-def test_a_swapped_intact_shard_is_corrupt_data(tmp_path, request, where, source, which):
-    store = Store(tmp_path if where == "folder" else request.getfixturevalue("bucket"))
-    states = swap(store, source, SHARDS[which])
+def test_an_intact_shard_swapped_from_another_run_is_corrupt_data(tmp_path, which):
+    """From another layer of the same run: test_storage_conformance.py, over a folder and a bucket."""
+    store = Store(tmp_path)
+    states = swap(store, "another run", SHARDS[which])
     assert_swap_is_corrupt(store, states, SHARDS[which])
 
 
@@ -93,15 +93,13 @@ def test_the_server_answers_data_loss_for_a_swapped_partial_shard(tmp_path):
         np.testing.assert_array_equal(client.hidden_states(MODEL, "0shot", layers=0).values[0], states[0])
 
 
-@pytest.mark.parametrize("where", ["folder", pytest.param("bucket", marks=pytest.mark.bucket)])
-def test_a_reader_of_an_older_commit_reads_the_partial_shard_rewritten_since(tmp_path, request, where):
+def test_a_reader_of_an_older_commit_reads_the_partial_shard_rewritten_since(any_store):
     """The partial shard's record changes at every commit; a Run opened before keeps serving its samples."""
-    store = Store(tmp_path if where == "folder" else request.getfixturevalue("bucket"))
     states = np.random.default_rng(1).standard_normal((3, 100, 32), dtype=np.float32)
-    with store.writer(MODEL, "0shot", recipe={"r": 1}, attrs={}, n_layers=3, hidden=32) as writer:
+    with any_store.writer(MODEL, "0shot", recipe={"r": 1}, attrs={}, n_layers=3, hidden=32) as writer:
         writer.add(states[:, :44], synthetic_labels(0, 44))  # shard 1: one whole chunk and 4 samples of the next
         writer.commit()
-        old = store.run(MODEL, "0shot")
+        old = any_store.run(MODEL, "0shot")
         np.testing.assert_array_equal(old.read_states([0, 1, 2]), states[:, :44])  # its indexes now cached
         for start, stop in ((44, 52), (52, 70), (70, 100)):  # fills a chunk, then shard 1, then into shard 3
             writer.add(states[:, start:stop], synthetic_labels(start, stop - start))
@@ -109,7 +107,7 @@ def test_a_reader_of_an_older_commit_reads_the_partial_shard_rewritten_since(tmp
             np.testing.assert_array_equal(old.read_states([0, 1, 2]), states[:, :44])
             np.testing.assert_array_equal(old.read_rows([1], np.array([43, 40, 2])), states[1:2, [43, 40, 2]])
             assert sum(count for _, count, _ in old.encoded_states(1, 0, 44)) == 44
-    np.testing.assert_array_equal(store.run(MODEL, "0shot").read_states([0, 1, 2]), states)
+    np.testing.assert_array_equal(any_store.run(MODEL, "0shot").read_states([0, 1, 2]), states)
 
 
 def test_samples_a_killed_writer_wrote_but_never_committed_do_not_make_the_partial_shard_corrupt(tmp_path):
