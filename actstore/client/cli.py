@@ -1,4 +1,4 @@
-"""``actstore query``: talk to an actstore server from the shell (runs, describe, get, labels, share)."""
+"""``actstore query``: talk to an actstore server from the shell (runs, jobs, describe, get, labels, share)."""
 
 from __future__ import annotations
 
@@ -75,10 +75,12 @@ def _connection(p: argparse.ArgumentParser) -> None:
 
 def register_analyze(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("analyze", help="run the study's density analyses on a server, with progress",
-                              description="Start density analyses of MODEL's runs on the server, watch them, "
-                                          "print the per-layer table.")
+                              description="Start density analyses of MODEL's runs on the server (or follow one "
+                                          "started earlier: --attach), watch them, print the per-layer table.")
     _connection(p)
-    p.add_argument("model")
+    p.add_argument("model", nargs="?", help="the model whose runs to analyse (omitted with --attach)")
+    p.add_argument("--attach", metavar="JOB_ID",
+                   help="follow a job started earlier instead (`actstore query jobs` lists yours) and print its tables")
     p.add_argument("--methods", type=csv_list, default=[], help="comma list of methods (runs of MODEL) to analyse")
     p.add_argument("--layers", type=_layers, help="comma list or START:STOP (default: every layer but 0)")
     p.add_argument("--per-subject", type=int, help="analyse the first N samples of each subject (the study: 200)")
@@ -89,7 +91,8 @@ def register_analyze(subparsers: argparse._SubParsersAction) -> None:
         f"(maxk below its samples, the others within maxk); runs under {MIN_SAMPLES} samples are refused.")
     for name, text in PARAM_HELP.items():
         default = getattr(PAPER, name)
-        settings.add_argument(f"--{name.replace('_', '-')}", type=type(default), metavar=type(default).__name__.upper(),
+        settings.add_argument(f"--{name.replace('_', '-')}", type=type(default),
+                              metavar=type(default).__name__.upper(),
                               help=f"{text} (default: {default}{'*' if name in NEIGHBOUR_COUNTS else ''})")
     settings.add_argument("--compare-k", type=int, metavar="INT",
                           help=f"neighbours of the data overlap of compared runs (default: {OVERLAP_K}*)")
@@ -104,10 +107,18 @@ def run_analyze(args: argparse.Namespace) -> int:
     params = {name: getattr(args, name) for name in PARAM_HELP if getattr(args, name) is not None}
     if any(len(pair) != 2 for pair in args.compare):
         raise ValueError("--compare takes two runs: A,B")
+    starting = [args.model, args.methods, layers, args.per_subject, args.compare, args.compare_k, *params.values()]
+    if args.attach is not None and any(value not in (None, []) for value in starting):
+        raise ValueError("--attach follows a job as it was started: give no MODEL or analysis options with it")
+    if args.attach is None and args.model is None:
+        raise ValueError("give the MODEL whose runs to analyse, or --attach JOB_ID to follow a job")
     with _client(args) as client:
-        job = client.analyze(args.model, args.methods, layers=layers, preset=args.preset,
-                             per_subject=args.per_subject, compare=[tuple(pair) for pair in args.compare],
-                             compare_k=args.compare_k, **params)
+        if args.attach is not None:
+            job = client.job(args.attach)
+        else:
+            job = client.analyze(args.model, args.methods, layers=layers, preset=args.preset,
+                                 per_subject=args.per_subject, compare=[tuple(pair) for pair in args.compare],
+                                 compare_k=args.compare_k, **params)
         job.follow(f"job {job.id}")
         table = job.result()
     settings = {name: value for name, value in table.attrs.items() if name != "job_id"}
@@ -130,6 +141,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     runs = sub.add_parser("runs", help="list the runs you may read")
     runs.add_argument("--model")
     runs.add_argument("--method")
+    sub.add_parser("jobs", help="list your analysis jobs, newest first (follow one: actstore analyze --attach ID)")
 
     for name, text in (("describe", "one run's shape, labels, accuracy and provenance (JSON)"),
                        ("get", "hidden states to a file"), ("labels", "sample labels to a file or the screen"),
@@ -182,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
                 access = r["visibility"] + (f" (owner {r['owner_group']})" if r["owner_group"] else "")
                 print(f"{r['model'] + '/' + r['method']:44} {r['n_layers']:>6} {r['n_samples']:>8} "
                       f"{r['hidden']:>6} {accuracy:>8}  {access}")
+        elif args.query == "jobs":
+            _print_jobs(client.jobs())
         elif args.query == "describe":
             print(json.dumps(client.describe(args.model, args.method), indent=2))
         elif args.query == "share":
@@ -200,6 +214,16 @@ def run(args: argparse.Namespace) -> int:
             _save(_with_provenance(states, client.describe(args.model, args.method)), args.out, args.overwrite)
             print(f"wrote {args.out}: {dict(states.sizes)} {states.dtype}")
     return 0
+
+
+def _print_jobs(jobs: list) -> None:
+    """One line a job (``AnalysisJob``): id, state, progress, start (local time) and runs."""
+    print(f"{'job':16} {'state':9} {'tasks':>9}  {'started':19}  runs")
+    for job in jobs:
+        seen = job.seen
+        started = f"{seen['started']:%Y-%m-%d %H:%M:%S}" if seen["started"] else "-"
+        print(f"{job.id:16} {seen['state']:9} {seen['tasks_done']:>4}/{seen['tasks_total']:<4}  {started:19}  "
+              f"{', '.join(seen['runs'])}")
 
 
 def _with_provenance(states, info: dict):

@@ -119,6 +119,19 @@ class Client(Connection):
             request.compare_k = compare_k
         return AnalysisJob(self, self.call(self.analysis_stub.StartAnalysis, request).job_id)
 
+    def jobs(self) -> list[AnalysisJob]:
+        """This caller's analysis jobs on the server, newest first: its group's under an auth file, under
+        open access those it started (its host and token); each a handle to watch, wait on or cancel."""
+        listed = self.call(self.analysis_stub.ListJobs, pb.ListJobsRequest()).jobs
+        return [AnalysisJob(self, job.job_id, job) for job in listed]
+
+    def job(self, job_id: str) -> AnalysisJob:
+        """Re-attach to a job started earlier, from this client or another (``jobs()`` lists them): a
+        handle to watch, wait on or cancel; NOT_FOUND when the server does not know it."""
+        job = AnalysisJob(self, job_id)
+        job.status()
+        return job
+
     def compare(self, model: str, method_a: str, method_b: str, layers: Sequence[int] | range | None = None,
                 **options: Any) -> AnalysisJob:
         """Compare two runs layer by layer (data overlap, ARI between clusterings): ``method_b`` may be a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timezone
 from typing import Any
 
 import grpc
@@ -20,18 +21,42 @@ _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 class AnalysisJob:
     """A running analysis: ``watch()`` yields progress, ``result()`` waits and returns an xarray Dataset."""
 
-    def __init__(self, client: Connection, job_id: str) -> None:
-        """The job ``job_id`` on ``client``'s server (a ``Client``): any caller its server lets see it."""
+    def __init__(self, client: Connection, job_id: str, seen: pb.Job | None = None) -> None:
+        """The job ``job_id`` on ``client``'s server (a ``Client``): any caller its server lets see it.
+        ``seen``: the job as last heard of (``Client.jobs``, ``Client.job``), which its repr shows."""
         self.client = client
         self.id = job_id
+        self._seen = _summary(seen) if seen is not None else None
         self._done: pb.Job | None = None
 
     def __repr__(self) -> str:
-        state = pb.JobState.Name(self._done.state) if self._done is not None else "not waited on"
-        return f"<AnalysisJob {self.id} on {self.client.address}: {state}>"
+        """Its id and server; its state, progress, runs and start once heard of ("not waited on" before)."""
+        seen = self.seen
+        if seen is None:
+            return f"<AnalysisJob {self.id} on {self.client.address}: not waited on>"
+        runs = f" of {', '.join(seen['runs'])}" if seen["runs"] else ""
+        started = f", started {seen['started']:%Y-%m-%d %H:%M:%S}" if seen["started"] else ""
+        return (f"<AnalysisJob {self.id} on {self.client.address}: {seen['state']} "
+                f"{seen['tasks_done']}/{seen['tasks_total']} tasks{runs}{started}>")
+
+    @property
+    def seen(self) -> dict[str, Any] | None:
+        """The job as last heard of (listed, re-attached, ``status()`` or waited on), None before: its
+        ``state`` ("running", "done"...), ``stage``, ``tasks_done``/``tasks_total``, ``runs`` ("model/method",
+        and "a vs b" for each compared pair) and ``started`` (local time; None from an older server)."""
+        last = self._done or self._seen
+        if last is None:
+            return None
+        started = last.created.ToDatetime(tzinfo=timezone.utc).astimezone() if last.HasField("created") else None
+        return {"state": pb.JobState.Name(last.state).removeprefix("JOB_STATE_").lower(), "stage": last.stage,
+                "tasks_done": last.tasks_done, "tasks_total": last.tasks_total, "started": started,
+                "runs": [_name(r) for r in last.runs] + [f"{_name(p.a)} vs {_name(p.b)}" for p in last.compare]}
 
     def status(self) -> pb.Job:
-        return self.client.call(self.client.analysis_stub.GetJob, pb.JobRef(job_id=self.id))
+        """The job now, with the results of its tasks finished so far."""
+        job = self.client.call(self.client.analysis_stub.GetJob, pb.JobRef(job_id=self.id))
+        self._seen = _summary(job)
+        return job
 
     def watch(self) -> Iterator[pb.Job]:
         """The job after each change (layers done, stage), ending when it is done or cancelled; each event
@@ -84,6 +109,18 @@ class AnalysisJob:
             last.comparisons.extend(comparisons)
             self._done = last
         return self._done
+
+
+def _summary(job: pb.Job) -> pb.Job:
+    """The job without its results: what a handle keeps to show, however large the results."""
+    summary = pb.Job()
+    summary.CopyFrom(job)
+    del summary.results[:], summary.comparisons[:]
+    return summary
+
+
+def _name(ref: pb.RunRef) -> str:
+    return f"{ref.model}/{ref.method}"
 
 
 def _job_error(job_id: str, last: pb.Job | None) -> ActstoreError:

@@ -1,7 +1,8 @@
-"""AnalysisService: start, watch, cancel density analyses of the runs a caller may read.
+"""AnalysisService: start, watch, cancel and list density analyses of the runs a caller may read.
 
 A job is seen by its group (under open access by everyone) and cancelled only by its owner: the group,
 or under open access the caller that started it, known by its host and bearer token (auth.client_key).
+A caller's list holds the jobs it owns, never another's.
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ class AnalysisService(Servicer, pb_grpc.AnalysisServiceServicer):
         """NOT_FOUND for a job the caller's group does not see; PERMISSION_DENIED for one it sees but did
         not start (under open access, another caller's)."""
         return self.jobs.cancel(request.job_id, caller).to_proto()
+
+    @identified
+    @rpc
+    def ListJobs(self, request: pb.ListJobsRequest, caller: Caller) -> pb.ListJobsResponse:
+        """The caller's own jobs (see ``JobManager.owned``), without their results."""
+        return pb.ListJobsResponse(jobs=[job.to_proto(since=None) for job in self.jobs.owned(caller)])
 
     @rpc
     async def WatchJob(self, request: pb.JobRef, context: grpc.aio.ServicerContext, caller: Caller) -> None:

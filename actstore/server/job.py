@@ -9,6 +9,7 @@ import time
 
 import grpc
 from distributed import Client, Future
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from actstore.analysis import NotAnalysed
 from actstore.analysis.scheduler import ComparisonOutcome, LayerOutcome, RunName, comparison_outcome, layer_outcome
@@ -16,7 +17,7 @@ from actstore.server.auth import Caller
 from actstore.server.job_requests import Plan
 from actstore.store import Store
 from actstore.v1 import actstore_pb2 as pb
-from actstore.wire.results import job_fields
+from actstore.wire.results import job_fields, run_pair, run_ref
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,8 @@ class Job:
         self.id = job_id
         self.caller = caller
         self.settings = settings
+        self.created = Timestamp()
+        self.created.GetCurrentTime()
         self.state = pb.JOB_STATE_QUEUED
         self.stage = "queued"
         self.failure: grpc.StatusCode | None = None  # why a FAILED job failed, as a status code
@@ -103,13 +106,17 @@ class Job:
     def finished(self) -> bool:
         return self.state in (pb.JOB_STATE_DONE, pb.JOB_STATE_CANCELLED, pb.JOB_STATE_FAILED)
 
-    def to_proto(self, since: int = 0) -> pb.Job:
-        """The job with the outcomes of tasks ``since`` onwards (in finishing order)."""
+    def to_proto(self, since: int | None = 0) -> pb.Job:
+        """The job with the outcomes of tasks ``since`` onwards (in finishing order; None: none, as a list
+        of jobs shows them)."""
+        plan = self.cache[1] if self.cache is not None else None
         with self.changed:
-            outcomes = [self._loaded(o) for o in self.outcomes[since:]]
+            outcomes = [self._loaded(o) for o in self.outcomes[since:]] if since is not None else []
             return pb.Job(job_id=self.id, state=self.state, stage=self.stage, tasks_done=len(self.outcomes),
                           tasks_total=self.total, failure_code=self.failure.value[0] if self.failure else 0,
-                          settings=self.settings,
+                          settings=self.settings, created=self.created,
+                          runs=[run_ref(run) for run in plan.runs] if plan else [],
+                          compare=[run_pair(*pair) for pair in plan.pairs] if plan else [],
                           **job_fields([o for o in outcomes if isinstance(o, LayerOutcome)],
                                        [o for o in outcomes if isinstance(o, ComparisonOutcome)]))
 

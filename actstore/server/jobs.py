@@ -141,6 +141,14 @@ class JobManager:
                               f"store: starting the same analysis again on any replica answers from there)")
         return job
 
+    def owned(self, caller: Caller) -> list[Job]:
+        """The jobs ``caller`` owns (those it may cancel: its group's, or under open access its own), newest
+        first; never another caller's, whoever may see them by id."""
+        with self._lock:
+            self._forget_ended()
+            mine = [job for job in self._jobs.values() if job.caller.owner == caller.owner]
+        return sorted(mine, key=lambda job: job.created.ToNanoseconds(), reverse=True)
+
     def _forget_ended(self) -> None:
         """Forget ended jobs past their time, and past the owner's count of kept jobs, oldest ended first."""
         now, kept, forget = time.monotonic(), Counter(), set()

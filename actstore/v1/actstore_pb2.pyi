@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -266,6 +269,16 @@ class ReadLabelsResponse(_message.Message):
     run_complete: bool
     def __init__(self, labels: _Optional[_Union[Labels, _Mapping]] = ..., run_complete: _Optional[bool] = ...) -> None: ...
 
+class ListJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+
 class AnalysisParams(_message.Message):
     __slots__ = ("maxk", "gride_range_max", "id_scale_index", "density_k", "z", "subject_fraction", "answer_fraction")
     MAXK_FIELD_NUMBER: _ClassVar[int]
@@ -397,7 +410,7 @@ class LayerComparison(_message.Message):
     def __init__(self, runs: _Optional[_Union[RunPair, _Mapping]] = ..., layer: _Optional[int] = ..., error: _Optional[str] = ..., n_common: _Optional[int] = ..., data_overlap: _Optional[float] = ..., ari_clusters: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "stage", "tasks_done", "tasks_total", "results", "comparisons", "failure_code", "settings")
+    __slots__ = ("job_id", "state", "stage", "tasks_done", "tasks_total", "results", "comparisons", "failure_code", "settings", "runs", "compare", "created")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -407,6 +420,9 @@ class Job(_message.Message):
     COMPARISONS_FIELD_NUMBER: _ClassVar[int]
     FAILURE_CODE_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    COMPARE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     stage: str
@@ -416,4 +432,7 @@ class Job(_message.Message):
     comparisons: _containers.RepeatedCompositeFieldContainer[LayerComparison]
     failure_code: int
     settings: AnalysisSettings
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., stage: _Optional[str] = ..., tasks_done: _Optional[int] = ..., tasks_total: _Optional[int] = ..., results: _Optional[_Iterable[_Union[LayerResult, _Mapping]]] = ..., comparisons: _Optional[_Iterable[_Union[LayerComparison, _Mapping]]] = ..., failure_code: _Optional[int] = ..., settings: _Optional[_Union[AnalysisSettings, _Mapping]] = ...) -> None: ...
+    runs: _containers.RepeatedCompositeFieldContainer[RunRef]
+    compare: _containers.RepeatedCompositeFieldContainer[RunPair]
+    created: _timestamp_pb2.Timestamp
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., stage: _Optional[str] = ..., tasks_done: _Optional[int] = ..., tasks_total: _Optional[int] = ..., results: _Optional[_Iterable[_Union[LayerResult, _Mapping]]] = ..., comparisons: _Optional[_Iterable[_Union[LayerComparison, _Mapping]]] = ..., failure_code: _Optional[int] = ..., settings: _Optional[_Union[AnalysisSettings, _Mapping]] = ..., runs: _Optional[_Iterable[_Union[RunRef, _Mapping]]] = ..., compare: _Optional[_Iterable[_Union[RunPair, _Mapping]]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

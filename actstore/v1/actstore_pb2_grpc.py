@@ -338,6 +338,11 @@ class AnalysisServiceStub:
                 request_serializer=actstore_dot_v1_dot_actstore__pb2.JobRef.SerializeToString,
                 response_deserializer=actstore_dot_v1_dot_actstore__pb2.Job.FromString,
                 _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/actstore.v1.AnalysisService/ListJobs',
+                request_serializer=actstore_dot_v1_dot_actstore__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=actstore_dot_v1_dot_actstore__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class AnalysisServiceServicer:
@@ -372,6 +377,15 @@ class AnalysisServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobs(self, request, context):
+        """The caller's own jobs, newest first, without their results (GetJob or WatchJob for those): under an
+        auth file its group's, under open access those it started (its host and bearer token), the jobs it
+        may cancel; never another caller's. A job is listed while this replica remembers it (see GetJob).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AnalysisServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -394,6 +408,11 @@ def add_AnalysisServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=actstore_dot_v1_dot_actstore__pb2.JobRef.FromString,
                     response_serializer=actstore_dot_v1_dot_actstore__pb2.Job.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=actstore_dot_v1_dot_actstore__pb2.ListJobsRequest.FromString,
+                    response_serializer=actstore_dot_v1_dot_actstore__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -506,6 +525,33 @@ class AnalysisService:
             '/actstore.v1.AnalysisService/CancelJob',
             actstore_dot_v1_dot_actstore__pb2.JobRef.SerializeToString,
             actstore_dot_v1_dot_actstore__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actstore.v1.AnalysisService/ListJobs',
+            actstore_dot_v1_dot_actstore__pb2.ListJobsRequest.SerializeToString,
+            actstore_dot_v1_dot_actstore__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,19 +26,24 @@ def job_fields(layers: Iterable[Any], comparisons: Iterable[Any]) -> dict[str, l
 
 
 def _comparison(o: Any) -> pb.LayerComparison:
-    out = pb.LayerComparison(runs=_pair(o.a, o.b), layer=o.layer, error=o.error or "")
+    out = pb.LayerComparison(runs=run_pair(o.a, o.b), layer=o.layer, error=o.error or "")
     if o.result is not None:
         out.MergeFrom(pb.LayerComparison(n_common=o.result.n_common, data_overlap=o.result.data_overlap,
                                          ari_clusters=o.result.ari_clusters))
     return out
 
 
-def _pair(a: tuple[str, str], b: tuple[str, str]) -> pb.RunPair:
-    return pb.RunPair(a=pb.RunRef(model=a[0], method=a[1]), b=pb.RunRef(model=b[0], method=b[1]))
+def run_ref(run: tuple[str, str]) -> pb.RunRef:
+    """A (model, method) name as a message."""
+    return pb.RunRef(model=run[0], method=run[1])
+
+
+def run_pair(a: tuple[str, str], b: tuple[str, str]) -> pb.RunPair:
+    return pb.RunPair(a=run_ref(a), b=run_ref(b))
 
 
 def _result(o: Any) -> pb.LayerResult:
-    out = pb.LayerResult(run=pb.RunRef(model=o.model, method=o.method), layer=o.layer, error=o.error or "")
+    out = pb.LayerResult(run=run_ref((o.model, o.method)), layer=o.layer, error=o.error or "")
     if o.result is not None:
         r = o.result
         out.MergeFrom(pb.LayerResult(
