@@ -12,8 +12,6 @@ from typing import TYPE_CHECKING
 import pytest
 
 from actstore.testing import LocalS3, local_s3, make_questions, write_jsonl
-# imported from here by test files not yet moved to actstore.testing
-from actstore.testing import PER_SUBJECT, SUBJECTS, derived_files  # noqa: F401
 
 if TYPE_CHECKING:
     from actstore.store import Store

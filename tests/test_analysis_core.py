@@ -119,7 +119,7 @@ def test_layer_analysis_of_a_stored_run_is_cached(ingest_cli, tmp_path):
     from actstore.analysis.density import DensityParams
     from actstore.analysis.layers import Mask, analyse
     from actstore.store import Store
-    from conftest import make_questions, write_jsonl
+    from actstore.testing import make_questions, write_jsonl
 
     data = write_jsonl(tmp_path / "more.jsonl", [r for seed in range(4) for r in make_questions(seed)])
     assert ingest_cli("--dataset", str(data), "--methods", "0shot") == 0
@@ -138,11 +138,14 @@ def test_layer_analysis_of_a_stored_run_is_cached(ingest_cli, tmp_path):
     entries = {kind: [p for p in (derived / kind).iterdir() if p.is_dir()] for kind in ("neighbours", "density")}
     assert len(entries["neighbours"]) == 1  # one neighbour graph served both parameter sets
     assert len(entries["density"]) == 2
+    recorded = [run.load_derived("density", entry.name)[1] for entry in entries["density"]]
+    assert sorted(attrs["settings"]["z"] for attrs in recorded) == [0.5, params.z]  # each says what made it
+    assert {attrs["per_subject"] for attrs in recorded} == {30}
 
 
 @pytest.fixture
 def small_run(ingest_cli, tmp_path):
-    from conftest import make_questions, write_jsonl
+    from actstore.testing import make_questions, write_jsonl
 
     data = write_jsonl(tmp_path / "more.jsonl", [r for seed in range(4) for r in make_questions(seed)])
     assert ingest_cli("--dataset", str(data), "--methods", "0shot") == 0

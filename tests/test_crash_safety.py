@@ -12,7 +12,7 @@ import pytest
 
 from actstore.cli import main
 from actstore.store import RunLocked, Store
-from conftest import make_questions, write_jsonl
+from actstore.testing import make_questions, write_jsonl
 
 RUN = "tiny-llama/1shot"
 

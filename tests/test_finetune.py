@@ -26,7 +26,7 @@ from actstore.ingest.options import IngestOptions
 from actstore.ingest.pipeline import Ingest
 from actstore.server.process import ServerProcess
 from actstore.store import Store
-from conftest import PER_SUBJECT, SUBJECTS, write_jsonl
+from actstore.testing import PER_SUBJECT, SUBJECTS, write_jsonl
 
 COLOURS = {"red": "A", "green": "B", "blue": "C", "gold": "D"}
 # Small and fast: a rank-8 adapter at a high rate learns the tiny model's rule in a few dozen steps.

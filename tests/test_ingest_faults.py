@@ -20,7 +20,7 @@ import xarray as xr
 
 from actstore.cli import main
 from actstore.store import Store
-from conftest import make_questions, write_jsonl
+from actstore.testing import make_questions, write_jsonl
 
 # xarray's default looks for consolidated metadata at the store's root first, then reads the run group's
 pytestmark = pytest.mark.filterwarnings("ignore:Failed to open Zarr store with consolidated metadata")

@@ -8,7 +8,7 @@ import time
 
 import grpc
 import pytest
-from conftest import make_questions, write_jsonl
+from actstore.testing import make_questions, write_jsonl
 
 from actstore.cli import main
 from actstore.client import ActstoreError, Client

@@ -11,7 +11,7 @@ from actstore.finetune.train import Finetune
 from actstore.ingest.datasets import DatasetError, load_dataset
 from actstore.ingest.selection import select, share_out
 from actstore.store import Store
-from conftest import make_questions, write_jsonl
+from actstore.testing import make_questions, write_jsonl
 
 
 @pytest.fixture(scope="module")

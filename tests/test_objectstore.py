@@ -19,7 +19,7 @@ from actstore.testing import synthetic_labels, write_synthetic_run
 def test_plain_xarray_opens_the_bucket(bucket, s3_endpoint):
     store = Store(f"{bucket}/store")
     states = write_synthetic_run(store, "m", "0shot", batch=30)
-    plain = xr.open_zarr(store.url, group="m/0shot", storage_options={"endpoint_url": s3_endpoint})
+    plain = xr.open_zarr(f"{store.url}/m/0shot", storage_options={"endpoint_url": s3_endpoint})
     np.testing.assert_array_equal(plain["hidden_states"].values, states)
     np.testing.assert_array_equal(plain["subject"].values, synthetic_labels(0, 100)["subject"])
 

@@ -21,7 +21,7 @@ from actstore.analysis.scheduler import comparison_outcome, layer_outcome
 from actstore.cli import main
 from actstore.ingest import pipeline
 from actstore.store import Store
-from conftest import make_questions, write_jsonl
+from actstore.testing import make_questions, write_jsonl
 from test_crash_safety import RUN, ingest_args
 
 # The killed ingest's lease lasts this long (not the default minute) so that the test need not wait it out.

@@ -2,7 +2,7 @@
 answers as for the same store in a folder, analyses run on a real Dask cluster whose worker processes read
 the bucket themselves from run references, and a corrupted object is DATA_LOSS while the server serves on.
 
-The stores are tiny and written through the Store API (tests/test_objectstore.py's ``fill``); the Dask
+The stores are tiny and written through the Store API (``fill``, several commits); the Dask
 cluster is one LocalCluster worker process, shared by every server of the module through ``--scheduler``.
 """
 
@@ -32,12 +32,25 @@ from actstore.store import Store, layout
 from actstore.testing import LocalS3
 from actstore.v1 import actstore_pb2 as pb
 from actstore.v1 import actstore_pb2_grpc as pb_grpc
-from conftest import derived_files
-from test_objectstore import BATCHES, fill
+from actstore.testing import derived_files, write_synthetic_run
 
 SMALL = dict(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8)
 METHODS = ("0shot", "1shot")
 BIG = 2800  # samples: 3 layers of them are over the 1 MiB from which the server forwards stored chunks
+
+
+def labels(n: int) -> dict[str, np.ndarray]:
+    """Three subjects, four answers and predictions that are right one time in four: enough for analyses."""
+    ids = np.arange(n)
+    return {"sample": ids, "subject": np.array([f"s{i % 3}" for i in ids], dtype=object),
+            "answer": np.array(["ABCD"[i % 4] for i in ids], dtype=object),
+            "prediction": np.array(["ABCD"[(i // 2) % 4] for i in ids], dtype=object),
+            "correct": ids % 4 == (ids // 2) % 4}
+
+
+def fill(store: Store, method: str, n_samples: int = 100, batch: int = 30) -> None:
+    """Run ``m/<method>`` of ``n_samples``, ``batch`` samples a commit (several shards, a partial last one)."""
+    write_synthetic_run(store, "m", method, n_samples=n_samples, batch=batch, labels=labels(n_samples))
 
 
 def new_bucket(server: LocalS3, name: str) -> str:
@@ -45,7 +58,7 @@ def new_bucket(server: LocalS3, name: str) -> str:
     return server.create_bucket(f"{name}-{random.randrange(16**6):06x}")
 
 
-def write_tiny(root: str | Path, batches: list[tuple[int, int]] = BATCHES) -> str:
+def write_tiny(root: str | Path) -> str:
     """Two runs of model ``m`` in the store at ``root``, in many small shards as conftest's small_chunks
     makes them (a module fixture runs before that per-test fixture); the store's URL."""
     with pytest.MonkeyPatch.context() as patch:
@@ -53,7 +66,7 @@ def write_tiny(root: str | Path, batches: list[tuple[int, int]] = BATCHES) -> st
         patch.setattr(layout, "SHARD_BYTES", 32 * 4 * 32)
         store = Store(root)
         for method in METHODS:
-            fill(store, batches, method)
+            fill(store, method)
     return store.url
 
 
@@ -96,7 +109,7 @@ def stores(tmp_path_factory, local_s3_server) -> tuple[str, str]:
     roots = (write_tiny(tmp_path_factory.mktemp("served") / "store"),
              write_tiny(new_bucket(local_s3_server, "served") + "/stores/one"))
     for root in roots:
-        fill(Store(root), [(0, BIG)], "big")
+        fill(Store(root), "big", n_samples=BIG, batch=BIG)
     return roots
 
 

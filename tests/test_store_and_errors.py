@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,13 +45,16 @@ def test_plain_zarr_and_xarray_open_the_store(filled):
     assert 0 <= attrs["accuracy"] <= 1
 
 
-def test_plain_xarray_opens_the_whole_tree_and_exports_a_run_to_netcdf(filled, tmp_path):
+def test_plain_xarray_opens_the_tree_of_runs_a_cache_entry_and_exports_a_run_to_netcdf(filled, tmp_path):
     from actstore.analysis.layers import Mask, neighbour_graph
 
     run = Store(filled.store).run("tiny-llama", "0shot")
     graph = neighbour_graph(run, 2, Mask(per_subject=None), maxk=3)  # written under derived/ by the analysis
     tree = xr.open_datatree(filled.store, engine="zarr", consolidated=False)
-    (entry,) = tree["tiny-llama/0shot/derived/neighbours"].children.values()
+    assert set(tree["tiny-llama/0shot"].children) == set()  # a finished run's tree: its arrays, not its caches
+    assert "hidden_states" in tree["tiny-llama/0shot"].data_vars
+    (key,) = [p.name for p in (Path(filled.store) / "tiny-llama/0shot/derived/neighbours").iterdir() if p.is_dir()]
+    entry = xr.open_zarr(filled.store, group=f"tiny-llama/0shot/derived/neighbours/{key}", consolidated=False)
     np.testing.assert_array_equal(entry["indices"].values, graph["indices"])
     assert entry.attrs["per_subject"] == "null"  # None, as JSON text
 

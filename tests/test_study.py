@@ -9,7 +9,7 @@ import pytest
 
 from actstore.cli import main
 from actstore.store import Store
-from conftest import derived_files, make_questions, write_jsonl
+from actstore.testing import derived_files, make_questions, write_jsonl
 
 ICL = ["0shot", "1shot", "2shot", "5shot"]
 # the job's pool, widened to 8 training + 2 held-out questions from every subject (24 + 6) so that the 3

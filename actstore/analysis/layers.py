@@ -102,7 +102,8 @@ def analyse(run: Run, layer: int, params: DensityParams, mask: Mask = Mask(),
                            labels["prediction"][kept], params)
     values = dataclasses.asdict(result)
     run.save_derived("density", key, {**{name: np.asarray(values[name]) for name in _ARRAYS}, "positions": kept},
-                     {name: value for name, value in values.items() if name not in _ARRAYS} | {"layer": layer})
+                     {name: value for name, value in values.items() if name not in _ARRAYS}
+                     | {"layer": layer, "per_subject": mask.per_subject, "settings": dataclasses.asdict(params)})
     return result, kept
 
 
@@ -126,8 +127,9 @@ def compare(run_a: Run, run_b: Run, layer: int, params: DensityParams, mask: Mas
     else:  # samples one run dropped as duplicates: neighbours among the common rows only
         comparison = compare_layer(run_a.read_rows([layer], kept_a[in_a])[0],
                                    run_b.read_rows([layer], kept_b[in_b])[0], *clusters, k)
-    run_a.save_derived("comparisons", key, {}, dataclasses.asdict(comparison) | {"layer": layer,
-                       "other": f"{run_b.model}/{run_b.method}"})
+    run_a.save_derived("comparisons", key, {}, dataclasses.asdict(comparison) | {
+        "layer": layer, "other": f"{run_b.model}/{run_b.method}", "per_subject": mask.per_subject,
+        "settings": dataclasses.asdict(params), "overlap_k": k})
     return comparison
 
 

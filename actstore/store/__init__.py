@@ -13,7 +13,8 @@ from actstore.store.errors import (
     StoreNotWritable,
 )
 from actstore.store.names import echo, safe_name, validate_name
-from actstore.store.run import LABELS, VISIBILITIES, Run, RunWriter
+from actstore.store.run import LABELS, VISIBILITIES, Run
+from actstore.store.writer import RunWriter
 from actstore.store.store import DEFAULT_STORE, Store
 
 __all__ = [

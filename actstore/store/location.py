@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import stat
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable
 from pathlib import Path
@@ -169,8 +170,17 @@ class Location(ABC):
         """Remove what an interrupted write left below ``key`` (none: object writes are atomic)."""
 
     def open_xarray(self, group: str) -> xr.Dataset:
-        """The group as xarray opens it from this location (lazily)."""
-        return xr.open_zarr(self.zarr_store(), group=group)
+        """The group as xarray opens it from this location (lazily), with the group's consolidated metadata:
+        opened as the root of its own store, since xarray looks for consolidated metadata at the root (which
+        a store does not keep: it would hold every run's shapes as of one moment). Runs written before
+        finished runs kept theirs open without it, quietly."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated metadata")
+            return xr.open_zarr(self._zarr_store_at(group))
+
+    @abstractmethod
+    def _zarr_store_at(self, key: str) -> zarr.abc.store.Store:
+        """A read-only zarr store whose root is ``key``."""
 
 
 class Folder(Location):
@@ -184,6 +194,9 @@ class Folder(Location):
 
     def zarr_store(self) -> LocalStore:
         return _FolderStore(self.path)
+
+    def _zarr_store_at(self, key: str) -> LocalStore:
+        return _FolderStore(self.path / key, read_only=True)
 
     def exists(self, key: str) -> bool:
         return (self.path / key).exists()
@@ -261,6 +274,9 @@ class Bucket(Location):
 
     def zarr_store(self) -> FsspecStore:
         return self._store
+
+    def _zarr_store_at(self, key: str) -> FsspecStore:
+        return _BucketStore(self._store.fs, path=self._path(key), read_only=True)
 
     def exists(self, key: str) -> bool:
         return self.fs.exists(self._path(key))

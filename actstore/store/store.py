@@ -15,7 +15,8 @@ from actstore.store.attributes import read_attr, write_attrs
 from actstore.store.errors import DamagedRun, RefusedEntry, RunLocked, RunNotFound, StoreError, StoreNotWritable
 from actstore.store.names import validate_name
 from actstore.store.location import Folder, Location, Lock, join, locate
-from actstore.store.run import DEFAULT_ACCESS, SAMPLE_ARRAYS, VISIBILITIES, Run, RunWriter
+from actstore.store.run import DEFAULT_ACCESS, SAMPLE_ARRAYS, VISIBILITIES, Run
+from actstore.store.writer import RunWriter
 
 log = logging.getLogger(__name__)
 

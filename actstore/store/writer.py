@@ -1,0 +1,351 @@
+"""Appending to a run: batches buffered, then committed atomically, with the writer lock held.
+
+The sample axis only grows, and only by whole commits. A commit writes the new samples past
+the end that readers are shown, then publishes them with one atomic file replace: while a writer works,
+the run group's ``zarr.json`` holds the attributes (``progress.n_committed`` and the ``shard_record`` of
+that commit) and, as Zarr's consolidated metadata, every array's metadata with its shape. Readers that
+open the group with it (xarray by default or with ``consolidated=True``, zarr-python, Run) therefore see
+the run as of one commit and never a row whose data is missing. Plain readers are shown the committed
+samples in whole inner chunks of states: zarr-python reads a shard's index and its chunks in separate
+reads, and only a whole chunk keeps its bytes at its offset in every later version of its shard (a partly
+filled chunk shown to it failed its checksum in about 1 read of 40 beside a fast writer). So timed commits
+stop at the last whole inner chunk buffered and keep the rest for the next (``RunWriter.commit``): what plain
+readers are shown is exactly what is committed, during an ingest and after a kill, unless an inner chunk
+takes more than a commit interval to fill (then the partly filled chunk is committed an interval later and
+joins the view when the next commit fills it). Readers that skip the consolidated metadata (xarray's
+``consolidated=False``) take each array's own ``zarr.json``, rewritten after each commit to the same
+length: each array alone is exact, but several files cannot change at once, so such a reader that takes
+the arrays one by one across those few milliseconds can find two lengths (xarray: "conflicting sizes";
+never a row without data). Shard files are rewritten whole, by a temporary file renamed into place
+(zarr's LocalStore), so a crash or a full disk never damages a committed sample. When the writer
+finishes, every committed sample is shown, the last partly filled chunk too; the consolidated metadata
+stays, listing the arrays only, so plain readers neither warn nor list the ``derived/`` entries analyses
+add. The next writer settles what a crash left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.group import AsyncGroup, ConsolidatedMetadata, GroupMetadata
+from zarr.core.metadata.io import save_metadata
+from zarr.core.metadata.v3 import ArrayV3Metadata
+from zarr.core.sync import sync
+
+from actstore.store.attributes import encode, read_attr, write_attrs
+from actstore.store.errors import StoreNotWritable
+from actstore.store.layout import LABEL_CHUNK, STATE_DTYPE, StateLayout, state_compressors
+from actstore.store.location import Location, Lock, join
+from actstore.store.reader import StateReader
+from actstore.store.run import (
+    DERIVED,
+    FORMAT_VERSION,
+    LABEL_COORDS,
+    LABELS,
+    SAMPLE_ARRAYS,
+    SHARD_RECORD,
+    STATES,
+    Run,
+    _past_the_end,
+    _require_group,
+    _rows,
+    _sample_axis,
+    _with_samples,
+    check_labels,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _create_arrays(group: zarr.Group, n_layers: int, hidden: int, site: str) -> None:
+    layout = StateLayout(hidden)
+    states = group.create_array(
+        STATES,
+        shape=(n_layers, 0, hidden),
+        dtype=STATE_DTYPE,
+        chunks=layout.chunks,
+        shards=layout.shards,
+        compressors=state_compressors(),  # Blosc, then a CRC-32C of each chunk
+        fill_value=float("nan"),
+        dimension_names=("layer", "sample", "hidden"),
+        attributes={"coordinates": LABEL_COORDS, "site": site, "token_position": "last prompt token"},
+    )
+    log.debug("created %s with chunks %s, shards %s", states.path, layout.chunks, layout.shards)
+    layer = group.create_array("layer", shape=(n_layers,), dtype="int64", dimension_names=("layer",))
+    layer[:] = np.arange(n_layers)
+    for name, dtype in LABELS.items():
+        group.create_array(name, shape=(0,), dtype=dtype, chunks=(LABEL_CHUNK,), dimension_names=("sample",))
+    group.create_group(DERIVED)  # listed in the consolidated metadata; its entries are found in the folder
+
+
+class RunWriter:
+    """Appends batches to a run, committing them atomically; holds the run's writer lock.
+
+    Batches are buffered in memory and committed every ``commit_seconds`` (and on ``close``), so
+    a kill loses at most that much work while commits stay cheap. Use as a context manager. A write
+    that fails (a full disk) raises StoreNotWritable and leaves the run as of its last commit.
+    """
+
+    def __init__(self, run: Run, lock: Lock, commit_seconds: float) -> None:
+        self.run = run
+        self._lock = lock
+        self._commit_seconds = commit_seconds
+        self._pending: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        self._last_commit = time.monotonic()
+        self._failed = False
+        with self._writing():
+            self._settle()
+
+    @classmethod
+    def open(
+        cls,
+        root: Location,
+        model: str,
+        method: str,
+        *,
+        recipe: dict[str, Any],
+        attrs: dict[str, Any],
+        n_layers: int,
+        hidden: int,
+        overwrite: bool = False,
+        commit_seconds: float = 10.0,
+        lock: Lock | None = None,
+    ) -> "RunWriter":
+        """Open ``model/method`` for appending, creating it (or recreating it with ``overwrite``).
+
+        Refuses a run whose recipe differs from ``recipe``: appending would mix two experiments. ``lock``:
+        the run's lock taken beforehand (``Store.lock_run``), so that a second writer is refused before
+        any expensive work; it is released with the writer.
+        """
+        lock = lock or root.lock(join(model, method), f"run {model}/{method}", create=True)
+        try:
+            with _writing(f"{model}/{method}", 0):
+                group = zarr.open_group(root.zarr_store(), mode="a").require_group(model).require_group(method)
+                if "recipe" not in group.attrs or overwrite:
+                    group = _recreate(root, model, method, n_layers, hidden, recipe, attrs)
+            run = Run(location=root, group=group, model=model, method=method)
+            run.check_recipe(recipe)
+            return cls(run, lock, commit_seconds)
+        except BaseException:
+            lock.release()
+            raise
+
+    @property
+    def n_committed(self) -> int:
+        return self.run.n_samples
+
+    def committed_ids(self) -> np.ndarray:
+        return self.run.labels()["sample"]
+
+    def set_planned(self, n_planned: int) -> None:
+        """Record how many samples the run will hold when this ingest ends."""
+        progress = read_attr(self.run.group, "progress")
+        progress.update(n_planned=n_planned, complete=n_planned == progress["n_committed"])
+        self.update_attrs({"progress": progress})
+
+    def update_attrs(self, values: dict[str, Any]) -> None:
+        """Set run attributes (others kept) in one write of the run group's metadata."""
+        with self._writing():
+            self._publish(self.n_committed, values)
+
+    def append_history(self, entry: dict[str, Any]) -> None:
+        """Keep a record of every ingest that touched the run (selection, versions, time)."""
+        self.update_attrs({"history": [*read_attr(self.run.group, "history", []), entry]})
+
+    def add(self, states: np.ndarray, labels: dict[str, np.ndarray]) -> None:
+        """Buffer one batch: ``states`` is (layer, batch, hidden); ``labels`` has every LABELS name, text labels
+        of at most MAX_LABEL_CHARS characters (else LabelTooLong, the batch not taken)."""
+        check_labels(labels)
+        self._pending.append((np.asarray(states, dtype=STATE_DTYPE), labels))
+        waited = time.monotonic() - self._last_commit
+        if waited >= self._commit_seconds:
+            # a partly filled chunk only once a whole one has been awaited for another interval
+            self.commit(whole_chunks=waited < 2 * self._commit_seconds)
+
+    def commit(self, whole_chunks: bool = False) -> None:
+        """Write the buffered batches past the published end, then publish them with one metadata write.
+
+        ``whole_chunks``: commit only up to the last whole inner chunk of states buffered, keeping the rest
+        for the next commit, so that plain readers, who are shown whole chunks (``_whole_chunks``), see
+        exactly the committed samples, during an ingest and after a kill; nothing when no whole chunk is
+        buffered past the published end (``add`` then commits everything one interval later, so a kill loses
+        at most about twice ``commit_seconds`` of work even when a chunk takes longer to fill).
+        """
+        if not self._pending:
+            return
+        start = self.n_committed
+        values = {STATES: np.concatenate([s for s, _ in self._pending], axis=1)}
+        values.update({k: np.concatenate([lab[k] for _, lab in self._pending]) for k in LABELS})
+        stop = start + values[STATES].shape[1]
+        rest: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        if whole_chunks and self._whole_chunks(stop) <= start:
+            return
+        if whole_chunks and self._whole_chunks(stop) < stop:
+            stop = self._whole_chunks(stop)
+            kept = stop - start
+            rest = [(values[STATES][:, kept:], {k: values[k][kept:] for k in LABELS})]
+            values = {name: value[:, :kept] if name == STATES else value[:kept] for name, value in values.items()}
+        with self._writing():
+            for name in SAMPLE_ARRAYS:
+                array = self.run.group[name]
+                _past_the_end(array, stop)[_rows(array.metadata, start, stop)] = values[name]
+            self._publish(stop, {**self._progress(stop, int(values["correct"].sum())), **self._shard_record(stop)})
+            self._write_array_metadata(self._whole_chunks(stop))
+        self._pending = rest
+        self._last_commit = time.monotonic()
+
+    def close(self) -> None:
+        """Commit what is buffered (unless a write already failed), finish, and release the lock."""
+        try:
+            if not self._failed:
+                self.commit()
+                with self._writing():
+                    self._finish()
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> "RunWriter":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # Buffered batches are whole: keep them even when the ingest stops on an error or Ctrl-C.
+        self.close()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        try:
+            with _writing(f"{self.run.model}/{self.run.method}", self.n_committed):
+                yield
+        except StoreNotWritable:
+            self._failed = True
+            raise
+
+    def _progress(self, n_committed: int, new_correct: int) -> dict[str, Any]:
+        progress = read_attr(self.run.group, "progress")
+        n_correct = progress["n_correct"] + new_correct
+        progress.update(
+            n_committed=n_committed,
+            n_correct=n_correct,
+            complete=n_committed >= progress.get("n_planned", n_committed),
+        )
+        return {"progress": progress, "accuracy": n_correct / n_committed if n_committed else None}
+
+    def _shard_record(self, n: int) -> dict[str, Any]:
+        """The run's shard record at ``n`` samples, every shard in it (StateReader.record): published with the
+        progress in one write, so that a reader checks each file against the record of the commit it serves,
+        and a file with another index (intact bytes from another layer or run copied over) reads as corrupt."""
+        reader = StateReader(_past_the_end(self.run.group[STATES], n), self.run.location, join(self.run.key, STATES))
+        if not reader.direct:
+            return {}
+        return {SHARD_RECORD: reader.record(read_attr(self.run.group, SHARD_RECORD))}
+
+    def _publish(self, n: int, values: dict[str, Any], shown: int | None = None) -> None:
+        """Commit ``n`` samples with the attributes ``values`` (the commit point): one write of the run group's
+        zarr.json, holding every array's metadata as Zarr's consolidated metadata with ``shown`` samples (by
+        default the whole inner chunks of states among the ``n``, see ``_whole_chunks``)."""
+        self._lock.check()  # a bucket's lease may have expired and passed to another writer: publish nothing
+        group = self.run.group
+        arrays = {name: group[name].metadata for name in (*SAMPLE_ARRAYS, "layer")}
+        shown = self._whole_chunks(n) if shown is None else shown
+        arrays.update({name: _with_samples(arrays[name], shown) for name in SAMPLE_ARRAYS})
+        self._write_group(values, ConsolidatedMetadata(arrays))
+
+    def _whole_chunks(self, n: int) -> int:
+        """``n`` rounded down to whole inner chunks of states: what plain readers are shown while a writer
+        works. zarr-python reads a shard's index and then its chunks in separate reads, so a chunk that a
+        later commit rewrites (the last, partly filled one) could be read torn; whole chunks keep their
+        bytes at their offsets in every later version of the shard."""
+        inner = self.run.group[STATES].chunks[1]
+        return n // inner * inner
+
+    def _write_group(self, values: dict[str, Any], consolidated: ConsolidatedMetadata) -> None:
+        group = self.run.group
+        attributes = {**group.metadata.attributes, **encode(values, group.metadata.attributes)}
+        metadata = GroupMetadata(attributes=attributes, consolidated_metadata=consolidated)
+        sync(save_metadata(group.store_path, metadata))  # one file, replaced atomically by zarr's LocalStore
+        self.run = replace(self.run, group=zarr.Group(AsyncGroup(metadata, group.store_path)))
+
+    def _write_array_metadata(self, n: int) -> None:
+        """Set each array's own zarr.json to ``n`` samples, after the commit that published them, for readers
+        that skip the consolidated metadata: each array alone is then exact, and a reader that takes the
+        arrays one by one across the few milliseconds of these writes can find two lengths (xarray then says
+        "conflicting sizes"; it never sees a row without data)."""
+        for name in SAMPLE_ARRAYS:
+            own = zarr.open_array(self.run.group.store_path / name, mode="r+")
+            if own.shape[_sample_axis(own.metadata)] != n:
+                sync(save_metadata(own.store_path, _with_samples(own.metadata, n)))
+
+    def _finish(self) -> None:
+        """At the end of a writing session, every committed sample shown, the last partly filled inner chunk
+        too (no writer rewrites it now): each array's own metadata, then the group's consolidated copy, which
+        stays, so that plain readers open a finished run without a warning and without listing the
+        ``derived/`` entries analyses add."""
+        n = self.n_committed
+        self._write_array_metadata(n)
+        self._publish(n, {}, shown=n)
+
+    def _settle(self) -> None:
+        """Bring the run to its last commit: drop a crashed writer's temporary files and the data it wrote
+        past the committed end, and publish the committed shapes, consolidated."""
+        self.run.location.discard_partial_writes(self.run.key)
+        n = self.n_committed
+        for name in SAMPLE_ARRAYS:
+            array = self.run.group[name]
+            if array.shape[_sample_axis(array.metadata)] > n:
+                log.info("dropping an uncommitted tail of %s left by an interrupted ingest", name)
+            _drop_chunks_past(self.run.location, join(self.run.key, name), array.metadata, n)
+        _require_group(zarr.open_group(self.run.group.store_path, mode="r+", use_consolidated=False), DERIVED)
+        self._publish(n, {})
+        self._write_array_metadata(self._whole_chunks(n))
+
+
+def _drop_chunks_past(location: Location, array: str, metadata: ArrayV3Metadata, n: int) -> None:
+    """Delete the chunk (or shard) files of the array at key ``array`` that lie wholly past sample ``n``:
+    what an interrupted commit wrote there is not part of the run."""
+    axis = _sample_axis(metadata)
+    per_file = metadata.chunk_grid.chunk_shape[axis]
+    chunks = join(array, "c")
+    for key in location.keys_below(chunks):
+        if int(key.removeprefix(chunks + "/").split("/")[axis]) * per_file >= n:
+            location.delete(key)
+
+
+@contextlib.contextmanager
+def _writing(run: str, n_committed: int) -> Iterator[None]:
+    """A failed write (full disk, lost permission) as one StoreNotWritable naming what is kept."""
+    try:
+        yield
+    except OSError as exc:
+        raise StoreNotWritable(
+            f"cannot write run {run}: {exc.strerror or exc}; the {n_committed} samples committed before are "
+            "kept (free space or fix the store, then rerun the same command to resume)"
+        ) from None
+
+
+def _recreate(
+    root: Location, model: str, method: str, n_layers: int, hidden: int, recipe: dict, attrs: dict
+) -> zarr.Group:
+    """Empty the run folder and lay out a fresh run; the recipe is written last, marking it usable."""
+    root.clear(join(model, method))
+    group = zarr.open_group(root.zarr_store(), mode="a").require_group(model).require_group(method)
+    _create_arrays(group, n_layers, hidden, recipe.get("site", ""))
+    first = {
+        **attrs,
+        "actstore": {"format_version": FORMAT_VERSION, "kind": "run"},
+        "model": model,
+        "method": method,
+        "progress": {"n_committed": 0, "n_correct": 0, "n_planned": 0, "complete": False},
+        "accuracy": None,
+    }
+    write_attrs(group, first)
+    write_attrs(group, {"recipe": recipe})
+    return group
+
+
