@@ -11,8 +11,8 @@ import sys
 
 from actstore import __version__
 from actstore.analysis import NotAnalysed
-from actstore.client import ActstoreError
 from actstore.arguments import add_store_argument
+from actstore.client import ActstoreError
 from actstore.store import Store, StoreError
 
 SERVER_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # a server's log is read after the fact
@@ -52,11 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    from actstore.ingest.cli import register as register_ingest  # torch loads only when ingest is asked for
     from actstore.client.cli import register as register_query
     from actstore.client.cli import register_analyze
-    from actstore.server.cli import register as register_serve
     from actstore.finetune.cli import register as register_finetune
+    from actstore.ingest.cli import register as register_ingest  # torch loads only when ingest is asked for
+    from actstore.server.cli import register as register_serve
     from actstore.study.cli import register as register_study
 
     register_ingest(sub)

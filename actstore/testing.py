@@ -119,7 +119,7 @@ def derived_files(store: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in store.glob("*/*/derived/**/*") if p.is_file()}
 
 
-def synthetic_labels(start: int, n: int) -> dict[str, "np.ndarray"]:
+def synthetic_labels(start: int, n: int) -> dict[str, np.ndarray]:
     """Labels of samples ``start`` to ``start + n``: sample ids, subject "s", answer "A", prediction "B", wrong."""
     import numpy as np
 
@@ -128,9 +128,9 @@ def synthetic_labels(start: int, n: int) -> dict[str, "np.ndarray"]:
     return {"sample": np.arange(start, start + n), **text, "correct": np.zeros(n, dtype=bool)}
 
 
-def write_synthetic_run(store: "Store", model: str, method: str, n_layers: int = 3, n_samples: int = 100,
-                        hidden: int = 32, batch: int | None = None, seed: int = 0, states: "np.ndarray | None" = None,
-                        labels: dict[str, "np.ndarray"] | None = None) -> "np.ndarray":
+def write_synthetic_run(store: Store, model: str, method: str, n_layers: int = 3, n_samples: int = 100,
+                        hidden: int = 32, batch: int | None = None, seed: int = 0, states: np.ndarray | None = None,
+                        labels: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """A public run written through the store's run writer, each ``batch`` samples one commit (all in one
     commit by default); returns its states. For tests and benches that need a run of a given size or content
     without a model.
@@ -163,7 +163,7 @@ def shard_key(model: str, method: str, layer: int, shard: int) -> str:
     return f"{model}/{method}/{STATES}/c/{layer}/{shard}/0"
 
 
-def read_object(store: "Store", key: str) -> bytes:
+def read_object(store: Store, key: str) -> bytes:
     """The bytes stored at ``key``, in a folder or a bucket alike, read past the store's own reader."""
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
@@ -174,7 +174,7 @@ def read_object(store: "Store", key: str) -> bytes:
     return found.to_bytes()
 
 
-def write_object(store: "Store", key: str, data: bytes) -> None:
+def write_object(store: Store, key: str, data: bytes) -> None:
     """Replace the bytes at ``key`` behind the store's back, as an operator, a sync tool or a failing disk
     would: how tests damage runs in a folder or a bucket alike."""
     from zarr.core.buffer import default_buffer_prototype

@@ -35,8 +35,8 @@ from actstore.finetune.train import Finetune  # noqa: E402
 from actstore.ingest.extract import StateExtractor  # noqa: E402
 from actstore.ingest.model import LoadedModel, ModelSource, attach_adapter, load_model  # noqa: E402
 from actstore.ingest.pipeline import DEFAULT_BATCH_SIZE  # noqa: E402
-from actstore.ingest.selection import select, storage_order  # noqa: E402
 from actstore.ingest.prompts import build_prompt  # noqa: E402
+from actstore.ingest.selection import select, storage_order  # noqa: E402
 from actstore.study.job import SUBJECTS  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Ingest benchmark: SmolLM2-135M on 200 MMLU questions (0-shot), measured side by side in one run.
 
-    .venv/bin/python bench/ingest.py [--limit 200] [--repeats 2]
+    .venv/bin/python bench/ingest.py [--limit 200] [--repeats 2] [--subjects anatomy,astronomy]
 
 Prints the whole ingest's time over the model's forward time alone (target: <= 1.05), the bytes
 on disk against raw fp16 (target: >= 1.3x smaller), whether the stored values equal the forward
@@ -64,9 +64,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--subjects", type=lambda text: text.split(","), default=None,
+                        help="comma-separated MMLU subjects (default: all, the limit spread over them)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        ingest = Ingest(IngestOptions(store=Path(tmp) / "store", limit=args.limit, overwrite=True))
+        ingest = Ingest(IngestOptions(store=Path(tmp) / "store", limit=args.limit, subjects=args.subjects,
+                                             overwrite=True))
         plan = next(ingest.plans())
         extractor = StateExtractor(ingest.model(plan.source), "normed")
         forward_only(ingest, plan, extractor)  # warm-up

@@ -25,8 +25,8 @@ import zarr
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from actstore.store import Store  # noqa: E402
+from actstore.store.folder import Folder  # noqa: E402
 from actstore.store.layout import StateLayout, state_compressor, state_compressors  # noqa: E402
-from actstore.store.location import Folder  # noqa: E402
 from actstore.store.reader import StateReader  # noqa: E402
 
 

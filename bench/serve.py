@@ -20,8 +20,8 @@ import argparse
 import os
 import shutil
 import tempfile
-import warnings
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np

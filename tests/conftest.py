@@ -69,8 +69,8 @@ def tiny_model(tmp_path_factory) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from actstore.ingest.prompts import build_prompt
     from actstore.ingest.datasets import Question
+    from actstore.ingest.prompts import build_prompt
 
     corpus = [build_prompt(Question(0, r["topic"], r["question"], tuple(r[f"answer_{c}"] for c in "abcd"),
                                     "A"), [], None) + " A B C D" for r in make_questions(1)]

@@ -9,9 +9,9 @@ import pytest
 
 from actstore.cli import main
 from actstore.client import ActstoreError, AnalysisJob, Client
-from actstore.v1 import actstore_pb2 as pb
-from actstore.testing import derived_files, make_questions, write_jsonl
 from actstore.server.process import ServerProcess
+from actstore.testing import derived_files, make_questions, write_jsonl
+from actstore.v1 import actstore_pb2 as pb
 
 SMALL = dict(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8)
 

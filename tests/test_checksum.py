@@ -13,13 +13,13 @@ import google_crc32c
 import numcodecs
 import numpy as np
 import pytest
+from crc32c_rs import crc32c
 from zarr.codecs import Crc32cCodec
 from zarr.core.array_spec import ArrayConfig, ArraySpec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.dtype import Float32
 
 from actstore.store.checksum import ChunkMismatch, Mismatch, chunk_frames, strip_crc32c
-from crc32c_rs import crc32c
 
 HIDDEN, ROWS = 48, 16
 DECODED = ROWS * HIDDEN * 4

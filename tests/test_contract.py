@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from actstore.client import Client
-from actstore.store import Store
 from actstore.server.process import ServerProcess
+from actstore.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +34,8 @@ def test_a_run_still_being_written_is_served_up_to_its_committed_samples(tmp_pat
     labels = {"sample": np.arange(4), "subject": np.array(["a"] * 4, dtype=object),
               "answer": np.array(["A"] * 4, dtype=object), "prediction": np.array(["B"] * 4, dtype=object),
               "correct": np.zeros(4, dtype=bool)}
-    with store.writer("m", "0shot", recipe={"r": 1}, attrs={}, n_layers=2, hidden=8) as writer:
-        writer.set_planned(100)
+    with store.begin_run("m", "0shot", recipe={"r": 1}) as writer:
+        writer.start(provenance={}, n_layers=2, hidden=8, planned=100)
         writer.add(np.ones((2, 4, 8), dtype=np.float32), labels)
         writer.commit()
         writer.add(np.ones((2, 4, 8), dtype=np.float32), {**labels, "sample": np.arange(4, 8)})  # not committed

@@ -24,7 +24,7 @@ from actstore.cli import main
 from actstore.client import ActstoreError, Client
 from actstore.server.process import ServerProcess
 from actstore.store import Store
-from actstore.store import location as location_module
+from actstore.store import files as files_module
 from actstore.store.errors import DamagedRun, RefusedEntry
 from actstore.testing import shard_key, write_synthetic_run
 
@@ -204,7 +204,7 @@ def in_a_thread(call, timeout: float = 5) -> BaseException | None:
 def test_every_reader_refuses_a_fifo_without_blocking(traps, monkeypatch, by_fd):
     """The fast reader, zarr-python and xarray all go through the same checks (also where no /proc/self/fd
     tells what a descriptor opened)."""
-    monkeypatch.setattr(location_module, "_BY_FD", by_fd and location_module._BY_FD)
+    monkeypatch.setattr(files_module, "_BY_FD", by_fd and files_module._BY_FD)
     run = Store(traps).run(MODEL, "fifo")
     for call in (lambda: run.read_states([0]), lambda: run.hidden_states[0, :3],
                  lambda: run.to_xarray().hidden_states[0].values):
@@ -216,7 +216,7 @@ def test_every_reader_refuses_a_fifo_without_blocking(traps, monkeypatch, by_fd)
 @pytest.mark.parametrize("by_fd", [True, False], ids=["proc-fd", "realpath"])
 def test_links_out_of_the_root_are_refused_and_links_inside_it_followed(tmp_path, monkeypatch, by_fd):
     """A link as the file itself, or as a folder on its path; a link that stays inside the root is followed."""
-    monkeypatch.setattr(location_module, "_BY_FD", by_fd and location_module._BY_FD)
+    monkeypatch.setattr(files_module, "_BY_FD", by_fd and files_module._BY_FD)
     root, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
     store = Store(root)
     states = write_run(store, "good-a")

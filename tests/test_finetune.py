@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from actstore.adapter import RECORD, AdapterError, finished_adapter
 from actstore.cli import main
 from actstore.client import Client
-from actstore.adapter import RECORD, AdapterError, finished_adapter
 from actstore.finetune.options import FinetuneOptions, Hyperparameters
 from actstore.finetune.train import Finetune, letter_losses, subject_weights
 from actstore.ingest.datasets import Question

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
+from test_finetune import finetune_args, rule_file  # noqa: F401 (rule_file: a fixture)
 
-from actstore.cli import main
 from actstore.adapter import RECORD
+from actstore.cli import main
 from actstore.finetune.options import FinetuneOptions, Hyperparameters, checkpoint_schedule, lr_factor
 from actstore.finetune.train import Finetune
 from actstore.ingest.extract import StateExtractor
@@ -19,7 +20,6 @@ from actstore.ingest.options import IngestOptions
 from actstore.ingest.pipeline import Ingest
 from actstore.ingest.prompts import build_prompt, header
 from actstore.store import Store
-from test_finetune import finetune_args, rule_file  # noqa: F401 (rule_file: a fixture)
 
 AUTHORS_40 = [1, 2, 3, 4, 6, 9, 13, 19, 28]  # np.unique(np.around(np.geomspace(1, 40, 10, endpoint=False)))
 

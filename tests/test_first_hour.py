@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 
-
 def _into_closed_pipe(*args: str) -> subprocess.CompletedProcess:
     """Run ``python -m actstore ARGS`` with its stdout a pipe whose reader is gone, as in ``... | head -0``."""
     read, write = os.pipe()

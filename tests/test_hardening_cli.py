@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actstore.cli import main
+from actstore import __version__
 from actstore.address import parse_address
+from actstore.cli import main
 from actstore.server.process import ServerProcess
 from actstore.store import Store
-from actstore import __version__
 
 
 @pytest.fixture

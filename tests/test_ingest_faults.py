@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from actstore.cli import main
 from actstore.store import Store
 from actstore.testing import make_questions, write_jsonl
 

@@ -8,13 +8,13 @@ import time
 
 import grpc
 import pytest
-from actstore.testing import make_questions, write_jsonl
 
 from actstore.cli import main
 from actstore.client import ActstoreError, Client
 from actstore.client.client import AnalysisJob
 from actstore.server.jobs import MAX_RUNNING
 from actstore.server.process import ServerProcess
+from actstore.testing import make_questions, write_jsonl
 from actstore.v1 import actstore_pb2 as pb
 
 SMALL = dict(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8)

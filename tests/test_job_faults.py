@@ -29,8 +29,8 @@ from actstore.server import jobs
 from actstore.server.auth import Caller
 from actstore.server.errors import TooLarge, status_of
 from actstore.server.selection import BadRequest
-from actstore.v1 import actstore_pb2 as pb
 from actstore.testing import derived_files, make_questions, write_jsonl
+from actstore.v1 import actstore_pb2 as pb
 
 SMALL = DensityParams(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8)
 A, B = ("tiny-llama", "0shot"), ("tiny-llama", "1shot")

@@ -34,10 +34,10 @@ def test_unknown_schemes_are_refused(url, tmp_path, monkeypatch):
 
 def test_a_store_at_the_top_of_a_bucket(bucket):
     store = Store(bucket)
-    lock = store.lock_run("m", "0shot")  # the lease is taken first, as ingest does, at the bucket's top level
+    begun = store.begin_run("m", "0shot", recipe={"r": 1})  # the lease first, as ingest takes it, at the top level
     with store.writing():
         write_synthetic_run(store, "m", "other", n_samples=30)
-    lock.release()
+    begun.close()
     assert [r.key for r in Store(bucket).runs()] == ["m/other"]
 
 
@@ -45,7 +45,7 @@ def test_a_store_at_the_top_of_a_bucket(bucket):
 def test_a_bad_lease_length_is_refused(bucket, monkeypatch, value):
     monkeypatch.setenv("ACTSTORE_LEASE_SECONDS", value)
     with pytest.raises(StoreError, match="ACTSTORE_LEASE_SECONDS"):
-        Store(f"{bucket}/s").lock_run("m", "0shot")
+        Store(f"{bucket}/s").begin_run("m", "0shot", recipe={"r": 1})
 
 
 def test_overwriting_a_bucket_run_replaces_every_object(bucket):

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import s3fs
+from test_crash_safety import RUN, ingest_args
 
 from actstore.analysis.density import PAPER
 from actstore.analysis.layers import Mask
@@ -22,7 +23,6 @@ from actstore.cli import main
 from actstore.ingest import pipeline
 from actstore.store import Store
 from actstore.testing import make_questions, write_jsonl
-from test_crash_safety import RUN, ingest_args
 
 # The killed ingest's lease lasts this long (not the default minute) so that the test need not wait it out.
 LEASE_SECONDS = 2.0

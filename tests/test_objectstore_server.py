@@ -29,10 +29,9 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from actstore.client import ActstoreError, Client
 from actstore.server.process import ServerProcess
 from actstore.store import Store, layout
-from actstore.testing import LocalS3
+from actstore.testing import LocalS3, derived_files, write_synthetic_run
 from actstore.v1 import actstore_pb2 as pb
 from actstore.v1 import actstore_pb2_grpc as pb_grpc
-from actstore.testing import derived_files, write_synthetic_run
 
 SMALL = dict(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8)
 METHODS = ("0shot", "1shot")

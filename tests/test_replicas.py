@@ -11,21 +11,19 @@ import re
 import time
 
 import grpc
-
 import numpy as np
 import pytest
 import s3fs
 import xarray as xr
 from distributed import Client as DaskClient
+from test_objectstore_server import SMALL, dask_cluster, derived_objects, new_bucket  # noqa: F401 (a fixture)
+from test_server import _self_signed
 
 from actstore.cli import main
 from actstore.client import ActstoreError, Client
-from actstore.client.client import AnalysisJob
-from actstore.client.client import channel_target
+from actstore.client.client import AnalysisJob, channel_target
 from actstore.server.process import ServerProcess
 from actstore.v1 import actstore_pb2 as pb
-from test_objectstore_server import SMALL, dask_cluster, derived_objects, new_bucket  # noqa: F401 (a fixture)
-from test_server import _self_signed
 
 RUN = ("tiny-llama", "0shot")
 CALLS = 20

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import datetime
-import json
 import inspect
+import json
 import signal
 import subprocess
 import sys
@@ -20,8 +20,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from actstore.cli import main
 from actstore.client import ActstoreError, Client
-from actstore.store import Store
 from actstore.server.process import ServerProcess
+from actstore.store import Store
 
 TOKENS = {"tok-a-at-least-16-chars": "lab-a", "tok-b-at-least-16-chars": "lab-b", "tok-c-at-least-16-chars": "lab-c"}
 BIG = ("synthetic", "big")  # 2 layers x 24,000 samples x 1024: 98 MB per layer, far above 4 MiB messages
@@ -213,7 +213,7 @@ def test_a_cancelled_stream_stops_server_work(served):
     deadline = time.monotonic() + 10
     while "cancelled by the client" not in server.output() and time.monotonic() < deadline:
         time.sleep(0.05)
-    line = next(l for l in server.output().splitlines() if "cancelled by the client" in l)
+    line = next(text for text in server.output().splitlines() if "cancelled by the client" in text)
     sent, total = [int(w) for w in line.split() if w.isdigit()][:2]
     assert sent < total / 4
 
@@ -266,7 +266,7 @@ def _self_signed(tmp_path):
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
             .not_valid_after(now + datetime.timedelta(days=1))

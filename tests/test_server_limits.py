@@ -13,6 +13,7 @@ from collections.abc import Callable
 import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
+from test_server import BIG, write_big_run
 
 from actstore.cli import main
 from actstore.client import Client
@@ -20,7 +21,6 @@ from actstore.server.process import ServerProcess
 from actstore.store import Store
 from actstore.v1 import actstore_pb2 as pb
 from actstore.v1 import actstore_pb2_grpc as pb_grpc
-from test_server import BIG, write_big_run
 
 TOKENS = {"tok-a-at-least-16-chars": "lab-a", "tok-b-at-least-16-chars": "lab-b", "tok-c-at-least-16-chars": "lab-c"}
 A, B, C = (((("authorization", f"Bearer {t}"),)) for t in TOKENS)

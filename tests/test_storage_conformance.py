@@ -64,6 +64,32 @@ def test_states_written_in_several_commits_read_back_bit_for_bit(any_store):
         np.testing.assert_array_equal(dataset[name].values, values)
 
 
+def test_a_run_begun_and_abandoned_before_its_start_leaves_nothing_and_keeps_others_out_meanwhile(any_store):
+    """Ingest begins a run before loading its model: the run is locked at once, and if the model never loads,
+    no run appears."""
+    write_synthetic_run(any_store, MODEL, "1shot", n_samples=10)
+    with any_store.begin_run(MODEL, METHOD, recipe={"r": 1}) as begun:
+        with pytest.raises(RunLocked):
+            fresh(any_store).begin_run(MODEL, METHOD, recipe={"r": 1})
+        with pytest.raises(RuntimeError, match="start"):
+            begun.add(random_states(4, seed=0), synthetic_labels(0, 4))
+    store = fresh(any_store)
+    assert [r.key for r in store.runs()] == ["m/1shot"] and not store.has_run(MODEL, METHOD)
+
+
+def test_a_session_start_is_one_publish_that_keeps_the_provenance_of_a_resumed_run(any_store):
+    with any_store.begin_run(MODEL, METHOD, recipe={"r": 1}) as writer:
+        writer.start(provenance={"created": "first"}, attrs={"batch_size": 8}, planned=10, history={"n": 1}, **SIZES)
+        writer.add(random_states(4, seed=0), synthetic_labels(0, 4))
+    with fresh(any_store).begin_run(MODEL, METHOD, recipe={"r": 1}) as writer:
+        assert writer.n_committed == 4 and writer.stored_attrs["batch_size"] == 8
+        writer.start(provenance={"created": "second"}, attrs={"batch_size": 2}, planned=6, history={"n": 2}, **SIZES)
+        writer.add(random_states(2, seed=1), synthetic_labels(4, 2))
+    attrs = fresh(any_store).run(MODEL, METHOD).attrs
+    assert attrs["created"] == "first" and attrs["batch_size"] == 2 and attrs["history"] == [{"n": 1}, {"n": 2}]
+    assert attrs["progress"]["n_committed"] == attrs["progress"]["n_planned"] == 6 and attrs["progress"]["complete"]
+
+
 class Killed(BaseException):
     """The writer's process dying, where its lock is next checked."""
 
@@ -86,9 +112,10 @@ class DyingLock:
 
 
 def test_a_new_writer_resumes_an_abandoned_one_keeping_its_commits_and_nothing_more(any_store):
-    lock = DyingLock(any_store.lock_run(MODEL, METHOD))
     states = random_states(100, seed=0)
-    writer = any_store.writer(MODEL, METHOD, recipe={"r": 1}, attrs={}, **SIZES, lock=lock, commit_seconds=3600)
+    writer = any_store.begin_run(MODEL, METHOD, recipe={"r": 1}, commit_seconds=3600)
+    writer._lock = lock = DyingLock(writer._lock)  # a lock that can be made to fail, as a kill would
+    writer.start(provenance={}, **SIZES)
     writer.add(states[:, :40], synthetic_labels(0, 40))
     writer.commit()
     lock.dead = True
@@ -144,11 +171,11 @@ def test_a_second_writer_is_refused_while_one_holds_the_run(any_store):
         writer.add(random_states(10, seed=0), synthetic_labels(0, 10))
         other = fresh(any_store)
         for second in (lambda: other.writer(MODEL, METHOD, recipe={"r": 1}, attrs={}, **SIZES),
-                       lambda: other.lock_run(MODEL, METHOD),
+                       lambda: other.begin_run(MODEL, METHOD, recipe={"r": 1}),
                        lambda: other.set_access(MODEL, METHOD, {"visibility": "private"})):
             with pytest.raises(RunLocked, match=rf"run {MODEL}/{METHOD} is being written"):
                 second()
-    fresh(any_store).lock_run(MODEL, METHOD).release()  # free once the first writer closed
+    fresh(any_store).begin_run(MODEL, METHOD, recipe={"r": 1}).close()  # free once the first writer closed
     run = fresh(any_store).run(MODEL, METHOD)
     assert run.n_samples == 10 and run.access["visibility"] == "public"
 
@@ -193,7 +220,7 @@ def test_names_that_could_escape_the_root_are_refused_before_anything_is_written
     for bad in ("..", "a/b", "../x", ".hidden", ""):
         for call in (lambda: any_store.writer(bad, METHOD, recipe={"r": 1}, attrs={}, **SIZES),
                      lambda: any_store.writer(MODEL, bad, recipe={"r": 1}, attrs={}, **SIZES),
-                     lambda: any_store.lock_run(MODEL, bad), lambda: any_store.run(bad, METHOD)):
+                     lambda: any_store.begin_run(MODEL, bad, recipe={"r": 1}), lambda: any_store.run(bad, METHOD)):
             with pytest.raises(InvalidName):
                 call()
     assert not any_store.exists() and any_store.location.keys_below("") == []
@@ -203,5 +230,5 @@ def test_a_writer_of_another_recipe_is_refused_and_the_run_left_as_it_was(any_st
     states = write_synthetic_run(any_store, MODEL, METHOD, seed=0)
     with pytest.raises(RecipeMismatch, match=rf"run {MODEL}/{METHOD} already exists with a different recipe"):
         write_synthetic_run(any_store, MODEL, METHOD, seed=1)
-    fresh(any_store).lock_run(MODEL, METHOD).release()  # the refused writer let go of the run
+    fresh(any_store).begin_run(MODEL, METHOD, recipe={"synthetic": 0}).close()  # the refused writer let go of it
     np.testing.assert_array_equal(bits(fresh(any_store).run(MODEL, METHOD).read_states([0, 1, 2])), bits(states))

@@ -23,9 +23,9 @@ import numpy as np
 from distributed import Client, Future, SpecCluster, Status, as_completed
 from threadpoolctl import threadpool_limits
 
+from actstore.analysis import NotAnalysed
 from actstore.analysis.compare import OVERLAP_K, Dendrogram, LayerComparison, density_peak_dendrogram
 from actstore.analysis.density import DensityParams, LayerDensity
-from actstore.analysis import NotAnalysed
 from actstore.analysis.layers import Mask, analyse, compare
 from actstore.store import CorruptData, Store
 

@@ -14,7 +14,6 @@ from actstore.arguments import csv_list
 from actstore.client.connection import DEFAULT_RETRY_FOR_S, RETRY_ENV
 from actstore.protocol import DEFAULT_ADDRESS
 
-
 PARAM_HELP = {  # the analysis parameters (actstore.analysis.params.DensityParams), as the help explains them
     "maxk": "neighbours of each sample in the graph every metric reads",
     "gride_range_max": "largest neighbour rank of the Gride ID estimates (scales 2, 4, 8, ... up to it)",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timezone
+from datetime import UTC
 from typing import Any
 
 import grpc
@@ -47,7 +47,7 @@ class AnalysisJob:
         last = self._done or self._seen
         if last is None:
             return None
-        started = last.created.ToDatetime(tzinfo=timezone.utc).astimezone() if last.HasField("created") else None
+        started = last.created.ToDatetime(tzinfo=UTC).astimezone() if last.HasField("created") else None
         return {"state": pb.JobState.Name(last.state).removeprefix("JOB_STATE_").lower(), "stage": last.stage,
                 "tasks_done": last.tasks_done, "tasks_total": last.tasks_total, "started": started,
                 "runs": [_name(r) for r in last.runs] + [f"{_name(p.a)} vs {_name(p.b)}" for p in last.compare]}

@@ -6,8 +6,8 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from actstore.finetune.options import CHECKPOINTS, FinetuneOptions, Hyperparameters
 from actstore.arguments import csv_list, non_negative, positive
+from actstore.finetune.options import CHECKPOINTS, FinetuneOptions, Hyperparameters
 from actstore.ingest.options import PACKAGED_SMOLLM2
 from actstore.ingest.selection import EVAL_PER_SUBJECT, TRAIN_POOL_SIZE
 

@@ -16,14 +16,14 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tqdm import tqdm
 from torch.optim.lr_scheduler import LambdaLR
+from tqdm import tqdm
 
 from actstore import adapter as folder
 from actstore.adapter import AdapterError
@@ -392,7 +392,7 @@ class Finetune:
             "micro_batch": self.opts.micro_batch,
             "device": str(self.device),
             "versions": versions(),
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
             "seconds": {},  # the final record's: total (loading and accuracy included) and the steps alone
         }
 

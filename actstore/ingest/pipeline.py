@@ -6,10 +6,10 @@ import importlib.metadata
 import logging
 import platform
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -180,32 +180,18 @@ class Ingest:
         The run's lock is taken first, so a second writer of the run is refused before the model loads.
         """
         method = plan.method
-        lock = self.store.lock_run(self.name, method.name)
-        try:
+        with self.store.begin_run(self.name, method.name, recipe=plan.recipe, overwrite=self.opts.overwrite,
+                                  commit_seconds=self.opts.commit_seconds) as writer:
             load_started = time.perf_counter()
             loaded = self.model(plan.source)
             started = time.perf_counter()
             extractor = StateExtractor(loaded, self.opts.site)
-            writer = self.store.writer(
-                self.name,
-                method.name,
-                recipe=plan.recipe,
-                attrs=self._provenance(loaded, method, extractor),
-                n_layers=loaded.n_blocks + 1,
-                hidden=loaded.hidden_size,
-                overwrite=self.opts.overwrite,
-                commit_seconds=self.opts.commit_seconds,
-                lock=lock,  # released with the writer
-            )
-        except BaseException:
-            lock.release()
-            raise
-        with writer:
             pending = _missing(self.selection.queries, writer.committed_ids())  # again, under the lock
-            batch_size = self.opts.batch_size or writer.run.attrs.get("batch_size") or DEFAULT_BATCH_SIZE
-            writer.update_attrs({"batch_size": batch_size})
-            writer.set_planned(writer.n_committed + len(pending))
-            writer.append_history(self._history_entry(len(pending), batch_size))
+            batch_size = self.opts.batch_size or writer.stored_attrs.get("batch_size") or DEFAULT_BATCH_SIZE
+            writer.start(provenance=self._provenance(loaded, method, extractor), attrs={"batch_size": batch_size},
+                         n_layers=loaded.n_blocks + 1, hidden=loaded.hidden_size,
+                         planned=writer.n_committed + len(pending),
+                         history=self._history_entry(len(pending), batch_size))
             shots = {s: self.selection.shots(s, method.k) for s in self.selection.shot_pool}
             with tqdm(total=len(pending), unit="q", desc=f"{self.name}/{method.name}", mininterval=1.0) as bar:
                 for batch in _batches(pending, batch_size):
@@ -319,7 +305,7 @@ def versions() -> dict[str, str]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def estimate(ingest: Ingest, plan: Plan) -> dict:

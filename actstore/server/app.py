@@ -15,13 +15,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from actstore.protocol import DEFAULT_ADDRESS, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES
 from actstore.address import parse_address
+from actstore.protocol import DEFAULT_ADDRESS, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES
 from actstore.server.auth import Authenticator
-from actstore.server.gate import (DEFAULT_MAX_INFLIGHT_MB, DEFAULT_MAX_STREAMS_PER_CALLER, DEFAULT_STREAM_IDLE_S,
-                                  AuthGate, Drain, StreamBudget)
 from actstore.server.catalog_service import CatalogService
 from actstore.server.data_service import DataService
+from actstore.server.gate import (
+    DEFAULT_MAX_INFLIGHT_MB,
+    DEFAULT_MAX_STREAMS_PER_CALLER,
+    DEFAULT_STREAM_IDLE_S,
+    AuthGate,
+    Drain,
+    StreamBudget,
+)
 from actstore.store import Store
 from actstore.v1 import actstore_pb2 as pb
 from actstore.v1 import actstore_pb2_grpc as pb_grpc

@@ -30,7 +30,6 @@ from urllib.parse import unquote
 
 from actstore.store import validate_name
 
-
 MIN_TOKEN_CHARS = 16
 
 Metadata = tuple[tuple[str, str | bytes], ...]  # a call's invocation metadata
@@ -112,7 +111,7 @@ class Authenticator:
         self._tokens = tokens
 
     @classmethod
-    def from_file(cls, path: Path | None) -> "Authenticator":
+    def from_file(cls, path: Path | None) -> Authenticator:
         if path is None:
             return cls(None)
         try:

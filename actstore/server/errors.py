@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import grpc
 
+from actstore.server.auth import AuthError
 from actstore.server.selection import BadRequest, NotFound
 from actstore.store import CorruptData, InvalidName, RunLocked, RunNotFound
 from actstore.store.errors import RefusedEntry
-from actstore.server.auth import AuthError
 
 
 class Forbidden(Exception):

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 import grpc
 from google.protobuf.message import DecodeError
 
-from actstore.server.auth import AuthError, Authenticator, Caller
+from actstore.server.auth import Authenticator, AuthError, Caller
 from actstore.server.errors import TooLarge
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from actstore.store.errors import (
 )
 from actstore.store.names import echo, safe_name, validate_name
 from actstore.store.run import LABELS, VISIBILITIES, Run
-from actstore.store.writer import RunWriter
 from actstore.store.store import DEFAULT_STORE, Store
+from actstore.store.writer import RunWriter
 
 __all__ = [
     "CorruptData",

@@ -1,6 +1,6 @@
 """How hidden states are laid out on disk: chunking, sharding and compression.
 
-Two access patterns decide the layout (figures in README.md, section "Storage layout"):
+Two access patterns decide the layout (figures in docs/benchmarks.md, "Storage layout"):
 
 * a whole layer, for the density analyses: one shard file per (layer, block of samples), so a layer
   is a handful of large sequential files;
@@ -11,7 +11,7 @@ Values are stored as float32, whatever the compute dtype: bf16 and fp16 embed ex
 Blosc's byte shuffle turns the all-zero low mantissa bytes of bf16-valued floats into nothing, so the
 file is smaller than raw fp16 while staying lossless and readable by any Zarr reader. LZ4HC level 3
 compresses real states as well as zstd level 1 (1.53x below raw fp16), encodes as fast, and decodes
-about 10x faster (measured on SmolLM2 states; see README.md), which is what serving single samples needs.
+about 10x faster (measured on SmolLM2 states; see docs/benchmarks.md), which is what serving single samples needs.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def state_compressor() -> BloscCodec:
 def state_compressors() -> list[BloscCodec | Crc32cCodec]:
     """The states' chunk codecs after the bytes codec: Blosc, then a CRC-32C of the stored frame, so any reader
     (actstore's, zarr-python, xarray) detects a corrupted chunk instead of decoding it into wrong values.
-    Costs 4 bytes per inner chunk and a few percent of a read (README.md, "Storage layout")."""
+    Costs 4 bytes per inner chunk and a few percent of a read (docs/explanation/checksums.md)."""
     return [state_compressor(), Crc32cCodec()]
 
 

@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +62,7 @@ class _Seen:
         return self.modified + timedelta(seconds=float(self.info.get("ttl", ttl)) + margin)
 
     def describe(self, ttl: float, margin: float) -> str:
-        until = self.expires(ttl, margin).astimezone(timezone.utc)
+        until = self.expires(ttl, margin).astimezone(UTC)
         return (f"holder {self.info.get('holder', '?')} on {self.info.get('host', '?')}, pid "
                 f"{self.info.get('pid', '?')}, lease until {until:%Y-%m-%d %H:%M:%S} UTC")
 
@@ -216,12 +216,12 @@ class ObjectLease:
         except ValueError:
             info = {}
         date = reply.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-        server_now = parsedate_to_datetime(date) if date else datetime.now(timezone.utc)
+        server_now = parsedate_to_datetime(date) if date else datetime.now(UTC)
         return _Seen(reply["ETag"], info if isinstance(info, dict) else {}, reply["LastModified"], server_now)
 
 
 def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _code(exc: BaseException) -> str | None:

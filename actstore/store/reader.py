@@ -28,8 +28,8 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numcodecs
 import numpy as np

@@ -74,7 +74,9 @@ def check_labels(labels: dict[str, np.ndarray]) -> None:
 
 @dataclass(repr=False)
 class Run:
-    """A read-only view of one run, limited to its committed samples."""
+    """One run as stored, limited to its committed samples: its states, labels and attributes are read
+    here and written only by a RunWriter; the one thing written through a Run is its ``derived/`` cache of
+    analyses (``save_derived``), which lies outside the committed samples and their snapshot."""
 
     location: Location
     group: zarr.Group

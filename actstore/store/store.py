@@ -13,9 +13,11 @@ import zarr
 
 from actstore.store.attributes import read_attr, write_attrs
 from actstore.store.errors import DamagedRun, RefusedEntry, RunLocked, RunNotFound, StoreError, StoreNotWritable
+from actstore.store.folder import Folder
+from actstore.store.location import Location, join
 from actstore.store.names import validate_name
-from actstore.store.location import Folder, Location, Lock, join, locate
 from actstore.store.run import DEFAULT_ACCESS, SAMPLE_ARRAYS, VISIBILITIES, Run
+from actstore.store.url import locate
 from actstore.store.writer import RunWriter
 
 log = logging.getLogger(__name__)
@@ -90,24 +92,32 @@ class Store:
         except DamagedRun:
             return True
 
-    def writer(self, model: str, method: str, **kwargs: Any) -> RunWriter:
-        """Open a run for appending; see RunWriter.open for the keyword arguments."""
+    def begin_run(self, model: str, method: str, *, recipe: dict[str, Any], overwrite: bool = False,
+                  commit_seconds: float = 10.0) -> RunWriter:
+        """Take the run's writer lock now, before expensive work (loading a model), and return its writer:
+        a second writer, or one of another recipe, is refused at once. ``RunWriter.start`` then lays out
+        the run and publishes the session's start; closing the writer releases the lock (a folder made
+        only for the lock is removed again if nothing was written in it)."""
         validate_name(model, "model name")
         validate_name(method, "method")
         self.ensure_writable()
-        return RunWriter.open(self.location, model, method, **kwargs)
+        return RunWriter.begin(self.location, model, method, recipe=recipe, overwrite=overwrite,
+                               commit_seconds=commit_seconds)
 
-    def lock_run(self, model: str, method: str) -> Lock:
-        """Take the run's writer lock now, before expensive work (loading a model): a second writer is
-        refused at once. Pass it to ``writer(..., lock=...)``, which releases it; a folder made only for
-        the lock is removed again if nothing was written in it."""
-        validate_name(model, "model name")
-        validate_name(method, "method")
-        self.ensure_writable()
-        return self.location.lock(join(model, method), f"run {model}/{method}", create=True)
+    def writer(self, model: str, method: str, *, recipe: dict[str, Any], attrs: dict[str, Any], n_layers: int,
+               hidden: int, overwrite: bool = False, commit_seconds: float = 10.0) -> RunWriter:
+        """``begin_run`` and ``start`` at once, for writers that know the run's shapes beforehand; ``attrs``
+        are recorded when the run is created (a resumed run keeps its own)."""
+        writer = self.begin_run(model, method, recipe=recipe, overwrite=overwrite, commit_seconds=commit_seconds)
+        try:
+            writer.start(provenance=attrs, n_layers=n_layers, hidden=hidden)
+        except BaseException:
+            writer.close()
+            raise
+        return writer
 
     @contextlib.contextmanager
-    def writing(self) -> Iterator["Store"]:
+    def writing(self) -> Iterator[Store]:
         """Create the store for a job that writes runs into it, and undo that if the job fails first.
 
         A folder (or bucket prefix) holding other things but no store is refused before anything is written

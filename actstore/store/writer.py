@@ -13,10 +13,11 @@ stop at the last whole inner chunk buffered and keep the rest for the next (``Ru
 readers are shown is exactly what is committed, during an ingest and after a kill, unless an inner chunk
 takes more than a commit interval to fill (then the partly filled chunk is committed an interval later and
 joins the view when the next commit fills it). Readers that skip the consolidated metadata (xarray's
-``consolidated=False``) take each array's own ``zarr.json``, rewritten after each commit to the same
-length: each array alone is exact, but several files cannot change at once, so such a reader that takes
-the arrays one by one across those few milliseconds can find two lengths (xarray: "conflicting sizes";
-never a row without data). Shard files are rewritten whole, by a temporary file renamed into place
+``consolidated=False``) take each array's own ``zarr.json`` instead: several files cannot change at once,
+and a reader taking the arrays one by one across such writes would find two lengths ("conflicting sizes"
+in xarray), so those files change only when a writing session starts (to the committed whole chunks) and
+finishes (to every committed sample); such readers see the run as of the session's start, consistently,
+never a row without data. Shard files are rewritten whole, by a temporary file renamed into place
 (zarr's LocalStore), so a crash or a full disk never damages a committed sample. When the writer
 finishes, every committed sample is shown, the last partly filled chunk too; the consolidated metadata
 stays, listing the arrays only, so plain readers neither warn nor list the ``derived/`` entries analyses
@@ -39,7 +40,7 @@ from zarr.core.metadata.io import save_metadata
 from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.core.sync import sync
 
-from actstore.store.attributes import encode, read_attr, write_attrs
+from actstore.store.attributes import encode, read_attr
 from actstore.store.errors import StoreNotWritable
 from actstore.store.layout import LABEL_CHUNK, STATE_DTYPE, StateLayout, state_compressors
 from actstore.store.location import Location, Lock, join
@@ -86,82 +87,85 @@ def _create_arrays(group: zarr.Group, n_layers: int, hidden: int, site: str) -> 
 
 
 class RunWriter:
-    """Appends batches to a run, committing them atomically; holds the run's writer lock.
+    """Appends batches to a run, committing them atomically; holds the run's writer lock from ``begin`` to
+    ``close``.
 
-    Batches are buffered in memory and committed every ``commit_seconds`` (and on ``close``), so
-    a kill loses at most that much work while commits stay cheap. Use as a context manager. A write
-    that fails (a full disk) raises StoreNotWritable and leaves the run as of its last commit.
+    Begun before expensive work (loading a model), so that a second writer, or a writer of another recipe,
+    is refused at once; ``start`` then lays the run out if it is new, with the shapes that only the loaded
+    model knows, and publishes the session's start in one write. Batches are buffered in memory and
+    committed every ``commit_seconds`` (and on ``close``), so a kill loses at most that much work while
+    commits stay cheap. Use as a context manager. A write that fails (a full disk) raises StoreNotWritable
+    and leaves the run as of its last commit.
     """
 
-    def __init__(self, run: Run, lock: Lock, commit_seconds: float) -> None:
-        self.run = run
+    def __init__(self, location: Location, model: str, method: str, lock: Lock, recipe: dict[str, Any],
+                 run: Run | None, commit_seconds: float) -> None:
+        self.location, self.model, self.method = location, model, method
+        self.run = run  # None until ``start`` lays out a new (or overwritten) run
         self._lock = lock
+        self._recipe = recipe
         self._commit_seconds = commit_seconds
         self._pending: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
         self._last_commit = time.monotonic()
         self._failed = False
-        with self._writing():
-            self._settle()
+        if run is not None:
+            with self._writing():
+                self._settle()
 
     @classmethod
-    def open(
-        cls,
-        root: Location,
-        model: str,
-        method: str,
-        *,
-        recipe: dict[str, Any],
-        attrs: dict[str, Any],
-        n_layers: int,
-        hidden: int,
-        overwrite: bool = False,
-        commit_seconds: float = 10.0,
-        lock: Lock | None = None,
-    ) -> "RunWriter":
-        """Open ``model/method`` for appending, creating it (or recreating it with ``overwrite``).
-
-        Refuses a run whose recipe differs from ``recipe``: appending would mix two experiments. ``lock``:
-        the run's lock taken beforehand (``Store.lock_run``), so that a second writer is refused before
-        any expensive work; it is released with the writer.
-        """
-        lock = lock or root.lock(join(model, method), f"run {model}/{method}", create=True)
+    def begin(cls, root: Location, model: str, method: str, *, recipe: dict[str, Any], overwrite: bool = False,
+              commit_seconds: float = 10.0) -> RunWriter:
+        """Take ``model/method``'s writer lock and bring an existing run to its last commit (unless
+        ``overwrite``, which replaces it at ``start``). Refuses a run whose recipe differs from ``recipe``:
+        appending would mix two experiments."""
+        lock = root.lock(join(model, method), f"run {model}/{method}", create=True)
         try:
-            with _writing(f"{model}/{method}", 0):
-                group = zarr.open_group(root.zarr_store(), mode="a").require_group(model).require_group(method)
-                if "recipe" not in group.attrs or overwrite:
-                    group = _recreate(root, model, method, n_layers, hidden, recipe, attrs)
-            run = Run(location=root, group=group, model=model, method=method)
-            run.check_recipe(recipe)
-            return cls(run, lock, commit_seconds)
+            run = None if overwrite else _laid_out(root, model, method)
+            if run is not None:
+                run.check_recipe(recipe)
+            return cls(root, model, method, lock, recipe, run, commit_seconds)
         except BaseException:
             lock.release()
             raise
 
+    def start(self, *, provenance: dict[str, Any], n_layers: int, hidden: int, attrs: dict[str, Any] | None = None,
+              planned: int | None = None, history: dict[str, Any] | None = None) -> None:
+        """Publish this writing session's start in one write of the run's metadata: ``attrs`` (settings of
+        this session), how many samples the run will hold when it ends (``planned``; by default as
+        recorded before) and a ``history`` entry kept with every earlier one. A new run (or one being overwritten)
+        is laid out first, with ``n_layers`` x ``hidden`` states and its ``provenance`` (a run resumed keeps
+        its own: where it came from, when it was created, who may read it), and marked usable by this write."""
+        with self._writing():
+            n, first = self.n_committed, {}
+            if self.run is None:
+                self.run = _recreate(self.location, self.model, self.method, n_layers, hidden,
+                                     self._recipe.get("site", ""))
+                first = {**provenance, **_first_attrs(self.model, self.method)}
+            values = {**first, **(attrs or {})}
+            if planned is not None:
+                progress = first.get("progress") or read_attr(self.run.group, "progress")
+                values["progress"] = {**progress, "n_planned": planned, "complete": planned == n}
+            if history is not None:
+                values["history"] = [*read_attr(self.run.group, "history", []), history]
+            self._publish(n, {**values, "recipe": self._recipe})
+
     @property
     def n_committed(self) -> int:
-        return self.run.n_samples
+        return 0 if self.run is None else self.run.n_samples
+
+    @property
+    def stored_attrs(self) -> dict[str, Any]:
+        """The run's attributes as stored before this session (none for a new run)."""
+        return {} if self.run is None else self.run.attrs
 
     def committed_ids(self) -> np.ndarray:
-        return self.run.labels()["sample"]
-
-    def set_planned(self, n_planned: int) -> None:
-        """Record how many samples the run will hold when this ingest ends."""
-        progress = read_attr(self.run.group, "progress")
-        progress.update(n_planned=n_planned, complete=n_planned == progress["n_committed"])
-        self.update_attrs({"progress": progress})
-
-    def update_attrs(self, values: dict[str, Any]) -> None:
-        """Set run attributes (others kept) in one write of the run group's metadata."""
-        with self._writing():
-            self._publish(self.n_committed, values)
-
-    def append_history(self, entry: dict[str, Any]) -> None:
-        """Keep a record of every ingest that touched the run (selection, versions, time)."""
-        self.update_attrs({"history": [*read_attr(self.run.group, "history", []), entry]})
+        return np.zeros(0, dtype=LABELS["sample"]) if self.run is None else self.run.labels()["sample"]
 
     def add(self, states: np.ndarray, labels: dict[str, np.ndarray]) -> None:
         """Buffer one batch: ``states`` is (layer, batch, hidden); ``labels`` has every LABELS name, text labels
         of at most MAX_LABEL_CHARS characters (else LabelTooLong, the batch not taken)."""
+        if self.run is None:
+            raise RuntimeError(f"run {self.model}/{self.method}: start() it before adding batches")
         check_labels(labels)
         self._pending.append((np.asarray(states, dtype=STATE_DTYPE), labels))
         waited = time.monotonic() - self._last_commit
@@ -197,21 +201,20 @@ class RunWriter:
                 array = self.run.group[name]
                 _past_the_end(array, stop)[_rows(array.metadata, start, stop)] = values[name]
             self._publish(stop, {**self._progress(stop, int(values["correct"].sum())), **self._shard_record(stop)})
-            self._write_array_metadata(self._whole_chunks(stop))
         self._pending = rest
         self._last_commit = time.monotonic()
 
     def close(self) -> None:
         """Commit what is buffered (unless a write already failed), finish, and release the lock."""
         try:
-            if not self._failed:
+            if not self._failed and self.run is not None:
                 self.commit()
                 with self._writing():
                     self._finish()
         finally:
             self._lock.release()
 
-    def __enter__(self) -> "RunWriter":
+    def __enter__(self) -> RunWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -221,7 +224,7 @@ class RunWriter:
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
         try:
-            with _writing(f"{self.run.model}/{self.run.method}", self.n_committed):
+            with _writing(f"{self.model}/{self.method}", self.n_committed):
                 yield
         except StoreNotWritable:
             self._failed = True
@@ -273,10 +276,8 @@ class RunWriter:
         self.run = replace(self.run, group=zarr.Group(AsyncGroup(metadata, group.store_path)))
 
     def _write_array_metadata(self, n: int) -> None:
-        """Set each array's own zarr.json to ``n`` samples, after the commit that published them, for readers
-        that skip the consolidated metadata: each array alone is then exact, and a reader that takes the
-        arrays one by one across the few milliseconds of these writes can find two lengths (xarray then says
-        "conflicting sizes"; it never sees a row without data)."""
+        """Set each array's own zarr.json to ``n`` samples, for readers that skip the consolidated metadata;
+        only at a session's start and end (see the module docstring)."""
         for name in SAMPLE_ARRAYS:
             own = zarr.open_array(self.run.group.store_path / name, mode="r+")
             if own.shape[_sample_axis(own.metadata)] != n:
@@ -329,23 +330,28 @@ def _writing(run: str, n_committed: int) -> Iterator[None]:
         ) from None
 
 
-def _recreate(
-    root: Location, model: str, method: str, n_layers: int, hidden: int, recipe: dict, attrs: dict
-) -> zarr.Group:
-    """Empty the run folder and lay out a fresh run; the recipe is written last, marking it usable."""
+def _laid_out(root: Location, model: str, method: str) -> Run | None:
+    """The run ``model/method`` if one was laid out and marked usable (its recipe written), else None."""
+    if not root.exists(join(model, method, "zarr.json")):
+        return None
+    group = zarr.open_group(root.zarr_store(), mode="a").require_group(model).require_group(method)
+    return Run(location=root, group=group, model=model, method=method) if "recipe" in group.attrs else None
+
+
+def _recreate(root: Location, model: str, method: str, n_layers: int, hidden: int, site: str) -> Run:
+    """Empty the run folder and lay out a fresh run's arrays; not usable until its recipe is published."""
     root.clear(join(model, method))
     group = zarr.open_group(root.zarr_store(), mode="a").require_group(model).require_group(method)
-    _create_arrays(group, n_layers, hidden, recipe.get("site", ""))
-    first = {
-        **attrs,
+    _create_arrays(group, n_layers, hidden, site)
+    return Run(location=root, group=group, model=model, method=method)
+
+
+def _first_attrs(model: str, method: str) -> dict[str, Any]:
+    """What every new run records before its first commit."""
+    return {
         "actstore": {"format_version": FORMAT_VERSION, "kind": "run"},
         "model": model,
         "method": method,
         "progress": {"n_committed": 0, "n_correct": 0, "n_planned": 0, "complete": False},
         "accuracy": None,
     }
-    write_attrs(group, first)
-    write_attrs(group, {"recipe": recipe})
-    return group
-
-

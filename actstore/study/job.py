@@ -19,7 +19,8 @@ from actstore.ingest.options import PACKAGED_SMOLLM2, IngestOptions
 from actstore.ingest.selection import TRAIN_POOL_SIZE
 from actstore.server.process import ServerProcess
 from actstore.store import DEFAULT_STORE
-from actstore.store.location import Folder, locate
+from actstore.store.folder import Folder
+from actstore.store.url import locate
 
 log = logging.getLogger(__name__)
 
