@@ -117,10 +117,12 @@ def finished_adapter(folder: Path) -> dict[str, Any]:
     if record is None:
         raise AdapterError(f"{folder} has no {RECORD}: not an adapter written by actstore finetune")
     if not record.get("complete"):
-        raise AdapterError(f"{folder}: training has not finished; rerun the same actstore finetune command to "
-                           "resume it")
-    if not all((folder / name).is_file() for name in ADAPTER_FILES) or fingerprint(folder) != record["adapter"][
-            "fingerprint"]:
-        raise AdapterError(f"{folder}: the adapter files differ from those its record names (altered or "
-                           "half-copied)")
+        raise AdapterError(
+            f"{folder}: training has not finished; rerun the same actstore finetune command to resume it"
+        )
+    if (
+        not all((folder / name).is_file() for name in ADAPTER_FILES)
+        or fingerprint(folder) != record["adapter"]["fingerprint"]
+    ):
+        raise AdapterError(f"{folder}: the adapter files differ from those its record names (altered or half-copied)")
     return record

@@ -45,8 +45,10 @@ def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
     if not found:
         raise ValueError("no address given: expected HOST[:PORT], or several separated by commas")
     if len(found) > 1 and any(_has_scheme(part) for part in found):
-        raise ValueError("a gRPC target with a scheme (dns:, unix:, ipv4:...) cannot be one of several "
-                         "addresses: give several HOST[:PORT] instead")
+        raise ValueError(
+            "a gRPC target with a scheme (dns:, unix:, ipv4:...) cannot be one of several "
+            "addresses: give several HOST[:PORT] instead"
+        )
     return [parse_address(part) for part in found]
 
 

@@ -13,10 +13,14 @@ def add_store_argument(parser: argparse.ArgumentParser) -> None:
     """``--store``, a folder or ``s3://bucket/prefix``, kept as text: ``type=Path`` would turn ``s3://b/x``
     into the folder ``s3:/b/x``. The command's ``Store(...)`` refuses an unknown scheme (UnsupportedLocation,
     one line) before anything is written."""
-    parser.add_argument("--store", default=os.fspath(DEFAULT_STORE), metavar="STORE",
-                        help="store folder, or s3://bucket/prefix on any S3-compatible service (credentials and "
-                             "endpoint from the usual AWS_* environment, e.g. AWS_ENDPOINT_URL) "
-                             "(default: %(default)s)")
+    parser.add_argument(
+        "--store",
+        default=os.fspath(DEFAULT_STORE),
+        metavar="STORE",
+        help="store folder, or s3://bucket/prefix on any S3-compatible service (credentials and "
+        "endpoint from the usual AWS_* environment, e.g. AWS_ENDPOINT_URL) "
+        "(default: %(default)s)",
+    )
 
 
 def csv_list(text: str) -> list[str]:

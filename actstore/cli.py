@@ -17,8 +17,7 @@ from actstore.store import Store, StoreError
 
 SERVER_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # a server's log is read after the fact
 # Errors a user can fix from the message alone: shown as one line, not a traceback.
-_USER_ERRORS: tuple[type[BaseException], ...] = (StoreError, ValueError, FileNotFoundError, ActstoreError,
-                                                 NotAnalysed)
+_USER_ERRORS: tuple[type[BaseException], ...] = (StoreError, ValueError, FileNotFoundError, ActstoreError, NotAnalysed)
 
 
 # S3 clients log where they found credentials and the endpoint at INFO, once per client: noise in every
@@ -41,14 +40,17 @@ def _ls(args: argparse.Namespace) -> int:
         layers, samples, hidden = run.shape
         accuracy = f"{run.accuracy:.3f}" if run.accuracy is not None else "-"
         status = "complete" if run.complete else "partial (resume with the same ingest command)"
-        print(f"{run.model + '/' + run.method:44} {layers:>6} {samples:>8} {hidden:>6} {accuracy:>8} "
-              f"{run.size_bytes() / 1e6:>7.1f}MB  {status}")
+        print(
+            f"{run.model + '/' + run.method:44} {layers:>6} {samples:>8} {hidden:>6} {accuracy:>8} "
+            f"{run.size_bytes() / 1e6:>7.1f}MB  {status}"
+        )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="actstore", description="Hidden states of language models, stored, "
-                                     "served and analysed layer by layer.")
+    parser = argparse.ArgumentParser(
+        prog="actstore", description="Hidden states of language models, stored, served and analysed layer by layer."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,16 +94,17 @@ def _discard_stdout() -> None:
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format=SERVER_LOG_FORMAT if args.command == "serve" else "%(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format=SERVER_LOG_FORMAT if args.command == "serve" else "%(message)s",
+    )
     if not args.verbose:
         for name in _CHATTY:
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("actstore: interrupted; committed batches are kept, rerun the same command to resume",
-              file=sys.stderr)
+        print("actstore: interrupted; committed batches are kept, rerun the same command to resume", file=sys.stderr)
         return 130
     except _USER_ERRORS as exc:
         if args.verbose or os.environ.get("ACTSTORE_DEBUG"):

@@ -57,14 +57,21 @@ def local_s3(folder: Path) -> Iterator[LocalS3]:
         port = probe.getsockname()[1]
     log = folder / "moto.log"
     with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                  stdout=out, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     endpoint = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in S3_ENV}
     try:
         _wait_until_up(endpoint, server, log)
-        os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
-                          AWS_ENDPOINT_URL=endpoint)
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="test",
+            AWS_SECRET_ACCESS_KEY="test",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_ENDPOINT_URL=endpoint,
+        )
         yield LocalS3(endpoint, log)
     finally:
         for key, value in saved.items():
@@ -97,14 +104,17 @@ def make_questions(seed: int = 0) -> list[dict]:
     for subject in SUBJECTS:
         for i in range(PER_SUBJECT):
             words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 25)))
-            rows.append({
-                "question": f"Question {i} on {subject.replace('_', ' ')}: which {words}?",
-                **{f"answer_{c}": f"{c} {rng.choice(WORDS)} {rng.choice(WORDS)}" for c in "abcd"},
-                "correct_answer": "ABCD"[rng.randrange(4)],
-                "topic": subject.replace("_", " "),
-            })
-    rows.insert(20, {"question": "question", **{f"answer_{c}": c for c in "abcd"}, "correct_answer": "answer",
-                     "topic": "topic"})
+            rows.append(
+                {
+                    "question": f"Question {i} on {subject.replace('_', ' ')}: which {words}?",
+                    **{f"answer_{c}": f"{c} {rng.choice(WORDS)} {rng.choice(WORDS)}" for c in "abcd"},
+                    "correct_answer": "ABCD"[rng.randrange(4)],
+                    "topic": subject.replace("_", " "),
+                }
+            )
+    rows.insert(
+        20, {"question": "question", **{f"answer_{c}": c for c in "abcd"}, "correct_answer": "answer", "topic": "topic"}
+    )
     return rows
 
 
@@ -123,14 +133,25 @@ def synthetic_labels(start: int, n: int) -> dict[str, np.ndarray]:
     """Labels of samples ``start`` to ``start + n``: sample ids, subject "s", answer "A", prediction "B", wrong."""
     import numpy as np
 
-    text = {name: np.array([value] * n, dtype=object) for name, value in (("subject", "s"), ("answer", "A"),
-                                                                          ("prediction", "B"))}
+    text = {
+        name: np.array([value] * n, dtype=object)
+        for name, value in (("subject", "s"), ("answer", "A"), ("prediction", "B"))
+    }
     return {"sample": np.arange(start, start + n), **text, "correct": np.zeros(n, dtype=bool)}
 
 
-def write_synthetic_run(store: Store, model: str, method: str, n_layers: int = 3, n_samples: int = 100,
-                        hidden: int = 32, batch: int | None = None, seed: int = 0, states: np.ndarray | None = None,
-                        labels: dict[str, np.ndarray] | None = None) -> np.ndarray:
+def write_synthetic_run(
+    store: Store,
+    model: str,
+    method: str,
+    n_layers: int = 3,
+    n_samples: int = 100,
+    hidden: int = 32,
+    batch: int | None = None,
+    seed: int = 0,
+    states: np.ndarray | None = None,
+    labels: dict[str, np.ndarray] | None = None,
+) -> np.ndarray:
     """A public run written through the store's run writer, each ``batch`` samples one commit (all in one
     commit by default); returns its states. For tests and benches that need a run of a given size or content
     without a model.
@@ -147,8 +168,14 @@ def write_synthetic_run(store: Store, model: str, method: str, n_layers: int = 3
     n_layers, n_samples, hidden = states.shape
     labels = synthetic_labels(0, n_samples) if labels is None else labels
     batch = batch or n_samples
-    with store.writer(model, method, recipe={"synthetic": seed}, attrs={"access": {"visibility": "public"}},
-                      n_layers=n_layers, hidden=hidden) as writer:
+    with store.writer(
+        model,
+        method,
+        recipe={"synthetic": seed},
+        attrs={"access": {"visibility": "public"}},
+        n_layers=n_layers,
+        hidden=hidden,
+    ) as writer:
         for start in range(0, n_samples, batch):
             stop = min(start + batch, n_samples)
             writer.add(states[:, start:stop], {name: values[start:stop] for name, values in labels.items()})

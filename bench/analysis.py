@@ -47,13 +47,19 @@ def write_run(root: Path, n: int, d: int, n_layers: int, seed: int = 0, method: 
     for layer in range(n_layers):
         means = rng.normal(scale=3.0 / (1 + layer), size=(SUBJECTS, d))
         states[layer] = means[subjects] + rng.normal(size=(n, d))
-    labels = {"sample": np.arange(n), "subject": np.array([f"s{s}" for s in subjects], dtype=object),
-              "answer": answers, "prediction": answers, "correct": np.ones(n, dtype=bool)}
+    labels = {
+        "sample": np.arange(n),
+        "subject": np.array([f"s{s}" for s in subjects], dtype=object),
+        "answer": answers,
+        "prediction": answers,
+        "correct": np.ones(n, dtype=bool),
+    }
     write_synthetic_run(Store(root), "synthetic", method or f"d{d}", seed=seed, states=states, labels=labels)
 
 
-def plain_dadapy(x: np.ndarray, subjects: np.ndarray, answers: np.ndarray, params: DensityParams,
-                 overlaps: bool = True) -> tuple:
+def plain_dadapy(
+    x: np.ndarray, subjects: np.ndarray, answers: np.ndarray, params: DensityParams, overlaps: bool = True
+) -> tuple:
     """The same analysis with DADApy computing its own neighbours, as a user would without actstore.
     The label overlaps need more neighbours than maxk, which DADApy computes again by itself."""
     from sklearn.metrics import adjusted_rand_score
@@ -71,8 +77,10 @@ def plain_dadapy(x: np.ndarray, subjects: np.ndarray, answers: np.ndarray, param
     found = (ids, np.asarray(assignment))
     if overlaps:
         codes = [np.unique(labels, return_inverse=True)[1] for labels in (subjects, answers)]
-        found += (data.return_label_overlap(codes[0], class_fraction=params.subject_fraction),
-                  data.return_label_overlap(codes[1], class_fraction=params.answer_fraction))
+        found += (
+            data.return_label_overlap(codes[0], class_fraction=params.subject_fraction),
+            data.return_label_overlap(codes[1], class_fraction=params.answer_fraction),
+        )
     return found
 
 
@@ -83,11 +91,16 @@ def compare_runs(root: Path, run, d: int, n: int) -> None:
     other = Store(root).run("synthetic", f"d{d}-other")
     (ours, kept), (theirs, kept_other) = analyse(run, 0, PAPER), analyse(other, 0, PAPER)
     graphs_s, got = timed(lambda: compare(run, other, 0, PAPER))
-    rows_s, expected = timed(lambda: compare_layer(run.read_rows([0], kept)[0], other.read_rows([0], kept_other)[0],
-                                                   ours.assignment, theirs.assignment))
+    rows_s, expected = timed(
+        lambda: compare_layer(
+            run.read_rows([0], kept)[0], other.read_rows([0], kept_other)[0], ours.assignment, theirs.assignment
+        )
+    )
     assert got == expected, (got, expected)
-    print(f"d={d}: comparing two runs at a layer: from the stored graphs {graphs_s:.2f} s, recomputing kNN "
-          f"{rows_s:.2f} s: {rows_s / graphs_s:.1f}x faster; same overlap {got.data_overlap:.3f}")
+    print(
+        f"d={d}: comparing two runs at a layer: from the stored graphs {graphs_s:.2f} s, recomputing kNN "
+        f"{rows_s:.2f} s: {rows_s / graphs_s:.1f}x faster; same overlap {got.data_overlap:.3f}"
+    )
 
 
 def _load_libraries() -> None:
@@ -101,8 +114,12 @@ def timed(work):
     return time.perf_counter() - started, out
 
 
-SWEEP = [replace(PAPER, z=z, density_k=k, subject_fraction=f, answer_fraction=f / 3)
-         for z in (0.5, 1.0, 1.6, 2.1) for k in (8, 16) for f in (0.3, 0.15)]
+SWEEP = [
+    replace(PAPER, z=z, density_k=k, subject_fraction=f, answer_fraction=f / 3)
+    for z in (0.5, 1.0, 1.6, 2.1)
+    for k in (8, 16)
+    for f in (0.3, 0.15)
+]
 
 
 def main() -> None:
@@ -119,20 +136,25 @@ def main() -> None:
             ours_s, (ours, _) = timed(lambda: analyse(run, 0, PAPER))
             # plain DADApy gets the layer through actstore's fast reader, inside its timing: it needs the data too
             plain_s, (ids, assignment, subject_overlap, answer_overlap) = timed(
-                lambda: plain_dadapy(run.read_states([0])[0], subjects, answers, PAPER))
+                lambda: plain_dadapy(run.read_states([0])[0], subjects, answers, PAPER)
+            )
             x = run.read_states([0])[0]
             bare_s, _ = timed(lambda: plain_dadapy(x, subjects, answers, PAPER, overlaps=False))
             np.testing.assert_allclose(ours.ids_gride, ids, rtol=1e-6)
             assert np.array_equal(ours.assignment, assignment), "clusterings differ"
             np.testing.assert_allclose([ours.overlap_subject, ours.overlap_answer], [subject_overlap, answer_overlap])
-            print(f"d={d}: one layer, first request: actstore {ours_s:.2f} s, plain DADApy {plain_s:.2f} s: "
-                  f"ratio {ours_s / plain_s:.2f} (target <= 1.0); same ID, overlaps and {ours.n_clusters} "
-                  f"clusters. (Plain DADApy without the label overlaps: {bare_s:.2f} s, ratio "
-                  f"{ours_s / bare_s:.2f}.)")
+            print(
+                f"d={d}: one layer, first request: actstore {ours_s:.2f} s, plain DADApy {plain_s:.2f} s: "
+                f"ratio {ours_s / plain_s:.2f} (target <= 1.0); same ID, overlaps and {ours.n_clusters} "
+                f"clusters. (Plain DADApy without the label overlaps: {bare_s:.2f} s, ratio "
+                f"{ours_s / bare_s:.2f}.)"
+            )
             sweep_s, _ = timed(lambda: [analyse(run, 0, p) for p in SWEEP])
             plain_sweep_s, _ = timed(lambda: [plain_dadapy(x, subjects, answers, p) for p in SWEEP])
-            print(f"d={d}: sweep of {len(SWEEP)} settings: actstore {sweep_s:.2f} s, plain DADApy "
-                  f"{plain_sweep_s:.2f} s: {plain_sweep_s / sweep_s:.1f}x faster (target >= 8)")
+            print(
+                f"d={d}: sweep of {len(SWEEP)} settings: actstore {sweep_s:.2f} s, plain DADApy "
+                f"{plain_sweep_s:.2f} s: {plain_sweep_s / sweep_s:.1f}x faster (target >= 8)"
+            )
             compare_runs(root, run, d, args.samples)
         if 576 in args.dims:
             seconds = {}
@@ -140,12 +162,15 @@ def main() -> None:
                 shutil.rmtree(root / "synthetic" / "d576" / "derived", ignore_errors=True)
                 with dask_client(n_workers=workers) as client:
                     client.wait_for_workers(workers)  # every worker up, its libraries loaded, before timing:
-                    client.run(_load_libraries)       # the server's cluster lives on between jobs
-                    seconds[workers], outcomes = timed(lambda: list(analyse_layers(
-                        client, root, [("synthetic", "d576")], list(range(8)), PAPER)))
+                    client.run(_load_libraries)  # the server's cluster lives on between jobs
+                    seconds[workers], outcomes = timed(
+                        lambda: list(analyse_layers(client, root, [("synthetic", "d576")], list(range(8)), PAPER))
+                    )
                 assert all(o.error is None for o in outcomes), [o.error for o in outcomes]
-            print(f"8 layers (d=576): 1 worker {seconds[1]:.1f} s, 2 workers {seconds[2]:.1f} s: "
-                  f"{seconds[1] / seconds[2]:.2f}x (target >= 1.7)")
+            print(
+                f"8 layers (d=576): 1 worker {seconds[1]:.1f} s, 2 workers {seconds[2]:.1f} s: "
+                f"{seconds[1] / seconds[2]:.2f}x (target >= 1.7)"
+            )
 
 
 if __name__ == "__main__":

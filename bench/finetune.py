@@ -53,11 +53,15 @@ def probe_seconds(extractor: StateExtractor, prompts: list[str]) -> float:
 
 def probe_costs(loaded: LoadedModel, adapter: Path, finetune: Finetune, n: int, repeats: int) -> dict:
     """Milliseconds per probed question: the base model, and the adapter unmerged with each branch dtype."""
-    queries = storage_order(select(finetune.dataset, finetune.opts.subjects, train_pool=finetune.opts.train_pool)
-                            .queries[:n])
+    queries = storage_order(
+        select(finetune.dataset, finetune.opts.subjects, train_pool=finetune.opts.train_pool).queries[:n]
+    )
     prompts = [build_prompt(q, [], None) for q in queries]
-    models = {"base": loaded, "float32 branch": attach_adapter(loaded, ModelSource(str(adapter)), None),
-              "compute branch": attach_adapter(loaded, ModelSource(str(adapter)), loaded.dtype)}
+    models = {
+        "base": loaded,
+        "float32 branch": attach_adapter(loaded, ModelSource(str(adapter)), None),
+        "compute branch": attach_adapter(loaded, ModelSource(str(adapter)), loaded.dtype),
+    }
     extractors = {name: StateExtractor(model, "normed") for name, model in models.items()}
     for extractor in extractors.values():
         extractor(prompts[:DEFAULT_BATCH_SIZE])  # warm-up
@@ -66,10 +70,15 @@ def probe_costs(loaded: LoadedModel, adapter: Path, finetune: Finetune, n: int, 
         for name, extractor in extractors.items():
             times[name].append(probe_seconds(extractor, prompts) / len(prompts))
     ms = {name: float(np.median(t)) * 1000 for name, t in times.items()}
-    print(f"probes of {len(prompts)} questions: " + ", ".join(f"{name} {value:.1f} ms/question" for name, value in
-                                                             ms.items()))
-    return {"probe_questions": len(prompts), "probe_ms_per_question": {k: round(v, 1) for k, v in ms.items()},
-            "probe_over_base": {k: round(v / ms["base"], 2) for k, v in ms.items() if k != "base"}}
+    print(
+        f"probes of {len(prompts)} questions: "
+        + ", ".join(f"{name} {value:.1f} ms/question" for name, value in ms.items())
+    )
+    return {
+        "probe_questions": len(prompts),
+        "probe_ms_per_question": {k: round(v, 1) for k, v in ms.items()},
+        "probe_over_base": {k: round(v / ms["base"], 2) for k, v in ms.items() if k != "base"},
+    }
 
 
 def main() -> None:
@@ -81,10 +90,17 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=80, help="questions probed per model (default 80)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+
         def finetune(i: int) -> Finetune:
-            return Finetune(FinetuneOptions(out=Path(tmp) / f"adapter{i}", subjects=args.subjects.split(","),
-                                            train_pool=args.train_pool, eval_per_subject=0,
-                                            hyper=Hyperparameters(epochs=args.epochs)))
+            return Finetune(
+                FinetuneOptions(
+                    out=Path(tmp) / f"adapter{i}",
+                    subjects=args.subjects.split(","),
+                    train_pool=args.train_pool,
+                    eval_per_subject=0,
+                    hyper=Hyperparameters(epochs=args.epochs),
+                )
+            )
 
         first = finetune(0)
         loaded = load_model(first.source, first.device, first.dtype)
@@ -98,13 +114,25 @@ def main() -> None:
             record = finetune(i + 1).run()
             training = record["seconds"]["training_steps"] / (n * args.epochs)
             ratios.append(training / forward)
-            print(f"repeat {i + 1}: forward {forward * 1000:.1f} ms/question, training {training * 1000:.1f} "
-                  f"ms/question/epoch, ratio {ratios[-1]:.2f}")
+            print(
+                f"repeat {i + 1}: forward {forward * 1000:.1f} ms/question, training {training * 1000:.1f} "
+                f"ms/question/epoch, ratio {ratios[-1]:.2f}"
+            )
         probes = probe_costs(loaded, Path(tmp) / "adapter0", first, args.probes, args.repeats)
-        print(json.dumps({"questions": n, "epochs": args.epochs, "dtype": record["recipe"]["compute_dtype"],
-                          "device": record["device"], "training_over_forward": [round(r, 2) for r in ratios],
-                          "median": round(float(np.median(ratios)), 2),
-                          "target": "<= 4", **probes}))
+        print(
+            json.dumps(
+                {
+                    "questions": n,
+                    "epochs": args.epochs,
+                    "dtype": record["recipe"]["compute_dtype"],
+                    "device": record["device"],
+                    "training_over_forward": [round(r, 2) for r in ratios],
+                    "median": round(float(np.median(ratios)), 2),
+                    "target": "<= 4",
+                    **probes,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

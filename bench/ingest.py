@@ -54,22 +54,29 @@ def compare_gguf_dtypes(ingest: Ingest, plan, repeats: int) -> None:
         for dtype, extractor in extractors.items():
             times[dtype].append(forward_only(ingest, plan, extractor)[0] / len(plan.pending))
     per_question = {str(dtype).removeprefix("torch."): np.median(t) * 1e3 for dtype, t in times.items()}
-    print(f"GGUF weights ({plan.source.gguf_file}), forward ms/question, medians of {repeats}: "
-          + ", ".join(f"{name} {ms:.1f}" for name, ms in per_question.items())
-          + f"; float32 / bfloat16: {per_question['float32'] / per_question['bfloat16']:.2f}"
-          + f"; faster: {min(per_question, key=per_question.get)}")
+    print(
+        f"GGUF weights ({plan.source.gguf_file}), forward ms/question, medians of {repeats}: "
+        + ", ".join(f"{name} {ms:.1f}" for name, ms in per_question.items())
+        + f"; float32 / bfloat16: {per_question['float32'] / per_question['bfloat16']:.2f}"
+        + f"; faster: {min(per_question, key=per_question.get)}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--subjects", type=lambda text: text.split(","), default=None,
-                        help="comma-separated MMLU subjects (default: all, the limit spread over them)")
+    parser.add_argument(
+        "--subjects",
+        type=lambda text: text.split(","),
+        default=None,
+        help="comma-separated MMLU subjects (default: all, the limit spread over them)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        ingest = Ingest(IngestOptions(store=Path(tmp) / "store", limit=args.limit, subjects=args.subjects,
-                                             overwrite=True))
+        ingest = Ingest(
+            IngestOptions(store=Path(tmp) / "store", limit=args.limit, subjects=args.subjects, overwrite=True)
+        )
         plan = next(ingest.plans())
         extractor = StateExtractor(ingest.model(plan.source), "normed")
         forward_only(ingest, plan, extractor)  # warm-up
@@ -87,12 +94,16 @@ def main() -> None:
         run_bytes = run.size_bytes()
 
     forward, full = np.median(forward_times), np.median(ingest_times)
-    print(f"questions: {n}, layers: {n_layers}, hidden: {hidden}, compute dtype: {run.attrs['recipe']['compute_dtype']}")
+    print(
+        f"questions: {n}, layers: {n_layers}, hidden: {hidden}, compute dtype: {run.attrs['recipe']['compute_dtype']}"
+    )
     print(f"forward only: {forward:.2f} s   whole ingest: {full:.2f} s   (medians of {args.repeats})")
     print(f"ingest / forward time: {full / forward:.3f}  (target <= 1.05)")
     print(f"questions/s: {n / full:.1f} ingest, {n / forward:.1f} forward only")
-    print(f"hidden_states on disk: {states_bytes / 1e6:.2f} MB, raw fp16 {raw_fp16 / 1e6:.2f} MB: "
-          f"{raw_fp16 / states_bytes:.2f}x smaller (target >= 1.3)")
+    print(
+        f"hidden_states on disk: {states_bytes / 1e6:.2f} MB, raw fp16 {raw_fp16 / 1e6:.2f} MB: "
+        f"{raw_fp16 / states_bytes:.2f}x smaller (target >= 1.3)"
+    )
     print(f"whole run on disk: {run_bytes / 1e6:.2f} MB; stored equals the forward pass exactly: {lossless}")
     if plan.source.gguf_file:
         compare_gguf_dtypes(ingest, plan, args.repeats)

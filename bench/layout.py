@@ -42,11 +42,19 @@ def real_states(store: Path | None, tmp: Path) -> np.ndarray:
     return run.hidden_states[:]
 
 
-def write(path: Path, states: np.ndarray, chunks: tuple, shards: tuple | None,
-          compressors: list) -> tuple[zarr.Array, StateReader]:
+def write(
+    path: Path, states: np.ndarray, chunks: tuple, shards: tuple | None, compressors: list
+) -> tuple[zarr.Array, StateReader]:
     """``states`` stored at ``path`` under one layout, opened for reading both ways."""
-    array = zarr.create_array(path, shape=states.shape, dtype="float32", chunks=chunks, shards=shards,
-                              compressors=compressors, dimension_names=("layer", "sample", "hidden"))
+    array = zarr.create_array(
+        path,
+        shape=states.shape,
+        dtype="float32",
+        chunks=chunks,
+        shards=shards,
+        compressors=compressors,
+        dimension_names=("layer", "sample", "hidden"),
+    )
     array[:] = states
     array = zarr.open_array(path, mode="r")
     return array, StateReader(array, Folder(path.parent), path.name)
@@ -56,7 +64,9 @@ def speeds(array: zarr.Array, reader: StateReader, states: np.ndarray) -> list[f
     """Layer MB/s (best of 5) and one-sample p50 ms (60 samples), through zarr-python then actstore's reader."""
     n_layers, n, _ = states.shape
     picks = [int(i) for i in np.random.default_rng(0).integers(0, n, 60)]
-    assert np.array_equal(reader.read(list(range(n_layers)), picks[0], picks[0] + 1), states[:, picks[0]:picks[0] + 1])
+    assert np.array_equal(
+        reader.read(list(range(n_layers)), picks[0], picks[0] + 1), states[:, picks[0] : picks[0] + 1]
+    )
     figures = []
     for read_layer, read_sample in [
         (lambda: array[n_layers // 2], lambda i: array[:, i]),
@@ -80,8 +90,10 @@ def checksum_cost(tmp: Path, states: np.ndarray, layout: StateLayout, pairs: int
     in ``pairs`` pairs of reads. A pair's two reads run back to back, in alternating order, so neither the
     machine's drift nor the warmer caches of the second read favour one side.
     Returns the quartiles (25, 50, 75 %) of each read's ratios, and the sizes on disk (with / without)."""
-    readers = [write(tmp / name, states, layout.chunks, layout.shards, compressors)[1]
-               for name, compressors in (("with", state_compressors()), ("without", [state_compressor()]))]
+    readers = [
+        write(tmp / name, states, layout.chunks, layout.shards, compressors)[1]
+        for name, compressors in (("with", state_compressors()), ("without", [state_compressor()]))
+    ]
     readers[0] = recorded(readers[0])
     n_layers, n, _ = states.shape
     reads = {
@@ -120,16 +132,20 @@ def layout_table(tmp: Path, states: np.ndarray, chosen: StateLayout) -> None:
     """Print each layout's read speeds through zarr-python and actstore's reader, and its size."""
     hidden = states.shape[2]
     layouts = {
-        f"chosen: shards of {chosen.shard_samples}, inner chunks of {chosen.inner_samples}":
-            (chosen.chunks, chosen.shards),
+        f"chosen: shards of {chosen.shard_samples}, inner chunks of {chosen.inner_samples}": (
+            chosen.chunks,
+            chosen.shards,
+        ),
         "shards of 2048, inner chunks of 64": ((1, 64, hidden), (1, 2048, hidden)),
         "plain chunks of 512 samples": ((1, 512, hidden), None),
         "plain chunks of 64 samples": ((1, 64, hidden), None),
         "plain chunks of 2048 samples": ((1, 2048, hidden), None),
     }
     print(f"{'':48} {'zarr-python':^25} {'actstore reader':^25}")
-    print(f"{'layout':48} {'layer MB/s':>10} {'sample p50 ms':>14} {'layer MB/s':>10} {'sample p50 ms':>14} "
-          f"{'vs raw fp16':>12}")
+    print(
+        f"{'layout':48} {'layer MB/s':>10} {'sample p50 ms':>14} {'layer MB/s':>10} {'sample p50 ms':>14} "
+        f"{'vs raw fp16':>12}"
+    )
     for i, (name, (chunks, shards)) in enumerate(layouts.items()):
         path = tmp / f"layout{i}"
         z_mbps, z_p50, r_mbps, r_p50 = speeds(*write(path, states, chunks, shards, state_compressors()), states)
@@ -153,9 +169,11 @@ def main() -> None:
         if not args.checksums_only:
             layout_table(Path(tmp), states, chosen)
         cost = checksum_cost(Path(tmp) / "checksums", states, chosen, args.pairs)
-        print(f"chosen layout, time with / without chunk CRC-32C and shard record in actstore's reader, median "
-              f"(quartiles) of "
-              f"{args.pairs} paired reads:")
+        print(
+            f"chosen layout, time with / without chunk CRC-32C and shard record in actstore's reader, median "
+            f"(quartiles) of "
+            f"{args.pairs} paired reads:"
+        )
         for name in ("layer", "layer, first read", "sample"):
             low, median, high = cost[name]
             print(f"  {name:18} {median:.3f}x ({low:.3f}-{high:.3f})")

@@ -40,15 +40,21 @@ MAX_PROCESSES = 4
 def build_run(root: Path, n_samples: int) -> Path:
     rng = np.random.default_rng(0)
     store = root / "store"
-    with Store(store).writer(MODEL, METHOD, recipe={"bench": 1}, attrs={"access": {"visibility": "public"}},
-                             n_layers=N_LAYERS, hidden=HIDDEN) as writer:
+    with Store(store).writer(
+        MODEL, METHOD, recipe={"bench": 1}, attrs={"access": {"visibility": "public"}}, n_layers=N_LAYERS, hidden=HIDDEN
+    ) as writer:
         for start in range(0, n_samples, 1000):
             n = min(1000, n_samples - start)
-            writer.add(rng.standard_normal((N_LAYERS, n, HIDDEN), dtype=np.float32), {
-                "sample": np.arange(start, start + n),
-                "subject": rng.choice(["anatomy", "astronomy"], n).astype(object),
-                "answer": rng.choice(list("ABCD"), n).astype(object),
-                "prediction": rng.choice(list("ABCD"), n).astype(object), "correct": rng.random(n) < 0.5})
+            writer.add(
+                rng.standard_normal((N_LAYERS, n, HIDDEN), dtype=np.float32),
+                {
+                    "sample": np.arange(start, start + n),
+                    "subject": rng.choice(["anatomy", "astronomy"], n).astype(object),
+                    "answer": rng.choice(list("ABCD"), n).astype(object),
+                    "prediction": rng.choice(list("ABCD"), n).astype(object),
+                    "correct": rng.random(n) < 0.5,
+                },
+            )
     return store
 
 
@@ -65,8 +71,9 @@ def one_request(client: Client, rng: random.Random, n_samples: int) -> None:
         client.labels(MODEL, METHOD, samples=rng.sample(range(n_samples), min(100, n_samples)))
 
 
-def prompt_callers(address: str, threads: int, seconds: float, n_samples: int, seed: int) -> \
-        tuple[list[float], Counter]:
+def prompt_callers(
+    address: str, threads: int, seconds: float, n_samples: int, seed: int
+) -> tuple[list[float], Counter]:
     """``threads`` callers in this process for ``seconds``: their latencies and their errors by status."""
     latencies: list[float] = []
     errors: Counter[str] = Counter()
@@ -107,7 +114,8 @@ def stall(address: str, count: int) -> list:
     for _ in range(count):
         channel = grpc.insecure_channel(address)
         stream = pb_grpc.DataServiceStub(channel).ReadStates(
-            pb.ReadStatesRequest(run=pb.RunRef(model=MODEL, method=METHOD)))
+            pb.ReadStatesRequest(run=pb.RunRef(model=MODEL, method=METHOD))
+        )
         next(stream)
         streams.append((channel, stream))
     return streams
@@ -140,8 +148,16 @@ def main() -> None:
             streams = stall(server.address, stalled)
             shares = [prompt // processes + (i < prompt % processes) for i in range(processes)]
             with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
-                results = list(pool.map(prompt_callers, [server.address] * processes, shares,
-                                        [args.seconds] * processes, [args.samples] * processes, range(processes)))
+                results = list(
+                    pool.map(
+                        prompt_callers,
+                        [server.address] * processes,
+                        shares,
+                        [args.seconds] * processes,
+                        [args.samples] * processes,
+                        range(processes),
+                    )
+                )
             for channel, stream in streams:
                 stream.cancel()
                 channel.close()
@@ -152,11 +168,15 @@ def main() -> None:
     latencies = np.array([s for result in results for s in result[0]])
     errors = sum((result[1] for result in results), Counter())
     assert len(latencies), "no request finished"
-    print(f"{args.clients} clients ({prompt} prompt in {processes} processes, {stalled} stalled streams), "
-          f"{args.seconds:g} s, run of {N_LAYERS} layers x {args.samples} samples x {HIDDEN}")
-    print(f"  prompt callers: {len(latencies) / args.seconds:.0f} requests/s, "
-          f"p50 {np.percentile(latencies, 50) * 1e3:.1f} ms, p99 {np.percentile(latencies, 99) * 1e3:.1f} ms, "
-          f"max {latencies.max() * 1e3:.0f} ms, errors {sum(errors.values())} {dict(errors) or ''}")
+    print(
+        f"{args.clients} clients ({prompt} prompt in {processes} processes, {stalled} stalled streams), "
+        f"{args.seconds:g} s, run of {N_LAYERS} layers x {args.samples} samples x {HIDDEN}"
+    )
+    print(
+        f"  prompt callers: {len(latencies) / args.seconds:.0f} requests/s, "
+        f"p50 {np.percentile(latencies, 50) * 1e3:.1f} ms, p99 {np.percentile(latencies, 99) * 1e3:.1f} ms, "
+        f"max {latencies.max() * 1e3:.0f} ms, errors {sum(errors.values())} {dict(errors) or ''}"
+    )
     print(f"  server RSS peak {peak[0] / 2**20:.0f} MiB (+{(peak[0] - start_rss) / 2**20:.0f} MiB over its start)")
 
 

@@ -76,10 +76,11 @@ def main() -> None:
         bucket_store, folder_store = Store(url), Store(Path(tmp) / "store")
         for store in (bucket_store, folder_store):
             write_synthetic_run(store, MODEL, METHOD, states=states)
-        plain = zarr.open_array(FsspecStore.from_url(f"{url}/{MODEL}/{METHOD}/hidden_states", read_only=True),
-                                mode="r")
-        servers = {name: ServerProcess(store.url, Path(tmp) / f"{name}.log")
-                   for name, store in (("bucket", bucket_store), ("folder", folder_store))}
+        plain = zarr.open_array(FsspecStore.from_url(f"{url}/{MODEL}/{METHOD}/hidden_states", read_only=True), mode="r")
+        servers = {
+            name: ServerProcess(store.url, Path(tmp) / f"{name}.log")
+            for name, store in (("bucket", bucket_store), ("folder", folder_store))
+        }
         try:
             with Client(servers["bucket"].address) as bucket, Client(servers["folder"].address) as folder:
                 from_bucket = bucket.hidden_states(MODEL, METHOD, layers=layer).values[0]
@@ -87,35 +88,47 @@ def main() -> None:
                 layer_s = {"client, bucket-backed server": [], "zarr-python on the bucket": []}
                 for _ in range(args.repeats):
                     layer_s["client, bucket-backed server"].append(
-                        timed(lambda: bucket.hidden_states(MODEL, METHOD, layers=layer)))
+                        timed(lambda: bucket.hidden_states(MODEL, METHOD, layers=layer))
+                    )
                     layer_s["zarr-python on the bucket"].append(timed(lambda: plain[layer]))
                 picks = [int(i) for i in np.random.default_rng(1).integers(0, args.samples, args.fetches)]
                 per_read = {
                     "bucket-backed server": requests_per_read(
-                        s3, lambda i: bucket.hidden_states(MODEL, METHOD, samples=[i]), picks[:20]),
+                        s3, lambda i: bucket.hidden_states(MODEL, METHOD, samples=[i]), picks[:20]
+                    ),
                     "zarr-python": requests_per_read(s3, lambda i: plain[:, i], picks[:20]),
                 }
                 sample_s = {"bucket-backed server": [], "folder-backed server": [], "zarr-python on the bucket": []}
                 for pick in picks:
-                    sample_s["bucket-backed server"].append(timed(lambda: bucket.hidden_states(MODEL, METHOD, samples=[pick])))
-                    sample_s["folder-backed server"].append(timed(lambda: folder.hidden_states(MODEL, METHOD, samples=[pick])))
+                    sample_s["bucket-backed server"].append(
+                        timed(lambda: bucket.hidden_states(MODEL, METHOD, samples=[pick]))
+                    )
+                    sample_s["folder-backed server"].append(
+                        timed(lambda: folder.hidden_states(MODEL, METHOD, samples=[pick]))
+                    )
                     sample_s["zarr-python on the bucket"].append(timed(lambda: plain[:, pick]))
         finally:
             for server in servers.values():
                 server.stop()
     median = {name: float(np.median(times)) for name, times in {**layer_s, **sample_s}.items()}
     mb = states[layer].nbytes / 1e6
-    print(f"run {states.shape} float32 in moto's S3 server on loopback; one layer = {mb:.1f} MB; "
-          f"medians of {args.repeats} (layer) and {args.fetches} (sample) reads")
+    print(
+        f"run {states.shape} float32 in moto's S3 server on loopback; one layer = {mb:.1f} MB; "
+        f"medians of {args.repeats} (layer) and {args.fetches} (sample) reads"
+    )
     for name in layer_s:
         print(f"  one layer, {name:32} {median[name] * 1e3:8.1f} ms  {mb / median[name]:6.0f} MB/s")
     ratio = median["client, bucket-backed server"] / median["zarr-python on the bucket"]
     print(f"  time ratio client / zarr-python: {ratio:.3f}  (target <= 1.0)")
-    print(f"one sample across {args.layers} layers, S3 requests per read: bucket-backed server "
-          f"{per_read['bucket-backed server']:.1f}, zarr-python {per_read['zarr-python']:.1f} (target: no more)")
+    print(
+        f"one sample across {args.layers} layers, S3 requests per read: bucket-backed server "
+        f"{per_read['bucket-backed server']:.1f}, zarr-python {per_read['zarr-python']:.1f} (target: no more)"
+    )
     for name in sample_s:
-        print(f"  one sample, {name:33} p50 {median[name] * 1e3:6.2f} ms  "
-              f"p99 {np.percentile(sample_s[name], 99) * 1e3:6.2f} ms")
+        print(
+            f"  one sample, {name:33} p50 {median[name] * 1e3:6.2f} ms  "
+            f"p99 {np.percentile(sample_s[name], 99) * 1e3:6.2f} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -49,12 +49,12 @@ def build_run(source: Path | None, root: Path, n_samples: int) -> None:
     base = next(r for r in Store(source).runs() if r.method == "0shot")
     states, labels = base.hidden_states[:], base.labels()
     n_layers, n_base, hidden = states.shape
-    with Store(root / "store").writer(MODEL, "tiled", recipe={"bench": 1}, attrs={}, n_layers=n_layers,
-                                      hidden=hidden) as writer:
+    with Store(root / "store").writer(
+        MODEL, "tiled", recipe={"bench": 1}, attrs={}, n_layers=n_layers, hidden=hidden
+    ) as writer:
         for start in range(0, n_samples, n_base):
             n = min(n_base, n_samples - start)
-            writer.add(states[:, :n], {**{k: v[:n] for k, v in labels.items()},
-                                       "sample": np.arange(start, start + n)})
+            writer.add(states[:, :n], {**{k: v[:n] for k, v in labels.items()}, "sample": np.arange(start, start + n)})
     shutil.copytree(root / "store" / MODEL / "tiled", root / "store" / MODEL / "tiled-plain")
     for method, compressors in VARIANTS.values():
         store_with(root / "store", method, compressors())
@@ -65,9 +65,18 @@ def store_with(root: Path, method: str, compressors: list) -> None:
     path = root / MODEL / method / "hidden_states"
     old = zarr.open_array(path, mode="r")
     states = old[:]
-    new = zarr.create_array(path, shape=old.shape, dtype=old.dtype, chunks=old.chunks, shards=old.shards,
-                            compressors=compressors, fill_value=old.fill_value, attributes=dict(old.attrs),
-                            dimension_names=old.metadata.dimension_names, overwrite=True)
+    new = zarr.create_array(
+        path,
+        shape=old.shape,
+        dtype=old.dtype,
+        chunks=old.chunks,
+        shards=old.shards,
+        compressors=compressors,
+        fill_value=old.fill_value,
+        attributes=dict(old.attrs),
+        dimension_names=old.metadata.dimension_names,
+        overwrite=True,
+    )
     new[...] = states
     with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec": the store keeps it anyway
         warnings.simplefilter("ignore")
@@ -146,10 +155,12 @@ def main() -> None:
     client_mbps = mbps["with CRC", "client (gRPC)"]
     print(f"client / zarr-python local read:  {client_mbps / mbps['with CRC', 'zarr-python']:.2f}x  (target >= 0.85)")
     print(f"client / actstore local reader:   {client_mbps / mbps['with CRC', 'actstore reader']:.2f}x")
-    print(f"one sample ({run.shape[0]} layers x {run.shape[2]}) through the client: "
-          f"p50 {p50['with CRC']:.2f} ms, p99 {np.percentile(latencies['with CRC'], 99) * 1e3:.2f} ms "
-          f"(target p50 < 5 ms); without CRC p50 {p50['without']:.2f} ms, "
-          f"with/without {paired_ratio(latencies['with CRC'], latencies['without']):.3f}x")
+    print(
+        f"one sample ({run.shape[0]} layers x {run.shape[2]}) through the client: "
+        f"p50 {p50['with CRC']:.2f} ms, p99 {np.percentile(latencies['with CRC'], 99) * 1e3:.2f} ms "
+        f"(target p50 < 5 ms); without CRC p50 {p50['without']:.2f} ms, "
+        f"with/without {paired_ratio(latencies['with CRC'], latencies['without']):.3f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,15 @@ WELL_KNOWN = files("grpc_tools") / "_proto"  # google/protobuf/*.proto (Timestam
 
 
 def generate(out_dir: Path = ROOT) -> None:
-    args = ["protoc", f"-I{PROTO_DIR}", f"-I{WELL_KNOWN}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
-            f"--grpc_python_out={out_dir}", *PROTOS]
+    args = [
+        "protoc",
+        f"-I{PROTO_DIR}",
+        f"-I{WELL_KNOWN}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        *PROTOS,
+    ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
 

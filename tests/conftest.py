@@ -27,15 +27,28 @@ NEEDS = {
     "cluster": {"dask_cluster", "idle_scheduler", "manager"},
 }
 # Whole files whose tests run a real model end to end, in subprocesses or at length.
-SLOW_FILES = {"test_smollm2.py", "test_study.py", "test_bench_smoke.py", "test_crash_safety.py",
-              "test_finetune.py", "test_finetune_recipe.py", "test_stream_memory.py", "test_job_fairness.py"}
+SLOW_FILES = {
+    "test_smollm2.py",
+    "test_study.py",
+    "test_bench_smoke.py",
+    "test_crash_safety.py",
+    "test_finetune.py",
+    "test_finetune_recipe.py",
+    "test_stream_memory.py",
+    "test_job_fairness.py",
+}
 # Single tests of over ~7 s in the full run (durations of 2026-12-06), mostly processes started and waited on.
-SLOW_TESTS = {"test_plain_xarray_readers_see_only_whole_commits", "test_a_full_disk_is_a_one_line_error_keeps_"
-              "commits_and_resumes", "test_run_to_xarray_is_a_consistent_snapshot_while_a_writer_commits",
-              "test_a_dead_scheduler_fails_jobs_with_the_reason_and_is_reconnected_when_back",
-              "test_quotas_of_running_and_kept_jobs_per_group", "test_an_existing_dask_cluster_runs_the_analysis",
-              "test_the_retry_window_is_settable_from_the_shell_and_a_server_started_after_10_s_is_reached",
-              "test_a_second_server_on_a_busy_port_refuses_to_start", "test_tls_with_several_replicas"}
+SLOW_TESTS = {
+    "test_plain_xarray_readers_see_only_whole_commits",
+    "test_a_full_disk_is_a_one_line_error_keeps_commits_and_resumes",
+    "test_run_to_xarray_is_a_consistent_snapshot_while_a_writer_commits",
+    "test_a_dead_scheduler_fails_jobs_with_the_reason_and_is_reconnected_when_back",
+    "test_quotas_of_running_and_kept_jobs_per_group",
+    "test_an_existing_dask_cluster_runs_the_analysis",
+    "test_the_retry_window_is_settable_from_the_shell_and_a_server_started_after_10_s_is_reached",
+    "test_a_second_server_on_a_busy_port_refuses_to_start",
+    "test_tls_with_several_replicas",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -72,20 +85,32 @@ def tiny_model(tmp_path_factory) -> Path:
     from actstore.ingest.datasets import Question
     from actstore.ingest.prompts import build_prompt
 
-    corpus = [build_prompt(Question(0, r["topic"], r["question"], tuple(r[f"answer_{c}"] for c in "abcd"),
-                                    "A"), [], None) + " A B C D" for r in make_questions(1)]
+    corpus = [
+        build_prompt(Question(0, r["topic"], r["question"], tuple(r[f"answer_{c}"] for c in "abcd"), "A"), [], None)
+        + " A B C D"
+        for r in make_questions(1)
+    ]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(corpus, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = LlamaForCausalLM(config)
     folder = tmp_path_factory.mktemp("models") / "tiny-llama"
     model.save_pretrained(folder)
@@ -101,8 +126,20 @@ def ingest_cli(tiny_model, questions_file, tmp_path):
     store = tmp_path / "store"
 
     def run(*extra: str, store_path: Path = store) -> int:
-        args = ["ingest", "--store", str(store_path), "--model", str(tiny_model), "--dataset", str(questions_file),
-                "--dtype", "float32", "--batch-size", "4", *extra]
+        args = [
+            "ingest",
+            "--store",
+            str(store_path),
+            "--model",
+            str(tiny_model),
+            "--dataset",
+            str(questions_file),
+            "--dtype",
+            "float32",
+            "--batch-size",
+            "4",
+            *extra,
+        ]
         return main(args)
 
     run.store = store
@@ -125,8 +162,11 @@ def s3_endpoint(local_s3_server) -> str:
 @pytest.fixture
 def bucket(local_s3_server, request) -> str:
     """A fresh, empty bucket on the session's S3 server; its URL ``s3://name``."""
-    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-") + \
-        f"-{random.randrange(16**6):06x}"
+    name = (
+        "t-"
+        + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+        + f"-{random.randrange(16**6):06x}"
+    )
     return local_s3_server.create_bucket(name)
 
 

@@ -131,8 +131,9 @@ def test_layer_analysis_of_a_stored_run_is_cached(ingest_cli, tmp_path):
     np.testing.assert_array_equal(again.assignment, first.assignment)
     assert again.ari_subject == first.ari_subject and again.id == first.id
     assert kept_again.tolist() == kept.tolist()
-    sweep, _ = analyse(run, 2, DensityParams(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8, z=0.5),
-                       Mask(per_subject=30))
+    sweep, _ = analyse(
+        run, 2, DensityParams(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8, z=0.5), Mask(per_subject=30)
+    )
     assert sweep.n_clusters >= first.n_clusters  # a lower Z merges less
     derived = run.location.path / run.key / "derived"
     entries = {kind: [p for p in (derived / kind).iterdir() if p.is_dir()] for kind in ("neighbours", "density")}
@@ -160,8 +161,10 @@ def test_layers_in_parallel_on_a_local_cluster_with_a_failing_layer(small_run):
     from actstore.analysis.scheduler import analyse_layers, dask_client
 
     with dask_client(n_workers=2) as client:
-        outcomes = {o.layer: o for o in analyse_layers(client, small_run, [("tiny-llama", "0shot")], [0, 1, 2, 3],
-                                                       DensityParams(**SMALL))}
+        outcomes = {
+            o.layer: o
+            for o in analyse_layers(client, small_run, [("tiny-llama", "0shot")], [0, 1, 2, 3], DensityParams(**SMALL))
+        }
     assert sorted(outcomes) == [0, 1, 2, 3]
     assert all(outcomes[layer].error is None and outcomes[layer].result.n_clusters >= 1 for layer in (1, 2, 3))
     # layer 0 holds the last token's (normed) embedding: the same ":" for every prompt
@@ -184,10 +187,16 @@ def test_an_existing_dask_cluster_runs_the_analysis(small_run, tmp_path):
         port = probe.getsockname()[1]
     address = f"tcp://127.0.0.1:{port}"
     bin_dir = Path(sys.executable).parent
-    scheduler = subprocess.Popen([bin_dir / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                  "--dashboard-address", ":0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    worker = subprocess.Popen([bin_dir / "dask", "worker", address, "--nthreads", "1", "--no-dashboard"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scheduler = subprocess.Popen(
+        [bin_dir / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    worker = subprocess.Popen(
+        [bin_dir / "dask", "worker", address, "--nthreads", "1", "--no-dashboard"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         time.sleep(1)
         with dask_client(address) as client:
@@ -239,8 +248,9 @@ def test_dendrogram_of_density_peaks():
     x, blob = blobs(n=900, d=6, centers=6, seed=5)
     labels = np.array([f"s{b}" for b in blob])
     dist, idx = knn(x, 100)
-    result = analyse_layer(dist, idx, labels, labels, labels,
-                           DensityParams(maxk=100, gride_range_max=32, id_scale_index=2))
+    result = analyse_layer(
+        dist, idx, labels, labels, labels, DensityParams(maxk=100, gride_range_max=32, id_scale_index=2)
+    )
     tree = density_peak_dendrogram(result, labels)
     assert len(tree.clusters) >= 2 and tree.linkage.shape == (len(tree.clusters) - 1, 4)
     assert (tree.sizes > 30).all() and len(set(tree.labels)) == len(tree.labels)  # one blob per peak
@@ -262,11 +272,19 @@ def test_first_unique_rows_survives_hash_collisions(monkeypatch):
 def _write(store, method: str, states: np.ndarray, subjects: np.ndarray) -> None:
     n = states.shape[1]
     letters = np.array(list("ABCD"))[np.arange(n) % 4].astype(object)
-    with store.writer("blobs", method, recipe={"method": method}, attrs={}, n_layers=states.shape[0],
-                      hidden=states.shape[2]) as writer:
-        writer.add(states.astype(np.float32), {"sample": np.arange(n), "subject": subjects.astype(object),
-                                               "answer": letters, "prediction": letters,
-                                               "correct": np.ones(n, dtype=bool)})
+    with store.writer(
+        "blobs", method, recipe={"method": method}, attrs={}, n_layers=states.shape[0], hidden=states.shape[2]
+    ) as writer:
+        writer.add(
+            states.astype(np.float32),
+            {
+                "sample": np.arange(n),
+                "subject": subjects.astype(object),
+                "answer": letters,
+                "prediction": letters,
+                "correct": np.ones(n, dtype=bool),
+            },
+        )
 
 
 def test_runs_compared_from_their_stored_graphs_or_on_the_rows_both_kept(tmp_path):
@@ -293,8 +311,9 @@ def test_runs_compared_from_their_stored_graphs_or_on_the_rows_both_kept(tmp_pat
         (result_a, kept_a), (result_b, kept_b) = analyse(a, 0, params), analyse(b, 0, params)
         common = np.intersect1d(kept_a, kept_b)  # positions = sample ids here
         in_a, in_b = np.searchsorted(kept_a, common), np.searchsorted(kept_b, common)
-        expected = compare_layer(x[common], (y if other == "b" else twin)[common], result_a.assignment[in_a],
-                                 result_b.assignment[in_b])
+        expected = compare_layer(
+            x[common], (y if other == "b" else twin)[common], result_a.assignment[in_a], result_b.assignment[in_b]
+        )
         assert got.n_common == n_common == expected.n_common
         assert got.data_overlap == pytest.approx(expected.data_overlap) and 0.1 < got.data_overlap < 1
         assert got.ari_clusters == pytest.approx(expected.ari_clusters)

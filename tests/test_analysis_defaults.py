@@ -35,10 +35,13 @@ def test_a_40_sample_run_is_analysed_with_settings_fitted_to_it_and_reported(ser
     with Client(server.address) as client:
         table = client.analyze(MODEL, ["n40"], layers=[1, 2]).result()
     assert (table.error == "").all() and np.isfinite(table.id).all() and (table.n_clusters >= 1).all()
-    settings = {name: table.attrs[name] for name in ("maxk", "gride_range_max", "id_scale_index", "density_k",
-                                                     "compare_k", "smallest_run_samples")}
-    assert settings == dict(maxk=39, gride_range_max=39, id_scale_index=3, density_k=16, compare_k=30,
-                            smallest_run_samples=40)
+    settings = {
+        name: table.attrs[name]
+        for name in ("maxk", "gride_range_max", "id_scale_index", "density_k", "compare_k", "smallest_run_samples")
+    }
+    assert settings == dict(
+        maxk=39, gride_range_max=39, id_scale_index=3, density_k=16, compare_k=30, smallest_run_samples=40
+    )
     assert table.attrs["z"] == PAPER.z and "per_subject" not in table.attrs
     assert main(["analyze", "--address", server.address, MODEL, "--methods", "n40", "--layers", "1"]) == 0
     assert "settings: maxk=39 gride_range_max=39 id_scale_index=3 density_k=16" in capsys.readouterr().out
@@ -57,16 +60,20 @@ def test_a_run_too_small_for_any_analysis_is_one_clear_error(server, capsys):
 
 def test_explicit_settings_the_run_cannot_meet_are_invalid_arguments(server):
     with Client(server.address) as client:
-        for params, said in ((dict(maxk=60), "maxk=60 needs more than 60 samples; synthetic/n40 holds 40"),
-                             (dict(density_k=50), "density_k=50"), (dict(compare_k=40), "compare_k=40")):
+        for params, said in (
+            (dict(maxk=60), "maxk=60 needs more than 60 samples; synthetic/n40 holds 40"),
+            (dict(density_k=50), "density_k=50"),
+            (dict(compare_k=40), "compare_k=40"),
+        ):
             with pytest.raises(ActstoreError) as caught:
                 if "compare_k" in params:
                     client.compare(MODEL, "n40", "n150", layers=[1], **params)
                 else:
                     client.analyze(MODEL, ["n40"], layers=[1], **params)
             assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT, params
-            assert said in caught.value.message and ("lowered to 39" in caught.value.message
-                                                     or "holds 40" in caught.value.message), caught.value.message
+            assert said in caught.value.message and (
+                "lowered to 39" in caught.value.message or "holds 40" in caught.value.message
+            ), caught.value.message
 
 
 def test_runs_above_100_samples_keep_the_study_settings_exactly(server):

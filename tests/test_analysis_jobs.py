@@ -20,12 +20,22 @@ SMALL = dict(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8)
 def server(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("jobs")
     data = write_jsonl(root / "q.jsonl", [r for seed in range(4) for r in make_questions(seed)])
-    common = ["ingest", "--store", str(root / "store"), "--model", str(tiny_model), "--dataset", str(data),
-              "--dtype", "float32"]
+    common = [
+        "ingest",
+        "--store",
+        str(root / "store"),
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(data),
+        "--dtype",
+        "float32",
+    ]
     assert main([*common, "--methods", "0shot,1shot", "--group", "lab-a", "--visibility", "public"]) == 0
     assert main([*common, "--methods", "2shot", "--group", "lab-b"]) == 0  # private to lab-b
-    (root / "auth.toml").write_text('[tokens]\n"tok-a-at-least-16-chars" = "lab-a"\n'
-                                    '"tok-b-at-least-16-chars" = "lab-b"\n')
+    (root / "auth.toml").write_text(
+        '[tokens]\n"tok-a-at-least-16-chars" = "lab-a"\n"tok-b-at-least-16-chars" = "lab-b"\n'
+    )
     process = ServerProcess(root / "store", root / "log", "--auth", str(root / "auth.toml"), "--dask-workers", "2")
     yield process
     process.stop()
@@ -41,7 +51,9 @@ def test_start_watch_result_and_cache_hit(server):
         assert len(job.status().results) == 6
         table = job.result()
         assert table.n_clusters.shape == (2, 3) and (table.n_clusters >= 1).all()
-        assert np.isfinite(table.ari_subject).all() and ((table.overlap_subject >= 0) & (table.overlap_subject <= 1)).all()
+        assert (
+            np.isfinite(table.ari_subject).all() and ((table.overlap_subject >= 0) & (table.overlap_subject <= 1)).all()
+        )
         clusters = job.assignments("tiny-llama/0shot", 2)
         assert clusters.sizes["sample"] > 100
         stored = c.labels("tiny-llama", "0shot")  # cluster coordinates are sample ids, not positions
@@ -64,8 +76,15 @@ def test_request_id_makes_retries_idempotent_and_layer_zero_reports_its_error(se
 
 def test_cancel(server):
     with Client(server.address, token="tok-a-at-least-16-chars") as c:
-        job = c.analyze("tiny-llama", ["0shot", "1shot"], layers=[1, 2, 3], maxk=40, gride_range_max=32,
-                        id_scale_index=2, density_k=9)
+        job = c.analyze(
+            "tiny-llama",
+            ["0shot", "1shot"],
+            layers=[1, 2, 3],
+            maxk=40,
+            gride_range_max=32,
+            id_scale_index=2,
+            density_k=9,
+        )
         assert job.cancel().state == pb.JOB_STATE_CANCELLED  # layers take far longer than this call
         with pytest.raises(ActstoreError) as caught:
             job.result()
@@ -73,19 +92,27 @@ def test_cancel(server):
         assert job.status().state == pb.JOB_STATE_CANCELLED
 
 
-@pytest.mark.parametrize("kwargs,code", [
-    (dict(methods=["0shot"], layers=[99]), grpc.StatusCode.NOT_FOUND),
-    (dict(methods=["0shot"], z=-1.0), grpc.StatusCode.INVALID_ARGUMENT),
-    (dict(methods=["0shot"], density_k=500), grpc.StatusCode.INVALID_ARGUMENT),
-    (dict(methods=["0shot"], preset="nope"), grpc.StatusCode.INVALID_ARGUMENT),
-    (dict(methods=["0shot"], z=float("nan")), grpc.StatusCode.INVALID_ARGUMENT),
-    (dict(methods=["0shot"], subject_fraction=float("nan")), grpc.StatusCode.INVALID_ARGUMENT),
-    (dict(methods=["0shot"], layers=[1], **SMALL | dict(maxk=400)), grpc.StatusCode.INVALID_ARGUMENT),  # 333 samples
-    (dict(methods=["0shot"], layers=[1], compare=[("0shot", "1shot")], compare_k=10**9, **SMALL),
-     grpc.StatusCode.INVALID_ARGUMENT),
-    (dict(methods=["9shot"]), grpc.StatusCode.NOT_FOUND),
-    (dict(methods=["2shot"]), grpc.StatusCode.NOT_FOUND),
-])
+@pytest.mark.parametrize(
+    "kwargs,code",
+    [
+        (dict(methods=["0shot"], layers=[99]), grpc.StatusCode.NOT_FOUND),
+        (dict(methods=["0shot"], z=-1.0), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(methods=["0shot"], density_k=500), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(methods=["0shot"], preset="nope"), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(methods=["0shot"], z=float("nan")), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(methods=["0shot"], subject_fraction=float("nan")), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            dict(methods=["0shot"], layers=[1], **SMALL | dict(maxk=400)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),  # 333 samples
+        (
+            dict(methods=["0shot"], layers=[1], compare=[("0shot", "1shot")], compare_k=10**9, **SMALL),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (dict(methods=["9shot"]), grpc.StatusCode.NOT_FOUND),
+        (dict(methods=["2shot"]), grpc.StatusCode.NOT_FOUND),
+    ],
+)
 def test_bad_requests(server, kwargs, code):
     cached = settled(server.store)
     with Client(server.address, token="tok-a-at-least-16-chars") as c:
@@ -118,11 +145,47 @@ def test_unknown_job(server):
 
 def test_analyze_cli_prints_the_table(server, capsys, monkeypatch):
     monkeypatch.setenv("ACTSTORE_TOKEN", "tok-a-at-least-16-chars")
-    assert main(["analyze", "--address", server.address, "tiny-llama", "--methods", "0shot", "--layers", "1:3",
-                 "--maxk", "20", "--gride-range-max", "32"]) == 1  # explicit Gride scales beyond maxk=20
+    assert (
+        main(
+            [
+                "analyze",
+                "--address",
+                server.address,
+                "tiny-llama",
+                "--methods",
+                "0shot",
+                "--layers",
+                "1:3",
+                "--maxk",
+                "20",
+                "--gride-range-max",
+                "32",
+            ]
+        )
+        == 1
+    )  # explicit Gride scales beyond maxk=20
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
-    assert main(["analyze", "--address", server.address, "tiny-llama", "--methods", "0shot,1shot", "--layers",
-                 "1,2", "--maxk", "120", "--per-subject", "45", "--compare", "0shot,1shot"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "--address",
+                server.address,
+                "tiny-llama",
+                "--methods",
+                "0shot,1shot",
+                "--layers",
+                "1,2",
+                "--maxk",
+                "120",
+                "--per-subject",
+                "45",
+                "--compare",
+                "0shot,1shot",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "n_clusters" in out and "tiny-llama/1shot" in out and "tiny-llama/0shot" in out
     assert "tiny-llama/0shot vs tiny-llama/1shot" in out and "data_overlap" in out
@@ -148,8 +211,10 @@ def test_compare_two_runs_and_dendrograms(server):
             got = table.sel(pair=pair, layer=layer)
             assert got.n_common == len(common) and got.compare_error.item() == ""
             assert got.ari_clusters == pytest.approx(adjusted_rand_score(a.sel(sample=common), b.sel(sample=common)))
-            x, y = (c.hidden_states("tiny-llama", m, layers=layer, samples=common.tolist()).values[0]
-                    for m in ("0shot", "1shot"))
+            x, y = (
+                c.hidden_states("tiny-llama", m, layers=layer, samples=common.tolist()).values[0]
+                for m in ("0shot", "1shot")
+            )
             plain = Data(distances=knn(x, 30), maxk=30, n_jobs=1)
             assert got.data_overlap == pytest.approx(plain.return_data_overlap(distances=knn(y, 30), k=30))
             for run in ("tiny-llama/0shot", "tiny-llama/1shot"):
@@ -166,17 +231,21 @@ def test_compare_two_runs_and_dendrograms(server):
 
 def test_bad_comparisons(server):
     with Client(server.address, token="tok-a-at-least-16-chars") as c:
-        for args, code in ((("0shot", "0shot"), grpc.StatusCode.INVALID_ARGUMENT),
-                           (("0shot", "tiny-llama/2shot"), grpc.StatusCode.NOT_FOUND),
-                           (("0shot", "other-model/1shot"), grpc.StatusCode.NOT_FOUND)):
+        for args, code in (
+            (("0shot", "0shot"), grpc.StatusCode.INVALID_ARGUMENT),
+            (("0shot", "tiny-llama/2shot"), grpc.StatusCode.NOT_FOUND),
+            (("0shot", "other-model/1shot"), grpc.StatusCode.NOT_FOUND),
+        ):
             with pytest.raises(ActstoreError) as caught:
                 c.compare("tiny-llama", *args, **SMALL)
             assert caught.value.code == code, args
 
 
 def test_a_job_is_visible_to_its_group_only(server):
-    with (Client(server.address, token="tok-a-at-least-16-chars") as a,
-          Client(server.address, token="tok-b-at-least-16-chars") as b):
+    with (
+        Client(server.address, token="tok-a-at-least-16-chars") as a,
+        Client(server.address, token="tok-b-at-least-16-chars") as b,
+    ):
         job = a.analyze("tiny-llama", ["0shot"], layers=[1], **SMALL)
         with pytest.raises(ActstoreError) as caught:
             AnalysisJob(b, job.id).status()

@@ -23,8 +23,18 @@ BENCHES = {  # script: its arguments at a tiny size
     "layout.py": ["--store", STORE, "--samples", "100"],
     "analysis.py": ["--dims", "576", "--samples", "600"],  # at 300 (~5 per subject) its overlap check fails
     "ingest.py": ["--limit", "2", "--repeats", "1"],  # the packaged SmolLM2 on 2 questions
-    "finetune.py": ["--subjects", "world_religions", "--train-pool", "2", "--epochs", "1", "--repeats", "1",
-                    "--probes", "4"],
+    "finetune.py": [
+        "--subjects",
+        "world_religions",
+        "--train-pool",
+        "2",
+        "--epochs",
+        "1",
+        "--repeats",
+        "1",
+        "--probes",
+        "4",
+    ],
     "load.py": ["--seconds", "3", "--clients", "4", "--stalled", "1", "--samples", "500"],
     "objectstore.py": ["--layers", "3", "--samples", "256", "--hidden", "64", "--repeats", "1", "--fetches", "3"],
 }
@@ -33,8 +43,26 @@ BENCHES = {  # script: its arguments at a tiny size
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory, tiny_model, questions_file) -> Path:
     store = tmp_path_factory.mktemp("bench") / "store"
-    assert main(["ingest", "--store", str(store), "--model", str(tiny_model), "--dataset", str(questions_file),
-                 "--dtype", "float32", "--methods", "0shot", "--per-subject", "4"]) == 0
+    assert (
+        main(
+            [
+                "ingest",
+                "--store",
+                str(store),
+                "--model",
+                str(tiny_model),
+                "--dataset",
+                str(questions_file),
+                "--dtype",
+                "float32",
+                "--methods",
+                "0shot",
+                "--per-subject",
+                "4",
+            ]
+        )
+        == 0
+    )
     return store
 
 
@@ -46,7 +74,13 @@ def test_every_bench_script_is_listed():
 def test_bench_runs_at_a_tiny_size(script, tiny_store, tmp_path):
     args = [str(tiny_store) if a == STORE else a for a in BENCHES[script]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}  # this checkout's actstore
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=tmp_path, timeout=600,
-                          capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        cwd=tmp_path,
+        timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert done.returncode == 0, f"bench/{script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert done.stdout.strip(), f"bench/{script} printed nothing"

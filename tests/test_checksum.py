@@ -35,8 +35,13 @@ def test_same_crc_as_zarrs_implementation_on_every_length() -> None:
 
 def zarr_crc32c(frame: bytes) -> bytes:
     """``frame`` with the CRC that zarr's crc32c codec appends, from the codec itself."""
-    spec = ArraySpec(shape=(len(frame),), dtype=Float32(), fill_value=0, config=ArrayConfig.from_dict({}),
-                     prototype=default_buffer_prototype())
+    spec = ArraySpec(
+        shape=(len(frame),),
+        dtype=Float32(),
+        fill_value=0,
+        config=ArrayConfig.from_dict({}),
+        prototype=default_buffer_prototype(),
+    )
     encoded = asyncio.run(Crc32cCodec()._encode_single(default_buffer_prototype().buffer.from_bytes(frame), spec))
     return encoded.to_bytes()
 
@@ -79,7 +84,9 @@ def test_chunks_too_short_or_of_another_size_are_mismatches() -> None:
 def test_chunks_without_checksum_are_checked_for_their_blosc_sizes() -> None:
     _, data, spans = stored_chunks(2)
     plain = [(start, size - 4) for start, size in spans]  # the Blosc frames alone, as older runs store them
-    assert [len(f) for f in chunk_frames(data, plain, checksummed=False, decoded_bytes=DECODED)] == [s for _, s in plain]
+    assert [len(f) for f in chunk_frames(data, plain, checksummed=False, decoded_bytes=DECODED)] == [
+        s for _, s in plain
+    ]
     with pytest.raises(ChunkMismatch, match="Blosc frame"):
         chunk_frames(data, [(start, size - 1) for start, size in plain], checksummed=False, decoded_bytes=DECODED)
 

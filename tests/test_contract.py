@@ -23,17 +23,23 @@ def test_generated_code_matches_the_proto(tmp_path):
 
 
 def test_the_client_imports_no_heavy_dependency():
-    code = ("import sys; import actstore.client, actstore.cli; "
-            "heavy = {'torch', 'transformers', 'dask', 'dadapy', 'jax'} & set(sys.modules); "
-            "assert not heavy, heavy")
+    code = (
+        "import sys; import actstore.client, actstore.cli; "
+        "heavy = {'torch', 'transformers', 'dask', 'dadapy', 'jax'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_a_run_still_being_written_is_served_up_to_its_committed_samples(tmp_path):
     store = Store(tmp_path / "store")
-    labels = {"sample": np.arange(4), "subject": np.array(["a"] * 4, dtype=object),
-              "answer": np.array(["A"] * 4, dtype=object), "prediction": np.array(["B"] * 4, dtype=object),
-              "correct": np.zeros(4, dtype=bool)}
+    labels = {
+        "sample": np.arange(4),
+        "subject": np.array(["a"] * 4, dtype=object),
+        "answer": np.array(["A"] * 4, dtype=object),
+        "prediction": np.array(["B"] * 4, dtype=object),
+        "correct": np.zeros(4, dtype=bool),
+    }
     with store.begin_run("m", "0shot", recipe={"r": 1}) as writer:
         writer.start(provenance={}, n_layers=2, hidden=8, planned=100)
         writer.add(np.ones((2, 4, 8), dtype=np.float32), labels)

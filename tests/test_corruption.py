@@ -35,8 +35,9 @@ LAYOUTS = {  # how the run's states are stored: (shard index location, chunk cod
 }
 
 
-def write_in_layout(root: Path, method: str, layout: str = "checksummed", hidden: int = 32, n: int = 100,
-                    n_layers: int = 3) -> np.ndarray:
+def write_in_layout(
+    root: Path, method: str, layout: str = "checksummed", hidden: int = 32, n: int = 100, n_layers: int = 3
+) -> np.ndarray:
     """A run written through the store, its states then stored again under ``layout``; returns the states."""
     states = write_synthetic_run(Store(root), MODEL, method, n_layers, n, hidden, seed=len(method) + hidden)
     restore(root / MODEL / method / "hidden_states", states, layout)
@@ -48,10 +49,18 @@ def restore(path: Path, states: np.ndarray, layout: str) -> None:
     """Store ``states`` again at ``path`` with the chunk grid, fill value and attributes the store gave them."""
     old = zarr.open_array(path, mode="r")
     index_location, compressors = LAYOUTS[layout]
-    new = zarr.create_array(path, shape=old.shape, dtype=old.dtype, chunks=old.chunks, overwrite=True,
-                            shards={"shape": old.shards, "index_location": index_location},
-                            compressors=compressors(), fill_value=old.fill_value, attributes=dict(old.attrs),
-                            dimension_names=old.metadata.dimension_names)
+    new = zarr.create_array(
+        path,
+        shape=old.shape,
+        dtype=old.dtype,
+        chunks=old.chunks,
+        overwrite=True,
+        shards={"shape": old.shards, "index_location": index_location},
+        compressors=compressors(),
+        fill_value=old.fill_value,
+        attributes=dict(old.attrs),
+        dimension_names=old.metadata.dimension_names,
+    )
     new[...] = states
 
 
@@ -91,15 +100,23 @@ def foreign(root: Path, method: str, layout: str) -> None:
     shutil.copyfile(shard_file(root, "other"), shard_file(root, method))
 
 
-DAMAGES = {"flipped chunk byte": flip_chunk, "flipped index byte": flip_index, "truncated shard": truncate,
-           "foreign shard": foreign}
+DAMAGES = {
+    "flipped chunk byte": flip_chunk,
+    "flipped index byte": flip_index,
+    "truncated shard": truncate,
+    "foreign shard": foreign,
+}
 READS = {
     "read_states": lambda run: run.read_states([0, LAYER, 2]),
     "read_rows": lambda run: run.read_rows([LAYER], np.array([90, 50, 3, 41])),
     "encoded_states": lambda run: list(run.encoded_states(LAYER, 0, run.n_samples)),
 }
-CASES = [(layout, damage) for layout in LAYOUTS for damage in DAMAGES
-         if not (layout == "legacy" and damage == "flipped chunk byte")]  # no chunk checksum to catch it
+CASES = [
+    (layout, damage)
+    for layout in LAYOUTS
+    for damage in DAMAGES
+    if not (layout == "legacy" and damage == "flipped chunk byte")
+]  # no chunk checksum to catch it
 
 
 def assert_names_the_damage(message: str, method: str) -> None:
@@ -159,8 +176,11 @@ def test_bytes_that_rot_under_a_shard_already_verified_are_caught_on_the_next_re
     before = path.stat()
     flip_chunk(tmp_path, "0shot", "checksummed")
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert (path.stat().st_ino, path.stat().st_mtime_ns, path.stat().st_size) == \
-        (before.st_ino, before.st_mtime_ns, before.st_size)
+    assert (path.stat().st_ino, path.stat().st_mtime_ns, path.stat().st_size) == (
+        before.st_ino,
+        before.st_mtime_ns,
+        before.st_size,
+    )
     with pytest.raises(CorruptData, match="inner chunk: checksum mismatch") as caught:
         run.read_states([LAYER])
     assert_names_the_damage(str(caught.value), "0shot")
@@ -180,8 +200,9 @@ def served(tmp_path_factory):
         yield root, server, states
 
 
-@pytest.mark.parametrize("encoded, damage, layer", [(False, "chunk", 1), (False, "index", 2), (True, "chunk", 3),
-                                                    (True, "index", 4)])
+@pytest.mark.parametrize(
+    "encoded, damage, layer", [(False, "chunk", 1), (False, "index", 2), (True, "chunk", 3), (True, "index", 4)]
+)
 def test_the_server_answers_data_loss_and_keeps_serving(served, encoded, damage, layer):
     root, server, states = served
     path = shard_file(root, "0shot", layer=layer, shard=5)  # samples 320:384

@@ -27,8 +27,22 @@ def committed(store) -> int:
 
 
 def ingest_args(store, model, data, *extra):
-    return ["ingest", "--store", str(store), "--model", str(model), "--dataset", str(data), "--dtype", "float32",
-            "--batch-size", "3", "--methods", "1shot", *extra]
+    return [
+        "ingest",
+        "--store",
+        str(store),
+        "--model",
+        str(model),
+        "--dataset",
+        str(data),
+        "--dtype",
+        "float32",
+        "--batch-size",
+        "3",
+        "--methods",
+        "1shot",
+        *extra,
+    ]
 
 
 def test_kill_then_resume_equals_uninterrupted(tiny_model, tmp_path):
@@ -36,9 +50,11 @@ def test_kill_then_resume_equals_uninterrupted(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "big.jsonl", rows)
     killed, clean = tmp_path / "killed", tmp_path / "clean"
 
-    proc = subprocess.Popen([sys.executable, "-m", "actstore", *ingest_args(killed, tiny_model, data,
-                                                                              "--commit-seconds", "0")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actstore", *ingest_args(killed, tiny_model, data, "--commit-seconds", "0")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while committed(killed) < 30 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -79,14 +95,22 @@ def test_a_label_longer_than_a_run_stores_is_refused_before_its_batch_is_written
 
     store = Store(tmp_path)
     states = np.ones((2, 3, 32), dtype=np.float32)
-    ok = {"sample": np.arange(3), "subject": np.array(["anatomy"] * 3, dtype=object),
-          "answer": np.array(["A"] * 3, dtype=object), "prediction": np.array(["B"] * 3, dtype=object),
-          "correct": np.zeros(3, dtype=bool)}
+    ok = {
+        "sample": np.arange(3),
+        "subject": np.array(["anatomy"] * 3, dtype=object),
+        "answer": np.array(["A"] * 3, dtype=object),
+        "prediction": np.array(["B"] * 3, dtype=object),
+        "correct": np.zeros(3, dtype=bool),
+    }
     with store.writer("m", "0shot", recipe={"r": 1}, attrs={}, n_layers=2, hidden=32) as writer:
         writer.add(states, ok)
         writer.commit()
         for name in ("subject", "answer", "prediction"):
-            bad = {**ok, "sample": np.arange(3, 6), name: np.array(["x", "y" * (MAX_LABEL_CHARS + 1), "z"], dtype=object)}
+            bad = {
+                **ok,
+                "sample": np.arange(3, 6),
+                name: np.array(["x", "y" * (MAX_LABEL_CHARS + 1), "z"], dtype=object),
+            }
             with pytest.raises(LabelTooLong, match=f"the {name} of sample 4 has 257 characters, above the 256"):
                 writer.add(states, bad)
         writer.add(states, {**ok, "subject": np.array(["y" * MAX_LABEL_CHARS] * 3, dtype=object)})  # at the limit

@@ -125,7 +125,9 @@ def test_a_damaged_run_is_listed_again_once_restored(damaged_folder, tmp_path):
     backup = tmp_path / "backup"
     write_run(Store(backup), "no-arrays")
     assert [r.method for r in store.runs()] == list(GOOD)
-    shutil.copytree(backup / MODEL / "no-arrays" / "hidden_states", damaged_folder / MODEL / "no-arrays" / "hidden_states")
+    shutil.copytree(
+        backup / MODEL / "no-arrays" / "hidden_states", damaged_folder / MODEL / "no-arrays" / "hidden_states"
+    )
     assert [r.method for r in store.runs()] == sorted([*GOOD, "no-arrays"])
 
 
@@ -156,8 +158,7 @@ def test_a_fifo_shard_blocks_no_thread(two_threads):
     with Client(two_threads.address, timeout=5, stream_timeout=5, retries=0) as client:
         started = time.monotonic()
         with ThreadPoolExecutor(6) as pool:
-            errors = list(pool.map(lambda _: error_of(lambda: client.hidden_states(MODEL, "fifo", layers=0)),
-                                   range(6)))
+            errors = list(pool.map(lambda _: error_of(lambda: client.hidden_states(MODEL, "fifo", layers=0)), range(6)))
         assert {e.code for e in errors} == {grpc.StatusCode.FAILED_PRECONDITION}, errors
         assert all(f"{MODEL}/fifo/hidden_states/c/0/0/0" in e.message and "FIFO" in e.message for e in errors)
         assert [r["method"] for r in client.runs()] == ["fifo", "good-a"]
@@ -206,8 +207,11 @@ def test_every_reader_refuses_a_fifo_without_blocking(traps, monkeypatch, by_fd)
     tells what a descriptor opened)."""
     monkeypatch.setattr(files_module, "_BY_FD", by_fd and files_module._BY_FD)
     run = Store(traps).run(MODEL, "fifo")
-    for call in (lambda: run.read_states([0]), lambda: run.hidden_states[0, :3],
-                 lambda: run.to_xarray().hidden_states[0].values):
+    for call in (
+        lambda: run.read_states([0]),
+        lambda: run.hidden_states[0, :3],
+        lambda: run.to_xarray().hidden_states[0].values,
+    ):
         error = in_a_thread(call)
         assert isinstance(error, RefusedEntry) and "m/fifo/hidden_states/c/0/0/0" in str(error), error
     assert run.read_states([1]).shape == (1, N_SAMPLES, HIDDEN)  # the other layer's shards read as before
@@ -233,8 +237,11 @@ def test_links_out_of_the_root_are_refused_and_links_inside_it_followed(tmp_path
 
     run = Store(root).run(MODEL, "out")
     for layer in (0, 1):
-        with pytest.raises(RefusedEntry, match=rf"m/out/hidden_states/c/{layer}/0/0 in store .* is a link leading "
-                                               r"out of the store's root"):
+        with pytest.raises(
+            RefusedEntry,
+            match=rf"m/out/hidden_states/c/{layer}/0/0 in store .* is a link leading "
+            r"out of the store's root",
+        ):
             run.read_states([layer], 0, 8)
         with pytest.raises(RefusedEntry):
             run.hidden_states[layer, :8]
@@ -276,8 +283,9 @@ def test_a_damaged_private_run_is_hidden_from_outsiders_like_an_absent_one(tmp_p
     write_run(store, "private")
     store.set_access(MODEL, "private", {"owner_group": "lab-a", "visibility": "private", "shared_with": []})
     shutil.rmtree(root / MODEL / "private" / "hidden_states")
-    (tmp_path / "auth.toml").write_text('[tokens]\n"tok-a-at-least-16-chars" = "lab-a"\n'
-                                        '"tok-b-at-least-16-chars" = "lab-b"\n')
+    (tmp_path / "auth.toml").write_text(
+        '[tokens]\n"tok-a-at-least-16-chars" = "lab-a"\n"tok-b-at-least-16-chars" = "lab-b"\n'
+    )
     server = ServerProcess(root, tmp_path / "server.log", "--auth", str(tmp_path / "auth.toml"))
     try:
         with Client(server.address, token="tok-b-at-least-16-chars", retries=0) as outsider:

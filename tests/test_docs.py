@@ -60,11 +60,16 @@ def test_cli_reference_is_generated_from_the_parser():
     spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "docs" / "generate_cli.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.TARGET.read_text() == module.render(), \
+    assert module.TARGET.read_text() == module.render(), (
         "docs/reference/cli.md is stale: run .venv/bin/python docs/generate_cli.py"
+    )
 
 
 def test_docs_site_builds_without_warnings(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -40,17 +40,26 @@ def results_table(n_layers: int = 31) -> xr.Dataset:
     runs, layers = [f"{MODEL}/{m}" for m in METHODS], range(1, n_layers)
     pairs = [f"{MODEL}/{a} vs {MODEL}/{b}" for a, b in (p.split(" vs ") for p in PAIRS)]
     shape = (len(runs), len(layers))
-    ranges = {"id": (5, 12), "id_2nn": (5, 12), "core_fraction": (0.5, 1), "ari_subject": (0, 0.9),
-              "ari_answer": (-0.005, 0.005), "ari_prediction": (0, 0.2), "overlap_subject": (0.4, 1),
-              "overlap_answer": (0.24, 0.27)}
+    ranges = {
+        "id": (5, 12),
+        "id_2nn": (5, 12),
+        "core_fraction": (0.5, 1),
+        "ari_subject": (0, 0.9),
+        "ari_answer": (-0.005, 0.005),
+        "ari_prediction": (0, 0.2),
+        "overlap_subject": (0.4, 1),
+        "overlap_answer": (0.24, 0.27),
+    }
     data = {name: (("run", "layer"), rng.uniform(lo, hi, shape)) for name, (lo, hi) in ranges.items()}
     data["n_clusters"] = (("run", "layer"), rng.integers(1, 9, shape).astype(float))
     data["error"] = (("run", "layer"), np.full(shape, "", dtype=object))
     pair_shape = (len(pairs), len(layers))
-    data |= {"n_common": (("pair", "layer"), np.full(pair_shape, 400.0)),
-             "data_overlap": (("pair", "layer"), rng.uniform(0.3, 0.95, pair_shape)),
-             "ari_clusters": (("pair", "layer"), rng.uniform(0, 0.5, pair_shape)),
-             "compare_error": (("pair", "layer"), np.full(pair_shape, "", dtype=object))}
+    data |= {
+        "n_common": (("pair", "layer"), np.full(pair_shape, 400.0)),
+        "data_overlap": (("pair", "layer"), rng.uniform(0.3, 0.95, pair_shape)),
+        "ari_clusters": (("pair", "layer"), rng.uniform(0, 0.5, pair_shape)),
+        "compare_error": (("pair", "layer"), np.full(pair_shape, "", dtype=object)),
+    }
     return xr.Dataset(data, coords={"run": runs, "pair": pairs, "layer": list(layers)})
 
 
@@ -58,13 +67,25 @@ def tree(_run: str, layer: int) -> dict | None:
     """A dendrogram of three density peaks at layer 2, none elsewhere."""
     if layer != 2:
         return None
-    return {"labels": ["astronomy", "anatomy", "virology"], "majority_share": np.array([0.9, 0.6, 0.5]),
-            "sizes": np.array([120, 80, 40]), "linkage": linkage(np.array([[0.0], [1.0], [3.0]]))}
+    return {
+        "labels": ["astronomy", "anatomy", "virology"],
+        "majority_share": np.array([0.9, 0.6, 0.5]),
+        "sizes": np.array([120, 80, 40]),
+        "linkage": linkage(np.array([[0.0], [1.0], [3.0]])),
+    }
 
 
 def write(out: Path, settings: Settings = STUDY, fmt: str = "png") -> list[Path]:
-    return write_results(out, MODEL, results_table(), dict.fromkeys(METHODS, 0.25), dict.fromkeys(METHODS, 400),
-                         tree, settings=settings, fmt=fmt)
+    return write_results(
+        out,
+        MODEL,
+        results_table(),
+        dict.fromkeys(METHODS, 0.25),
+        dict.fromkeys(METHODS, 400),
+        tree,
+        settings=settings,
+        fmt=fmt,
+    )
 
 
 def drawn(fig) -> list:
@@ -112,7 +133,7 @@ def test_every_axis_is_labelled_and_a_legend_names_the_methods(draw):
         assert ax.get_xlabel() and ax.get_ylabel(), ax.get_title()
     legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
     legend = next(lg for lg in legends if lg.get_title().get_text() == title)
-    assert [t.get_text() for t in legend.get_texts()][:len(names)] == names
+    assert [t.get_text() for t in legend.get_texts()][: len(names)] == names
 
 
 def test_the_pairs_have_their_own_legend_and_chance_is_keyed():
@@ -175,9 +196,13 @@ def store(tmp_path_factory) -> Path:
     store = Store(root)
     rng = np.random.default_rng(1)
     subjects = np.repeat(["anatomy", "astronomy", "virology"], 50)
-    labels = {"sample": np.arange(150), "subject": subjects.astype(object),
-              "answer": rng.choice(list("ABCD"), 150).astype(object),
-              "prediction": rng.choice(list("ABCD"), 150).astype(object), "correct": np.zeros(150, dtype=bool)}
+    labels = {
+        "sample": np.arange(150),
+        "subject": subjects.astype(object),
+        "answer": rng.choice(list("ABCD"), 150).astype(object),
+        "prediction": rng.choice(list("ABCD"), 150).astype(object),
+        "correct": np.zeros(150, dtype=bool),
+    }
     centres = rng.standard_normal((3, 16)) * 3
     for seed, method in enumerate(["0shot", "5shot"]):
         states = rng.standard_normal((3, 150, 16)).astype(np.float32) + centres[np.repeat([0, 1, 2], 50)]
@@ -221,8 +246,17 @@ def test_plot_without_the_study_settings_prints_a_command_that_computes_them(sto
     assert "no stored analyses (preset paper, every sample) for m: 0shot layer 1, 0shot layer 2" in err
     serve, analyze = (shlex.split(c) for c in re.findall(r"`(actstore (?:serve|analyze) [^`]+)`", err))
     assert serve == ["actstore", "serve", "--store", str(store)]
-    assert analyze == ["actstore", "analyze", MODEL, "--methods", "0shot,5shot", "--layers", "1:3", "--compare",
-                       "0shot,5shot"]
+    assert analyze == [
+        "actstore",
+        "analyze",
+        MODEL,
+        "--methods",
+        "0shot,5shot",
+        "--layers",
+        "1:3",
+        "--compare",
+        "0shot,5shot",
+    ]
     with ServerProcess(store, tmp_path / "server.log", "--dask-workers", "1") as server:
         assert main([*analyze[1:], "--address", server.address]) == 0
         assert server.stop() == 0

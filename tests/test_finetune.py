@@ -30,8 +30,20 @@ from actstore.testing import PER_SUBJECT, SUBJECTS, write_jsonl
 
 COLOURS = {"red": "A", "green": "B", "blue": "C", "gold": "D"}
 # Small and fast: a rank-8 adapter at a high rate learns the tiny model's rule in a few dozen steps.
-FAST = ["--rank", "8", "--alpha", "16", "--learning-rate", "3e-3", "--batch-size", "8", "--micro-batch", "4",
-        "--dtype", "float32"]
+FAST = [
+    "--rank",
+    "8",
+    "--alpha",
+    "16",
+    "--learning-rate",
+    "3e-3",
+    "--batch-size",
+    "8",
+    "--micro-batch",
+    "4",
+    "--dtype",
+    "float32",
+]
 
 
 def rule_questions(seed: int = 0) -> list[dict]:
@@ -41,8 +53,14 @@ def rule_questions(seed: int = 0) -> list[dict]:
     for subject in SUBJECTS:
         for i in range(PER_SUBJECT):
             colour = rng.choice(list(COLOURS))
-            rows.append({"question": f"Item {i}: the colour is {colour}.", **{f"answer_{c}": f"option {c}"
-                         for c in "abcd"}, "correct_answer": COLOURS[colour], "topic": subject.replace("_", " ")})
+            rows.append(
+                {
+                    "question": f"Item {i}: the colour is {colour}.",
+                    **{f"answer_{c}": f"option {c}" for c in "abcd"},
+                    "correct_answer": COLOURS[colour],
+                    "topic": subject.replace("_", " "),
+                }
+            )
     return rows
 
 
@@ -62,10 +80,29 @@ def trained(tmp_path_factory, tiny_model, rule_file):
     out, store = root / "sft", root / "store"
     # trained on the probes' prompt (header included): the tiny random model does not carry a rule learnt
     # without the header over to prompts with it (probed accuracy 0.48 against > 0.85)
-    assert main(finetune_args(out, tiny_model, rule_file, "--epochs", "12", "--save-every", "8",
-                              "--subject-header")) == 0
-    assert main(["ingest", "--store", str(store), "--model", str(tiny_model), "--dataset", str(rule_file),
-                 "--dtype", "float32", "--methods", "0shot,finetuned,finetuned-step8", "--checkpoint", str(out)]) == 0
+    assert (
+        main(finetune_args(out, tiny_model, rule_file, "--epochs", "12", "--save-every", "8", "--subject-header")) == 0
+    )
+    assert (
+        main(
+            [
+                "ingest",
+                "--store",
+                str(store),
+                "--model",
+                str(tiny_model),
+                "--dataset",
+                str(rule_file),
+                "--dtype",
+                "float32",
+                "--methods",
+                "0shot,finetuned,finetuned-step8",
+                "--checkpoint",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out, Store(store)
 
 
@@ -81,7 +118,9 @@ def test_training_learns_the_rule_and_lowers_the_loss(trained):
     assert base.accuracy < 0.5 and tuned.accuracy > 0.7  # on questions never trained on (0.815 measured)
     np.testing.assert_array_equal(base.labels()["sample"], tuned.labels()["sample"])
     early = store.run("tiny-llama", "finetuned-step8")
-    assert early.attrs["finetune"]["step"] == 8 and early.attrs["recipe"]["checkpoint"]["model_id"] == "sft/checkpoint-8"
+    assert (
+        early.attrs["finetune"]["step"] == 8 and early.attrs["recipe"]["checkpoint"]["model_id"] == "sft/checkpoint-8"
+    )
 
 
 def test_only_adapter_weights_change(trained, tiny_model):
@@ -89,18 +128,30 @@ def test_only_adapter_weights_change(trained, tiny_model):
     adapter = load_file(out / "adapter_model.safetensors")
     assert adapter and all(".lora_A." in name or ".lora_B." in name for name in adapter)
     targets = {name.split(".lora_")[0].removeprefix("base_model.model.") for name in adapter}
-    assert {t.rsplit(".", 1)[1] for t in targets} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                      "up_proj", "down_proj"}
+    assert {t.rsplit(".", 1)[1] for t in targets} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     from peft import PeftModel
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     with peft_quietly():
         merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out).merge_and_unload()
-    changed = {name.removesuffix(".weight") for name, value in merged.state_dict().items()
-               if not torch.equal(value, base[name])}
+    changed = {
+        name.removesuffix(".weight")
+        for name, value in merged.state_dict().items()
+        if not torch.equal(value, base[name])
+    }
     assert changed == targets  # every adapted projection moved, nothing else did
-    assert ModelSource.resolve(str(tiny_model)).fingerprint() == \
-        json.loads((out / RECORD).read_text())["recipe"]["base"]["fingerprint"]  # the base files are untouched
+    assert (
+        ModelSource.resolve(str(tiny_model)).fingerprint()
+        == json.loads((out / RECORD).read_text())["recipe"]["base"]["fingerprint"]
+    )  # the base files are untouched
 
 
 def test_the_loss_is_the_answer_letter_alone(tiny_model):
@@ -122,8 +173,10 @@ def test_the_loss_is_the_answer_letter_alone(tiny_model):
 
 
 def test_subject_weights_make_every_subject_count_alike():
-    questions = [Question(i, subject, "q", ("a", "b", "c", "d"), "A")
-                 for i, subject in enumerate(["a"] * 6 + ["b"] * 3 + ["c"] * 1)]
+    questions = [
+        Question(i, subject, "q", ("a", "b", "c", "d"), "A")
+        for i, subject in enumerate(["a"] * 6 + ["b"] * 3 + ["c"] * 1)
+    ]
     weights = subject_weights(questions)
     assert weights.mean() == pytest.approx(1.0)
     sums = [weights[[q.subject == s for q in questions]].sum() for s in "abc"]
@@ -145,8 +198,26 @@ def test_training_and_probed_questions_are_disjoint(tiny_model, rule_file, tmp_p
     out = tmp_path / "sft-small"
     assert main(finetune_args(out, tiny_model, rule_file, "--epochs", "1", "--train-pool", "20")) == 0
     # probing with a smaller held-out pool would probe questions the adapter was trained on
-    assert main(["ingest", "--store", str(tmp_path / "store"), "--model", str(tiny_model), "--dataset",
-                 str(rule_file), "--train-pool", "10", "--methods", "finetuned", "--checkpoint", str(out)]) == 1
+    assert (
+        main(
+            [
+                "ingest",
+                "--store",
+                str(tmp_path / "store"),
+                "--model",
+                str(tiny_model),
+                "--dataset",
+                str(rule_file),
+                "--train-pool",
+                "10",
+                "--methods",
+                "finetuned",
+                "--checkpoint",
+                str(out),
+            ]
+        )
+        == 1
+    )
     assert "trained on 24 of the questions this run probes" in capsys.readouterr().err  # 8 of 18 per subject
     assert not (tmp_path / "store").exists() or not Store(tmp_path / "store").runs()
 
@@ -158,8 +229,11 @@ def adapter_tensors(folder):
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_model, rule_file, tmp_path, capsys):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     args = ["--epochs", "20", "--save-every", "3"]
-    proc = subprocess.Popen([sys.executable, "-m", "actstore", *finetune_args(killed, tiny_model, rule_file, *args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actstore", *finetune_args(killed, tiny_model, rule_file, *args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not (killed / "checkpoint-9").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.005)
@@ -168,15 +242,34 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_model, rule_file, t
     proc.wait()
     with pytest.raises(AdapterError, match="has not finished"):
         finished_adapter(killed)  # nothing an ingest could pick up
-    assert main(["ingest", "--store", str(tmp_path / "store"), "--model", str(tiny_model), "--dataset",
-                 str(rule_file), "--methods", "finetuned", "--checkpoint", str(killed)]) == 1
+    assert (
+        main(
+            [
+                "ingest",
+                "--store",
+                str(tmp_path / "store"),
+                "--model",
+                str(tiny_model),
+                "--dataset",
+                str(rule_file),
+                "--methods",
+                "finetuned",
+                "--checkpoint",
+                str(killed),
+            ]
+        )
+        == 1
+    )
     assert "rerun the same actstore finetune command" in capsys.readouterr().err
 
     # both in fresh processes, as a user reruns it (an in-process run would inherit the test process's
     # torch thread settings, which change float sums in the last bits)
     for out in (killed, clean):
-        subprocess.run([sys.executable, "-m", "actstore", *finetune_args(out, tiny_model, rule_file, *args)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "actstore", *finetune_args(out, tiny_model, rule_file, *args)],
+            check=True,
+            capture_output=True,
+        )
     resumed, uninterrupted = (json.loads((d / RECORD).read_text()) for d in (killed, clean))
     assert resumed["seconds"]["resumed_at_step"] >= 9
     assert resumed["losses"] == uninterrupted["losses"]
@@ -226,8 +319,10 @@ def test_provenance_is_served(trained, tmp_path):
     recipe, finetune = info["recipe"], info["attributes"]["finetune"]
     assert recipe["checkpoint"]["fingerprint"] == record["adapter"]["fingerprint"]
     assert recipe["model_fingerprint"] == record["recipe"]["base"]["fingerprint"]
-    assert finetune["recipe"]["hyperparameters"] == Hyperparameters(
-        rank=8, learning_rate=3e-3, batch_size=8, epochs=12, subject_header=True).as_dict()
+    assert (
+        finetune["recipe"]["hyperparameters"]
+        == Hyperparameters(rank=8, learning_rate=3e-3, batch_size=8, epochs=12, subject_header=True).as_dict()
+    )
     assert finetune["training"]["ids"] == record["training"]["ids"]
     assert finetune["final_loss"] == pytest.approx(record["final_loss"])
 

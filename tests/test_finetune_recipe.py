@@ -65,21 +65,25 @@ def test_a_40_step_record_names_the_authors_checkpoints_no_clipping_and_the_head
 
 
 def test_held_out_accuracy_is_measured_at_every_checkpoint_on_questions_neither_trained_nor_probed(
-        forty_steps, tiny_model, rule_file, tmp_path):
+    forty_steps, tiny_model, rule_file, tmp_path
+):
     _, record = forty_steps
     held_out = record["accuracy"]["held_out"]
     assert [step for step, _ in held_out] == [0, *record["checkpoints"]["steps"], 40]
     assert all(0 <= value <= 1 for _, value in held_out) and record["accuracy"]["n_held_out"] == 6
     ids = set(record["training"]["held_out_ids"])
-    queries = Ingest(IngestOptions(store=tmp_path / "s", model=str(tiny_model), dataset=str(rule_file))).selection.queries
+    queries = Ingest(
+        IngestOptions(store=tmp_path / "s", model=str(tiny_model), dataset=str(rule_file))
+    ).selection.queries
     assert len(ids) == 6 and not ids & set(record["training"]["ids"]) and not ids & {q.id for q in queries}
 
 
 def test_the_training_prompt_has_no_subject_header_unless_asked(tiny_model, rule_file, tmp_path):
     def prompts(*header_flag: bool) -> list[str]:
         hyper = Hyperparameters(subject_header=bool(header_flag and header_flag[0]))
-        return Finetune(FinetuneOptions(out=tmp_path / "x", model=str(tiny_model), dataset=str(rule_file),
-                                        hyper=hyper)).prompts
+        return Finetune(
+            FinetuneOptions(out=tmp_path / "x", model=str(tiny_model), dataset=str(rule_file), hyper=hyper)
+        ).prompts
 
     plain, with_header = prompts(), prompts(True)
     assert not any(p.startswith("The following are") for p in plain) and all(p.endswith("\nAnswer:") for p in plain)
@@ -108,14 +112,34 @@ def small_update(tmp_path_factory, tiny_model, rule_file):
     args[args.index("--dtype") + 1] = "bfloat16"
     assert main(args) == 0
     for branch in ("float32", "compute"):
-        assert main(["ingest", "--store", str(store / branch), "--model", str(tiny_model), "--dataset", str(rule_file),
-                     "--dtype", "bfloat16", "--methods", "0shot,finetuned", "--checkpoint", str(out),
-                     "--adapter-branch", branch]) == 0
+        assert (
+            main(
+                [
+                    "ingest",
+                    "--store",
+                    str(store / branch),
+                    "--model",
+                    str(tiny_model),
+                    "--dataset",
+                    str(rule_file),
+                    "--dtype",
+                    "bfloat16",
+                    "--methods",
+                    "0shot,finetuned",
+                    "--checkpoint",
+                    str(out),
+                    "--adapter-branch",
+                    branch,
+                ]
+            )
+            == 0
+        )
     return out, store
 
 
-def test_stored_finetuned_states_equal_the_unmerged_adapter_and_a_bf16_merge_would_not(small_update, tiny_model,
-                                                                                          rule_file):
+def test_stored_finetuned_states_equal_the_unmerged_adapter_and_a_bf16_merge_would_not(
+    small_update, tiny_model, rule_file
+):
     out, store = small_update
     base = load_model(ModelSource.resolve(str(tiny_model)), torch.device("cpu"), torch.bfloat16)
     with peft_quietly():
@@ -125,8 +149,9 @@ def test_stored_finetuned_states_equal_the_unmerged_adapter_and_a_bf16_merge_wou
     stored = Store(store / "float32")
     prompts = _prompts(stored, rule_file)
     tuned = stored.run("tiny-llama", "finetuned").hidden_states[:]
-    expected = _direct(LoadedModel(authors.base_model.model, base.tokenizer, base.source, base.device, base.dtype),
-                       prompts)
+    expected = _direct(
+        LoadedModel(authors.base_model.model, base.tokenizer, base.source, base.device, base.dtype), prompts
+    )
     np.testing.assert_array_equal(tuned, expected)  # the authors' computation, bit for bit
     as_merged = _direct(LoadedModel(merged, base.tokenizer, base.source, base.device, base.dtype), prompts)
     assert not np.array_equal(as_merged, expected)  # a bf16 merge rounds part of the update away
@@ -142,10 +167,14 @@ def test_the_compute_branch_equals_the_adapter_as_training_computed_it(small_upd
         model = PeftModel.from_pretrained(copy.deepcopy(base.model), out, autocast_adapter_dtype=False).eval()
     model = model.to(torch.bfloat16)
     compute = Store(store / "compute")
-    expected = _direct(LoadedModel(model.base_model.model, base.tokenizer, base.source, base.device, base.dtype),
-                       _prompts(compute, rule_file))
+    expected = _direct(
+        LoadedModel(model.base_model.model, base.tokenizer, base.source, base.device, base.dtype),
+        _prompts(compute, rule_file),
+    )
     np.testing.assert_array_equal(compute.run("tiny-llama", "finetuned").hidden_states[:], expected)
-    recipes = [Store(store / b).run("tiny-llama", "finetuned").attrs["recipe"]["adapter"] for b in ("float32", "compute")]
+    recipes = [
+        Store(store / b).run("tiny-llama", "finetuned").attrs["recipe"]["adapter"] for b in ("float32", "compute")
+    ]
     assert "float32" in recipes[0] and "compute dtype" in recipes[1] and all("unmerged" in r for r in recipes)
 
 

@@ -14,8 +14,9 @@ def _into_closed_pipe(*args: str) -> subprocess.CompletedProcess:
     read, write = os.pipe()
     os.close(read)
     try:
-        return subprocess.run([sys.executable, "-m", "actstore", *args], stdout=write, stderr=subprocess.PIPE,
-                              text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "actstore", *args], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120
+        )
     finally:
         os.close(write)
 
@@ -54,8 +55,16 @@ def test_the_objects_a_user_holds_say_what_they_are(tmp_path):
     n = 12
     text = np.array(["s"] * n, dtype=object)
     with store.writer("m", "0shot", recipe={"r": 1}, attrs={}, n_layers=2, hidden=8) as writer:
-        writer.add(np.zeros((2, n, 8), np.float32), {"sample": np.arange(n), "subject": text, "answer": text,
-                                                    "prediction": text, "correct": np.ones(n, dtype=bool)})
+        writer.add(
+            np.zeros((2, n, 8), np.float32),
+            {
+                "sample": np.arange(n),
+                "subject": text,
+                "answer": text,
+                "prediction": text,
+                "correct": np.ones(n, dtype=bool),
+            },
+        )
     run = store.run("m", "0shot")
     assert repr(store) == f"Store({str(tmp_path / 'store')!r})"
     assert repr(run).startswith("<Run m/0shot: 2 layers x 12 samples x 8, complete, accuracy 1.000; store ")

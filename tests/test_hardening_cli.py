@@ -21,9 +21,13 @@ from actstore.store import Store
 @pytest.fixture
 def store(tmp_path):
     """A one-run store written straight through the store API: no model needed."""
-    labels = {"sample": np.arange(4), "subject": np.array(["a"] * 4, dtype=object),
-              "answer": np.array(["A"] * 4, dtype=object), "prediction": np.array(["B"] * 4, dtype=object),
-              "correct": np.zeros(4, dtype=bool)}
+    labels = {
+        "sample": np.arange(4),
+        "subject": np.array(["a"] * 4, dtype=object),
+        "answer": np.array(["A"] * 4, dtype=object),
+        "prediction": np.array(["B"] * 4, dtype=object),
+        "correct": np.zeros(4, dtype=bool),
+    }
     store = Store(tmp_path / "store")
     with store.writer("m", "0shot", recipe={"r": 1}, attrs={}, n_layers=2, hidden=8) as writer:
         writer.add(np.ones((2, 4, 8), dtype=np.float32), labels)
@@ -69,8 +73,15 @@ def test_query_get_does_not_overwrite_unless_asked(store, tmp_path, capsys):
         server.stop()
 
 
-@pytest.mark.parametrize("given,meant", [("localhost", "localhost:50051"), ("10.0.0.7", "10.0.0.7:50051"),
-                                         ("[::1]", "[::1]:50051"), ("example.org:443", "example.org:443")])
+@pytest.mark.parametrize(
+    "given,meant",
+    [
+        ("localhost", "localhost:50051"),
+        ("10.0.0.7", "10.0.0.7:50051"),
+        ("[::1]", "[::1]:50051"),
+        ("example.org:443", "example.org:443"),
+    ],
+)
 def test_an_address_without_a_port_means_50051(given, meant):
     assert parse_address(given) == meant
 
@@ -78,16 +89,23 @@ def test_an_address_without_a_port_means_50051(given, meant):
 def test_a_second_server_on_a_busy_port_refuses_to_start(store, tmp_path):
     first = ServerProcess(store, tmp_path / "first.log")
     try:
-        assert_one_line_error(actstore("serve", "--store", str(store), "--address", first.address),
-                              "cannot listen on", first.address)
+        assert_one_line_error(
+            actstore("serve", "--store", str(store), "--address", first.address), "cannot listen on", first.address
+        )
         first_line = first.output().splitlines()[0]  # timestamped, with its level
         assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ", first_line), first_line
     finally:
         first.stop()
 
 
-@pytest.mark.parametrize("address,words", [("127.0.0.1:99999", ["invalid port"]), ("no such host", ["invalid address"]),
-                                           ("nonsense", ["cannot listen on nonsense:50051"])])
+@pytest.mark.parametrize(
+    "address,words",
+    [
+        ("127.0.0.1:99999", ["invalid port"]),
+        ("no such host", ["invalid address"]),
+        ("nonsense", ["cannot listen on nonsense:50051"]),
+    ],
+)
 def test_a_bad_address_fails_in_one_line(store, address, words):
     assert_one_line_error(actstore("serve", "--store", str(store), "--address", address), *words)
 
@@ -101,6 +119,9 @@ def test_bad_tls_files_fail_in_one_line(store, tmp_path, problem):
     elif problem == "not PEM":
         cert.write_text("not a certificate")
         key.write_text("not a key")
-    assert_one_line_error(actstore("serve", "--store", str(store), "--address", "127.0.0.1:0",
-                                   "--tls-cert", str(cert), "--tls-key", str(key)), "TLS" if problem != "not PEM"
-                          else "--tls-cert")
+    assert_one_line_error(
+        actstore(
+            "serve", "--store", str(store), "--address", "127.0.0.1:0", "--tls-cert", str(cert), "--tls-key", str(key)
+        ),
+        "TLS" if problem != "not PEM" else "--tls-cert",
+    )

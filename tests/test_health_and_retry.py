@@ -66,7 +66,8 @@ def test_after_sigterm_health_answers_not_serving_while_a_stream_drains(store, t
     with ServerProcess(store, tmp_path / "drain.log") as server:
         with grpc.insecure_channel(server.address, options=[("grpc.http2.bdp_probe", 0)]) as channel:
             stream = pb_grpc.DataServiceStub(channel).ReadStates(  # in flight, unread: holds the drain open
-                pb.ReadStatesRequest(run=pb.RunRef(model=RUN[0], method=RUN[1])), timeout=60)
+                pb.ReadStatesRequest(run=pb.RunRef(model=RUN[0], method=RUN[1])), timeout=60
+            )
             next(stream)
             server.proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 10
@@ -87,8 +88,12 @@ def test_after_sigterm_health_answers_not_serving_while_a_stream_drains(store, t
 def test_the_retry_window_is_settable_from_the_shell_and_a_server_started_after_10_s_is_reached(store, tmp_path):
     port = free_port()
     address = f"127.0.0.1:{port}"
-    query = subprocess.Popen([sys.executable, "-m", "actstore", "query", "--address", address, "--retry-for", "60",
-                              "runs"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    query = subprocess.Popen(
+        [sys.executable, "-m", "actstore", "query", "--address", address, "--retry-for", "60", "runs"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         time.sleep(12)  # longer than the default window of 10 s
         assert query.poll() is None, query.communicate()[0]

@@ -94,7 +94,7 @@ def test_no_circle_between_modules():
         stack.append(node)
         for nxt in sorted(graph[node]):
             if seen.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in seen and (circle := visit(nxt)):
                 return circle
         stack.pop()

@@ -30,8 +30,22 @@ TESTS = Path(__file__).parent
 
 
 def ingest_args(store: Path, model: Path, data: Path, *extra: str) -> list[str]:
-    return ["ingest", "--store", str(store), "--model", str(model), "--dataset", str(data), "--dtype", "float32",
-            "--batch-size", "3", "--methods", METHOD, *extra]
+    return [
+        "ingest",
+        "--store",
+        str(store),
+        "--model",
+        str(model),
+        "--dataset",
+        str(data),
+        "--dtype",
+        "float32",
+        "--batch-size",
+        "3",
+        "--methods",
+        METHOD,
+        *extra,
+    ]
 
 
 def committed(store: Path) -> int:
@@ -59,9 +73,17 @@ def wide_model(tiny_model, tmp_path_factory) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=1024,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     folder = tmp_path_factory.mktemp("models") / "tiny-llama"
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -79,8 +101,12 @@ def reference(wide_model, big_data, tmp_path_factory) -> xr.Dataset:
     """The uninterrupted run, every test compares with: made in a fresh process, as the runs compared with it
     are (in-process, it would inherit what earlier tests left in torch's state: thread counts, kernels)."""
     store = tmp_path_factory.mktemp("reference") / "store"
-    done = subprocess.run([sys.executable, "-m", "actstore", *ingest_args(store, wide_model, big_data)],
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "actstore", *ingest_args(store, wide_model, big_data)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return xr.open_zarr(store, group=RUN, consolidated=False).load()
 
@@ -124,9 +150,12 @@ def test_plain_xarray_readers_see_only_whole_commits(wide_model, big_data, refer
     batch: no failed read, no unfilled row, every row read equal to the final data, and the reads follow
     the commits (in whole inner chunks of 16 samples)."""
     store, stop, out = tmp_path / "store", tmp_path / "stop", tmp_path / "reads.jsonl"
-    ingest = subprocess.Popen([sys.executable, "-m", "actstore", *ingest_args(store, wide_model, big_data,
-                                                                              "--commit-seconds", "0")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ingest = subprocess.Popen(
+        [sys.executable, "-m", "actstore", *ingest_args(store, wide_model, big_data, "--commit-seconds", "0")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_commits(store, ingest, 16)
     reader = subprocess.Popen([sys.executable, "-c", READER, str(store), RUN, str(stop), str(out)])
     _, err = ingest.communicate(timeout=900)  # a loaded 2-core CI machine
@@ -153,12 +182,17 @@ def test_plain_xarray_readers_see_only_whole_commits(wide_model, big_data, refer
 
 # -- a full disk ----------------------------------------------------------------------------------------
 
+
 def fill_disk_during_ingest(mount: str, argv_json: str, out: str) -> None:
     """Run inside a small filesystem mounted at ``mount``: start the ingest, fill the disk once it has
     committed 30 samples, and copy what it leaves (store, exit code, stderr) to ``out``."""
     store = Path(mount) / "store"
-    proc = subprocess.Popen([sys.executable, "-m", "actstore", *json.loads(argv_json), "--store", str(store)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actstore", *json.loads(argv_json), "--store", str(store)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_commits(store, proc, 30)
     with open(Path(mount) / "filler", "wb") as filler:
         try:
@@ -181,8 +215,12 @@ def small_disk(mount: Path) -> list[str] | None:
         if subprocess.run([*prefix, "true"], capture_output=True).returncode == 0:
             return prefix
     if os.geteuid() == 0:
-        return ["sh", "-c", 'mount -t tmpfs -o size=32m tmpfs "$0" || exit 1; "$@"; rc=$?; umount "$0"; exit $rc',
-                str(mount)]
+        return [
+            "sh",
+            "-c",
+            'mount -t tmpfs -o size=32m tmpfs "$0" || exit 1; "$@"; rc=$?; umount "$0"; exit $rc',
+            str(mount),
+        ]
     return None
 
 
@@ -194,10 +232,13 @@ def test_a_full_disk_is_a_one_line_error_keeps_commits_and_resumes(wide_model, b
     if prefix is None:
         pytest.skip("no small filesystem: neither a user+mount namespace (unshare) nor root to mount a tmpfs")
     argv = ["ingest", *ingest_args(Path("unused"), wide_model, big_data, "--commit-seconds", "0")[3:]]  # --store: after
-    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); from test_ingest_faults import fill_disk_during_ingest; "
-            f"fill_disk_during_ingest(sys.argv[1], sys.argv[2], sys.argv[3])")
-    subprocess.run([*prefix, sys.executable, "-c", code, str(mount), json.dumps(argv), str(out)], check=True,
-                   timeout=600)
+    code = (
+        f"import sys; sys.path.insert(0, {str(TESTS)!r}); from test_ingest_faults import fill_disk_during_ingest; "
+        f"fill_disk_during_ingest(sys.argv[1], sys.argv[2], sys.argv[3])"
+    )
+    subprocess.run(
+        [*prefix, sys.executable, "-c", code, str(mount), json.dumps(argv), str(out)], check=True, timeout=600
+    )
 
     result = json.loads((out / "result.json").read_text())
     last = result["stderr"].strip().splitlines()[-1]
@@ -211,10 +252,16 @@ def test_a_full_disk_is_a_one_line_error_keeps_commits_and_resumes(wide_model, b
     plain = xr.open_zarr(store, group=RUN)  # a plain reader: the committed samples in whole chunks, all filled
     inner = run.hidden_states.chunks[1]
     assert plain.sizes["sample"] == n // inner * inner > 0 and not np.isnan(plain.hidden_states.values).any()
-    np.testing.assert_array_equal(plain.hidden_states.values, reference.hidden_states.values[:, :plain.sizes["sample"]])
+    np.testing.assert_array_equal(
+        plain.hidden_states.values, reference.hidden_states.values[:, : plain.sizes["sample"]]
+    )
 
-    resumed = subprocess.run([sys.executable, "-m", "actstore", *ingest_args(store, wide_model, big_data)],
-                             capture_output=True, text=True, timeout=900)  # a fresh process, as the reference's
+    resumed = subprocess.run(
+        [sys.executable, "-m", "actstore", *ingest_args(store, wide_model, big_data)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # a fresh process, as the reference's
     assert resumed.returncode == 0, resumed.stderr[-3000:]  # space freed: the same command resumes
     assert Store(store).run(MODEL, METHOD).complete
     assert_equals_reference(store, reference)
@@ -223,6 +270,7 @@ def test_a_full_disk_is_a_one_line_error_keeps_commits_and_resumes(wide_model, b
 
 
 # -- failed first ingests, second writers, the summary ----------------------------------------------------
+
 
 @pytest.mark.parametrize("folder", ["new", "empty", "other files"])
 def test_a_failed_ingest_leaves_nothing_in_a_folder_that_is_not_a_store(ingest_cli, tmp_path, capsys, folder):
@@ -283,8 +331,13 @@ def test_run_to_xarray_is_a_consistent_snapshot_while_a_writer_commits(tmp_path)
         ids = np.arange(start, start + batch)
         states = (ids[None, :, None] * 10 + np.arange(3)[:, None, None] + np.zeros(hidden)).astype(np.float32)
         text = np.array([str(i) for i in ids], dtype=object)
-        return states, {"sample": ids, "subject": text, "answer": text, "prediction": text,
-                        "correct": np.ones(batch, dtype=bool)}
+        return states, {
+            "sample": ids,
+            "subject": text,
+            "answer": text,
+            "prediction": text,
+            "correct": np.ones(batch, dtype=bool),
+        }
 
     writer = store.writer("m", "0shot", recipe={"r": 1}, attrs={}, n_layers=3, hidden=hidden, commit_seconds=0)
     writer.add(*batch_of(0))

@@ -23,8 +23,9 @@ def direct_states(model, tokenizer, prompt: str, site: str) -> tuple[np.ndarray,
         blocks = model.model.layers
         layers = [blocks[i].input_layernorm(hidden[i])[0, -1] for i in range(len(blocks))] + [hidden[-1][0, -1]]
     letters = [tokenizer.encode(" " + c, add_special_tokens=False) for c in "ABCD"]
-    letter_ids = [ids[0] if len(ids) == 1 else tokenizer.encode(c, add_special_tokens=False)[0]
-                  for ids, c in zip(letters, "ABCD")]
+    letter_ids = [
+        ids[0] if len(ids) == 1 else tokenizer.encode(c, add_special_tokens=False)[0] for ids, c in zip(letters, "ABCD")
+    ]
     prediction = int(out.logits[0, -1, letter_ids].argmax())
     return torch.stack(layers).numpy(), prediction
 

@@ -26,16 +26,35 @@ TOKENS = {"tok-a-at-least-16-chars": "lab-a", "tok-a2-at-least-16-chars": "lab-a
 def store(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("fair")
     data = write_jsonl(root / "q.jsonl", [r for seed in range(4) for r in make_questions(seed)])
-    assert main(["ingest", "--store", str(root / "store"), "--model", str(tiny_model), "--dataset", str(data),
-                 "--dtype", "float32", "--methods", ",".join(METHODS), "--visibility", "public"]) == 0
+    assert (
+        main(
+            [
+                "ingest",
+                "--store",
+                str(root / "store"),
+                "--model",
+                str(tiny_model),
+                "--dataset",
+                str(data),
+                "--dtype",
+                "float32",
+                "--methods",
+                ",".join(METHODS),
+                "--visibility",
+                "public",
+            ]
+        )
+        == 0
+    )
     (root / "auth.toml").write_text("[tokens]\n" + "".join(f'"{t}" = "{g}"\n' for t, g in TOKENS.items()))
     return root
 
 
 @pytest.fixture(scope="module")
 def secured(store):
-    with ServerProcess(store / "store", store / "secured.log", "--auth", str(store / "auth.toml"),
-                       "--dask-workers", "2") as server:
+    with ServerProcess(
+        store / "store", store / "secured.log", "--auth", str(store / "auth.toml"), "--dask-workers", "2"
+    ) as server:
         yield server
 
 
@@ -48,8 +67,14 @@ def open_server(store):
 def long_job(client: Client, per_subject: int) -> AnalysisJob:
     """Three runs and their three pairs at three layers: 18 tasks, none cached when no other job of the
     module has this mask (both servers share one store, and its cache)."""
-    return client.analyze("tiny-llama", METHODS, layers=[1, 2, 3], per_subject=per_subject,
-                          compare=[("0shot", "1shot"), ("0shot", "2shot"), ("1shot", "2shot")], **SMALL)
+    return client.analyze(
+        "tiny-llama",
+        METHODS,
+        layers=[1, 2, 3],
+        per_subject=per_subject,
+        compare=[("0shot", "1shot"), ("0shot", "2shot"), ("1shot", "2shot")],
+        **SMALL,
+    )
 
 
 def timed(job: AnalysisJob, since: float) -> float:
@@ -91,8 +116,10 @@ def assert_fair(solo: float, elapsed: float, left: int, jobs: list[AnalysisJob])
     other work (load ~11 measured while this ran: the server's threads and both workers starve), where a
     one-layer job alone takes 0.1-0.4 s and first in, first out ran it after the 72 tasks, ~10 s."""
     total = sum(job.status().tasks_total for job in jobs)
-    print(f"one-layer job: alone {solo:.2f} s, behind {total} tasks {elapsed:.2f} s ({elapsed / solo:.2f}x); "
-          f"{left} of them left then")
+    print(
+        f"one-layer job: alone {solo:.2f} s, behind {total} tasks {elapsed:.2f} s ({elapsed / solo:.2f}x); "
+        f"{left} of them left then"
+    )
     assert left > total / 2, f"the one-layer job waited for {total - left} of the other owner's {total} tasks"
     assert elapsed < 3 * solo + 2.0, f"alone {solo:.2f} s, behind another owner's quota {elapsed:.2f} s"
     for job in jobs:
@@ -100,8 +127,10 @@ def assert_fair(solo: float, elapsed: float, left: int, jobs: list[AnalysisJob])
 
 
 def test_a_groups_one_layer_job_is_not_held_back_by_another_groups_quota(secured):
-    with (Client(secured.address, token="tok-a-at-least-16-chars") as a,
-          Client(secured.address, token="tok-b-at-least-16-chars") as b):
+    with (
+        Client(secured.address, token="tok-a-at-least-16-chars") as a,
+        Client(secured.address, token="tok-b-at-least-16-chars") as b,
+    ):
         solo = solo_seconds(b, 80)
         elapsed, jobs, left = behind_a_quota(a, b, 100)
         assert_fair(solo, elapsed, left, jobs)
@@ -118,8 +147,11 @@ def test_open_callers_have_a_quota_and_a_fair_share_each(open_server):
 
 
 def test_only_the_owner_cancels_under_open_access(open_server):
-    with (Client(open_server.address, token="alice") as alice, Client(open_server.address, token="bob") as bob,
-          Client(open_server.address) as anonymous):
+    with (
+        Client(open_server.address, token="alice") as alice,
+        Client(open_server.address, token="bob") as bob,
+        Client(open_server.address) as anonymous,
+    ):
         job = long_job(alice, 40)
         for other in (bob, anonymous):
             with pytest.raises(ActstoreError) as caught:
@@ -132,9 +164,11 @@ def test_only_the_owner_cancels_under_open_access(open_server):
 
 
 def test_only_the_owner_group_cancels_with_an_auth_file(secured):
-    with (Client(secured.address, token="tok-a-at-least-16-chars") as a,
-          Client(secured.address, token="tok-a2-at-least-16-chars") as same_group,
-          Client(secured.address, token="tok-b-at-least-16-chars") as b):
+    with (
+        Client(secured.address, token="tok-a-at-least-16-chars") as a,
+        Client(secured.address, token="tok-a2-at-least-16-chars") as same_group,
+        Client(secured.address, token="tok-b-at-least-16-chars") as b,
+    ):
         job = long_job(a, 30)
         with pytest.raises(ActstoreError) as caught:
             AnalysisJob(b, job.id).cancel()

@@ -41,8 +41,24 @@ ENDS_WITHIN_S = 120  # a job on the tiny runs takes seconds; a stuck one never e
 def store(tmp_path_factory, tiny_model) -> Path:
     root = tmp_path_factory.mktemp("faults")
     data = write_jsonl(root / "q.jsonl", [r for seed in range(4) for r in make_questions(seed)])
-    assert main(["ingest", "--store", str(root / "store"), "--model", str(tiny_model), "--dataset", str(data),
-                 "--dtype", "float32", "--methods", "0shot,1shot"]) == 0
+    assert (
+        main(
+            [
+                "ingest",
+                "--store",
+                str(root / "store"),
+                "--model",
+                str(tiny_model),
+                "--dataset",
+                str(data),
+                "--dtype",
+                "float32",
+                "--methods",
+                "0shot,1shot",
+            ]
+        )
+        == 0
+    )
     return root / "store"
 
 
@@ -69,16 +85,16 @@ def assert_done(job: jobs.Job) -> None:
     assert message.tasks_done == message.tasks_total == len(outcomes) and not any(o.error for o in outcomes)
 
 
-def start(manager: jobs.JobManager, runs=(A, B), layers=(1, 2, 3), params=SMALL, pairs=(), k=30, group=None,
-          request_id="") -> jobs.Job:
+def start(
+    manager: jobs.JobManager, runs=(A, B), layers=(1, 2, 3), params=SMALL, pairs=(), k=30, group=None, request_id=""
+) -> jobs.Job:
     return manager.start(Caller(group), list(runs), list(layers), params, Mask(), list(pairs), k, request_id)
 
 
 def worker_processes(others: frozenset[int] = frozenset()) -> list[psutil.Process]:
     """The local cluster's worker processes: the nannies (in this process) spawned them. ``others``: pids of
     workers of clusters that earlier tests of this process left running, not counted."""
-    return [p for p in psutil.Process().children()
-            if "spawn_main" in " ".join(p.cmdline()) and p.pid not in others]
+    return [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline()) and p.pid not in others]
 
 
 def test_workers_killed_again_and_again_the_job_ends_and_the_next_one_runs(manager):
@@ -123,8 +139,11 @@ def free_port() -> int:
 
 
 def dask_process(*args: str, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([str(Path(sys.executable).parent / "dask"), *args, "--no-dashboard"],
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "dask"), *args, "--no-dashboard"],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def wait_for_port(port: int, timeout: float = 60) -> None:
@@ -185,9 +204,21 @@ def test_progress_counts_distinct_tasks(manager):
     assert job.to_proto().tasks_done == job.to_proto().tasks_total == 6
 
 
-@pytest.mark.parametrize("params", [dict(z=math.nan), dict(z=math.inf), dict(z=0.0), dict(z=-1.0),
-                                    dict(subject_fraction=math.nan), dict(answer_fraction=math.inf),
-                                    dict(maxk=10**12), dict(maxk=1), dict(density_k=0), dict(gride_range_max=10**9)])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(z=math.nan),
+        dict(z=math.inf),
+        dict(z=0.0),
+        dict(z=-1.0),
+        dict(subject_fraction=math.nan),
+        dict(answer_fraction=math.inf),
+        dict(maxk=10**12),
+        dict(maxk=1),
+        dict(density_k=0),
+        dict(gride_range_max=10**9),
+    ],
+)
 def test_bad_parameters_are_refused(params):
     small = dict(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8)
     request = pb.StartAnalysisRequest(params=pb.AnalysisParams(**{**small, **params}))
@@ -196,11 +227,14 @@ def test_bad_parameters_are_refused(params):
     assert status_of(caught.value) == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(params=DensityParams(maxk=400, gride_range_max=16, id_scale_index=1, density_k=8)), "maxk=400"),
-    (dict(pairs=[(A, B)], k=333), "compare_k=333"),  # each run holds 333 samples
-    (dict(pairs=[(A, B)], k=10**9), "compare_k must lie in"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(params=DensityParams(maxk=400, gride_range_max=16, id_scale_index=1, density_k=8)), "maxk=400"),
+        (dict(pairs=[(A, B)], k=333), "compare_k=333"),  # each run holds 333 samples
+        (dict(pairs=[(A, B)], k=10**9), "compare_k must lie in"),
+    ],
+)
 def test_neighbour_counts_the_runs_cannot_meet_are_refused_and_nothing_is_cached(manager, store, change, message):
     before = derived_files(store)
     with pytest.raises(BadRequest, match=message):
@@ -212,7 +246,9 @@ def test_neighbour_counts_the_runs_cannot_meet_are_refused_and_nothing_is_cached
 def test_a_job_on_a_cluster_without_workers_says_so_and_runs_once_one_joins(store):
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=0, processes=False, protocol="tcp", host="127.0.0.1", dashboard_address=":0") as cluster:
+    with LocalCluster(
+        n_workers=0, processes=False, protocol="tcp", host="127.0.0.1", dashboard_address=":0"
+    ) as cluster:
         manager = jobs.JobManager(store, cluster.scheduler_address)
         try:
             job = start(manager, layers=[1])
@@ -263,15 +299,18 @@ def test_an_ended_job_keeps_no_arrays_and_reads_its_results_back_from_the_store(
 def messages(job: pb.Job) -> dict[tuple, bytes]:
     """A Job message's results and comparisons by run (or pair) and layer."""
     out = {(r.run.method, r.layer): r.SerializeToString(deterministic=True) for r in job.results}
-    return out | {(c.runs.a.method, c.runs.b.method, c.layer): c.SerializeToString(deterministic=True)
-                  for c in job.comparisons}
+    return out | {
+        (c.runs.a.method, c.runs.b.method, c.layer): c.SerializeToString(deterministic=True) for c in job.comparisons
+    }
 
 
 def test_many_jobs_share_a_bounded_number_of_threads(manager):
     assert_done(ended(start(manager, layers=[1])))  # the cluster and Dask's threads are up
     threads = threading.active_count()
-    running = [start(manager, runs=[run], layers=[layer], group=f"group-{i}")
-               for i, (run, layer) in enumerate((run, layer) for run in (A, B) for layer in (1, 2, 3))]
+    running = [
+        start(manager, runs=[run], layers=[layer], group=f"group-{i}")
+        for i, (run, layer) in enumerate((run, layer) for run in (A, B) for layer in (1, 2, 3))
+    ]
     most = threads
     while not all(job.finished for job in running):
         most = max(most, threading.active_count())

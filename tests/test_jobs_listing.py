@@ -85,8 +85,11 @@ def test_another_group_lists_none_of_them_and_cannot_reattach(server):
 
 
 def test_under_open_access_each_caller_lists_its_own_jobs_only(open_server):
-    with (Client(open_server.address, token="alice") as alice, Client(open_server.address, token="bob") as bob,
-          Client(open_server.address, token="alice") as alice_again):
+    with (
+        Client(open_server.address, token="alice") as alice,
+        Client(open_server.address, token="bob") as bob,
+        Client(open_server.address, token="alice") as alice_again,
+    ):
         job = alice.analyze(MODEL, ["small"], layers=[1], **SMALL)
         assert job.id in {j.id for j in alice_again.jobs()}
         assert job.id not in {j.id for j in bob.jobs()}  # bob may see it by id, as open access lets him

@@ -87,8 +87,11 @@ def killed_holder(key: str, ttl: float) -> tuple[int, float]:
 
 def test_a_second_writer_is_refused_until_the_first_releases(fs, key):
     first = ObjectLease(fs, key, WHAT, ttl=5)
-    with pytest.raises(RunLocked, match=r"run m/x is being written by another process \(holder .* pid "
-                                        rf"{os.getpid()}, lease until .* UTC\); wait for it to finish"):
+    with pytest.raises(
+        RunLocked,
+        match=r"run m/x is being written by another process \(holder .* pid "
+        rf"{os.getpid()}, lease until .* UTC\); wait for it to finish",
+    ):
         ObjectLease(fs, key, WHAT, ttl=5)
     first.check()
     first.release()

@@ -17,7 +17,9 @@ from actstore.testing import make_questions, write_jsonl
 @pytest.fixture(scope="module")
 def big_file(tmp_path_factory):
     """3 subjects x 136 questions: 111 probed per subject once 25 are held out."""
-    return write_jsonl(tmp_path_factory.mktemp("big") / "q.jsonl", [r for seed in range(4) for r in make_questions(seed)])
+    return write_jsonl(
+        tmp_path_factory.mktemp("big") / "q.jsonl", [r for seed in range(4) for r in make_questions(seed)]
+    )
 
 
 def test_share_out_is_even_as_sizes_allow_and_grows_monotonically():
@@ -34,8 +36,21 @@ def test_share_out_is_even_as_sizes_allow_and_grows_monotonically():
 
 def test_ingest_limit_60_over_two_subjects_stores_30_and_30(tiny_model, big_file, tmp_path):
     store = tmp_path / "store"
-    args = ["ingest", "--store", str(store), "--model", str(tiny_model), "--dataset", str(big_file), "--dtype",
-            "float32", "--subjects", "anatomy,astronomy", "--limit", "60"]
+    args = [
+        "ingest",
+        "--store",
+        str(store),
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(big_file),
+        "--dtype",
+        "float32",
+        "--subjects",
+        "anatomy,astronomy",
+        "--limit",
+        "60",
+    ]
     assert main(args) == 0
     run = Store(store).run("tiny-llama", "0shot")
     assert Counter(run.labels()["subject"]) == {"anatomy": 30, "astronomy": 30}
@@ -45,11 +60,28 @@ def test_ingest_limit_60_over_two_subjects_stores_30_and_30(tiny_model, big_file
     assert Counter(Store(store).run("tiny-llama", "0shot").labels()["subject"]) == {"anatomy": 40, "astronomy": 40}
 
 
-def test_a_limit_that_would_leave_an_asked_subject_empty_is_refused_with_one_line(tiny_model, questions_file,
-                                                                                    tmp_path, capsys):
+def test_a_limit_that_would_leave_an_asked_subject_empty_is_refused_with_one_line(
+    tiny_model, questions_file, tmp_path, capsys
+):
     store = tmp_path / "store"
-    assert main(["ingest", "--store", str(store), "--model", str(tiny_model), "--dataset", str(questions_file),
-                 "--subjects", "anatomy,astronomy,college_biology", "--limit", "2"]) == 1
+    assert (
+        main(
+            [
+                "ingest",
+                "--store",
+                str(store),
+                "--model",
+                str(tiny_model),
+                "--dataset",
+                str(questions_file),
+                "--subjects",
+                "anatomy,astronomy,college_biology",
+                "--limit",
+                "2",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "college_biology would hold no questions" in err and err.count("\n") == 1
     assert not store.exists() or not Store(store).runs()
@@ -62,12 +94,16 @@ def test_without_subjects_a_small_limit_covers_the_first_subjects(questions_file
     assert Counter(q.subject for q in selection.queries) == {"anatomy": 1, "astronomy": 1}
     assert selection.description["subjects"] == ["anatomy", "astronomy"]
     assert Counter(q.subject for q in select(load_dataset(questions_file), limit=4).queries) == {
-        "anatomy": 2, "astronomy": 1, "college_biology": 1}
+        "anatomy": 2,
+        "astronomy": 1,
+        "college_biology": 1,
+    }
 
 
 def test_finetune_limit_spreads_the_training_questions(tiny_model, questions_file, tmp_path):
-    finetune = Finetune(FinetuneOptions(out=tmp_path / "sft", model=str(tiny_model), dataset=str(questions_file),
-                                        limit=30))
+    finetune = Finetune(
+        FinetuneOptions(out=tmp_path / "sft", model=str(tiny_model), dataset=str(questions_file), limit=30)
+    )
     assert Counter(q.subject for q in finetune.questions) == {"anatomy": 10, "astronomy": 10, "college_biology": 10}
     assert "at most 30 in all" in finetune.recipe["training_questions"]
 
@@ -83,7 +119,12 @@ def test_study_limit_reaches_the_ingest(tiny_model, big_file, tmp_path):
     register(parser.add_subparsers())
     args = parser.parse_args(["study", "--store", str(tmp_path / "s"), "--limit", "60"])
     assert args.limit == 60
-    opts = StudyOptions(store=tmp_path / "s", model=str(tiny_model), dataset=str(big_file),
-                        subjects=["anatomy", "astronomy"], limit=args.limit)
+    opts = StudyOptions(
+        store=tmp_path / "s",
+        model=str(tiny_model),
+        dataset=str(big_file),
+        subjects=["anatomy", "astronomy"],
+        limit=args.limit,
+    )
     selection = Ingest(ingest_options(opts)).selection
     assert Counter(q.subject for q in selection.queries) == {"anatomy": 30, "astronomy": 30}

@@ -66,8 +66,10 @@ def test_ingest_and_ls_on_a_bucket_equal_a_folder(ingest_cli, bucket, tmp_path, 
 
 
 @pytest.mark.parametrize("url", ["gs://x", "s3:/b/x", "s3://"])
-@pytest.mark.parametrize("command", [["ls"], ["ingest", "--dataset", "nope.jsonl"], ["plot", "--model", "m", "--out", "o"],
-                                     ["study", "--no-finetune"]])
+@pytest.mark.parametrize(
+    "command",
+    [["ls"], ["ingest", "--dataset", "nope.jsonl"], ["plot", "--model", "m", "--out", "o"], ["study", "--no-finetune"]],
+)
 def test_an_unknown_scheme_is_one_error_line_and_writes_nothing(command, url, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main([*command, "--store", url]) == 1
@@ -88,13 +90,17 @@ def committed_in(url: str) -> int:
 
 
 def test_a_killed_bucket_ingest_holds_others_off_then_resumes_equal_to_an_uninterrupted_run(
-        tiny_model, bucket, tmp_path, monkeypatch, capsys, caplog):
+    tiny_model, bucket, tmp_path, monkeypatch, capsys, caplog
+):
     rows = [r for seed in range(8) for r in make_questions(seed)]  # 8 copies: ~300 queries
     data = write_jsonl(tmp_path / "big.jsonl", rows)
     url, clean = f"{bucket}/killed", tmp_path / "clean"
-    proc = subprocess.Popen([sys.executable, "-m", "actstore", *ingest_args(url, tiny_model, data, "--commit-seconds", "0")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "ACTSTORE_LEASE_SECONDS": str(LEASE_SECONDS)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actstore", *ingest_args(url, tiny_model, data, "--commit-seconds", "0")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "ACTSTORE_LEASE_SECONDS": str(LEASE_SECONDS)},
+    )
     try:
         deadline = time.monotonic() + 120
         while committed_in(url) < 3 and proc.poll() is None and time.monotonic() < deadline:
@@ -141,8 +147,11 @@ def analyse_in_store(store: Store, methods: list[str], pair: tuple[str, str]) ->
     """Every layer's `paper` analysis and the pair's comparison, computed and cached in the store as a server's
     job does."""
     n_layers = store.run("tiny-llama", methods[0]).shape[0]
-    outcomes = {(m, layer): layer_outcome(store, "tiny-llama", m, layer, PAPER, Mask())
-                for m in methods for layer in range(1, n_layers)}
+    outcomes = {
+        (m, layer): layer_outcome(store, "tiny-llama", m, layer, PAPER, Mask())
+        for m in methods
+        for layer in range(1, n_layers)
+    }
     assert all(o.error is None for o in outcomes.values()), [o.error for o in outcomes.values()]
     for layer in range(1, n_layers):
         compared = comparison_outcome(store, outcomes[pair[0], layer], outcomes[pair[1], layer], PAPER, Mask())
@@ -154,12 +163,18 @@ def test_plot_draws_from_a_bucket_what_it_draws_from_a_folder(ingest_cli, bucket
     methods = ["0shot", "1shot"]
     data = write_jsonl(tmp_path / "q.jsonl", [r for seed in range(4) for r in make_questions(seed)])
     for store in (url, ingest_cli.store):  # 180 questions a run: the analyses need over maxk=100 of them
-        assert ingest_cli("--methods", ",".join(methods), "--dataset", str(data), "--per-subject", "60",
-                          store_path=store) == 0
+        assert (
+            ingest_cli("--methods", ",".join(methods), "--dataset", str(data), "--per-subject", "60", store_path=store)
+            == 0
+        )
         analyse_in_store(Store(store), methods, ("0shot", "1shot"))
         out = tmp_path / ("bucket" if store == url else "folder")
-        assert main(["plot", "--store", str(store), "--model", "tiny-llama", "--compare", "0shot,1shot",
-                     "--out", str(out)]) == 0
+        assert (
+            main(
+                ["plot", "--store", str(store), "--model", "tiny-llama", "--compare", "0shot,1shot", "--out", str(out)]
+            )
+            == 0
+        )
     for name in ("layers.csv", "comparison.csv", "summary.md"):
         assert (tmp_path / "bucket" / name).read_text() == (tmp_path / "folder" / name).read_text(), name
     layers = pd.read_csv(tmp_path / "bucket" / "layers.csv")

@@ -41,10 +41,13 @@ BIG = 2800  # samples: 3 layers of them are over the 1 MiB from which the server
 def labels(n: int) -> dict[str, np.ndarray]:
     """Three subjects, four answers and predictions that are right one time in four: enough for analyses."""
     ids = np.arange(n)
-    return {"sample": ids, "subject": np.array([f"s{i % 3}" for i in ids], dtype=object),
-            "answer": np.array(["ABCD"[i % 4] for i in ids], dtype=object),
-            "prediction": np.array(["ABCD"[(i // 2) % 4] for i in ids], dtype=object),
-            "correct": ids % 4 == (ids // 2) % 4}
+    return {
+        "sample": ids,
+        "subject": np.array([f"s{i % 3}" for i in ids], dtype=object),
+        "answer": np.array(["ABCD"[i % 4] for i in ids], dtype=object),
+        "prediction": np.array(["ABCD"[(i // 2) % 4] for i in ids], dtype=object),
+        "correct": ids % 4 == (ids // 2) % 4,
+    }
 
 
 def fill(store: Store, method: str, n_samples: int = 100, batch: int = 30) -> None:
@@ -105,8 +108,10 @@ def dask_cluster(s3_endpoint) -> Iterator[tuple[str, TaskArguments]]:
 def stores(tmp_path_factory, local_s3_server) -> tuple[str, str]:
     """The same runs in a folder and in a bucket below a prefix: the two tiny ones, and one over a MiB in
     the default layout, which the server answers with stored chunks as they are (its fast path)."""
-    roots = (write_tiny(tmp_path_factory.mktemp("served") / "store"),
-             write_tiny(new_bucket(local_s3_server, "served") + "/stores/one"))
+    roots = (
+        write_tiny(tmp_path_factory.mktemp("served") / "store"),
+        write_tiny(new_bucket(local_s3_server, "served") + "/stores/one"),
+    )
     for root in roots:
         fill(Store(root), "big", n_samples=BIG, batch=BIG)
     return roots
@@ -116,16 +121,29 @@ def stores(tmp_path_factory, local_s3_server) -> tuple[str, str]:
 def servers(stores, dask_cluster, tmp_path_factory) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     """A server on each store, both sending analyses to the module's Dask cluster."""
     logs = tmp_path_factory.mktemp("logs")
-    with ServerProcess(stores[0], logs / "folder.log", "--scheduler", dask_cluster[0]) as folder, \
-            ServerProcess(stores[1], logs / "bucket.log", "--scheduler", dask_cluster[0]) as bucket:
+    with (
+        ServerProcess(stores[0], logs / "folder.log", "--scheduler", dask_cluster[0]) as folder,
+        ServerProcess(stores[1], logs / "bucket.log", "--scheduler", dask_cluster[0]) as bucket,
+    ):
         yield folder, bucket
 
 
-@pytest.mark.parametrize("url, says", [("gs://b/x", "unsupported scheme gs://"), ("s3:/b/x", "write s3://"),
-                                       ("s3://no-such-bucket/x", "no actstore store at s3://no-such-bucket/x")])
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        ("gs://b/x", "unsupported scheme gs://"),
+        ("s3:/b/x", "write s3://"),
+        ("s3://no-such-bucket/x", "no actstore store at s3://no-such-bucket/x"),
+    ],
+)
 def test_serve_refuses_a_store_it_cannot_serve_in_one_line(url, says, tmp_path, s3_endpoint):
-    done = subprocess.run([sys.executable, "-m", "actstore", "serve", "--store", url, "--address", "127.0.0.1:0"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "actstore", "serve", "--store", url, "--address", "127.0.0.1:0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith("actstore: error: ") and done.stderr.count("\n") == 1, done.stderr
     assert says in done.stderr
@@ -138,22 +156,38 @@ def read_rpcs(address: str) -> list:
     ids, subject = pb.SampleSelection(ids=[99, 3, 50]), pb.LabelFilter(name="subject", values=["s1"])
     positions = pb.SampleSelection(positions=pb.Range(start=10, stop=70), filters=[subject])
     calls = [
-        ("ListRuns", pb.ListRunsRequest()), ("ListRuns", pb.ListRunsRequest(page_size=1)),
+        ("ListRuns", pb.ListRunsRequest()),
+        ("ListRuns", pb.ListRunsRequest(page_size=1)),
         ("ListRuns", pb.ListRunsRequest(method="1shot")),
         ("DescribeRun", pb.DescribeRunRequest(run=run)),
         ("DescribeRun", pb.DescribeRunRequest(run=pb.RunRef(model="m", method="9shot"))),
-        ("ReadLabels", pb.ReadLabelsRequest(run=run)), ("ReadLabels", pb.ReadLabelsRequest(run=run, samples=ids)),
+        ("ReadLabels", pb.ReadLabelsRequest(run=run)),
+        ("ReadLabels", pb.ReadLabelsRequest(run=run, samples=ids)),
         ("ReadLabels", pb.ReadLabelsRequest(run=run, samples=positions)),
         ("ReadStates", pb.ReadStatesRequest(run=run, accept_blosc=True)),
         ("ReadStates", pb.ReadStatesRequest(run=run)),
         ("ReadStates", pb.ReadStatesRequest(run=run, layers=[2, 0], samples=ids)),
-        ("ReadStates", pb.ReadStatesRequest(run=run, layer_range=pb.Range(start=1, stop=3), samples=positions,
-                                            hidden_range=pb.Range(start=4, stop=20), accept_blosc=True)),
+        (
+            "ReadStates",
+            pb.ReadStatesRequest(
+                run=run,
+                layer_range=pb.Range(start=1, stop=3),
+                samples=positions,
+                hidden_range=pb.Range(start=4, stop=20),
+                accept_blosc=True,
+            ),
+        ),
         ("ReadStates", pb.ReadStatesRequest(run=run, samples=pb.SampleSelection(ids=[37]), accept_blosc=True)),
         ("ReadStates", pb.ReadStatesRequest(run=run, dtype=pb.DTYPE_FLOAT16, allow_lossy=True)),
         ("ReadStates", pb.ReadStatesRequest(run=pb.RunRef(model="m", method="big"), accept_blosc=True)),
-        ("ReadStates", pb.ReadStatesRequest(run=pb.RunRef(model="m", method="big"), accept_blosc=True,
-                                            samples=pb.SampleSelection(positions=pb.Range(start=5, stop=2790)))),
+        (
+            "ReadStates",
+            pb.ReadStatesRequest(
+                run=pb.RunRef(model="m", method="big"),
+                accept_blosc=True,
+                samples=pb.SampleSelection(positions=pb.Range(start=5, stop=2790)),
+            ),
+        ),
         ("ReadStates", pb.ReadStatesRequest(run=run, layers=[7])),
         ("ReadStates", pb.ReadStatesRequest(run=run, samples=pb.SampleSelection(ids=[100]))),
     ]
@@ -179,8 +213,11 @@ def test_every_read_rpc_answers_as_for_the_folder_store(servers, stores):
         else:
             assert got == expected, got[0]
     failures = [a[2] for a in folder if len(a) == 3]  # the requests meant to fail did, and no other
-    assert failures == ["no run m/9shot", "no layer 7: the run has layers 0..2",
-                        "1 sample id(s) not in this run's committed samples, e.g. [100]"], failures
+    assert failures == [
+        "no run m/9shot",
+        "no layer 7: the run has layers 0..2",
+        "1 sample id(s) not in this run's committed samples, e.g. [100]",
+    ], failures
     streamed = [a[1] for a in folder if a[0] == "ReadStates" and len(a) == 2]
     assert any(m.blocks for messages in streamed for m in messages)  # stored chunks forwarded as stored
 
@@ -188,8 +225,11 @@ def test_every_read_rpc_answers_as_for_the_folder_store(servers, stores):
 def worker_evidence() -> dict:
     """Run on a Dask worker: its process, its S3 endpoint, and whether it opened S3 clients itself."""
     found = sys.modules.get("s3fs")
-    return {"pid": os.getpid(), "endpoint": os.environ.get("AWS_ENDPOINT_URL"),
-            "s3_clients": len(found.S3FileSystem._cache) if found else 0}
+    return {
+        "pid": os.getpid(),
+        "endpoint": os.environ.get("AWS_ENDPOINT_URL"),
+        "s3_clients": len(found.S3FileSystem._cache) if found else 0,
+    }
 
 
 def analysis(server: ServerProcess) -> xr.Dataset:
@@ -198,8 +238,7 @@ def analysis(server: ServerProcess) -> xr.Dataset:
         return job.result()
 
 
-def test_an_analysis_on_the_bucket_runs_on_workers_that_read_it_themselves(servers, stores, dask_cluster,
-                                                                          s3_endpoint):
+def test_an_analysis_on_the_bucket_runs_on_workers_that_read_it_themselves(servers, stores, dask_cluster, s3_endpoint):
     address, recorder = dask_cluster
     with DaskClient(address) as dask:
         assert all(e["s3_clients"] == 0 for e in dask.run(worker_evidence).values())  # nothing opened yet
@@ -220,8 +259,11 @@ def test_an_analysis_on_the_bucket_runs_on_workers_that_read_it_themselves(serve
     for args in sent.values():
         assert not any(isinstance(a, np.ndarray) for a in args) and len(pickle.dumps(args)) < 1024
     cached = derived_objects(stores[1])  # the worker cached what it computed from the bucket's bytes there
-    assert {kind for key in cached for kind in ("neighbours", "density", "comparisons") if f"/{kind}/" in key} == \
-        {"neighbours", "density", "comparisons"}
+    assert {kind for key in cached for kind in ("neighbours", "density", "comparisons") if f"/{kind}/" in key} == {
+        "neighbours",
+        "density",
+        "comparisons",
+    }
 
 
 @pytest.fixture

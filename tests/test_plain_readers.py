@@ -18,8 +18,13 @@ def _batch(start: int, n: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     ids = np.arange(start, start + n)
     states = (ids[None, :, None] * 10 + np.arange(3)[:, None, None] + np.zeros(HIDDEN)).astype(np.float32)
     text = np.array([str(i) for i in ids], dtype=object)
-    return states, {"sample": ids, "subject": text, "answer": text, "prediction": text,
-                    "correct": np.ones(n, dtype=bool)}
+    return states, {
+        "sample": ids,
+        "subject": text,
+        "answer": text,
+        "prediction": text,
+        "correct": np.ones(n, dtype=bool),
+    }
 
 
 def _plain(path, **kwargs) -> xr.Dataset:

@@ -35,8 +35,24 @@ def store(request, tmp_path_factory, tiny_model, questions_file) -> str:
     Parametrized by where the store lives, so that these tests run unchanged on another kind of store:
     the bucket's is the folder's, object for file (a store's keys are the same in both)."""
     folder = tmp_path_factory.mktemp("replicas") / "store"
-    assert main(["ingest", "--store", str(folder), "--model", str(tiny_model), "--dataset", str(questions_file),
-                 "--dtype", "float32", "--methods", RUN[1]]) == 0
+    assert (
+        main(
+            [
+                "ingest",
+                "--store",
+                str(folder),
+                "--model",
+                str(tiny_model),
+                "--dataset",
+                str(questions_file),
+                "--dtype",
+                "float32",
+                "--methods",
+                RUN[1],
+            ]
+        )
+        == 0
+    )
     if request.param == "folder":
         return str(folder)
     url = new_bucket(request.getfixturevalue("local_s3_server"), "replicas") + "/shared/store"

@@ -31,14 +31,21 @@ def write_big_run(root) -> np.ndarray:
     """A run written straight through the store: large layers without running a model."""
     rng = np.random.default_rng(0)
     store = Store(root)
-    with store.writer(*BIG, recipe={"synthetic": 1}, attrs={"access": {"visibility": "public"}},
-                      n_layers=2, hidden=1024) as writer:
+    with store.writer(
+        *BIG, recipe={"synthetic": 1}, attrs={"access": {"visibility": "public"}}, n_layers=2, hidden=1024
+    ) as writer:
         for start in range(0, 24000, 4000):
             n = 4000
-            writer.add(rng.standard_normal((2, n, 1024), dtype=np.float32), {
-                "sample": np.arange(start, start + n), "subject": np.array(["s"] * n, dtype=object),
-                "answer": np.array(["A"] * n, dtype=object), "prediction": np.array(["B"] * n, dtype=object),
-                "correct": np.zeros(n, dtype=bool)})
+            writer.add(
+                rng.standard_normal((2, n, 1024), dtype=np.float32),
+                {
+                    "sample": np.arange(start, start + n),
+                    "subject": np.array(["s"] * n, dtype=object),
+                    "answer": np.array(["A"] * n, dtype=object),
+                    "prediction": np.array(["B"] * n, dtype=object),
+                    "correct": np.zeros(n, dtype=bool),
+                },
+            )
     return store.run(*BIG).hidden_states[0]
 
 
@@ -46,11 +53,22 @@ def write_big_run(root) -> np.ndarray:
 def served(tmp_path_factory, tiny_model, questions_file):
     root = tmp_path_factory.mktemp("served")
     store = root / "store"
-    common = ["ingest", "--store", str(store), "--model", str(tiny_model), "--dataset", str(questions_file),
-              "--dtype", "float32"]
+    common = [
+        "ingest",
+        "--store",
+        str(store),
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(questions_file),
+        "--dtype",
+        "float32",
+    ]
     assert main([*common, "--methods", "0shot", "--group", "lab-a"]) == 0  # private
-    assert main([*common, "--methods", "1shot", "--group", "lab-a", "--visibility", "shared",
-                 "--share-with", "lab-b"]) == 0
+    assert (
+        main([*common, "--methods", "1shot", "--group", "lab-a", "--visibility", "shared", "--share-with", "lab-b"])
+        == 0
+    )
     assert main([*common, "--methods", "2shot", "--group", "lab-c", "--visibility", "public"]) == 0
     assert main([*common, "--methods", "0shot", "--name", "other-model", "--group", "lab-b"]) == 0
     big_layer = write_big_run(store)
@@ -107,7 +125,9 @@ def test_ids_and_label_filters_select_the_right_samples(served):
         np.testing.assert_array_equal(got.values, states[:, keep])
         assert set(got.subject.values) == {"astronomy"} and set(got.answer.values) <= {"A", "C"}
         only = c.labels("tiny-llama", "1shot", subject="anatomy")
-        assert (only.subject.values == "anatomy").all() and only.sizes["sample"] == (labels["subject"] == "anatomy").sum()
+        assert (only.subject.values == "anatomy").all() and only.sizes["sample"] == (
+            labels["subject"] == "anatomy"
+        ).sum()
 
 
 def test_stored_chunks_are_forwarded_exactly_including_partial_edges(served):
@@ -123,8 +143,10 @@ def test_float16_only_when_lossless_or_allowed(served):
     server, store, _ = served
     expected = Store(store).run("tiny-llama", "0shot").hidden_states[1]
     with client(server) as c:  # fp32-computed states do not fit float16 exactly
-        assert status_of(lambda: c.hidden_states("tiny-llama", "0shot", layers=1, dtype="float16")) == \
-            grpc.StatusCode.FAILED_PRECONDITION
+        assert (
+            status_of(lambda: c.hidden_states("tiny-llama", "0shot", layers=1, dtype="float16"))
+            == grpc.StatusCode.FAILED_PRECONDITION
+        )
         lossy = c.hidden_states("tiny-llama", "0shot", layers=1, dtype="float16", allow_lossy=True)
     assert lossy.dtype == np.float16
     np.testing.assert_array_equal(lossy.values[0], expected.astype(np.float16))
@@ -162,11 +184,23 @@ BAD_REQUESTS = [
     (lambda c: c.describe("no-such-model", "0shot"), grpc.StatusCode.NOT_FOUND, "no run"),
     (lambda c: c.hidden_states("tiny-llama", "0shot", layers=[9]), grpc.StatusCode.NOT_FOUND, "no layer 9"),
     (lambda c: c.hidden_states("tiny-llama", "0shot", samples=[10**9]), grpc.StatusCode.NOT_FOUND, "not in this run"),
-    (lambda c: c.hidden_states("tiny-llama", "0shot", layers=range(3, 9)), grpc.StatusCode.INVALID_ARGUMENT, "layer range"),
+    (
+        lambda c: c.hidden_states("tiny-llama", "0shot", layers=range(3, 9)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "layer range",
+    ),
     (lambda c: c.hidden_states("tiny-llama", "0shot", samples=slice(5, 5)), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
-    (lambda c: c.hidden_states("tiny-llama", "0shot", subject="alchemy"), grpc.StatusCode.INVALID_ARGUMENT, "matches no sample"),
+    (
+        lambda c: c.hidden_states("tiny-llama", "0shot", subject="alchemy"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "matches no sample",
+    ),
     (lambda c: c.hidden_states("tiny-llama", "0shot", mood="happy"), grpc.StatusCode.INVALID_ARGUMENT, "unknown label"),
-    (lambda c: c.hidden_states("tiny-llama", "0shot", hidden=slice(0, 999)), grpc.StatusCode.INVALID_ARGUMENT, "hidden range"),
+    (
+        lambda c: c.hidden_states("tiny-llama", "0shot", hidden=slice(0, 999)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "hidden range",
+    ),
     (lambda c: c.describe("../etc", "0shot"), grpc.StatusCode.INVALID_ARGUMENT, "invalid model name"),
     (lambda c: c.hidden_states(*BIG), grpc.StatusCode.RESOURCE_EXHAUSTED, "cap of 150 MiB"),
 ]
@@ -207,7 +241,8 @@ def test_a_cancelled_stream_stops_server_work(served):
     with grpc.insecure_channel(server.address) as channel:
         stream = pb_grpc.DataServiceStub(channel).ReadStates(
             pb.ReadStatesRequest(run=pb.RunRef(model=BIG[0], method=BIG[1]), layers=[0]),
-            metadata=(("authorization", "Bearer tok-a-at-least-16-chars"),))
+            metadata=(("authorization", "Bearer tok-a-at-least-16-chars"),),
+        )
         next(stream), next(stream)
         stream.cancel()
     deadline = time.monotonic() + 10
@@ -234,8 +269,10 @@ def test_health_and_reflection(served):
     with grpc.insecure_channel(server.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "actstore.v1.CatalogService", "actstore.v1.DataService"):
-            assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
-                health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service=service)).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
         names = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {"actstore.v1.CatalogService", "actstore.v1.DataService", "grpc.health.v1.Health"} <= names
 
@@ -267,15 +304,22 @@ def _self_signed(tmp_path):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path
 
 
@@ -321,14 +365,33 @@ def test_query_cli(served, tmp_path, capsys, monkeypatch):
     server, store, _ = served
     monkeypatch.setenv("ACTSTORE_TOKEN", "tok-a-at-least-16-chars")
     out = tmp_path / "s.npy"
-    assert main(["query", "--address", server.address, "get", "tiny-llama", "0shot", "--layers", "1:3",
-                 "--subject", "anatomy", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "query",
+                "--address",
+                server.address,
+                "get",
+                "tiny-llama",
+                "0shot",
+                "--layers",
+                "1:3",
+                "--subject",
+                "anatomy",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     run = Store(store).run("tiny-llama", "0shot")
     keep = run.labels()["subject"] == "anatomy"
     np.testing.assert_array_equal(np.load(out), run.hidden_states[1:3][:, keep])
     nc = tmp_path / "s.nc"  # a saved file says what made its numbers: the run's recipe (site included)
-    assert main(["query", "--address", server.address, "get", "tiny-llama", "0shot", "--layers", "1", "--out",
-                 str(nc)]) == 0
+    assert (
+        main(["query", "--address", server.address, "get", "tiny-llama", "0shot", "--layers", "1", "--out", str(nc)])
+        == 0
+    )
     saved = xr.open_dataset(nc)
     assert json.loads(saved.attrs["recipe"]) == run.attrs["recipe"] and json.loads(saved.attrs["recipe"])["site"]
     assert json.loads(saved.attrs["run_attributes"])["model_id"] == "tiny-llama"
@@ -358,11 +421,15 @@ def test_a_hidden_run_is_answered_exactly_like_an_absent_one(served):
             assert hidden[1].replace("0shot", "?") == absent[1].replace("7shot", "?")
 
 
-@pytest.mark.parametrize("call", [
-    lambda c, long: c.describe(long, "0shot"),
-    lambda c, long: c.hidden_states("tiny-llama", long, layers=0),
-    lambda c, long: c.labels("tiny-llama", "0shot", **{long: "x"}),  # an unknown label's name
-], ids=["model", "method", "label"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c, long: c.describe(long, "0shot"),
+        lambda c, long: c.hidden_states("tiny-llama", long, layers=0),
+        lambda c, long: c.labels("tiny-llama", "0shot", **{long: "x"}),  # an unknown label's name
+    ],
+    ids=["model", "method", "label"],
+)
 def test_errors_never_echo_unbounded_input(served, call):
     server, _, _ = served
     with client(server) as c:
@@ -386,8 +453,23 @@ def test_short_tokens_are_refused_at_start(served, tmp_path, token):
     _, store, _ = served
     auth = tmp_path / "auth.toml"
     auth.write_text(f'[tokens]\n"{token}" = "lab-a"\n')
-    done = subprocess.run([sys.executable, "-m", "actstore", "serve", "--store", str(store), "--auth", str(auth),
-                           "--address", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "actstore",
+            "serve",
+            "--store",
+            str(store),
+            "--auth",
+            str(auth),
+            "--address",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1
     assert "fewer than 16" in done.stderr and "Traceback" not in done.stderr
     assert not token or token not in done.stderr
@@ -405,8 +487,9 @@ def test_calls_have_a_deadline_by_default(served, tmp_path):
             with Client(server.address, timeout=1, stream_timeout=1) as stalled:
                 started = time.monotonic()
                 assert status_of(stalled.runs) == grpc.StatusCode.DEADLINE_EXCEEDED
-                assert status_of(lambda: stalled.hidden_states("tiny-llama", "2shot")) == \
-                    grpc.StatusCode.DEADLINE_EXCEEDED
+                assert (
+                    status_of(lambda: stalled.hidden_states("tiny-llama", "2shot")) == grpc.StatusCode.DEADLINE_EXCEEDED
+                )
                 assert time.monotonic() - started < 10
             with Client(server.address, stream_timeout=None, retries=0) as patient:  # no deadline: keepalive
                 started = time.monotonic()

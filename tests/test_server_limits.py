@@ -44,8 +44,28 @@ def idle_scheduler():
 def store(tmp_path_factory, tiny_model, questions_file):
     root = tmp_path_factory.mktemp("limits")
     store = root / "store"
-    assert main(["ingest", "--store", str(store), "--model", str(tiny_model), "--dataset", str(questions_file),
-                 "--dtype", "float32", "--methods", "0shot", "--group", "lab-a", "--visibility", "public"]) == 0
+    assert (
+        main(
+            [
+                "ingest",
+                "--store",
+                str(store),
+                "--model",
+                str(tiny_model),
+                "--dataset",
+                str(questions_file),
+                "--dtype",
+                "float32",
+                "--methods",
+                "0shot",
+                "--group",
+                "lab-a",
+                "--visibility",
+                "public",
+            ]
+        )
+        == 0
+    )
     write_big_run(store)
     (root / "auth.toml").write_text("[tokens]\n" + "".join(f'"{t}" = "{g}"\n' for t, g in TOKENS.items()))
     return store
@@ -53,9 +73,18 @@ def store(tmp_path_factory, tiny_model, questions_file):
 
 @pytest.fixture(scope="module")
 def server(store, idle_scheduler):
-    process = ServerProcess(store, store.parent / "server.log", "--auth", str(store.parent / "auth.toml"),
-                            "--max-response-mb", "150", "--max-streams-per-caller", str(LIMIT),
-                            "--scheduler", idle_scheduler)
+    process = ServerProcess(
+        store,
+        store.parent / "server.log",
+        "--auth",
+        str(store.parent / "auth.toml"),
+        "--max-response-mb",
+        "150",
+        "--max-streams-per-caller",
+        str(LIMIT),
+        "--scheduler",
+        idle_scheduler,
+    )
     yield process
     process.stop()
 
@@ -64,8 +93,8 @@ def reader(address: str, metadata) -> tuple[grpc.Channel, grpc.Future]:
     """A ReadStates of a 98 MB layer, started; its client reads nothing unless told to."""
     channel = grpc.insecure_channel(address)
     stream = pb_grpc.DataServiceStub(channel).ReadStates(
-        pb.ReadStatesRequest(run=pb.RunRef(model=BIG[0], method=BIG[1]), layers=[0]), metadata=metadata,
-        timeout=120)
+        pb.ReadStatesRequest(run=pb.RunRef(model=BIG[0], method=BIG[1]), layers=[0]), metadata=metadata, timeout=120
+    )
     return channel, stream
 
 
@@ -78,8 +107,9 @@ def stalled_reader(address: str, metadata) -> tuple[grpc.Channel, grpc.Future]:
 
 def watcher(address: str, metadata, job_id: str) -> tuple[grpc.Channel, grpc.Future]:
     channel = grpc.insecure_channel(address)
-    return channel, pb_grpc.AnalysisServiceStub(channel).WatchJob(pb.JobRef(job_id=job_id), metadata=metadata,
-                                                                  timeout=120)
+    return channel, pb_grpc.AnalysisServiceStub(channel).WatchJob(
+        pb.JobRef(job_id=job_id), metadata=metadata, timeout=120
+    )
 
 
 def close(streams: list) -> None:
@@ -105,8 +135,9 @@ def test_stalled_readers_and_watchers_leave_the_server_to_everyone_else(server):
             watchers += [watcher(server.address, B, job.id) for _ in range(N)]
             time.sleep(1)  # every stream under way on the server
             started = time.monotonic()
-            with Client(server.address, token="tok-c-at-least-16-chars", timeout=5, stream_timeout=5,
-                        retries=0) as fresh:
+            with Client(
+                server.address, token="tok-c-at-least-16-chars", timeout=5, stream_timeout=5, retries=0
+            ) as fresh:
                 assert [r["method"] for r in fresh.runs(model="tiny-llama")] == ["0shot"]
                 assert fresh.hidden_states("tiny-llama", "0shot", layers=1).sizes["layer"] == 1
                 assert fresh.labels("tiny-llama", "0shot").sizes["sample"] > 0
@@ -127,25 +158,31 @@ def test_a_caller_past_its_stream_limit_gets_resource_exhausted_and_its_budget_c
             assert other.hidden_states(*BIG, layers=0, samples=slice(0, 5)).sizes["sample"] == 5
         close(opened[:1])
         deadline = time.monotonic() + 10
-        while (code := call_status(lambda: opened.append(stalled_reader(server.address, C)))[0]) \
-                == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline:
+        while (
+            code := call_status(lambda: opened.append(stalled_reader(server.address, C)))[0]
+        ) == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline:
             time.sleep(0.1)
         assert code == grpc.StatusCode.OK  # the cancelled stream gave its place back
     finally:
         close(opened[1:])
 
 
-def raw_status(server: ServerProcess, method: str, body: bytes, metadata=A, timeout: float = 30) -> \
-        tuple[grpc.StatusCode, str]:
+def raw_status(
+    server: ServerProcess, method: str, body: bytes, metadata=A, timeout: float = 30
+) -> tuple[grpc.StatusCode, str]:
     """Send ``body`` as the request of ``method`` (``/package.Service/Method``), undecoded: any bytes."""
     streaming = method.endswith(("/ReadStates", "/WatchJob"))
     with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", -1)]) as channel:
         if streaming:
             stream = channel.unary_stream(method, request_serializer=None, response_deserializer=None)(
-                body, metadata=metadata, timeout=timeout)
+                body, metadata=metadata, timeout=timeout
+            )
             return call_status(lambda: (list(itertools.islice(stream, 1)), stream.cancel()))
-        return call_status(lambda: channel.unary_unary(method, request_serializer=None, response_deserializer=None)(
-            body, metadata=metadata, timeout=timeout))
+        return call_status(
+            lambda: channel.unary_unary(method, request_serializer=None, response_deserializer=None)(
+                body, metadata=metadata, timeout=timeout
+            )
+        )
 
 
 def measured(server: ServerProcess, call: Callable[[], tuple]) -> tuple[tuple, float, int]:
@@ -172,8 +209,13 @@ def an_id(store) -> int:
     return int(Store(store).run("tiny-llama", "0shot").labels()["sample"][0])
 
 
-@pytest.mark.parametrize("method,request_type", [("/actstore.v1.DataService/ReadStates", pb.ReadStatesRequest),
-                                                 ("/actstore.v1.DataService/ReadLabels", pb.ReadLabelsRequest)])
+@pytest.mark.parametrize(
+    "method,request_type",
+    [
+        ("/actstore.v1.DataService/ReadStates", pb.ReadStatesRequest),
+        ("/actstore.v1.DataService/ReadLabels", pb.ReadLabelsRequest),
+    ],
+)
 def test_a_request_of_duplicate_ids_is_refused_before_any_work(server, store, method, request_type):
     body = request_type(run=TINY, samples=pb.SampleSelection(ids=[an_id(store)] * 900_000)).SerializeToString()
     (code, details), seconds, grew = measured(server, lambda: raw_status(server, method, body))
@@ -188,17 +230,25 @@ def test_too_many_ids_and_an_oversized_request_are_refused_in_bounded_memory(ser
     huge = pb.ReadStatesRequest(run=TINY, samples=pb.SampleSelection(ids=[7] * 12_000_000)).SerializeToString()
     assert len(huge) > 11 * 2**20
     (code, details), seconds, grew = measured(
-        server, lambda: raw_status(server, "/actstore.v1.DataService/ReadStates", huge))
+        server, lambda: raw_status(server, "/actstore.v1.DataService/ReadStates", huge)
+    )
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
     assert seconds < 5 and grew < 64 * 2**20, f"{seconds:.1f} s, server grew by {grew / 2**20:.0f} MiB"
 
 
-@pytest.mark.parametrize("request_,words", [
-    (pb.ReadStatesRequest(run=TINY, layers=[1, 1]), "layer 1 is asked for more than once"),
-    (pb.ReadStatesRequest(run=TINY, layers=list(range(2)) * 3), "name each layer once"),
-    (pb.ReadStatesRequest(run=TINY, samples=pb.SampleSelection(
-        filters=[pb.LabelFilter(name="subject", values=["x"])] * 9)), "more than there are labels"),
-])
+@pytest.mark.parametrize(
+    "request_,words",
+    [
+        (pb.ReadStatesRequest(run=TINY, layers=[1, 1]), "layer 1 is asked for more than once"),
+        (pb.ReadStatesRequest(run=TINY, layers=list(range(2)) * 3), "name each layer once"),
+        (
+            pb.ReadStatesRequest(
+                run=TINY, samples=pb.SampleSelection(filters=[pb.LabelFilter(name="subject", values=["x"])] * 9)
+            ),
+            "more than there are labels",
+        ),
+    ],
+)
 def test_duplicates_are_invalid_arguments(server, request_, words):
     code, details = raw_status(server, "/actstore.v1.DataService/ReadStates", request_.SerializeToString())
     assert code == grpc.StatusCode.INVALID_ARGUMENT and words in details, details
@@ -216,18 +266,23 @@ def test_the_whole_response_labels_included_is_capped_before_streaming(server, s
         thin = pb.ReadStatesRequest(run=TINY, layers=[1], hidden_range=pb.Range(start=0, stop=1))  # ~100 bytes of
         code, details = raw_status(tight, "/actstore.v1.DataService/ReadStates", thin.SerializeToString())  # states
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "cap of 0.0005 MiB" in details, details
-        one = pb.ReadStatesRequest(run=TINY, layers=[1], hidden_range=pb.Range(start=0, stop=1),
-                                   samples=pb.SampleSelection(ids=[an_id(store)]))
+        one = pb.ReadStatesRequest(
+            run=TINY, layers=[1], hidden_range=pb.Range(start=0, stop=1), samples=pb.SampleSelection(ids=[an_id(store)])
+        )
         with Client(tight.address) as c:
             assert c.labels("tiny-llama", "0shot", samples=[an_id(store)]).sizes["sample"] == 1
-        assert raw_status(tight, "/actstore.v1.DataService/ReadStates", one.SerializeToString())[0] \
-            == grpc.StatusCode.OK
+        assert (
+            raw_status(tight, "/actstore.v1.DataService/ReadStates", one.SerializeToString())[0] == grpc.StatusCode.OK
+        )
     finally:
         tight.stop()
 
 
-METHODS = [f"/{service.full_name}/{method.name}" for service in pb.DESCRIPTOR.services_by_name.values()
-           for method in service.methods]
+METHODS = [
+    f"/{service.full_name}/{method.name}"
+    for service in pb.DESCRIPTOR.services_by_name.values()
+    for method in service.methods
+]
 GARBAGE = b"\xff" * 64  # a varint that never ends: no protobuf message
 
 
@@ -243,8 +298,9 @@ def test_unauthenticated_garbage_costs_the_server_bounded_memory(server):
     """The issue saw grpcio keep ~19 KB per undecodable request; refused at the interceptor, before decoding."""
     count = 5000
     with grpc.insecure_channel(server.address) as channel:
-        call = channel.unary_unary("/actstore.v1.DataService/ReadLabels", request_serializer=None,
-                                   response_deserializer=None)
+        call = channel.unary_unary(
+            "/actstore.v1.DataService/ReadLabels", request_serializer=None, response_deserializer=None
+        )
         for _ in range(200):  # warm-up: the first calls fill caches and pools
             call_status(lambda: call(GARBAGE, timeout=10))
         before = server.rss_bytes()
@@ -256,12 +312,36 @@ def test_unauthenticated_garbage_costs_the_server_bounded_memory(server):
 
 # -- fuzz --------------------------------------------------------------------------------------------
 
-PRECISE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-           grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION,
-           grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED}
-STRINGS = ["tiny-llama", "0shot", BIG[0], BIG[1], "", "x" * 300, "../etc", "a/b", "\x00", "é", "paper", "subject",
-           "correct", "true", "maybe", "anatomy", "A"]
-INTS = [0, 1, 2, 3, 4, -1, 5, 23999, 24000, 2**31 - 1, -2**31, 2**62]
+PRECISE = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
+STRINGS = [
+    "tiny-llama",
+    "0shot",
+    BIG[0],
+    BIG[1],
+    "",
+    "x" * 300,
+    "../etc",
+    "a/b",
+    "\x00",
+    "é",
+    "paper",
+    "subject",
+    "correct",
+    "true",
+    "maybe",
+    "anatomy",
+    "A",
+]
+INTS = [0, 1, 2, 3, 4, -1, 5, 23999, 24000, 2**31 - 1, -(2**31), 2**62]
 FLOATS = [0.0, 1.0, 0.5, -1.0, 2.0, math.nan, math.inf, -math.inf, 1e300, 3.0]
 
 
@@ -302,12 +382,21 @@ def _value(field: FieldDescriptor, rng: random.Random, depth: int):
     if kind == FieldDescriptor.TYPE_BYTES:
         return rng.randbytes(rng.randint(0, 16))
     value = rng.choice(INTS)
-    unsigned = kind in (FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED32,
-                        FieldDescriptor.TYPE_FIXED64)
-    small = kind in (FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_SINT32,
-                     FieldDescriptor.TYPE_FIXED32, FieldDescriptor.TYPE_SFIXED32)
+    unsigned = kind in (
+        FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_FIXED32,
+        FieldDescriptor.TYPE_FIXED64,
+    )
+    small = kind in (
+        FieldDescriptor.TYPE_INT32,
+        FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_SINT32,
+        FieldDescriptor.TYPE_FIXED32,
+        FieldDescriptor.TYPE_SFIXED32,
+    )
     value = abs(value) if unsigned else value
-    return max(min(value, 2**31 - 1), -2**31) if small else value
+    return max(min(value, 2**31 - 1), -(2**31)) if small else value
 
 
 def mutated(body: bytes, rng: random.Random) -> bytes:
@@ -328,8 +417,11 @@ def mutated(body: bytes, rng: random.Random) -> bytes:
 
 def test_fuzz_every_rpc_answers_ok_or_a_precise_status_and_the_server_stays_up(server):
     rng = random.Random(20261127)
-    request_types = {f"/{s.full_name}/{m.name}": m.input_type._concrete_class
-                     for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods}
+    request_types = {
+        f"/{s.full_name}/{m.name}": m.input_type._concrete_class
+        for s in pb.DESCRIPTOR.services_by_name.values()
+        for m in s.methods
+    }
     seen: dict[str, set] = {method: set() for method in METHODS}
     stop_at = time.monotonic() + 25
     for round_ in range(60):
@@ -337,8 +429,11 @@ def test_fuzz_every_rpc_answers_ok_or_a_precise_status_and_the_server_stays_up(s
             if time.monotonic() > stop_at:
                 break
             message = random_message(request_types[method], rng)
-            body = [message.SerializeToString(), mutated(message.SerializeToString(), rng),
-                    rng.randbytes(rng.randint(0, 64))][round_ % 3]
+            body = [
+                message.SerializeToString(),
+                mutated(message.SerializeToString(), rng),
+                rng.randbytes(rng.randint(0, 64)),
+            ][round_ % 3]
             code, details = raw_status(server, method, body, timeout=10)
             assert code in PRECISE, f"{method} {message} -> {code.name}: {details}"
             seen[method].add(code)

@@ -39,7 +39,9 @@ def swap(store: Store, source: str, shard: int, n: int = N) -> np.ndarray:
     layer 2 or of the donor's LAYER. Returns 0shot's states."""
     states = write_run(store, "0shot", n)
     write_run(store, "donor", n)
-    donor = shard_key(MODEL, "0shot", 2, shard) if source == "another layer" else shard_key(MODEL, "donor", LAYER, shard)
+    donor = (
+        shard_key(MODEL, "0shot", 2, shard) if source == "another layer" else shard_key(MODEL, "donor", LAYER, shard)
+    )
     copy_shard(store, donor, shard_key(MODEL, "0shot", LAYER, shard))
     return states
 
@@ -47,8 +49,11 @@ def swap(store: Store, source: str, shard: int, n: int = N) -> np.ndarray:
 def assert_swap_is_corrupt(store: Store, states: np.ndarray, shard: int, n: int = N) -> None:
     run = store.run(MODEL, "0shot")
     first = shard * 32
-    with pytest.raises(CorruptData, match=rf"run {MODEL}/0shot, layer {LAYER}, samples {first}:{min(first + 32, n)}"
-                                          r".*not the shard committed here"):
+    with pytest.raises(
+        CorruptData,
+        match=rf"run {MODEL}/0shot, layer {LAYER}, samples {first}:{min(first + 32, n)}"
+        r".*not the shard committed here",
+    ):
         run.read_states([LAYER], first, min(first + 32, n))
     with pytest.raises(CorruptData, match="not the shard committed here"):
         run.read_rows([0, LAYER], np.array([first + 3]))
@@ -137,8 +142,10 @@ def test_a_dask_worker_reading_a_swapped_partial_shard_gets_corrupt_data(tmp_pat
 
     store = Store(tmp_path)
     states = swap(store, "another layer", SHARDS["partial"])
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            DaskClient(cluster) as client:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        DaskClient(cluster) as client,
+    ):
         with pytest.raises(CorruptData, match=rf"run {MODEL}/0shot, layer {LAYER}.*not the shard committed here"):
             client.submit(_read_on_a_worker, str(tmp_path), LAYER, [70, 3]).result()
         intact = client.submit(_read_on_a_worker, str(tmp_path), 0, [70, 3]).result()

@@ -123,8 +123,9 @@ def test_a_new_writer_resumes_an_abandoned_one_keeping_its_commits_and_nothing_m
     with pytest.raises(Killed):
         writer.commit()  # shards 1 to 3 rewritten or written past the end, nothing published; never closed
     lock.release()  # what the kernel does for a dead process, and an expired lease for a bucket's writer
-    np.testing.assert_array_equal(bits(fresh(any_store).run(MODEL, METHOD).read_states([0, 1, 2])),
-                                  bits(states[:, :40]))
+    np.testing.assert_array_equal(
+        bits(fresh(any_store).run(MODEL, METHOD).read_states([0, 1, 2])), bits(states[:, :40])
+    )
 
     more = random_states(30, seed=1)
     with fresh(any_store).writer(MODEL, METHOD, recipe={"r": 1}, attrs={}, **SIZES) as writer:
@@ -160,8 +161,11 @@ def test_an_intact_shard_copied_from_another_layer_is_corrupt_data(any_store, sh
     write_object(any_store, shard_key(MODEL, METHOD, LAYER, shard), donor)
     run = fresh(any_store).run(MODEL, METHOD)
     first, stop = shard * 32, min(shard * 32 + 32, 80)
-    with pytest.raises(CorruptData, match=rf"run {MODEL}/{METHOD}, layer {LAYER}, samples {first}:{stop}\b.*"
-                                          r"not the shard committed here"):
+    with pytest.raises(
+        CorruptData,
+        match=rf"run {MODEL}/{METHOD}, layer {LAYER}, samples {first}:{stop}\b.*"
+        r"not the shard committed here",
+    ):
         run.read_states([LAYER], first, stop)
     np.testing.assert_array_equal(bits(run.read_states([0, 2])), bits(states[[0, 2]]))
 
@@ -170,9 +174,11 @@ def test_a_second_writer_is_refused_while_one_holds_the_run(any_store):
     with any_store.writer(MODEL, METHOD, recipe={"r": 1}, attrs={}, **SIZES) as writer:
         writer.add(random_states(10, seed=0), synthetic_labels(0, 10))
         other = fresh(any_store)
-        for second in (lambda: other.writer(MODEL, METHOD, recipe={"r": 1}, attrs={}, **SIZES),
-                       lambda: other.begin_run(MODEL, METHOD, recipe={"r": 1}),
-                       lambda: other.set_access(MODEL, METHOD, {"visibility": "private"})):
+        for second in (
+            lambda: other.writer(MODEL, METHOD, recipe={"r": 1}, attrs={}, **SIZES),
+            lambda: other.begin_run(MODEL, METHOD, recipe={"r": 1}),
+            lambda: other.set_access(MODEL, METHOD, {"visibility": "private"}),
+        ):
             with pytest.raises(RunLocked, match=rf"run {MODEL}/{METHOD} is being written"):
                 second()
     fresh(any_store).begin_run(MODEL, METHOD, recipe={"r": 1}).close()  # free once the first writer closed
@@ -194,9 +200,11 @@ def oversize(store: Store, run: str) -> None:
     write_object(store, f"{run}/zarr.json", read_object(store, f"{run}/zarr.json") + b" " * MAX_METADATA_BYTES)
 
 
-DAMAGES = {"truncated zarr.json": (truncate, "its metadata cannot be read"),
-           "no states array": (remove_states, "its array 'hidden_states' is missing"),
-           "oversized zarr.json": (oversize, r"metadata (file|object) .*above")}
+DAMAGES = {
+    "truncated zarr.json": (truncate, "its metadata cannot be read"),
+    "no states array": (remove_states, "its array 'hidden_states' is missing"),
+    "oversized zarr.json": (oversize, r"metadata (file|object) .*above"),
+}
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
@@ -218,9 +226,12 @@ def test_a_damaged_run_leaves_the_other_runs_listed(any_store, damage, capsys):
 
 def test_names_that_could_escape_the_root_are_refused_before_anything_is_written(any_store):
     for bad in ("..", "a/b", "../x", ".hidden", ""):
-        for call in (lambda: any_store.writer(bad, METHOD, recipe={"r": 1}, attrs={}, **SIZES),
-                     lambda: any_store.writer(MODEL, bad, recipe={"r": 1}, attrs={}, **SIZES),
-                     lambda: any_store.begin_run(MODEL, bad, recipe={"r": 1}), lambda: any_store.run(bad, METHOD)):
+        for call in (
+            lambda: any_store.writer(bad, METHOD, recipe={"r": 1}, attrs={}, **SIZES),
+            lambda: any_store.writer(MODEL, bad, recipe={"r": 1}, attrs={}, **SIZES),
+            lambda: any_store.begin_run(MODEL, bad, recipe={"r": 1}),
+            lambda: any_store.run(bad, METHOD),
+        ):
             with pytest.raises(InvalidName):
                 call()
     assert not any_store.exists() and any_store.location.keys_below("") == []

@@ -15,8 +15,11 @@ from actstore.testing import make_questions, synthetic_labels, write_jsonl
 
 
 def snapshot(root) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -169,8 +172,24 @@ def test_dry_run_writes_nothing(ingest_cli, capsys):
 def test_csv_folder_takes_shots_from_dev(tiny_model, tmp_path):
     data = _csv_folder(tmp_path / "mmlu_csv", dev_rows=5)
     store = tmp_path / "s"
-    assert main(["ingest", "--store", str(store), "--model", str(tiny_model), "--dataset", str(data),
-                 "--methods", "2shot", "--dtype", "float32"]) == 0
+    assert (
+        main(
+            [
+                "ingest",
+                "--store",
+                str(store),
+                "--model",
+                str(tiny_model),
+                "--dataset",
+                str(data),
+                "--methods",
+                "2shot",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
     run = Store(store).run("tiny-llama", "2shot")
     assert run.n_samples == 2  # no test question held out when a dev split exists
     assert run.attrs["recipe"]["shot_source"].startswith("dev split")
@@ -201,8 +220,10 @@ def test_listing_needs_no_torch(filled):
     import subprocess
     import sys
 
-    code = ("import sys; from actstore.cli import main; code = main(['ls', '--store', sys.argv[1]]); "
-            "assert 'torch' not in sys.modules and 'dask' not in sys.modules; sys.exit(code)")
+    code = (
+        "import sys; from actstore.cli import main; code = main(['ls', '--store', sys.argv[1]]); "
+        "assert 'torch' not in sys.modules and 'dask' not in sys.modules; sys.exit(code)"
+    )
     done = subprocess.run([sys.executable, "-c", code, str(filled.store)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "tiny-llama/0shot" in done.stdout
@@ -245,8 +266,9 @@ def test_readers_see_only_whole_committed_samples_while_a_writer_commits(tmp_pat
 def _save_derived_at_once(store_root, barrier, index: int, failures) -> None:
     barrier.wait()
     try:
-        Store(store_root).run("tiny-llama", "0shot").save_derived("density", f"key{index}",
-                                                                  {"x": np.arange(3.0)}, {"i": index})
+        Store(store_root).run("tiny-llama", "0shot").save_derived(
+            "density", f"key{index}", {"x": np.arange(3.0)}, {"i": index}
+        )
     except Exception as exc:  # noqa: BLE001 - any failure is what this test looks for
         failures.put(f"{type(exc).__name__}: {exc}")
 
@@ -263,8 +285,10 @@ def test_concurrent_processes_create_the_first_derived_entries_of_a_run(ingest_c
     for _ in range(10):
         shutil.rmtree(run_path / "derived", ignore_errors=True)
         barrier = context.Barrier(6)
-        workers = [context.Process(target=_save_derived_at_once, args=(ingest_cli.store, barrier, i, failures))
-                   for i in range(6)]
+        workers = [
+            context.Process(target=_save_derived_at_once, args=(ingest_cli.store, barrier, i, failures))
+            for i in range(6)
+        ]
         for worker in workers:
             worker.start()
         for worker in workers:

@@ -53,8 +53,9 @@ def store(tmp_path_factory):
 
 def stall(address: str, count: int, blosc: bool) -> subprocess.Popen:
     """The staller process, returned once its streams are all open."""
-    process = subprocess.Popen([sys.executable, "-c", STALLER, address, str(count), str(int(blosc))],
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", STALLER, address, str(count), str(int(blosc))], stdout=subprocess.PIPE, text=True
+    )
     assert process.stdout.readline().strip() == "ready", "the stalled client could not open its streams"
     return process
 
@@ -62,9 +63,9 @@ def stall(address: str, count: int, blosc: bool) -> subprocess.Popen:
 def stalled_stream(address: str, **options) -> tuple[grpc.Channel, object]:
     """One whole-run stream, read for one message, then left unread."""
     channel = grpc.insecure_channel(address, options=list(options.items()))
-    stream = pb_grpc.DataServiceStub(channel).ReadStates(pb.ReadStatesRequest(run=pb.RunRef(model=RUN[0],
-                                                                                            method=RUN[1])),
-                                                         timeout=120)
+    stream = pb_grpc.DataServiceStub(channel).ReadStates(
+        pb.ReadStatesRequest(run=pb.RunRef(model=RUN[0], method=RUN[1])), timeout=120
+    )
     next(stream)
     return channel, stream
 
@@ -96,10 +97,10 @@ def test_150_stalled_whole_run_streams_cost_bounded_memory_and_leave_the_server_
     assert answered < 3, f"a fresh caller waited {answered:.1f} s behind stalled streams"
 
 
-def test_a_stream_whose_client_reads_nothing_is_ended_after_the_idle_period_and_its_place_given_back(store,
-                                                                                                     tmp_path):
-    with ServerProcess(store, tmp_path / "idle.log", "--stream-idle-timeout", "2",
-                       "--max-streams-per-caller", "1") as server:
+def test_a_stream_whose_client_reads_nothing_is_ended_after_the_idle_period_and_its_place_given_back(store, tmp_path):
+    with ServerProcess(
+        store, tmp_path / "idle.log", "--stream-idle-timeout", "2", "--max-streams-per-caller", "1"
+    ) as server:
         channel, stream = stalled_stream(server.address, **{"grpc.http2.bdp_probe": 0})
         with channel:
             time.sleep(3.5)  # past the idle period: the server ends the stream
@@ -109,7 +110,8 @@ def test_a_stream_whose_client_reads_nothing_is_ended_after_the_idle_period_and_
             assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert "read none of this stream for 2 s" in ended.value.details()
             again = pb_grpc.DataServiceStub(channel).ReadStates(  # the caller's only stream place is back
-                pb.ReadStatesRequest(run=pb.RunRef(model=RUN[0], method=RUN[1]), layers=[0]), timeout=30)
+                pb.ReadStatesRequest(run=pb.RunRef(model=RUN[0], method=RUN[1]), layers=[0]), timeout=30
+            )
             assert sum(len(m.chunk.data) for m in again) == 2000 * 576 * 4
         assert "ReadStates group=open status=DEADLINE_EXCEEDED" in server.output()
 
@@ -117,8 +119,9 @@ def test_a_stream_whose_client_reads_nothing_is_ended_after_the_idle_period_and_
 def test_past_the_byte_budget_a_new_stream_waits_for_room(store, tmp_path):
     """Two stalled streams hold the 1.5 MiB budget (about 0.6 MiB each); a third is served only once the
     idle period has ended them and given their bytes back."""
-    with ServerProcess(store, tmp_path / "budget.log", "--max-inflight-mb", "1.5", "--stream-idle-timeout", "3") \
-            as server:
+    with ServerProcess(
+        store, tmp_path / "budget.log", "--max-inflight-mb", "1.5", "--stream-idle-timeout", "3"
+    ) as server:
         held = [stalled_stream(server.address, **{"grpc.http2.bdp_probe": 0, "n": i}) for i in range(2)]
         try:
             time.sleep(0.5)

@@ -31,8 +31,21 @@ def wider_pool():
 def study(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("study")
     data = write_jsonl(root / "q.jsonl", [r for seed in range(4) for r in make_questions(seed)])
-    args = ["study", "--store", str(root / "store"), "--results", str(root / "results"), "--model", str(tiny_model),
-            "--dataset", str(data), "--per-subject", "60", "--dask-workers", "2"]
+    args = [
+        "study",
+        "--store",
+        str(root / "store"),
+        "--results",
+        str(root / "results"),
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(data),
+        "--per-subject",
+        "60",
+        "--dask-workers",
+        "2",
+    ]
     assert main(args) == 0
     return root, args
 
@@ -68,8 +81,10 @@ def test_the_job_writes_figures_tables_and_summary(study):
     assert f"| accuracy on the probed questions | {base.accuracy:.3f} | {tuned.accuracy:.3f} |" in summary
     record = tuned.attrs["finetune"]
     held = record["accuracy"]
-    assert (f"| accuracy on 6 held-out questions (neither trained on nor probed) | {held['before']:.3f} | "
-            f"{held['after']:.3f} |") in summary
+    assert (
+        f"| accuracy on 6 held-out questions (neither trained on nor probed) | {held['before']:.3f} | "
+        f"{held['after']:.3f} |"
+    ) in summary
     assert "Held-out accuracy at every checkpoint: step 0 " in summary and "without the subject header" in summary
     assert "Clipping: none" in summary and "checkpoints at steps 1, every one probed" in summary
     assert re.search(r"The fine-tuned model (reached|did not reach) 5shot accuracy on the probed questions", summary)
@@ -106,14 +121,34 @@ def test_plot_says_what_is_not_analysed(study, capsys, tmp_path, tiny_model):
     assert main(["plot", "--store", store, "--model", "nope", "--out", str(tmp_path)]) == 1
     assert "no runs of model 'nope'" in capsys.readouterr().err
     dataset = args[args.index("--dataset") + 1]
-    assert main(["ingest", "--store", store, "--model", str(tiny_model), "--dataset", dataset, "--methods", "3shot",
-                 "--per-subject", "60"]) == 0
-    assert main(["plot", "--store", store, "--model", "tiny-llama", "--methods", "0shot,3shot", "--out",
-                 str(tmp_path)]) == 1
+    assert (
+        main(
+            [
+                "ingest",
+                "--store",
+                store,
+                "--model",
+                str(tiny_model),
+                "--dataset",
+                dataset,
+                "--methods",
+                "3shot",
+                "--per-subject",
+                "60",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["plot", "--store", store, "--model", "tiny-llama", "--methods", "0shot,3shot", "--out", str(tmp_path)])
+        == 1
+    )
     err = capsys.readouterr().err
     assert "no stored analyses (preset paper, every sample) for tiny-llama: 3shot layer 1, 3shot layer 2" in err
-    assert (f"start `actstore serve --store {store}`, then run `actstore analyze tiny-llama --methods 0shot,3shot "
-            "--layers 1:4`") in err  # no pair of the study among these methods
+    assert (
+        f"start `actstore serve --store {store}`, then run `actstore analyze tiny-llama --methods 0shot,3shot "
+        "--layers 1:4`"
+    ) in err  # no pair of the study among these methods
     assert not (tmp_path / "layers.csv").exists()
 
 
@@ -122,8 +157,19 @@ def test_the_job_on_a_bucket_store_gives_the_folder_store_results(study, bucket,
     workers reading it, the same tables as from the folder store."""
     root, args = study
     url = f"{bucket}/study"
-    on_bucket = [*args[:1], "--store", url, "--results", str(tmp_path / "results"), *args[5:],
-                 "--methods", "0shot,5shot", "--no-finetune", "--compare", "0shot,5shot"]
+    on_bucket = [
+        *args[:1],
+        "--store",
+        url,
+        "--results",
+        str(tmp_path / "results"),
+        *args[5:],
+        "--methods",
+        "0shot,5shot",
+        "--no-finetune",
+        "--compare",
+        "0shot,5shot",
+    ]
     assert main(on_bucket) == 0
     assert [r.method for r in Store(url).runs()] == ["0shot", "5shot"]
     ours = pd.read_csv(tmp_path / "results" / "layers.csv")
@@ -131,5 +177,7 @@ def test_the_job_on_a_bucket_store_gives_the_folder_store_results(study, bucket,
     pd.testing.assert_frame_equal(ours, folder[folder.method.isin(["0shot", "5shot"])].reset_index(drop=True))
     comparison = pd.read_csv(tmp_path / "results" / "comparison.csv")
     assert comparison.pair.unique().tolist() == ["0shot vs 5shot"]
-    pd.testing.assert_frame_equal(comparison, pd.read_csv(root / "results" / "comparison.csv").query(
-        "pair == '0shot vs 5shot'").reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        comparison,
+        pd.read_csv(root / "results" / "comparison.csv").query("pair == '0shot vs 5shot'").reset_index(drop=True),
+    )

@@ -34,22 +34,25 @@ def common_samples(ids_a: np.ndarray, ids_b: np.ndarray) -> tuple[np.ndarray, np
 Graph = tuple[np.ndarray, np.ndarray]  # (distances, indices) as knn returns them, self first
 
 
-def compare_layer(x_a: np.ndarray, x_b: np.ndarray, assignment_a: np.ndarray, assignment_b: np.ndarray,
-                  k: int = OVERLAP_K) -> LayerComparison:
+def compare_layer(
+    x_a: np.ndarray, x_b: np.ndarray, assignment_a: np.ndarray, assignment_b: np.ndarray, k: int = OVERLAP_K
+) -> LayerComparison:
     """Rows of ``x_a`` and ``x_b`` are the same samples in the same order (see common_samples)."""
     _check_size(len(x_a), k)
     return compare_graphs(knn(x_a, k), knn(x_b, k), assignment_a, assignment_b, k)
 
 
-def compare_graphs(graph_a: Graph, graph_b: Graph, assignment_a: np.ndarray, assignment_b: np.ndarray,
-                   k: int = OVERLAP_K) -> LayerComparison:
+def compare_graphs(
+    graph_a: Graph, graph_b: Graph, assignment_a: np.ndarray, assignment_b: np.ndarray, k: int = OVERLAP_K
+) -> LayerComparison:
     """The same from neighbour graphs (at least k neighbours) of the same samples, numbered alike."""
     n = len(graph_a[1])
     _check_size(n, k)
     a, b = ((d[:, : k + 1], i[:, : k + 1]) for d, i in (graph_a, graph_b))
     overlap = Data(distances=a, maxk=k, n_jobs=1).return_data_overlap(distances=b, k=k)
-    return LayerComparison(n_common=n, data_overlap=float(overlap),
-                           ari_clusters=float(adjusted_rand_score(assignment_a, assignment_b)))
+    return LayerComparison(
+        n_common=n, data_overlap=float(overlap), ari_clusters=float(adjusted_rand_score(assignment_a, assignment_b))
+    )
 
 
 def _check_size(n_common: int, k: int) -> None:
@@ -66,8 +69,9 @@ class Dendrogram:
     linkage: np.ndarray  # scipy linkage matrix, ready for scipy.cluster.hierarchy.dendrogram
 
 
-def density_peak_dendrogram(result: LayerDensity, labels: np.ndarray,
-                            min_points: int = DENDROGRAM_MIN_POINTS) -> Dendrogram:
+def density_peak_dendrogram(
+    result: LayerDensity, labels: np.ndarray, min_points: int = DENDROGRAM_MIN_POINTS
+) -> Dendrogram:
     """Peaks joined by the depth of the valley between them: dissimilarity = highest peak log-density
     minus the saddle log-density of the pair, merged with 'weighted' linkage (the study's recipe)."""
     ids, sizes = np.unique(result.assignment, return_counts=True)
@@ -82,5 +86,10 @@ def density_peak_dendrogram(result: LayerDensity, labels: np.ndarray,
         values, counts = np.unique(labels[result.assignment == cluster], return_counts=True)
         majority.append(str(values[counts.argmax()]))
         share.append(counts.max() / counts.sum())
-    return Dendrogram(clusters=keep, sizes=sizes[np.isin(ids, keep)], labels=majority,
-                      majority_share=np.asarray(share), linkage=linkage(upper, method="weighted"))
+    return Dendrogram(
+        clusters=keep,
+        sizes=sizes[np.isin(ids, keep)],
+        labels=majority,
+        majority_share=np.asarray(share),
+        linkage=linkage(upper, method="weighted"),
+    )

@@ -44,8 +44,14 @@ def neighbours_needed(params: DensityParams, subjects: np.ndarray, answers: np.n
     return max(needed)
 
 
-def analyse_layer(distances: np.ndarray, indices: np.ndarray, subjects: np.ndarray, answers: np.ndarray,
-                  predictions: np.ndarray, params: DensityParams = PAPER) -> LayerDensity:
+def analyse_layer(
+    distances: np.ndarray,
+    indices: np.ndarray,
+    subjects: np.ndarray,
+    answers: np.ndarray,
+    predictions: np.ndarray,
+    params: DensityParams = PAPER,
+) -> LayerDensity:
     """All per-layer metrics from a neighbour graph (``knn`` output, self first, duplicates already removed)."""
     subjects, answers = _codes(subjects), _codes(answers)  # integer labels: every later step is faster
     maxk = params.maxk
@@ -60,9 +66,14 @@ def analyse_layer(distances: np.ndarray, indices: np.ndarray, subjects: np.ndarr
     n_clusters = int(data.N_clusters)
     with_halo = np.asarray(data.compute_clustering_ADP(Z=params.z, halo=True))
     return LayerDensity(
-        ids_gride=np.asarray(ids), id=float(ids[params.id_scale_index]), id_2nn=float(id_2nn),
-        n_clusters=n_clusters, assignment=assignment, core_fraction=float((with_halo != -1).mean()),
-        peak_log_density=peaks, saddle_log_density=saddles,
+        ids_gride=np.asarray(ids),
+        id=float(ids[params.id_scale_index]),
+        id_2nn=float(id_2nn),
+        n_clusters=n_clusters,
+        assignment=assignment,
+        core_fraction=float((with_halo != -1).mean()),
+        peak_log_density=peaks,
+        saddle_log_density=saddles,
         ari_subject=float(adjusted_rand_score(subjects, assignment)),
         ari_answer=float(adjusted_rand_score(answers, assignment)),
         ari_prediction=float(adjusted_rand_score(_codes(predictions), assignment)),

@@ -51,7 +51,9 @@ def neighbour_graph(run: Run, layer: int, mask: Mask, maxk: int) -> dict[str, np
     """distances, indices (over the kept rows), kept and dropped positions, with at least ``maxk``
     neighbours; from memory or the store when a graph that large is there, computed (and kept) otherwise."""
     key = _key("knn", run.content_key(), layer, mask.per_subject)
-    remembered = f"{run.location}|{run.key}|{key}"  # the same run in two stores (a copy, a corrupted one) is read in each
+    remembered = (
+        f"{run.location}|{run.key}|{key}"  # the same run in two stores (a copy, a corrupted one) is read in each
+    )
     graph = _recent_graphs.get(remembered)
     if graph is None or graph["indices"].shape[1] <= maxk:
         cached = run.load_derived("neighbours", key)
@@ -72,17 +74,24 @@ def _compute_graph(run: Run, layer: int, mask: Mask, maxk: int, key: str) -> dic
     if dropped.size:
         log.info("%s/%s layer %d: %d duplicate rows dropped", run.model, run.method, layer, dropped.size)
     if len(kept) <= maxk:  # e.g. layer 0 of most runs: every prompt ends with the same token
-        raise ValueError(f"layer {layer} has {len(kept)} distinct rows of {len(positions)} after dropping "
-                         f"duplicates; the analysis needs more than maxk={maxk}")
+        raise ValueError(
+            f"layer {layer} has {len(kept)} distinct rows of {len(positions)} after dropping "
+            f"duplicates; the analysis needs more than maxk={maxk}"
+        )
     distances, indices = knn(x[kept], maxk)
-    graph = {"distances": distances, "indices": indices.astype(np.int32), "kept": positions[kept],
-             "dropped": positions[dropped]}
+    graph = {
+        "distances": distances,
+        "indices": indices.astype(np.int32),
+        "kept": positions[kept],
+        "dropped": positions[dropped],
+    }
     run.save_derived("neighbours", key, graph, {"layer": layer, "maxk": maxk, "per_subject": mask.per_subject})
     return graph
 
 
-def analyse(run: Run, layer: int, params: DensityParams, mask: Mask = Mask(),
-            compute: bool = True) -> tuple[LayerDensity, np.ndarray]:
+def analyse(
+    run: Run, layer: int, params: DensityParams, mask: Mask = Mask(), compute: bool = True
+) -> tuple[LayerDensity, np.ndarray]:
     """The layer's density metrics and the positions of the samples they cover (duplicates dropped):
     from the store when they are there, else computed and stored (or NotAnalysed when not ``compute``)."""
     key = _key("density", RESULTS_VERSION, run.content_key(), layer, mask.per_subject, dataclasses.asdict(params))
@@ -98,21 +107,39 @@ def analyse(run: Run, layer: int, params: DensityParams, mask: Mask = Mask(),
     maxk = neighbours_needed(params, labels["subject"][positions], labels["answer"][positions])
     graph = neighbour_graph(run, layer, mask, maxk)
     kept = graph["kept"]
-    result = analyse_layer(graph["distances"], graph["indices"], labels["subject"][kept], labels["answer"][kept],
-                           labels["prediction"][kept], params)
+    result = analyse_layer(
+        graph["distances"],
+        graph["indices"],
+        labels["subject"][kept],
+        labels["answer"][kept],
+        labels["prediction"][kept],
+        params,
+    )
     values = dataclasses.asdict(result)
-    run.save_derived("density", key, {**{name: np.asarray(values[name]) for name in _ARRAYS}, "positions": kept},
-                     {name: value for name, value in values.items() if name not in _ARRAYS}
-                     | {"layer": layer, "per_subject": mask.per_subject, "settings": dataclasses.asdict(params)})
+    run.save_derived(
+        "density",
+        key,
+        {**{name: np.asarray(values[name]) for name in _ARRAYS}, "positions": kept},
+        {name: value for name, value in values.items() if name not in _ARRAYS}
+        | {"layer": layer, "per_subject": mask.per_subject, "settings": dataclasses.asdict(params)},
+    )
     return result, kept
 
 
-def compare(run_a: Run, run_b: Run, layer: int, params: DensityParams, mask: Mask = Mask(),
-            k: int = OVERLAP_K, compute: bool = True) -> LayerComparison:
+def compare(
+    run_a: Run,
+    run_b: Run,
+    layer: int,
+    params: DensityParams,
+    mask: Mask = Mask(),
+    k: int = OVERLAP_K,
+    compute: bool = True,
+) -> LayerComparison:
     """Two runs at one layer, on the samples both analysed; cached in run a's ``derived/comparisons``.
     Each run's analysis comes from its cache when there (a job analyses both runs first)."""
-    key = _key("compare", run_a.content_key(), run_b.content_key(), layer, mask.per_subject,
-               dataclasses.asdict(params), k)
+    key = _key(
+        "compare", run_a.content_key(), run_b.content_key(), layer, mask.per_subject, dataclasses.asdict(params), k
+    )
     cached = run_a.load_derived("comparisons", key)
     if cached is not None:
         return LayerComparison(**{f.name: cached[1][f.name] for f in dataclasses.fields(LayerComparison)})
@@ -122,14 +149,26 @@ def compare(run_a: Run, run_b: Run, layer: int, params: DensityParams, mask: Mas
     in_a, in_b = common_samples(run_a.labels()["sample"][kept_a], run_b.labels()["sample"][kept_b])
     clusters = result_a.assignment[in_a], result_b.assignment[in_b]
     if len(in_a) == len(kept_a) == len(kept_b):  # the same samples: both runs' neighbour graphs already hold them
-        comparison = compare_graphs(_graph(run_a, layer, mask, k, in_a), _graph(run_b, layer, mask, k, in_b),
-                                    *clusters, k)
+        comparison = compare_graphs(
+            _graph(run_a, layer, mask, k, in_a), _graph(run_b, layer, mask, k, in_b), *clusters, k
+        )
     else:  # samples one run dropped as duplicates: neighbours among the common rows only
-        comparison = compare_layer(run_a.read_rows([layer], kept_a[in_a])[0],
-                                   run_b.read_rows([layer], kept_b[in_b])[0], *clusters, k)
-    run_a.save_derived("comparisons", key, {}, dataclasses.asdict(comparison) | {
-        "layer": layer, "other": f"{run_b.model}/{run_b.method}", "per_subject": mask.per_subject,
-        "settings": dataclasses.asdict(params), "overlap_k": k})
+        comparison = compare_layer(
+            run_a.read_rows([layer], kept_a[in_a])[0], run_b.read_rows([layer], kept_b[in_b])[0], *clusters, k
+        )
+    run_a.save_derived(
+        "comparisons",
+        key,
+        {},
+        dataclasses.asdict(comparison)
+        | {
+            "layer": layer,
+            "other": f"{run_b.model}/{run_b.method}",
+            "per_subject": mask.per_subject,
+            "settings": dataclasses.asdict(params),
+            "overlap_k": k,
+        },
+    )
     return comparison
 
 

@@ -45,7 +45,7 @@ def knn(x: np.ndarray, maxk: int, device: str | None = None) -> tuple[np.ndarray
 
 @functools.cache
 def default_device() -> str:
-    """"cuda" when torch sees a GPU, else "cpu". torch is imported only where an NVIDIA driver is present
+    """ "cuda" when torch sees a GPU, else "cpu". torch is imported only where an NVIDIA driver is present
     (importing it costs seconds, which a CPU-only worker would pay on its first layer for nothing)."""
     if "torch" not in sys.modules and not Path("/dev/nvidiactl").exists():
         return "cpu"

@@ -38,6 +38,7 @@ def fitted(params: DensityParams, given: Collection[str] = (), samples: int | No
     ``samples`` samples allow (None: no bound from the runs): maxk below the samples, the Gride range and
     the density's k at most maxk, the ID's scale among the Gride scales. Values at or under those bounds
     are kept, so that a run above ``params.maxk`` samples is analysed with ``params`` exactly."""
+
     def unless_given(name: str, bound: int) -> int:
         value = getattr(params, name)
         return value if name in given else min(value, bound)
@@ -45,8 +46,12 @@ def fitted(params: DensityParams, given: Collection[str] = (), samples: int | No
     maxk = unless_given("maxk", samples - 1 if samples is not None else params.maxk)
     gride_range_max = unless_given("gride_range_max", maxk)
     return dataclasses.replace(
-        params, maxk=maxk, gride_range_max=gride_range_max, density_k=unless_given("density_k", maxk),
-        id_scale_index=unless_given("id_scale_index", max(gride_range_max.bit_length() - 2, 0)))
+        params,
+        maxk=maxk,
+        gride_range_max=gride_range_max,
+        density_k=unless_given("density_k", maxk),
+        id_scale_index=unless_given("id_scale_index", max(gride_range_max.bit_length() - 2, 0)),
+    )
 
 
 def compare_k_for(samples: int) -> int:

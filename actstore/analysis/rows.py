@@ -20,8 +20,9 @@ def first_unique_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     hashes = np.fromiter((hash(row.tobytes()) for row in rows), dtype=np.int64, count=len(rows))
     _, first, group = np.unique(hashes, return_index=True, return_inverse=True)
     if not (rows == rows[first[group]]).all():  # a collision: fall back to comparing whole rows
-        _, first = np.unique(rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel(),
-                             return_index=True)
+        _, first = np.unique(
+            rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel(), return_index=True
+        )
     kept = np.sort(first)
     dropped = np.setdiff1d(np.arange(len(rows)), kept, assume_unique=True)
     return kept, dropped

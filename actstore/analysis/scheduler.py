@@ -55,8 +55,9 @@ def dask_client(address: str | None = None, n_workers: int | None = None, timeou
     if address:
         return Client(address, timeout=timeout)
     # made by the Client, the local cluster is closed with it (a Client given a cluster leaves it running)
-    return Client(n_workers=n_workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                  dashboard_address=None)
+    return Client(
+        n_workers=n_workers or os.cpu_count() or 1, threads_per_worker=1, processes=True, dashboard_address=None
+    )
 
 
 def restore_workers(client: Client) -> int:
@@ -110,8 +111,9 @@ def _error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def layer_outcome(store: Store, model: str, method: str, layer: int, params: DensityParams, mask: Mask,
-                  compute: bool = True) -> LayerOutcome:
+def layer_outcome(
+    store: Store, model: str, method: str, layer: int, params: DensityParams, mask: Mask, compute: bool = True
+) -> LayerOutcome:
     """One (run, layer) analysis with its dendrogram; an error becomes the outcome's ``error``, except
     NotAnalysed (no stored result and ``compute`` off) and CorruptData (stored bytes fail verification:
     the whole job must fail loudly, not list it among results), which are raised."""
@@ -131,8 +133,15 @@ def layer_outcome(store: Store, model: str, method: str, layer: int, params: Den
     return LayerOutcome(model, method, layer, result, labels["sample"][positions], None, dendrogram)
 
 
-def comparison_outcome(store: Store, a: LayerOutcome, b: LayerOutcome, params: DensityParams, mask: Mask,
-                       k: int = OVERLAP_K, compute: bool = True) -> ComparisonOutcome:
+def comparison_outcome(
+    store: Store,
+    a: LayerOutcome,
+    b: LayerOutcome,
+    params: DensityParams,
+    mask: Mask,
+    k: int = OVERLAP_K,
+    compute: bool = True,
+) -> ComparisonOutcome:
     """Two runs compared at the layer of their outcomes (reusing their cached analyses)."""
     names, layer = ((a.model, a.method), (b.model, b.method)), a.layer
     failed = [f"{o.model}/{o.method}: {o.error}" for o in (a, b) if o.error]
@@ -153,16 +162,25 @@ def _task(store: str, model: str, method: str, layer: int, params: DensityParams
         return layer_outcome(Store(store), model, method, layer, params, mask)
 
 
-def _compare_task(store: str, a: LayerOutcome, b: LayerOutcome, params: DensityParams, mask: Mask,
-                  k: int) -> ComparisonOutcome:
+def _compare_task(
+    store: str, a: LayerOutcome, b: LayerOutcome, params: DensityParams, mask: Mask, k: int
+) -> ComparisonOutcome:
     """Runs after both runs' analyses of the layer (their outcomes are its inputs)."""
     with threadpool_limits(limits=1):
         return comparison_outcome(Store(store), a, b, params, mask, k)
 
 
-def submit_layers(client: Client, store: str | Path, runs: list[RunName], layers: list[int], params: DensityParams,
-                  mask: Mask = Mask(), pairs: list[tuple[RunName, RunName]] = (), k: int = OVERLAP_K,
-                  priority: int = 0) -> list[Future]:
+def submit_layers(
+    client: Client,
+    store: str | Path,
+    runs: list[RunName],
+    layers: list[int],
+    params: DensityParams,
+    mask: Mask = Mask(),
+    pairs: list[tuple[RunName, RunName]] = (),
+    k: int = OVERLAP_K,
+    priority: int = 0,
+) -> list[Future]:
     """One task per (run, layer), for ``runs`` and the runs of ``pairs``, and one per (pair, layer)
     after its two analyses. Results: LayerOutcome or ComparisonOutcome. The i-th task returned has Dask
     priority ``priority - i`` (higher runs first): a job's own tasks in this order, and a caller that
@@ -170,13 +188,35 @@ def submit_layers(client: Client, store: str | Path, runs: list[RunName], layers
     tag = os.urandom(4).hex()
     every = list(dict.fromkeys([*runs, *(run for pair in pairs for run in pair)]))
     units = [(run, layer) for run in every for layer in layers]
-    analyses = {(run, layer): client.submit(_task, str(store), *run, layer, params, mask, pure=False,
-                                            key=f"actstore-{run[0]}-{run[1]}-{layer}-{tag}", priority=priority - i)
-                for i, (run, layer) in enumerate(units)}
-    comparisons = [client.submit(_compare_task, str(store), analyses[a, layer], analyses[b, layer], params, mask, k,
-                                 pure=False, key=f"actstore-compare-{a[0]}-{a[1]}-{b[0]}-{b[1]}-{layer}-{tag}",
-                                 priority=priority - len(units) - i)
-                   for i, ((a, b), layer) in enumerate((pair, layer) for pair in pairs for layer in layers)]
+    analyses = {
+        (run, layer): client.submit(
+            _task,
+            str(store),
+            *run,
+            layer,
+            params,
+            mask,
+            pure=False,
+            key=f"actstore-{run[0]}-{run[1]}-{layer}-{tag}",
+            priority=priority - i,
+        )
+        for i, (run, layer) in enumerate(units)
+    }
+    comparisons = [
+        client.submit(
+            _compare_task,
+            str(store),
+            analyses[a, layer],
+            analyses[b, layer],
+            params,
+            mask,
+            k,
+            pure=False,
+            key=f"actstore-compare-{a[0]}-{a[1]}-{b[0]}-{b[1]}-{layer}-{tag}",
+            priority=priority - len(units) - i,
+        )
+        for i, ((a, b), layer) in enumerate((pair, layer) for pair in pairs for layer in layers)
+    ]
     return [*analyses.values(), *comparisons]
 
 
@@ -220,9 +260,16 @@ class FairShares:
                 del self._owners[owner], self._next[owner]
 
 
-def analyse_layers(client: Client, store: str | Path, runs: list[RunName], layers: list[int], params: DensityParams,
-                   mask: Mask = Mask(), pairs: list[tuple[RunName, RunName]] = (),
-                   k: int = OVERLAP_K) -> Iterator[LayerOutcome | ComparisonOutcome]:
+def analyse_layers(
+    client: Client,
+    store: str | Path,
+    runs: list[RunName],
+    layers: list[int],
+    params: DensityParams,
+    mask: Mask = Mask(),
+    pairs: list[tuple[RunName, RunName]] = (),
+    k: int = OVERLAP_K,
+) -> Iterator[LayerOutcome | ComparisonOutcome]:
     """Submit the tasks (see submit_layers) and yield their outcomes as they finish (not in order)."""
     futures = submit_layers(client, store, runs, layers, params, mask, pairs, k)
     try:

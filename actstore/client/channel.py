@@ -16,13 +16,16 @@ CLIENT_OPTIONS = [
     *CHANNEL_OPTIONS,
     # Reconnect at least every second once the server is gone (gRPC's default backoff grows to minutes),
     # so that a retry finds a restarted server within the retry window.
-    ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
     # Ping a silent server every 20 s, however long the call has been idle, and drop the connection if it
     # does not answer within 10 s, so that a call without a deadline (WatchJob, or timeout=None) cannot
     # hang on a stalled server; gRPC's own pings would otherwise wait 60 s for their answer and hold the
     # keepalive back meanwhile. actstore's server accepts pings this often (app.SERVER_OPTIONS).
-    ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.ping_timeout_ms", 10_000), ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
 ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
@@ -61,8 +64,11 @@ def channel_target(address: str | Sequence[str]) -> tuple[str, list[tuple[str, s
     scheme, shown = ("ipv4", "{}:{}") if family == socket.AF_INET else ("ipv6", "[{}]:{}")
     target = f"{scheme}:" + ",".join(shown.format(ip, port) for ip, (_, port) in zip(literals, hosts_ports))
     authority = hosts_ports[0][0].strip("[]")
-    return target, [("grpc.service_config", ROUND_ROBIN), ("grpc.default_authority", authority),
-                    ("grpc.ssl_target_name_override", authority)]
+    return target, [
+        ("grpc.service_config", ROUND_ROBIN),
+        ("grpc.default_authority", authority),
+        ("grpc.ssl_target_name_override", authority),
+    ]
 
 
 def _resolve(host: str, port: int) -> dict[int, str]:
@@ -83,5 +89,6 @@ def _one_family(resolved: list[dict[int, str]]) -> tuple[int, list[str]]:
     for family in (socket.AF_INET, socket.AF_INET6):
         if all(family in r for r in resolved):
             return family, [r[family] for r in resolved]
-    raise ValueError("the server addresses mix IPv4 and IPv6: gRPC balances over one family; give names or "
-                     "IPs of one family")
+    raise ValueError(
+        "the server addresses mix IPv4 and IPv6: gRPC balances over one family; give names or IPs of one family"
+    )

@@ -61,42 +61,70 @@ def _layers(text: str) -> slice | list[int]:
 
 
 def _connection(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=os.environ.get("ACTSTORE_ADDRESS", DEFAULT_ADDRESS),
-                   help="server HOST[:PORT] (port 50051 unless given), or several replicas of one store separated "
-                        "by commas, whose calls are spread round-robin (default: $ACTSTORE_ADDRESS or %(default)s)")
+    p.add_argument(
+        "--address",
+        default=os.environ.get("ACTSTORE_ADDRESS", DEFAULT_ADDRESS),
+        help="server HOST[:PORT] (port 50051 unless given), or several replicas of one store separated "
+        "by commas, whose calls are spread round-robin (default: $ACTSTORE_ADDRESS or %(default)s)",
+    )
     p.add_argument("--token-file", type=Path, help="file holding the bearer token (default: $ACTSTORE_TOKEN)")
     p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
     p.add_argument("--tls-ca", type=Path, help="connect with TLS, trusting this PEM certificate")
-    p.add_argument("--retry-for", type=_seconds, metavar="SECONDS",
-                   help=f"how long to retry while the server is unavailable, e.g. restarting "
-                        f"(default: ${RETRY_ENV} or {DEFAULT_RETRY_FOR_S:g})")
+    p.add_argument(
+        "--retry-for",
+        type=_seconds,
+        metavar="SECONDS",
+        help=f"how long to retry while the server is unavailable, e.g. restarting "
+        f"(default: ${RETRY_ENV} or {DEFAULT_RETRY_FOR_S:g})",
+    )
 
 
 def register_analyze(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("analyze", help="run the study's density analyses on a server, with progress",
-                              description="Start density analyses of MODEL's runs on the server (or follow one "
-                                          "started earlier: --attach), watch them, print the per-layer table.")
+    p = subparsers.add_parser(
+        "analyze",
+        help="run the study's density analyses on a server, with progress",
+        description="Start density analyses of MODEL's runs on the server (or follow one "
+        "started earlier: --attach), watch them, print the per-layer table.",
+    )
     _connection(p)
     p.add_argument("model", nargs="?", help="the model whose runs to analyse (omitted with --attach)")
-    p.add_argument("--attach", metavar="JOB_ID",
-                   help="follow a job started earlier instead (`actstore query jobs` lists yours) and print its tables")
+    p.add_argument(
+        "--attach",
+        metavar="JOB_ID",
+        help="follow a job started earlier instead (`actstore query jobs` lists yours) and print its tables",
+    )
     p.add_argument("--methods", type=csv_list, default=[], help="comma list of methods (runs of MODEL) to analyse")
     p.add_argument("--layers", type=_layers, help="comma list or START:STOP (default: every layer but 0)")
     p.add_argument("--per-subject", type=int, help="analyse the first N samples of each subject (the study: 200)")
     p.add_argument("--preset", default="paper", help="parameter preset (default: paper, the study's)")
     settings = p.add_argument_group(
-        "analysis settings", "Each overrides the preset; the defaults shown are the paper preset's. A neighbour "
+        "analysis settings",
+        "Each overrides the preset; the defaults shown are the paper preset's. A neighbour "
         f"count left unset (*) is lowered to fit the job's smallest run when it holds {PAPER.maxk} samples or fewer "
-        f"(maxk below its samples, the others within maxk); runs under {MIN_SAMPLES} samples are refused.")
+        f"(maxk below its samples, the others within maxk); runs under {MIN_SAMPLES} samples are refused.",
+    )
     for name, text in PARAM_HELP.items():
         default = getattr(PAPER, name)
-        settings.add_argument(f"--{name.replace('_', '-')}", type=type(default),
-                              metavar=type(default).__name__.upper(),
-                              help=f"{text} (default: {default}{'*' if name in NEIGHBOUR_COUNTS else ''})")
-    settings.add_argument("--compare-k", type=int, metavar="INT",
-                          help=f"neighbours of the data overlap of compared runs (default: {OVERLAP_K}*)")
-    p.add_argument("--compare", type=csv_list, action="append", default=[], metavar="A,B",
-                   help="also compare two methods (or MODEL/METHOD runs) layer by layer; repeatable")
+        settings.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=type(default),
+            metavar=type(default).__name__.upper(),
+            help=f"{text} (default: {default}{'*' if name in NEIGHBOUR_COUNTS else ''})",
+        )
+    settings.add_argument(
+        "--compare-k",
+        type=int,
+        metavar="INT",
+        help=f"neighbours of the data overlap of compared runs (default: {OVERLAP_K}*)",
+    )
+    p.add_argument(
+        "--compare",
+        type=csv_list,
+        action="append",
+        default=[],
+        metavar="A,B",
+        help="also compare two methods (or MODEL/METHOD runs) layer by layer; repeatable",
+    )
     p.add_argument("--out", type=Path, help="also write the tables to this .csv (comparisons to *-compare.csv)")
     p.set_defaults(func=run_analyze)
 
@@ -115,9 +143,16 @@ def run_analyze(args: argparse.Namespace) -> int:
         if args.attach is not None:
             job = client.job(args.attach)
         else:
-            job = client.analyze(args.model, args.methods, layers=layers, preset=args.preset,
-                                 per_subject=args.per_subject, compare=[tuple(pair) for pair in args.compare],
-                                 compare_k=args.compare_k, **params)
+            job = client.analyze(
+                args.model,
+                args.methods,
+                layers=layers,
+                preset=args.preset,
+                per_subject=args.per_subject,
+                compare=[tuple(pair) for pair in args.compare],
+                compare_k=args.compare_k,
+                **params,
+            )
         job.follow(f"job {job.id}")
         table = job.result()
     settings = {name: value for name, value in table.attrs.items() if name != "job_id"}
@@ -142,9 +177,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     runs.add_argument("--method")
     sub.add_parser("jobs", help="list your analysis jobs, newest first (follow one: actstore analyze --attach ID)")
 
-    for name, text in (("describe", "one run's shape, labels, accuracy and provenance (JSON)"),
-                       ("get", "hidden states to a file"), ("labels", "sample labels to a file or the screen"),
-                       ("share", "change who may read a run (owner group only)")):
+    for name, text in (
+        ("describe", "one run's shape, labels, accuracy and provenance (JSON)"),
+        ("get", "hidden states to a file"),
+        ("labels", "sample labels to a file or the screen"),
+        ("share", "change who may read a run (owner group only)"),
+    ):
         q = sub.add_parser(name, help=text)
         q.add_argument("model")
         q.add_argument("method")
@@ -191,16 +229,20 @@ def run(args: argparse.Namespace) -> int:
             for r in found:
                 accuracy = f"{r['accuracy']:.3f}" if r["accuracy"] is not None else "-"
                 access = r["visibility"] + (f" (owner {r['owner_group']})" if r["owner_group"] else "")
-                print(f"{r['model'] + '/' + r['method']:44} {r['n_layers']:>6} {r['n_samples']:>8} "
-                      f"{r['hidden']:>6} {accuracy:>8}  {access}")
+                print(
+                    f"{r['model'] + '/' + r['method']:44} {r['n_layers']:>6} {r['n_samples']:>8} "
+                    f"{r['hidden']:>6} {accuracy:>8}  {access}"
+                )
         elif args.query == "jobs":
             _print_jobs(client.jobs())
         elif args.query == "describe":
             print(json.dumps(client.describe(args.model, args.method), indent=2))
         elif args.query == "share":
             info = client.set_visibility(args.model, args.method, args.visibility, args.shared_with)
-            print(f"{args.model}/{args.method}: {info['visibility']}"
-                  + (f" with {', '.join(info['shared_with'])}" if info["shared_with"] else ""))
+            print(
+                f"{args.model}/{args.method}: {info['visibility']}"
+                + (f" with {', '.join(info['shared_with'])}" if info["shared_with"] else "")
+            )
         elif args.query == "labels":
             frame = client.labels(args.model, args.method, **_selection(args)).to_dataframe()
             if args.out:
@@ -208,8 +250,15 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print(frame.to_string())
         else:
-            states = client.hidden_states(args.model, args.method, layers=args.layers, hidden=args.hidden,
-                                          dtype=args.dtype, allow_lossy=args.allow_lossy, **_selection(args))
+            states = client.hidden_states(
+                args.model,
+                args.method,
+                layers=args.layers,
+                hidden=args.hidden,
+                dtype=args.dtype,
+                allow_lossy=args.allow_lossy,
+                **_selection(args),
+            )
             _save(_with_provenance(states, client.describe(args.model, args.method)), args.out, args.overwrite)
             print(f"wrote {args.out}: {dict(states.sizes)} {states.dtype}")
     return 0
@@ -221,16 +270,21 @@ def _print_jobs(jobs: list) -> None:
     for job in jobs:
         seen = job.seen
         started = f"{seen['started']:%Y-%m-%d %H:%M:%S}" if seen["started"] else "-"
-        print(f"{job.id:16} {seen['state']:9} {seen['tasks_done']:>4}/{seen['tasks_total']:<4}  {started:19}  "
-              f"{', '.join(seen['runs'])}")
+        print(
+            f"{job.id:16} {seen['state']:9} {seen['tasks_done']:>4}/{seen['tasks_total']:<4}  {started:19}  "
+            f"{', '.join(seen['runs'])}"
+        )
 
 
 def _with_provenance(states, info: dict):
     """``states`` carrying the run's recipe (model and weights, method, site, dtype, ...) and attributes
     (provenance, history) as JSON text, named in ``json_attributes`` as a store does: a saved file says
     what made its numbers."""
-    extra = {"recipe": json.dumps(info["recipe"]), "run_attributes": json.dumps(info["attributes"]),
-             "json_attributes": "recipe run_attributes"}
+    extra = {
+        "recipe": json.dumps(info["recipe"]),
+        "run_attributes": json.dumps(info["attributes"]),
+        "json_attributes": "recipe run_attributes",
+    }
     return states.assign_attrs(extra)
 
 

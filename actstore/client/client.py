@@ -34,8 +34,10 @@ class Client(Connection):
         """Every run this caller may read, as dicts, following the server's pages."""
         found, token = [], ""
         while True:
-            page = self.call(self.catalog_stub.ListRuns, pb.ListRunsRequest(
-                model=model or "", method=method or "", page_size=page_size, page_token=token))
+            page = self.call(
+                self.catalog_stub.ListRuns,
+                pb.ListRunsRequest(model=model or "", method=method or "", page_size=page_size, page_token=token),
+            )
             found += [run_summary(r) for r in page.runs]
             token = page.next_page_token
             if not token:
@@ -48,17 +50,30 @@ class Client(Connection):
         """Owner only: make a run private, shared with named groups, or public."""
         if visibility not in VISIBILITY_ENUMS:
             raise ValueError(f"visibility must be one of {', '.join(VISIBILITY_ENUMS)}")
-        info = self.call(self.catalog_stub.SetVisibility, pb.SetVisibilityRequest(
-            run=run_ref(model, method), visibility=VISIBILITY_ENUMS[visibility], shared_with=list(shared_with)))
+        info = self.call(
+            self.catalog_stub.SetVisibility,
+            pb.SetVisibilityRequest(
+                run=run_ref(model, method), visibility=VISIBILITY_ENUMS[visibility], shared_with=list(shared_with)
+            ),
+        )
         return run_info(info)
 
     # -- data -------------------------------------------------------------------------------------
 
-    def labels(self, model: str, method: str, samples: Sequence[int] | slice | None = None,
-               subject: Labels = None, answer: Labels = None, **filters: Labels) -> xr.Dataset:
+    def labels(
+        self,
+        model: str,
+        method: str,
+        samples: Sequence[int] | slice | None = None,
+        subject: Labels = None,
+        answer: Labels = None,
+        **filters: Labels,
+    ) -> xr.Dataset:
         """Per-sample labels (subject, answer, prediction, correct) indexed by sample id."""
-        request = pb.ReadLabelsRequest(run=run_ref(model, method), samples=sample_selection(
-            samples, {"subject": subject, "answer": answer, **filters}))
+        request = pb.ReadLabelsRequest(
+            run=run_ref(model, method),
+            samples=sample_selection(samples, {"subject": subject, "answer": answer, **filters}),
+        )
         response = self.call(self.data_stub.ReadLabels, request)
         return xr.Dataset(coords=label_coords(response.labels), attrs={"run_complete": response.run_complete})
 
@@ -83,23 +98,42 @@ class Client(Connection):
         request = pb.ReadStatesRequest(
             run=run_ref(model, method),
             samples=sample_selection(samples, {"subject": subject, "answer": answer, **filters}),
-            dtype=DTYPE_ENUMS[dtype], allow_lossy=allow_lossy, accept_blosc=True, **layer_fields(layers))
+            dtype=DTYPE_ENUMS[dtype],
+            allow_lossy=allow_lossy,
+            accept_blosc=True,
+            **layer_fields(layers),
+        )
         if hidden is not None:
             request.hidden_range.CopyFrom(range_of(hidden))
         header, data = self.retry(
-            lambda: receive_states(self.stream(self.data_stub.ReadStates, request, self.stream_timeout)))
+            lambda: receive_states(self.stream(self.data_stub.ReadStates, request, self.stream_timeout))
+        )
         return xr.DataArray(
-            data, dims=tuple(header.dims),
-            coords={"layer": list(header.layers), **label_coords(header.labels),
-                    "hidden": np.arange(header.hidden_start, header.hidden_start + data.shape[2])},
-            name="hidden_states", attrs={"model": model, "method": method, "run_complete": header.run_complete})
+            data,
+            dims=tuple(header.dims),
+            coords={
+                "layer": list(header.layers),
+                **label_coords(header.labels),
+                "hidden": np.arange(header.hidden_start, header.hidden_start + data.shape[2]),
+            },
+            name="hidden_states",
+            attrs={"model": model, "method": method, "run_complete": header.run_complete},
+        )
 
     # -- analyses ---------------------------------------------------------------------------------
 
-    def analyze(self, model: str, methods: Sequence[str], layers: Sequence[int] | range | None = None,
-                preset: str = "paper", per_subject: int | None = None, request_id: str = "",
-                compare: Sequence[tuple[str, str]] = (), compare_k: int | None = None,
-                **params: float) -> AnalysisJob:
+    def analyze(
+        self,
+        model: str,
+        methods: Sequence[str],
+        layers: Sequence[int] | range | None = None,
+        preset: str = "paper",
+        per_subject: int | None = None,
+        request_id: str = "",
+        compare: Sequence[tuple[str, str]] = (),
+        compare_k: int | None = None,
+        **params: float,
+    ) -> AnalysisJob:
         """Start the density analyses of ``model``'s runs ``methods`` at ``layers`` (default: all but 0).
 
         ``compare``: pairs of runs to compare at each layer, each a method of ``model`` or a
@@ -110,9 +144,13 @@ class Client(Connection):
         Returns at once; see AnalysisJob.watch and .result.
         """
         request = pb.StartAnalysisRequest(
-            runs=[run_ref(model, m) for m in methods], layers=list(layers or []), preset=preset,
-            params=pb.AnalysisParams(**params), request_id=request_id,
-            compare=[pb.RunPair(a=run_of(model, a), b=run_of(model, b)) for a, b in compare])
+            runs=[run_ref(model, m) for m in methods],
+            layers=list(layers or []),
+            preset=preset,
+            params=pb.AnalysisParams(**params),
+            request_id=request_id,
+            compare=[pb.RunPair(a=run_of(model, a), b=run_of(model, b)) for a, b in compare],
+        )
         if per_subject is not None:
             request.per_subject = per_subject
         if compare_k is not None:
@@ -132,8 +170,9 @@ class Client(Connection):
         job.status()
         return job
 
-    def compare(self, model: str, method_a: str, method_b: str, layers: Sequence[int] | range | None = None,
-                **options: Any) -> AnalysisJob:
+    def compare(
+        self, model: str, method_a: str, method_b: str, layers: Sequence[int] | range | None = None, **options: Any
+    ) -> AnalysisJob:
         """Compare two runs layer by layer (data overlap, ARI between clusterings): ``method_b`` may be a
         ``"model/method"`` of another model. ``options`` as for ``analyze``; the job's result holds both
         runs' metrics and the comparison (``data_overlap``, ``ari_clusters`` over (pair, layer))."""

@@ -69,8 +69,10 @@ class Connection:
 
     def __repr__(self) -> str:
         token, tls = self._shown
-        return f"<{type(self).__name__} {self.address} ({'with' if token else 'no'} token, " \
-               f"{'TLS' if tls else 'plaintext'})>"
+        return (
+            f"<{type(self).__name__} {self.address} ({'with' if token else 'no'} token, "
+            f"{'TLS' if tls else 'plaintext'})>"
+        )
 
     def close(self) -> None:
         self._channel.close()
@@ -117,6 +119,8 @@ class Connection:
 
 def _gave_up(details: str, window: float) -> str:
     """UNAVAILABLE once the retry window is spent: what happened, and how to wait longer."""
-    return (f"{details} (still unavailable after retrying for {window:g} s: the server is down, restarting or "
-            f"unreachable; to wait longer pass Client(retry_for=SECONDS), or `actstore query --retry-for SECONDS` "
-            f"or ${RETRY_ENV})")
+    return (
+        f"{details} (still unavailable after retrying for {window:g} s: the server is down, restarting or "
+        f"unreachable; to wait longer pass Client(retry_for=SECONDS), or `actstore query --retry-for SECONDS` "
+        f"or ${RETRY_ENV})"
+    )

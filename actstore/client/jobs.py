@@ -36,8 +36,10 @@ class AnalysisJob:
             return f"<AnalysisJob {self.id} on {self.client.address}: not waited on>"
         runs = f" of {', '.join(seen['runs'])}" if seen["runs"] else ""
         started = f", started {seen['started']:%Y-%m-%d %H:%M:%S}" if seen["started"] else ""
-        return (f"<AnalysisJob {self.id} on {self.client.address}: {seen['state']} "
-                f"{seen['tasks_done']}/{seen['tasks_total']} tasks{runs}{started}>")
+        return (
+            f"<AnalysisJob {self.id} on {self.client.address}: {seen['state']} "
+            f"{seen['tasks_done']}/{seen['tasks_total']} tasks{runs}{started}>"
+        )
 
     @property
     def seen(self) -> dict[str, Any] | None:
@@ -48,9 +50,14 @@ class AnalysisJob:
         if last is None:
             return None
         started = last.created.ToDatetime(tzinfo=UTC).astimezone() if last.HasField("created") else None
-        return {"state": pb.JobState.Name(last.state).removeprefix("JOB_STATE_").lower(), "stage": last.stage,
-                "tasks_done": last.tasks_done, "tasks_total": last.tasks_total, "started": started,
-                "runs": [_name(r) for r in last.runs] + [f"{_name(p.a)} vs {_name(p.b)}" for p in last.compare]}
+        return {
+            "state": pb.JobState.Name(last.state).removeprefix("JOB_STATE_").lower(),
+            "stage": last.stage,
+            "tasks_done": last.tasks_done,
+            "tasks_total": last.tasks_total,
+            "started": started,
+            "runs": [_name(r) for r in last.runs] + [f"{_name(p.a)} vs {_name(p.b)}" for p in last.compare],
+        }
 
     def status(self) -> pb.Job:
         """The job now, with the results of its tasks finished so far."""
@@ -92,8 +99,9 @@ class AnalysisJob:
     def assignments(self, run: str, layer: int) -> xr.DataArray:
         """The clusters of one layer of one run (``"model/method"``), indexed by sample id."""
         r = layer_result(self._final(), run, layer)
-        return xr.DataArray(np.asarray(r.assignment), dims="sample", coords={"sample": np.asarray(r.sample_ids)},
-                            name="cluster")
+        return xr.DataArray(
+            np.asarray(r.assignment), dims="sample", coords={"sample": np.asarray(r.sample_ids)}, name="cluster"
+        )
 
     def _final(self) -> pb.Job:
         """The ended job with every layer's results, gathered from the watch events."""

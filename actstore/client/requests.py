@@ -41,9 +41,15 @@ def layer_fields(layers: Layers) -> dict:
 
 def sample_selection(samples: Sequence[int] | slice | None, filters: dict[str, Labels]) -> pb.SampleSelection:
     """Sample ids (a sequence) or positions (a slice), narrowed by label filters (None: no filter)."""
-    selection = pb.SampleSelection(filters=[
-        pb.LabelFilter(name=name, values=[str(v) for v in ([values] if isinstance(values, (str, bool)) else values)])
-        for name, values in filters.items() if values is not None])
+    selection = pb.SampleSelection(
+        filters=[
+            pb.LabelFilter(
+                name=name, values=[str(v) for v in ([values] if isinstance(values, (str, bool)) else values)]
+            )
+            for name, values in filters.items()
+            if values is not None
+        ]
+    )
     if isinstance(samples, slice):
         selection.positions.CopyFrom(range_of(samples))
     elif samples is not None:

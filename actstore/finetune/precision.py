@@ -19,8 +19,11 @@ class MasterWeights:
     """Float32 master copies of a model's trainable parameters, by parameter name."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self._pairs = [(name, p, p.detach().float().clone().requires_grad_(True))
-                       for name, p in model.named_parameters() if p.requires_grad]
+        self._pairs = [
+            (name, p, p.detach().float().clone().requires_grad_(True))
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        ]
 
     @property
     def parameters(self) -> list[torch.Tensor]:

@@ -64,8 +64,10 @@ def training_prompt(question: Question, subject_header: bool) -> str:
 def prompt_description(subject_header: bool) -> str:
     if subject_header:
         return f"{PROMPT_FORMAT}, 0-shot: the subject header, the question, its options, 'Answer:' and the letter"
-    return ("the question, its options, 'Answer:' and the letter, without the subject header (the authors' training "
-            "prompt; probes carry the header)")
+    return (
+        "the question, its options, 'Answer:' and the letter, without the subject header (the authors' training "
+        "prompt; probes carry the header)"
+    )
 
 
 def _limited(questions: list[Question], limit: int | None) -> list[Question]:
@@ -78,8 +80,9 @@ def _limited(questions: list[Question], limit: int | None) -> list[Question]:
 
 
 @torch.inference_mode()
-def predicted_letters(model: torch.nn.Module, tokenizer, prompts: list[str], device: torch.device,
-                      max_length: int, batch_size: int) -> np.ndarray:
+def predicted_letters(
+    model: torch.nn.Module, tokenizer, prompts: list[str], device: torch.device, max_length: int, batch_size: int
+) -> np.ndarray:
     """The argmax letter (A-D) after each prompt, from the model as it stands (unmerged adapter included)."""
     ids = letter_token_ids(tokenizer)
     found = []
@@ -102,8 +105,9 @@ def micro_batches(batch: np.ndarray, lengths: list[int], most: int) -> Iterator[
     start = 0
     while start < len(order):
         stop = start + 1
-        while (stop < len(order) and stop - start < most
-               and (stop - start + 1) * lengths[order[stop]] <= MICRO_BATCH_CHARS):
+        while (
+            stop < len(order) and stop - start < most and (stop - start + 1) * lengths[order[stop]] <= MICRO_BATCH_CHARS
+        ):
             stop += 1
         yield order[start:stop]
         start = stop
@@ -129,9 +133,11 @@ class Finetune:
         train, self.held_out = split_train_eval(self.selection.train, opts.eval_per_subject)
         self.questions = _limited(train, opts.limit)
         if not self.questions:
-            raise DatasetError(f"no training questions in {self.dataset.name} ({self.selection.train_split} split, "
-                               f"--train-pool {opts.train_pool}, of which {opts.eval_per_subject} per subject held out "
-                               "for accuracy)")
+            raise DatasetError(
+                f"no training questions in {self.dataset.name} ({self.selection.train_split} split, "
+                f"--train-pool {opts.train_pool}, of which {opts.eval_per_subject} per subject held out "
+                "for accuracy)"
+            )
         if opts.stop_accuracy is not None and not self.held_out:
             raise DatasetError("--stop-accuracy needs held-out questions to measure: --eval-per-subject is 0")
         self.device = resolve_device(opts.device)
@@ -152,20 +158,25 @@ class Finetune:
         return {
             "base": {"model_id": self.source.model_id, "fingerprint": self.source.fingerprint()},
             "dataset": {"name": self.dataset.name, "sha256": self.dataset.sha256},
-            "training_questions": train_source(self.selection, opts.train_pool) + (
+            "training_questions": train_source(self.selection, opts.train_pool)
+            + (
                 f"; the last {opts.eval_per_subject} of each subject's pool measure held-out accuracy instead"
-                if opts.eval_per_subject else "") + (f"; at most {opts.limit} in all" if opts.limit else ""),
+                if opts.eval_per_subject
+                else ""
+            )
+            + (f"; at most {opts.limit} in all" if opts.limit else ""),
             "subjects": sorted({q.subject for q in self.questions}),
             "prompt_format": prompt_description(h.subject_header),
             "target": "the answer letter's token after 'Answer:'; no other position is a target",
             "weighting": "inverse subject size over each batch of 16 (the paper's text; the authors' code normalises "
-                         "the weights within micro-batches of one question, which cancels them)",
+            "the weights within micro-batches of one question, which cancels them)",
             "optimizer": "AdamW",
             "schedule": f"linear warm-up over {h.warmup_steps(self.total_steps)} steps from min_lr_ratio x the rate "
-                        "(int(warmup_ratio x steps), at most max_warmup_steps), then cosine down to min_lr_ratio x "
-                        "the rate (the authors')",
-            "clipping": f"global gradient norm clipped at {h.max_grad_norm}" if h.max_grad_norm > 0 else
-                        "none (the authors')",
+            "(int(warmup_ratio x steps), at most max_warmup_steps), then cosine down to min_lr_ratio x "
+            "the rate (the authors')",
+            "clipping": f"global gradient norm clipped at {h.max_grad_norm}"
+            if h.max_grad_norm > 0
+            else "none (the authors')",
             "stop_accuracy": opts.stop_accuracy,
             "hyperparameters": h.as_dict(),
             "compute_dtype": str(self.dtype).removeprefix("torch."),
@@ -179,15 +190,17 @@ class Finetune:
         record = folder.read_record(out) if out.is_dir() else None
         if record is None:
             if out.is_dir() and any(out.iterdir()):
-                raise AdapterError(f"{out} is not empty and holds no fine-tuning record; choose a new or empty "
-                                   "folder")
+                raise AdapterError(f"{out} is not empty and holds no fine-tuning record; choose a new or empty folder")
             return Status(False, 0)
         if record["recipe"] != self.recipe:
             if not self.opts.overwrite:
-                changed = sorted(k for k in {**record["recipe"], **self.recipe}
-                                 if record["recipe"].get(k) != self.recipe.get(k))
-                raise AdapterError(f"{out} holds a fine-tuning run with a different recipe ({', '.join(changed)}); "
-                                   "use another --out, or --overwrite to replace it")
+                changed = sorted(
+                    k for k in {**record["recipe"], **self.recipe} if record["recipe"].get(k) != self.recipe.get(k)
+                )
+                raise AdapterError(
+                    f"{out} holds a fine-tuning run with a different recipe ({', '.join(changed)}); "
+                    "use another --out, or --overwrite to replace it"
+                )
             self._clear()
             return Status(False, 0)
         if record.get("complete"):
@@ -241,11 +254,17 @@ class Finetune:
         model.train()
         loop_started = time.perf_counter()
         step = start_step
-        with tqdm(total=self.total_steps, initial=start_step, unit="step", desc=f"finetune {self.source.model_id}",
-                  mininterval=1.0) as bar:
+        with tqdm(
+            total=self.total_steps,
+            initial=start_step,
+            unit="step",
+            desc=f"finetune {self.source.model_id}",
+            mininterval=1.0,
+        ) as bar:
             while step < self.total_steps and not self._reached(held_out):
-                losses.append(self._step(model, loaded.tokenizer, master, optimizer, scheduler, self.batch(step),
-                                         targets))
+                losses.append(
+                    self._step(model, loaded.tokenizer, master, optimizer, scheduler, self.batch(step), targets)
+                )
                 step += 1
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", epoch=(step - 1) // self.steps_per_epoch + 1)
                 bar.update(1)
@@ -259,8 +278,11 @@ class Finetune:
         model.save_pretrained(tmp, state_dict=master.state_dict())
         record = self._record(model, step, losses, True, held_out)
         record["stopped_early"] = step < self.total_steps  # at stop_accuracy
-        record["seconds"] = {"total": time.perf_counter() - started, "training_steps": train_seconds,
-                             "resumed_at_step": start_step}
+        record["seconds"] = {
+            "total": time.perf_counter() - started,
+            "training_steps": train_seconds,
+            "resumed_at_step": start_step,
+        }
         record["adapter"]["fingerprint"] = folder.fingerprint(tmp)
         folder.publish_files(tmp, self.opts.out, record)
         return record
@@ -278,8 +300,9 @@ class Finetune:
             return None
         was_training = model.training
         model.eval()
-        predicted = predicted_letters(model, tokenizer, self.held_out_prompts, self.device, self.hyper.max_length,
-                                      self.opts.micro_batch)
+        predicted = predicted_letters(
+            model, tokenizer, self.held_out_prompts, self.device, self.hyper.max_length, self.opts.micro_batch
+        )
         model.train(was_training)
         return float(np.mean(predicted == np.array([q.answer for q in self.held_out])))
 
@@ -296,8 +319,9 @@ class Finetune:
         if self.device.type == "cpu":
             base.set_attn_implementation("eager")
         modules = h.target_modules if h.target_modules == "all-linear" else h.target_modules.split(",")
-        config = LoraConfig(r=h.rank, lora_alpha=h.alpha, lora_dropout=h.dropout, target_modules=modules,
-                            task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=h.rank, lora_alpha=h.alpha, lora_dropout=h.dropout, target_modules=modules, task_type="CAUSAL_LM"
+        )
         with peft_quietly():
             model = get_peft_model(base, config, autocast_adapter_dtype=False)
         if self.device.type == "cpu":
@@ -308,8 +332,16 @@ class Finetune:
         scheduler = LambdaLR(optimizer, lambda step: float(lr_factor(step, total, warmup, h.min_lr_ratio)))
         return model, master, optimizer, scheduler
 
-    def _step(self, model: PeftModel, tokenizer, master: MasterWeights, optimizer: torch.optim.Optimizer,
-              scheduler, batch: np.ndarray, targets: torch.Tensor) -> float:
+    def _step(
+        self,
+        model: PeftModel,
+        tokenizer,
+        master: MasterWeights,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        batch: np.ndarray,
+        targets: torch.Tensor,
+    ) -> float:
         """One optimizer step over ``batch``: the weighted mean of its letter losses, in micro-batches of
         questions of similar length (little padding; see ``micro_batches``)."""
         master.zero_grad()
@@ -330,16 +362,30 @@ class Finetune:
 
     # -- checkpoints and records ----------------------------------------------------------------
 
-    def _save_checkpoint(self, model: PeftModel, master: MasterWeights, optimizer: torch.optim.Optimizer,
-                         scheduler, step: int, losses: list[float], held_out: list[list]) -> None:
+    def _save_checkpoint(
+        self,
+        model: PeftModel,
+        master: MasterWeights,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        step: int,
+        losses: list[float],
+        held_out: list[list],
+    ) -> None:
         """The adapter and everything needed to go on from ``step``, published in one rename."""
         tmp = self.opts.out / f".checkpoint-{step}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         model.save_pretrained(tmp, state_dict=master.state_dict())
-        state = {"master": master.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step, "losses": losses,
-                 "dropout_rng": json.dumps(self.dropout_rng.bit_generator.state)}
+        state = {
+            "master": master.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "step": step,
+            "losses": losses,
+            "dropout_rng": json.dumps(self.dropout_rng.bit_generator.state),
+        }
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         torch.save(state, tmp / folder.TRAINING_STATE)
@@ -348,8 +394,9 @@ class Finetune:
         folder.write_json_atomic(tmp / folder.RECORD, record)
         folder.publish_folder(tmp, folder.checkpoint_dir(self.opts.out, step))
 
-    def _resume(self, master: MasterWeights, optimizer: torch.optim.Optimizer, scheduler, step: int
-                ) -> tuple[list[float], list[list]]:
+    def _resume(
+        self, master: MasterWeights, optimizer: torch.optim.Optimizer, scheduler, step: int
+    ) -> tuple[list[float], list[list]]:
         """Losses and held-out accuracies so far, with every state restored from ``checkpoint-step``."""
         path = folder.checkpoint_dir(self.opts.out, step)
         state = torch.load(path / folder.TRAINING_STATE, map_location=self.device, weights_only=True)
@@ -362,8 +409,9 @@ class Finetune:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         return list(state["losses"]), folder.read_record(path)["accuracy"]["held_out"]
 
-    def _record(self, model: PeftModel, step: int, losses: list[float], complete: bool,
-                held_out: list[list]) -> dict[str, Any]:
+    def _record(
+        self, model: PeftModel, step: int, losses: list[float], complete: bool, held_out: list[list]
+    ) -> dict[str, Any]:
         """What a probe of this adapter records as its provenance: recipe, base, training ids, losses, the
         checkpoint schedule and the held-out accuracy at every checkpoint so far."""
         last_epoch = losses[-self.steps_per_epoch :]
@@ -372,23 +420,37 @@ class Finetune:
             "complete": complete,
             "recipe": self.recipe,
             "base_location": self.source.location,
-            "training": {"split": self.selection.train_split, "ids": [q.id for q in self.questions],
-                         "n_questions": len(self.questions), "held_out_ids": [q.id for q in self.held_out]},
+            "training": {
+                "split": self.selection.train_split,
+                "ids": [q.id for q in self.questions],
+                "n_questions": len(self.questions),
+                "held_out_ids": [q.id for q in self.held_out],
+            },
             "step": step,
             "total_steps": self.total_steps,
-            "checkpoints": {"steps": self.schedule, "final": self.total_steps,
-                            "rule": f"every {self.opts.save_every} steps" if self.opts.save_every else
-                            f"np.unique(np.around(np.geomspace(1, {self.total_steps}, {self.opts.checkpoints}, "
-                            "endpoint=False))) (the authors'), plus the end of every epoch"},
+            "checkpoints": {
+                "steps": self.schedule,
+                "final": self.total_steps,
+                "rule": f"every {self.opts.save_every} steps"
+                if self.opts.save_every
+                else f"np.unique(np.around(np.geomspace(1, {self.total_steps}, {self.opts.checkpoints}, "
+                "endpoint=False))) (the authors'), plus the end of every epoch",
+            },
             "epoch": step / self.steps_per_epoch,
             "losses": losses,
             "final_loss": float(np.mean(last_epoch)) if last_epoch else None,  # mean over the last epoch's steps
-            "accuracy": {"held_out": held_out, "before": held_out[0][1], "after": held_out[-1][1],
-                         "n_held_out": len(self.held_out),
-                         "measured": "held-out questions (neither trained on nor probed), training prompt, adapter "
-                                     "unmerged beside the base in the compute dtype"},
-            "adapter": {"target_modules": sorted(model.peft_config["default"].target_modules),
-                        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)},
+            "accuracy": {
+                "held_out": held_out,
+                "before": held_out[0][1],
+                "after": held_out[-1][1],
+                "n_held_out": len(self.held_out),
+                "measured": "held-out questions (neither trained on nor probed), training prompt, adapter "
+                "unmerged beside the base in the compute dtype",
+            },
+            "adapter": {
+                "target_modules": sorted(model.peft_config["default"].target_modules),
+                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            },
             "micro_batch": self.opts.micro_batch,
             "device": str(self.device),
             "versions": versions(),
@@ -416,8 +478,14 @@ class Finetune:
             peak = torch.cuda.max_memory_allocated(self.device)
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"questions": len(self.questions), "subjects": len(self.recipe["subjects"]),
-                "steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
-                "seconds": per_question * len(self.questions) * self.hyper.epochs,
-                "trainable_parameters": trainable, "peak_memory_bytes": peak,
-                "compute_dtype": self.recipe["compute_dtype"], "device": str(self.device)}
+        return {
+            "questions": len(self.questions),
+            "subjects": len(self.recipe["subjects"]),
+            "steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "seconds": per_question * len(self.questions) * self.hyper.epochs,
+            "trainable_parameters": trainable,
+            "peak_memory_bytes": peak,
+            "compute_dtype": self.recipe["compute_dtype"],
+            "device": str(self.device),
+        }

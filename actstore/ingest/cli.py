@@ -10,28 +10,45 @@ from actstore.store import VISIBILITIES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("ingest", help="store the hidden states of a model on a question set",
-                              description=__doc__.split(": ", 1)[1])
+    p = subparsers.add_parser(
+        "ingest", help="store the hidden states of a model on a question set", description=__doc__.split(": ", 1)[1]
+    )
     add_store_argument(p)
     add_source_arguments(p)
     p.add_argument("--subjects", type=csv_list, help="comma list of subject ids (default: all)")
     p.add_argument("--per-subject", type=positive, help="at most N questions per subject (the study: 200)")
     p.add_argument("--limit", type=positive, help="at most N questions in all")
-    p.add_argument("--site", choices=SITES, default="normed",
-                   help="normed: each block's input norm + final norm (the study's); residual: HF hidden_states")
-    p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
-                   help="compute dtype (auto: bf16 on CUDA and on CPUs with native bf16, else float32)")
+    p.add_argument(
+        "--site",
+        choices=SITES,
+        default="normed",
+        help="normed: each block's input norm + final norm (the study's); residual: HF hidden_states",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPE_NAMES],
+        default="auto",
+        help="compute dtype (auto: bf16 on CUDA and on CPUs with native bf16, else float32)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--batch-size", type=positive, help="questions per forward pass (default 8; a resumed run "
-                                                         "keeps its own)")
+    p.add_argument(
+        "--batch-size", type=positive, help="questions per forward pass (default 8; a resumed run keeps its own)"
+    )
     p.add_argument("--shot-seed", type=int, default=42, help="seed of the per-query shot order (default 42)")
     p.add_argument("--fixed-shot-order", action="store_true", help="show shots in pool order, unshuffled")
     p.add_argument("--overwrite", action="store_true", help="replace a run made with a different recipe")
-    p.add_argument("--commit-seconds", type=float, default=10.0,
-                   help="commit buffered batches at least this often (default 10): the most work a kill loses")
+    p.add_argument(
+        "--commit-seconds",
+        type=float,
+        default=10.0,
+        help="commit buffered batches at least this often (default 10): the most work a kill loses",
+    )
     p.add_argument("--group", help="owner group of the runs this ingest creates (for a served, shared store)")
-    p.add_argument("--visibility", choices=VISIBILITIES,
-                   help="who may read new runs when served (default: private with --group, else public)")
+    p.add_argument(
+        "--visibility",
+        choices=VISIBILITIES,
+        help="who may read new runs when served (default: private with --group, else public)",
+    )
     p.add_argument("--share-with", type=csv_list, default=[], help="comma list of groups for --visibility shared")
     p.add_argument("--dry-run", action="store_true", help="print questions, tokens, time and size; write nothing")
     p.set_defaults(func=run)
@@ -41,12 +58,27 @@ def run(args: argparse.Namespace) -> int:
     from actstore.ingest.pipeline import Ingest, estimate, ingest_all  # loads torch and transformers
 
     opts = IngestOptions(
-        store=args.store, model=args.model, gguf_file=args.gguf_file, checkpoint=args.checkpoint,
-        adapter_branch=args.adapter_branch, name=args.name,
-        methods=args.methods, dataset=args.dataset, subjects=args.subjects, per_subject=args.per_subject,
-        limit=args.limit, train_pool=args.train_pool, site=args.site, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
-        shot_seed=None if args.fixed_shot_order else args.shot_seed, overwrite=args.overwrite,
-        commit_seconds=args.commit_seconds, group=args.group, visibility=args.visibility,
+        store=args.store,
+        model=args.model,
+        gguf_file=args.gguf_file,
+        checkpoint=args.checkpoint,
+        adapter_branch=args.adapter_branch,
+        name=args.name,
+        methods=args.methods,
+        dataset=args.dataset,
+        subjects=args.subjects,
+        per_subject=args.per_subject,
+        limit=args.limit,
+        train_pool=args.train_pool,
+        site=args.site,
+        dtype=args.dtype,
+        device=args.device,
+        batch_size=args.batch_size,
+        shot_seed=None if args.fixed_shot_order else args.shot_seed,
+        overwrite=args.overwrite,
+        commit_seconds=args.commit_seconds,
+        group=args.group,
+        visibility=args.visibility,
         shared_with=args.share_with,
     )
     if args.dry_run:
@@ -54,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'run':40} {'questions':>9} {'tokens':>10} {'est. time':>10} {'est. size':>10}")
         for plan in ingest.plans():
             e = estimate(ingest, plan)
-            print(f"{e['run']:40} {e['questions']:>9} {e['tokens']:>10} {e['seconds']:>9.0f}s "
-                  f"{e['bytes'] / 1e6:>8.1f}MB")
+            print(
+                f"{e['run']:40} {e['questions']:>9} {e['tokens']:>10} {e['seconds']:>9.0f}s {e['bytes'] / 1e6:>8.1f}MB"
+            )
         return 0
     ingest_all(opts, say=print)
     return 0

@@ -100,8 +100,9 @@ def _question(qid: int, subject: object, question: object, choices: object, answ
     if not isinstance(subject, str) or not subject.strip():
         raise DatasetError(f"{where}: empty or missing subject")
     if len(subject) > MAX_LABEL_CHARS:  # refused as the file is read, before any prompt reaches the model
-        raise DatasetError(f"{where}: a subject of {len(subject):,} characters, above the {MAX_LABEL_CHARS} a run "
-                           "stores")
+        raise DatasetError(
+            f"{where}: a subject of {len(subject):,} characters, above the {MAX_LABEL_CHARS} a run stores"
+        )
     if not isinstance(choices, (list, tuple)) or len(choices) != 4 or not all(isinstance(c, str) for c in choices):
         raise DatasetError(f"{where}: needs exactly 4 text choices")
     return Question(qid, subject_id(subject), question, tuple(choices), _answer_letter(answer, where))
@@ -126,9 +127,13 @@ def _load_jsonl(path: Path, name: str) -> Dataset:
                     log.info("%s: skipped a header row", where)
                     continue
                 choices = [row.get(f"answer_{c}") for c in "abcd"]
-                q = _question(number - 1, row.get("topic"), row.get("question"), choices, row.get("correct_answer"), where)
+                q = _question(
+                    number - 1, row.get("topic"), row.get("question"), choices, row.get("correct_answer"), where
+                )
             else:
-                q = _question(number - 1, row.get("subject"), row.get("question"), row.get("choices"), row.get("answer"), where)
+                q = _question(
+                    number - 1, row.get("subject"), row.get("question"), row.get("choices"), row.get("answer"), where
+                )
             questions.append(q)
     if not questions:
         raise DatasetError(f"{path}: no questions")
@@ -158,8 +163,13 @@ def _load_csv_folder(root: Path) -> Dataset:
     if not questions:
         raise DatasetError(f"{root}: the test split holds no questions")
     dev_files, val_files = sorted((root / "dev").glob("*_dev.csv")), sorted((root / "val").glob("*_val.csv"))
-    return Dataset(name=root.name, sha256=_sha256(test_files + dev_files + val_files), questions=questions,
-                   dev=_read_split(dev_files, "_dev.csv"), val=_read_split(val_files, "_val.csv"))
+    return Dataset(
+        name=root.name,
+        sha256=_sha256(test_files + dev_files + val_files),
+        questions=questions,
+        dev=_read_split(dev_files, "_dev.csv"),
+        val=_read_split(val_files, "_val.csv"),
+    )
 
 
 def _read_split(files: list[Path], suffix: str) -> dict[str, list[Question]]:

@@ -66,17 +66,22 @@ def _capture_last_token(modules: list[torch.nn.Module]):
             hook.remove()
 
 
-def encode(tokenizer, prompts: list[str], device: torch.device, max_length: int | None = None
-           ) -> dict[str, torch.Tensor]:
+def encode(
+    tokenizer, prompts: list[str], device: torch.device, max_length: int | None = None
+) -> dict[str, torch.Tensor]:
     """Left-padded (and, past ``max_length``, left-truncated) token ids, so that the last position is every
     prompt's ``Answer:``; position ids follow the attention mask so padding never shifts a prompt."""
     tokenizer.truncation_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=max_length is not None,
-                    max_length=max_length)
+    enc = tokenizer(
+        prompts, return_tensors="pt", padding=True, truncation=max_length is not None, max_length=max_length
+    )
     mask = enc["attention_mask"]
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": enc["input_ids"].to(device), "attention_mask": mask.to(device),
-            "position_ids": position_ids.to(device)}
+    return {
+        "input_ids": enc["input_ids"].to(device),
+        "attention_mask": mask.to(device),
+        "position_ids": position_ids.to(device),
+    }
 
 
 class StateExtractor:

@@ -25,8 +25,10 @@ class Method:
 def parse_method(name: str) -> Method:
     match = _METHOD.fullmatch(name)
     if not match:
-        raise ValueError(f"unknown method {name!r}: use 0shot, 1shot..{SHOT_POOL_SIZE}shot, finetuned, "
-                         "finetuned-stepN (a checkpoint of --checkpoint) or finetuned-TAG")
+        raise ValueError(
+            f"unknown method {name!r}: use 0shot, 1shot..{SHOT_POOL_SIZE}shot, finetuned, "
+            "finetuned-stepN (a checkpoint of --checkpoint) or finetuned-TAG"
+        )
     if match["k"] is None:
         return Method(name, 0, True, int(match["step"]) if match["step"] else None)
     k = int(match["k"])

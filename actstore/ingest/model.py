@@ -157,14 +157,22 @@ def _unpacked(source: ModelSource) -> dict:
 def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """Load tokenizer and model from local files (or the local hub cache); never downloads when offline."""
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    log.info("loading %s%s on %s as %s", source.path, f" ({source.gguf_file})" if source.gguf_file else "",
-             device, str(dtype).removeprefix("torch."))
+    log.info(
+        "loading %s%s on %s as %s",
+        source.path,
+        f" ({source.gguf_file})" if source.gguf_file else "",
+        device,
+        str(dtype).removeprefix("torch."),
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs, **_unpacked(source))
     except (OSError, ValueError) as exc:
-        offline = " (HF_HUB_OFFLINE is set: only local folders and the hub cache are used)" if os.environ.get(
-            "HF_HUB_OFFLINE") else ""
+        offline = (
+            " (HF_HUB_OFFLINE is set: only local folders and the hub cache are used)"
+            if os.environ.get("HF_HUB_OFFLINE")
+            else ""
+        )
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {source.path}{offline}: {first_line}") from None
     tokenizer.padding_side = "left"

@@ -49,23 +49,45 @@ class IngestOptions:
 
 def add_source_arguments(p: argparse.ArgumentParser, methods: tuple[str, ...] = ("0shot",)) -> None:
     """--model, --gguf-file, --checkpoint, --name, --methods, --dataset: shared with ``actstore study``."""
-    p.add_argument("--model", default=PACKAGED_SMOLLM2,
-                   help="model folder, hub id (local cache only when offline), .gguf file, or 'smollm2' "
-                        "for the packaged SmolLM2-135M-Instruct (default)")
+    p.add_argument(
+        "--model",
+        default=PACKAGED_SMOLLM2,
+        help="model folder, hub id (local cache only when offline), .gguf file, or 'smollm2' "
+        "for the packaged SmolLM2-135M-Instruct (default)",
+    )
     p.add_argument("--gguf-file", help="GGUF file inside --model's folder")
-    p.add_argument("--checkpoint", help="for methods finetuned[-stepN]: the folder of `actstore finetune --out` "
-                                        "(or any fine-tuned model folder), stored under --model's name")
-    p.add_argument("--adapter-branch", choices=ADAPTER_BRANCHES, default="float32",
-                   help="an adapter is probed unmerged beside the base; its LoRA branch computes in float32 (the "
-                        "authors'; ingest's default) or in the compute dtype (what training computed: 2.0x the base "
-                        "model's probe time on a bf16 CPU, against 5.6x; the study job's default) (default: "
-                        "%(default)s)")
+    p.add_argument(
+        "--checkpoint",
+        help="for methods finetuned[-stepN]: the folder of `actstore finetune --out` "
+        "(or any fine-tuned model folder), stored under --model's name",
+    )
+    p.add_argument(
+        "--adapter-branch",
+        choices=ADAPTER_BRANCHES,
+        default="float32",
+        help="an adapter is probed unmerged beside the base; its LoRA branch computes in float32 (the "
+        "authors'; ingest's default) or in the compute dtype (what training computed: 2.0x the base "
+        "model's probe time on a bf16 CPU, against 5.6x; the study job's default) (default: "
+        "%(default)s)",
+    )
     p.add_argument("--name", help="model name in the store (default: derived from --model)")
-    p.add_argument("--methods", "--method", type=csv_list, default=list(methods),
-                   help=f"comma list of 0shot, 1shot..5shot, finetuned, finetuned-stepN (--checkpoint's "
-                        f"checkpoint-N) (default: {','.join(methods)})")
-    p.add_argument("--dataset", default="mmlu",
-                   help="'mmlu' (packaged test split, default), an MMLU CSV folder (dev/, val/, test/) or a JSONL file")
-    p.add_argument("--train-pool", type=non_negative, default=TRAIN_POOL_SIZE,
-                   help="fine-tuning questions per subject held out of every method's questions when the data has "
-                        "no dev/val split (default %(default)s; keep it equal to actstore finetune's)")
+    p.add_argument(
+        "--methods",
+        "--method",
+        type=csv_list,
+        default=list(methods),
+        help=f"comma list of 0shot, 1shot..5shot, finetuned, finetuned-stepN (--checkpoint's "
+        f"checkpoint-N) (default: {','.join(methods)})",
+    )
+    p.add_argument(
+        "--dataset",
+        default="mmlu",
+        help="'mmlu' (packaged test split, default), an MMLU CSV folder (dev/, val/, test/) or a JSONL file",
+    )
+    p.add_argument(
+        "--train-pool",
+        type=non_negative,
+        default=TRAIN_POOL_SIZE,
+        help="fine-tuning questions per subject held out of every method's questions when the data has "
+        "no dev/val split (default %(default)s; keep it equal to actstore finetune's)",
+    )

@@ -87,8 +87,7 @@ class Ingest:
         short = sorted(s for s in subjects if len(self.selection.shot_pool.get(s, [])) < method.k)
         if short:
             raise DatasetError(
-                f"method {method.name} needs {method.k} shots but the shot pool of {', '.join(short[:5])} "
-                f"holds fewer"
+                f"method {method.name} needs {method.k} shots but the shot pool of {', '.join(short[:5])} holds fewer"
             )
 
     def _source(self, method: Method) -> ModelSource:
@@ -99,34 +98,44 @@ class Ingest:
         checkpoint = Path(method.checkpoint_folder(self.opts.checkpoint))
         if method.step is not None and not checkpoint.is_dir():
             saved = saved_steps(checkpoint.parent)
-            raise AdapterError(f"method {method.name}: no checkpoint-{method.step} in {checkpoint.parent} (saved "
-                               f"steps: {', '.join(map(str, saved)) or 'none'}; the final adapter: method finetuned)")
+            raise AdapterError(
+                f"method {method.name}: no checkpoint-{method.step} in {checkpoint.parent} (saved "
+                f"steps: {', '.join(map(str, saved)) or 'none'}; the final adapter: method finetuned)"
+            )
         source = ModelSource.resolve(str(checkpoint))
         if source.is_adapter:
             self._check_adapter(method, Path(source.path))
         elif method.step is not None:
-            raise AdapterError(f"method {method.name}: {source.path} is not an adapter folder written by "
-                               f"actstore finetune")
+            raise AdapterError(
+                f"method {method.name}: {source.path} is not an adapter folder written by actstore finetune"
+            )
         return source
 
     def _check_adapter(self, method: Method, folder: Path) -> None:
         record = finished_adapter(folder)
         if record["recipe"]["base"]["fingerprint"] != self._fingerprint(self.base):
-            raise AdapterError(f"{folder} was trained on another base model ({record['recipe']['base']['model_id']}, "
-                               f"{record['recipe']['base']['fingerprint'][:19]}), not on {self.base.model_id}")
+            raise AdapterError(
+                f"{folder} was trained on another base model ({record['recipe']['base']['model_id']}, "
+                f"{record['recipe']['base']['fingerprint'][:19]}), not on {self.base.model_id}"
+            )
         training = record["training"]
         if training["split"] != "test":
             return  # trained on dev/val: never among the test questions probed
         if record["recipe"]["dataset"]["sha256"] != self.dataset.sha256:
-            log.warning("%s was trained on another dataset (%s): overlap with %s cannot be checked by id", folder,
-                        record["recipe"]["dataset"]["name"], self.dataset.name)
+            log.warning(
+                "%s was trained on another dataset (%s): overlap with %s cannot be checked by id",
+                folder,
+                record["recipe"]["dataset"]["name"],
+                self.dataset.name,
+            )
             return
         overlap = sorted(set(training["ids"]) & {q.id for q in self.selection.queries})
         if overlap:
             raise AdapterError(
                 f"method {method.name}: {folder} was trained on {len(overlap)} of the questions this run probes "
                 f"(ids {', '.join(map(str, overlap[:5]))}{'...' if len(overlap) > 5 else ''}); ingest with at "
-                f"least the --train-pool the adapter was trained with, so its questions are held out")
+                f"least the --train-pool the adapter was trained with, so its questions are held out"
+            )
 
     def _fingerprint(self, source: ModelSource) -> str:
         if source not in self._fingerprints:
@@ -180,18 +189,27 @@ class Ingest:
         The run's lock is taken first, so a second writer of the run is refused before the model loads.
         """
         method = plan.method
-        with self.store.begin_run(self.name, method.name, recipe=plan.recipe, overwrite=self.opts.overwrite,
-                                  commit_seconds=self.opts.commit_seconds) as writer:
+        with self.store.begin_run(
+            self.name,
+            method.name,
+            recipe=plan.recipe,
+            overwrite=self.opts.overwrite,
+            commit_seconds=self.opts.commit_seconds,
+        ) as writer:
             load_started = time.perf_counter()
             loaded = self.model(plan.source)
             started = time.perf_counter()
             extractor = StateExtractor(loaded, self.opts.site)
             pending = _missing(self.selection.queries, writer.committed_ids())  # again, under the lock
             batch_size = self.opts.batch_size or writer.stored_attrs.get("batch_size") or DEFAULT_BATCH_SIZE
-            writer.start(provenance=self._provenance(loaded, method, extractor), attrs={"batch_size": batch_size},
-                         n_layers=loaded.n_blocks + 1, hidden=loaded.hidden_size,
-                         planned=writer.n_committed + len(pending),
-                         history=self._history_entry(len(pending), batch_size))
+            writer.start(
+                provenance=self._provenance(loaded, method, extractor),
+                attrs={"batch_size": batch_size},
+                n_layers=loaded.n_blocks + 1,
+                hidden=loaded.hidden_size,
+                planned=writer.n_committed + len(pending),
+                history=self._history_entry(len(pending), batch_size),
+            )
             shots = {s: self.selection.shots(s, method.k) for s in self.selection.shot_pool}
             with tqdm(total=len(pending), unit="q", desc=f"{self.name}/{method.name}", mininterval=1.0) as bar:
                 for batch in _batches(pending, batch_size):
@@ -200,8 +218,16 @@ class Ingest:
                     writer.add(states, _labels(batch, predictions))
                     bar.update(len(batch))
         run = self.store.run(self.name, method.name)
-        return RunReport(self.name, method.name, len(pending), run.n_samples, run.accuracy, run.size_bytes(),
-                         time.perf_counter() - started, started - load_started)
+        return RunReport(
+            self.name,
+            method.name,
+            len(pending),
+            run.n_samples,
+            run.accuracy,
+            run.size_bytes(),
+            time.perf_counter() - started,
+            started - load_started,
+        )
 
     def _provenance(self, loaded: LoadedModel, method: Method, extractor: StateExtractor) -> dict:
         tok = loaded.tokenizer
@@ -226,7 +252,8 @@ class Ingest:
                 "k": method.k,
                 "shot_ids": {s: [q.id for q in pool[: method.k]] for s, pool in self.selection.shot_pool.items()},
                 "shot_order": "per-query permutation, numpy default_rng([seed, sample id])"
-                if self.opts.shot_seed is not None else "fixed (pool order)",
+                if self.opts.shot_seed is not None
+                else "fixed (pool order)",
                 "shot_seed": self.opts.shot_seed,
             },
             "site": self.opts.site,
@@ -250,7 +277,7 @@ class Ingest:
 
 _ADAPTER_WORDS = {
     "float32": "unmerged: the base in the compute dtype, the LoRA branch beside it in float32 (the authors' "
-               "PeftModel.from_pretrained)",
+    "PeftModel.from_pretrained)",
     "compute": "unmerged: the base and the LoRA branch beside it both in the compute dtype (as training computed it)",
 }
 
@@ -267,8 +294,20 @@ def _finetune_provenance(source: ModelSource) -> dict | None:
     if not source.is_adapter:
         return None
     record = read_record(Path(source.path))  # checked whole and unaltered when the run was planned
-    keep = ("recipe", "training", "step", "total_steps", "epoch", "final_loss", "losses", "accuracy", "adapter",
-            "checkpoints", "stopped_early", "time")
+    keep = (
+        "recipe",
+        "training",
+        "step",
+        "total_steps",
+        "epoch",
+        "final_loss",
+        "losses",
+        "accuracy",
+        "adapter",
+        "checkpoints",
+        "stopped_early",
+        "time",
+    )
     return {key: record.get(key) for key in keep}
 
 
@@ -312,8 +351,13 @@ def estimate(ingest: Ingest, plan: Plan) -> dict:
     """What ``--dry-run`` prints: questions, tokens, time and bytes, from one timed batch; writes nothing."""
     shots = {s: ingest.selection.shots(s, plan.method.k) for s in ingest.selection.shot_pool}
     prompts = [build_prompt(q, shots[q.subject], ingest.opts.shot_seed) for q in plan.pending]
-    result = {"run": f"{ingest.name}/{plan.method.name}", "questions": len(prompts), "tokens": 0, "seconds": 0.0,
-              "bytes": 0}
+    result = {
+        "run": f"{ingest.name}/{plan.method.name}",
+        "questions": len(prompts),
+        "tokens": 0,
+        "seconds": 0.0,
+        "bytes": 0,
+    }
     if not prompts:
         return result
     loaded = ingest.model(plan.source)
@@ -336,8 +380,9 @@ def estimate(ingest: Ingest, plan: Plan) -> dict:
 
 
 def _padded_tokens(lengths: list[int], batch_size: int) -> int:
-    return sum(max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size])
-               for i in range(0, len(lengths), batch_size))
+    return sum(
+        max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size)
+    )
 
 
 def ingest_all(opts: IngestOptions, say: Callable[[str], None] = log.info) -> str:
@@ -351,7 +396,9 @@ def ingest_all(opts: IngestOptions, say: Callable[[str], None] = log.info) -> st
                 continue
             r = ingest.run(plan)
             accuracy = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
-            say(f"{r.model}/{r.method}: +{r.added} questions ({r.samples} stored), accuracy {accuracy}, "
-                  f"{r.size_bytes / 1e6:.1f} MB on disk, {r.seconds:.1f} s ({r.added / r.seconds:.1f} questions/s; "
-                  f"model loaded in {r.load_seconds:.1f} s)")
+            say(
+                f"{r.model}/{r.method}: +{r.added} questions ({r.samples} stored), accuracy {accuracy}, "
+                f"{r.size_bytes / 1e6:.1f} MB on disk, {r.seconds:.1f} s ({r.added / r.seconds:.1f} questions/s; "
+                f"model loaded in {r.load_seconds:.1f} s)"
+            )
     return ingest.name

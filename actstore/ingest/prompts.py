@@ -1,8 +1,8 @@
 """The study's prompt format (Doimo et al. 2024), character for character.
 
-    The following are multiple choice questions (with answers) about {subject words}.\\n\\n
-    {shot question}\\nA. {a}\\nB. {b}\\nC. {c}\\nD. {d}\\nAnswer: {letter}\\n\\n     (k times)
-    {query question}\\nA. {a}\\nB. {b}\\nC. {c}\\nD. {d}\\nAnswer:
+The following are multiple choice questions (with answers) about {subject words}.\\n\\n
+{shot question}\\nA. {a}\\nB. {b}\\nC. {c}\\nD. {d}\\nAnswer: {letter}\\n\\n     (k times)
+{query question}\\nA. {a}\\nB. {b}\\nC. {c}\\nD. {d}\\nAnswer:
 """
 
 from __future__ import annotations

@@ -69,9 +69,14 @@ def select(
     if not queries:
         raise DatasetError("the selection holds no questions (check --subjects, --per-subject and --limit)")
     description = {"subjects": sorted({q.subject for q in queries}), "per_subject": per_subject, "limit": limit}
-    return Selection(queries=queries, shot_pool=pool, shot_source=source,
-                     train=[q for s in sorted(train) for q in train[s]], train_split=train_split,
-                     description=description)
+    return Selection(
+        queries=queries,
+        shot_pool=pool,
+        shot_source=source,
+        train=[q for s in sorted(train) for q in train[s]],
+        train_split=train_split,
+        description=description,
+    )
 
 
 def _spread(by_subject: dict[str, list[Question]], limit: int | None, asked: bool) -> list[Question]:
@@ -85,10 +90,14 @@ def _spread(by_subject: dict[str, list[Question]], limit: int | None, asked: boo
     counts = share_out({s: len(qs) for s, qs in by_subject.items()}, limit)
     empty = sorted(s for s, n in counts.items() if n == 0)
     if asked and empty:
-        why = f"--limit {limit} is fewer than the {len(counts)} subjects asked" if limit is not None and limit < len(
-            counts) else "no question is left to probe"
-        raise DatasetError(f"subject(s) {', '.join(empty[:5])} would hold no questions ({why}); ask fewer subjects "
-                           "or more questions")
+        why = (
+            f"--limit {limit} is fewer than the {len(counts)} subjects asked"
+            if limit is not None and limit < len(counts)
+            else "no question is left to probe"
+        )
+        raise DatasetError(
+            f"subject(s) {', '.join(empty[:5])} would hold no questions ({why}); ask fewer subjects or more questions"
+        )
     return [q for s in sorted(by_subject) for q in by_subject[s][: counts[s]]]
 
 
@@ -118,15 +127,19 @@ def split_train_eval(train: list[Question], eval_per_subject: int) -> tuple[list
     for q in train:
         by_subject[q.subject].append(q)
     cut = {s: max(len(qs) - eval_per_subject, 0) for s, qs in by_subject.items()}
-    return ([q for s in sorted(by_subject) for q in by_subject[s][: cut[s]]],
-            [q for s in sorted(by_subject) for q in by_subject[s][cut[s] :]])
+    return (
+        [q for s in sorted(by_subject) for q in by_subject[s][: cut[s]]],
+        [q for s in sorted(by_subject) for q in by_subject[s][cut[s] :]],
+    )
 
 
 def train_source(selection: Selection, train_pool: int) -> str:
     """The recipe's words for where fine-tuning questions come from (and so which queries they exclude)."""
     if selection.train_split == "test":
-        return (f"held out: the {train_pool} test questions after the shot pool in each subject, excluded from "
-                "every method's queries")
+        return (
+            f"held out: the {train_pool} test questions after the shot pool in each subject, excluded from "
+            "every method's queries"
+        )
     return f"dev+val splits: the first {train_pool} questions of each subject"
 
 

@@ -66,8 +66,16 @@ class AnalysisService(Servicer, pb_grpc.AnalysisServiceServicer):
         _, samples = fewest_samples(every_run, mask)
         params = params_from(request, samples)
         k = request.compare_k if request.HasField("compare_k") else compare_k_for(samples)
-        job = self.jobs.start(caller, [(r.model, r.method) for r in runs], layers, params, mask,
-                              [((a.model, a.method), (b.model, b.method)) for a, b in pairs], k, request.request_id)
+        job = self.jobs.start(
+            caller,
+            [(r.model, r.method) for r in runs],
+            layers,
+            params,
+            mask,
+            [((a.model, a.method), (b.model, b.method)) for a, b in pairs],
+            k,
+            request.request_id,
+        )
         return job.to_proto()
 
     @rpc

@@ -34,8 +34,9 @@ from actstore.v1 import actstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[name].full_name
-                 for name in ("CatalogService", "DataService", "AnalysisService")]
+SERVICE_NAMES = [
+    pb.DESCRIPTOR.services_by_name[name].full_name for name in ("CatalogService", "DataService", "AnalysisService")
+]
 DEFAULT_MAX_RESPONSE_MB = 4096
 DEFAULT_WORKERS = min(32, 2 * (os.cpu_count() or 1) + 4)
 SHUTDOWN_GRACE_S = 30.0
@@ -95,7 +96,8 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self.grpc)
+            self.grpc,
+        )
         self.port = self._bind()
 
     def _analysis(self, common: tuple):
@@ -120,23 +122,36 @@ class Server:
                 return self.grpc.add_secure_port(address, grpc.ssl_server_credentials([key_and_chain]))
             return self.grpc.add_insecure_port(address)
         except RuntimeError:
-            raise ValueError(f"cannot listen on {address}: the port is in use, or the host is not an address of "
-                             "this machine" + (", or --tls-cert/--tls-key are not a PEM certificate chain and "
-                                               "its private key" if tls else "")) from None
+            raise ValueError(
+                f"cannot listen on {address}: the port is in use, or the host is not an address of "
+                "this machine"
+                + (", or --tls-cert/--tls-key are not a PEM certificate chain and its private key" if tls else "")
+            ) from None
 
     async def start(self) -> None:
         await self.grpc.start()
         for name in ["", *SERVICE_NAMES]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = self.config.address.rsplit(":", 1)[0]
-        log.info("actstore serving %s on %s:%d%s (%d worker threads, %d streams per caller, %g MiB of responses "
-                 "in flight, streams idle for %g s ended)", self.config.store, host, self.port,
-                 " with TLS" if self.config.tls_cert else "", self.config.workers, self.config.max_streams_per_caller,
-                 self.config.max_inflight_mb, self.config.stream_idle_s)
+        log.info(
+            "actstore serving %s on %s:%d%s (%d worker threads, %d streams per caller, %g MiB of responses "
+            "in flight, streams idle for %g s ended)",
+            self.config.store,
+            host,
+            self.port,
+            " with TLS" if self.config.tls_cert else "",
+            self.config.workers,
+            self.config.max_streams_per_caller,
+            self.config.max_inflight_mb,
+            self.config.stream_idle_s,
+        )
         if self.auth.open:
             exposed = "" if _is_loopback(host) else " -- WARNING: this address is reachable from other machines"
-            log.warning("open access: no auth file, every caller reads every run; the stream limit counts per "
-                        "client connection%s", exposed)
+            log.warning(
+                "open access: no auth file, every caller reads every run; the stream limit counts per "
+                "client connection%s",
+                exposed,
+            )
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
         """Flip health to NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace``.

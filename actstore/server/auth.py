@@ -124,9 +124,11 @@ class Authenticator:
         for token, group in tokens.items():
             validate_name(str(group), "group name")
             if len(token.strip()) < MIN_TOKEN_CHARS:  # a short token is guessed; never print it
-                raise ValueError(f"auth file {path}: the token of group {group!r} has {len(token.strip())} "
-                                 f"characters, fewer than {MIN_TOKEN_CHARS}: use long random tokens, e.g. from "
-                                 "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+                raise ValueError(
+                    f"auth file {path}: the token of group {group!r} has {len(token.strip())} "
+                    f"characters, fewer than {MIN_TOKEN_CHARS}: use long random tokens, e.g. from "
+                    "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+                )
         return cls({str(token): str(group) for token, group in tokens.items()})
 
     @property

@@ -27,15 +27,18 @@ class CatalogService(Servicer, pb_grpc.CatalogServiceServicer):
             raise selection.BadRequest(f"page_size must be within 0..{MAX_PAGE_SIZE}")
         size = request.page_size or DEFAULT_PAGE_SIZE
         runs = [
-            r for r in self.store.runs()
-            if (not request.model or r.model == request.model) and (not request.method or r.method == request.method)
+            r
+            for r in self.store.runs()
+            if (not request.model or r.model == request.model)
+            and (not request.method or r.method == request.method)
             and caller.can_read(r.access)
         ]
         start = _page_start(request.page_token, runs)
         page = runs[start : start + size]
         more = start + size < len(runs)
-        return pb.ListRunsResponse(runs=[summary(r) for r in page],
-                                   next_page_token=f"{page[-1].model}/{page[-1].method}" if more else "")
+        return pb.ListRunsResponse(
+            runs=[summary(r) for r in page], next_page_token=f"{page[-1].model}/{page[-1].method}" if more else ""
+        )
 
     @rpc
     def DescribeRun(self, request: pb.DescribeRunRequest, caller: Caller) -> pb.RunInfo:
@@ -49,8 +52,11 @@ class CatalogService(Servicer, pb_grpc.CatalogServiceServicer):
             raise Forbidden(f"only the owner group {run.access['owner_group']!r} may change who reads this run")
         if request.visibility not in VISIBILITY_NAMES:
             raise selection.BadRequest("visibility must be private, shared or public")
-        run = self.store.set_access(run.model, run.method, {
-            "visibility": VISIBILITY_NAMES[request.visibility], "shared_with": list(request.shared_with)})
+        run = self.store.set_access(
+            run.model,
+            run.method,
+            {"visibility": VISIBILITY_NAMES[request.visibility], "shared_with": list(request.shared_with)},
+        )
         log.info("run %s/%s is now %s", run.model, run.method, run.access["visibility"])
         return describe(run)
 
@@ -69,10 +75,17 @@ def summary(run: Run) -> pb.RunSummary:
     n_layers, n_samples, hidden = run.shape
     access = run.access
     return pb.RunSummary(
-        run=pb.RunRef(model=run.model, method=run.method), n_layers=n_layers, n_samples=n_samples, hidden=hidden,
-        accuracy=run.accuracy, complete=run.complete,
-        access=pb.Access(owner_group=access["owner_group"] or "", visibility=VISIBILITY_ENUMS[access["visibility"]],
-                         shared_with=access["shared_with"]),
+        run=pb.RunRef(model=run.model, method=run.method),
+        n_layers=n_layers,
+        n_samples=n_samples,
+        hidden=hidden,
+        accuracy=run.accuracy,
+        complete=run.complete,
+        access=pb.Access(
+            owner_group=access["owner_group"] or "",
+            visibility=VISIBILITY_ENUMS[access["visibility"]],
+            shared_with=access["shared_with"],
+        ),
     )
 
 
@@ -80,9 +93,13 @@ def describe(run: Run) -> pb.RunInfo:
     labels = run.labels()
     attrs = run.attrs
     return pb.RunInfo(
-        summary=summary(run), dtype=str(run.hidden_states.dtype), layers=list(range(run.shape[0])),
-        labels=[pb.LabelValues(name=name, values=sorted({str(v) for v in labels[name]}))
-                for name in selection.LABEL_NAMES],
-        size_bytes=run.size_bytes(), recipe_json=json.dumps(attrs.get("recipe", {})),
+        summary=summary(run),
+        dtype=str(run.hidden_states.dtype),
+        layers=list(range(run.shape[0])),
+        labels=[
+            pb.LabelValues(name=name, values=sorted({str(v) for v in labels[name]})) for name in selection.LABEL_NAMES
+        ],
+        size_bytes=run.size_bytes(),
+        recipe_json=json.dumps(attrs.get("recipe", {})),
         attributes_json=json.dumps(attrs, default=str),
     )

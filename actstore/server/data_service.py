@@ -37,8 +37,9 @@ class DataService(Servicer, pb_grpc.DataServiceServicer):
         return pb.ReadLabelsResponse(labels=encode_labels(run.labels(), positions), run_complete=run.complete)
 
     @rpc
-    async def ReadStates(self, request: pb.ReadStatesRequest, context: grpc.aio.ServicerContext,
-                         caller: Caller) -> None:
+    async def ReadStates(
+        self, request: pb.ReadStatesRequest, context: grpc.aio.ServicerContext, caller: Caller
+    ) -> None:
         """One message at a time: reserved from the server's byte budget, read on the executor, written with
         flow control. gRPC takes a message only as the client's window opens, so a client that stops reading
         suspends this coroutine holding one message, and is ended after the idle period; a cancelled or
@@ -64,15 +65,20 @@ class DataService(Servicer, pb_grpc.DataServiceServicer):
         else:
             labels = label_bytes()
         if labels > MAX_LABEL_BYTES:
-            raise TooLarge(f"the labels of {n_samples:,} samples take {labels / 2**20:.1f} MiB or more, above the "
-                           f"{MAX_LABEL_BYTES / 2**20:.0f} MiB one message carries: {split}")
+            raise TooLarge(
+                f"the labels of {n_samples:,} samples take {labels / 2**20:.1f} MiB or more, above the "
+                f"{MAX_LABEL_BYTES / 2**20:.0f} MiB one message carries: {split}"
+            )
         size = states_bytes + labels
         if size > self.max_response_bytes:
-            raise TooLarge(f"the {what} is {size / 2**20:.1f} MiB, above this server's cap of "
-                           f"{self.max_response_bytes / 2**20:.3g} MiB per request: {split}")
+            raise TooLarge(
+                f"the {what} is {size / 2**20:.1f} MiB, above this server's cap of "
+                f"{self.max_response_bytes / 2**20:.3g} MiB per request: {split}"
+            )
 
-    async def _send_next(self, context: grpc.aio.ServicerContext, messages: Iterator[Message], header: bytes,
-                         left: int) -> int | None:
+    async def _send_next(
+        self, context: grpc.aio.ServicerContext, messages: Iterator[Message], header: bytes, left: int
+    ) -> int | None:
         """Read and write the next message (``header`` in front) within a reservation of its size; the
         bytes of the answer it carried, or None at the end. Between two messages the stream holds none."""
         async with self.streams.reserve(min(max(left, 0), READ_BYTES) + MESSAGE_SLACK + len(header)):
@@ -97,8 +103,10 @@ class DataService(Servicer, pb_grpc.DataServiceServicer):
             raise asyncio.CancelledError from exc
 
     def _stalled(self) -> str:
-        return (f"the client read none of this stream for {self.streams.idle_s:g} s, this server's limit "
-                "(actstore serve --stream-idle-timeout): read a stream as it arrives")
+        return (
+            f"the client read none of this stream for {self.streams.idle_s:g} s, this server's limit "
+            "(actstore serve --stream-idle-timeout): read a stream as it arrives"
+        )
 
     def _plan_read(self, request: pb.ReadStatesRequest, caller: Caller) -> tuple[bytes, Iterator[Message], int]:
         """The header (a serialized response holding it), the messages to send (read lazily) and the answer's
@@ -116,8 +124,14 @@ class DataService(Servicer, pb_grpc.DataServiceServicer):
         size = int(np.prod(shape)) * dtype.itemsize
         self.check_size("selection", size, len(positions), lambda: labels_bytes(run.labels(), positions))
         header = pb.StatesHeader(
-            shape=shape, dtype=DTYPE_ENUMS[dtype.name], dims=["layer", "sample", "hidden"], layers=layers,
-            labels=encode_labels(run.labels(), positions), hidden_start=cols.start, run_complete=run.complete)
+            shape=shape,
+            dtype=DTYPE_ENUMS[dtype.name],
+            dims=["layer", "sample", "hidden"],
+            layers=layers,
+            labels=encode_labels(run.labels(), positions),
+            hidden_start=cols.start,
+            run_complete=run.complete,
+        )
         whole_rows = dtype == np.float32 and cols == slice(0, n_hidden)
         if request.accept_blosc and whole_rows and size >= CHUNK_BYTES and is_range(positions):
             messages = stored_chunks(run, layers, int(positions[0]), len(positions))

@@ -83,8 +83,9 @@ class AuthGate(grpc.aio.ServerInterceptor):
         self.auth = auth
         self.drain = drain
 
-    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable],
-                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
         if handler is None:
             return handler
@@ -92,9 +93,14 @@ class AuthGate(grpc.aio.ServerInterceptor):
         if not details.method.startswith(PROTECTED_PREFIX):
             return _decoding(name, handler)
         if self.drain.closed:
-            return _handler_like(handler, _refusal(name, grpc.StatusCode.UNAVAILABLE,
-                                                   "the server is shutting down: retry after its restart or on "
-                                                   "another replica"))
+            return _handler_like(
+                handler,
+                _refusal(
+                    name,
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the server is shutting down: retry after its restart or on another replica",
+                ),
+            )
         try:
             caller = self.auth.caller(details.invocation_metadata)
         except AuthError as exc:
@@ -123,8 +129,9 @@ def _refusal(name: str, code: grpc.StatusCode, message: str) -> Callable:
     return refuse
 
 
-async def _decode(name: str, decode: Callable[[bytes], object], raw: bytes, context: grpc.aio.ServicerContext,
-                  caller: Caller | None) -> object:
+async def _decode(
+    name: str, decode: Callable[[bytes], object], raw: bytes, context: grpc.aio.ServicerContext, caller: Caller | None
+) -> object:
     """The request, or INVALID_ARGUMENT for bytes that are no such message."""
     try:
         return decode(raw)
@@ -170,8 +177,9 @@ class StreamBudget:
     does only as the peer's flow-control window opens); and ``idle_s``, how long a write may wait for a
     reader that takes nothing before the stream is ended."""
 
-    def __init__(self, limit: int, max_bytes: int = DEFAULT_MAX_INFLIGHT_MB << 20,
-                 idle_s: float = DEFAULT_STREAM_IDLE_S) -> None:
+    def __init__(
+        self, limit: int, max_bytes: int = DEFAULT_MAX_INFLIGHT_MB << 20, idle_s: float = DEFAULT_STREAM_IDLE_S
+    ) -> None:
         self.limit = limit
         self.max_bytes = max_bytes
         self.idle_s = idle_s
@@ -188,8 +196,10 @@ class StreamBudget:
     def hold(self, key: str) -> Iterator[None]:
         """One stream of ``key`` for the duration; TooLarge (RESOURCE_EXHAUSTED) past either limit."""
         if self._open[key] >= self.limit:
-            raise TooLarge(f"{key} already has {self.limit} streams open on this server, its limit: finish, "
-                           "cancel or read faster those streams before opening another")
+            raise TooLarge(
+                f"{key} already has {self.limit} streams open on this server, its limit: finish, "
+                "cancel or read faster those streams before opening another"
+            )
         if self._open.total() >= MAX_STREAMS:
             raise TooLarge(f"this server has {MAX_STREAMS} streams open, its limit: retry later")
         self._open[key] += 1
@@ -227,8 +237,10 @@ class StreamBudget:
                 await self._freed.wait_for(lambda: self._fits(nbytes))
                 self._bytes += nbytes
         except TimeoutError:
-            raise TooLarge(f"this server holds {self._bytes / 2**20:.3g} MiB of responses its readers have not "
-                           f"taken yet, its limit of {self.max_bytes / 2**20:.3g} MiB: retry later") from None
+            raise TooLarge(
+                f"this server holds {self._bytes / 2**20:.3g} MiB of responses its readers have not "
+                f"taken yet, its limit of {self.max_bytes / 2**20:.3g} MiB: retry later"
+            ) from None
         finally:
             self._waiting -= 1
 

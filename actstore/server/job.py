@@ -50,8 +50,14 @@ class Stored:
 
 
 class Job:
-    def __init__(self, job_id: str, caller: Caller, total: int, cache: tuple[str, Plan] | None = None,
-                 settings: pb.AnalysisSettings | None = None) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        caller: Caller,
+        total: int,
+        cache: tuple[str, Plan] | None = None,
+        settings: pb.AnalysisSettings | None = None,
+    ) -> None:
         """``caller``: who started it (its group sees it, its owner cancels it). ``cache``: the store and plan
         its results are cached with, which an ended job reads them back from. ``settings``: what its
         analyses run with, told to every watcher."""
@@ -112,13 +118,22 @@ class Job:
         plan = self.cache[1] if self.cache is not None else None
         with self.changed:
             outcomes = [self._loaded(o) for o in self.outcomes[since:]] if since is not None else []
-            return pb.Job(job_id=self.id, state=self.state, stage=self.stage, tasks_done=len(self.outcomes),
-                          tasks_total=self.total, failure_code=self.failure.value[0] if self.failure else 0,
-                          settings=self.settings, created=self.created,
-                          runs=[run_ref(run) for run in plan.runs] if plan else [],
-                          compare=[run_pair(*pair) for pair in plan.pairs] if plan else [],
-                          **job_fields([o for o in outcomes if isinstance(o, LayerOutcome)],
-                                       [o for o in outcomes if isinstance(o, ComparisonOutcome)]))
+            return pb.Job(
+                job_id=self.id,
+                state=self.state,
+                stage=self.stage,
+                tasks_done=len(self.outcomes),
+                tasks_total=self.total,
+                failure_code=self.failure.value[0] if self.failure else 0,
+                settings=self.settings,
+                created=self.created,
+                runs=[run_ref(run) for run in plan.runs] if plan else [],
+                compare=[run_pair(*pair) for pair in plan.pairs] if plan else [],
+                **job_fields(
+                    [o for o in outcomes if isinstance(o, LayerOutcome)],
+                    [o for o in outcomes if isinstance(o, ComparisonOutcome)],
+                ),
+            )
 
     def _loaded(self, outcome: LayerOutcome | ComparisonOutcome | Stored) -> LayerOutcome | ComparisonOutcome:
         if not isinstance(outcome, Stored):

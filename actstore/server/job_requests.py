@@ -30,29 +30,43 @@ def params_from(request: pb.StartAnalysisRequest, samples: int | None = None) ->
     preset = request.preset or "paper"
     if preset not in PRESETS:
         raise BadRequest(f"unknown preset {echo(preset)}; known: {', '.join(PRESETS)}")
-    overrides = {f.name: getattr(request.params, f.name) for f in dataclasses.fields(DensityParams)
-                 if request.params.HasField(f.name)}
+    overrides = {
+        f.name: getattr(request.params, f.name)
+        for f in dataclasses.fields(DensityParams)
+        if request.params.HasField(f.name)
+    }
     asked = dataclasses.replace(PRESETS[preset], **overrides)
     params = fitted(asked, overrides, samples)
-    lowered = "" if params.maxk == asked.maxk else \
-        f" (maxk lowered to {params.maxk} to fit a run of {samples} samples; set maxk to choose it)"
+    lowered = (
+        ""
+        if params.maxk == asked.maxk
+        else f" (maxk lowered to {params.maxk} to fit a run of {samples} samples; set maxk to choose it)"
+    )
     if not 2 <= params.maxk <= MAX_K or not 1 <= params.density_k <= params.maxk:
-        raise BadRequest(f"need 2 <= maxk <= {MAX_K} and 1 <= density_k <= maxk, not maxk={params.maxk} and "
-                         f"density_k={params.density_k}{lowered}")
+        raise BadRequest(
+            f"need 2 <= maxk <= {MAX_K} and 1 <= density_k <= maxk, not maxk={params.maxk} and "
+            f"density_k={params.density_k}{lowered}"
+        )
     if not (math.isfinite(params.z) and params.z > 0):  # NaN passes a plain z <= 0 test
         raise BadRequest(f"z must be a finite number above 0, not {params.z}")
     if not 2 <= params.gride_range_max <= params.maxk or not 0 <= params.id_scale_index:
-        raise BadRequest(f"need 2 <= gride_range_max <= maxk and id_scale_index >= 0, not gride_range_max="
-                         f"{params.gride_range_max}, maxk={params.maxk} and id_scale_index={params.id_scale_index}"
-                         f"{lowered}")
+        raise BadRequest(
+            f"need 2 <= gride_range_max <= maxk and id_scale_index >= 0, not gride_range_max="
+            f"{params.gride_range_max}, maxk={params.maxk} and id_scale_index={params.id_scale_index}"
+            f"{lowered}"
+        )
     if params.id_scale_index >= params.gride_range_max.bit_length() - 1:
-        raise BadRequest(f"id_scale_index {params.id_scale_index} is beyond the Gride scales up to "
-                         f"{params.gride_range_max}{lowered}")
+        raise BadRequest(
+            f"id_scale_index {params.id_scale_index} is beyond the Gride scales up to {params.gride_range_max}{lowered}"
+        )
     if not (0 < params.subject_fraction <= 1 and 0 < params.answer_fraction <= 1):  # NaN fails both
         raise BadRequest("class fractions must lie in (0, 1]")
     if params != asked:
-        log.info("analysis settings fitted to the request%s: %s", f" and a run of {samples} samples"
-                 if samples is not None else "", params)
+        log.info(
+            "analysis settings fitted to the request%s: %s",
+            f" and a run of {samples} samples" if samples is not None else "",
+            params,
+        )
     return params
 
 
@@ -62,8 +76,10 @@ def fewest_samples(runs: Iterable[Run], mask: Mask) -> tuple[Run, int]:
     run, fewest = min(((run, len(mask.positions(run))) for run in runs), key=lambda item: item[1])
     if fewest < MIN_SAMPLES:
         masked = f" (the first {mask.per_subject} of each subject)" if mask.per_subject is not None else ""
-        raise TooSmall(f"{run.model}/{run.method} holds {fewest} samples{masked}; the analyses need at least "
-                       f"{MIN_SAMPLES}: ingest more questions into it")
+        raise TooSmall(
+            f"{run.model}/{run.method} holds {fewest} samples{masked}; the analyses need at least "
+            f"{MIN_SAMPLES}: ingest more questions into it"
+        )
     return run, fewest
 
 
@@ -80,11 +96,19 @@ class Plan:
     k: int
 
     @classmethod
-    def of(cls, runs: list[RunName], layers: list[int], pairs: list[tuple[RunName, RunName]],
-           params: DensityParams, mask: Mask, k: int) -> Plan:
+    def of(
+        cls,
+        runs: list[RunName],
+        layers: list[int],
+        pairs: list[tuple[RunName, RunName]],
+        params: DensityParams,
+        mask: Mask,
+        k: int,
+    ) -> Plan:
         """The request's plan with repeated runs, layers and pairs merged (first occurrence's order)."""
-        return cls(tuple(dict.fromkeys(runs)), tuple(dict.fromkeys(layers)), tuple(dict.fromkeys(pairs)), params,
-                   mask, k)
+        return cls(
+            tuple(dict.fromkeys(runs)), tuple(dict.fromkeys(layers)), tuple(dict.fromkeys(pairs)), params, mask, k
+        )
 
     @property
     def every_run(self) -> tuple[RunName, ...]:

@@ -73,8 +73,16 @@ class JobManager:
     when the scheduler was lost), with a quota of running and of remembered jobs per owner, and the
     owners' fair shares of the workers."""
 
-    def __init__(self, store: str, scheduler: str | None = None, workers: int | None = None, *,
-                 max_running: int = MAX_RUNNING, max_kept: int = MAX_KEPT, keep_ended_s: float = KEEP_ENDED_S) -> None:
+    def __init__(
+        self,
+        store: str,
+        scheduler: str | None = None,
+        workers: int | None = None,
+        *,
+        max_running: int = MAX_RUNNING,
+        max_kept: int = MAX_KEPT,
+        keep_ended_s: float = KEEP_ENDED_S,
+    ) -> None:
         self.store = store
         self._scheduler, self._workers = scheduler, workers
         self.max_running, self.max_kept, self.keep_ended_s = max_running, max_kept, keep_ended_s
@@ -104,8 +112,17 @@ class JobManager:
                 self._shares = FairShares()  # the lost client's tasks, cancelled, give their bands back to the old one
             return self._client
 
-    def start(self, caller: Caller, runs: list[RunName], layers: list[int], params: DensityParams, mask: Mask,
-              pairs: list[tuple[RunName, RunName]], k: int, request_id: str) -> Job:
+    def start(
+        self,
+        caller: Caller,
+        runs: list[RunName],
+        layers: list[int],
+        params: DensityParams,
+        mask: Mask,
+        pairs: list[tuple[RunName, RunName]],
+        k: int,
+        request_id: str,
+    ) -> Job:
         """A new job (or the one this request id of this owner already started); BadRequest for neighbour
         counts the runs cannot meet, TooSmall for runs too small for any analysis, TooLarge when the owner
         already runs its quota of jobs."""
@@ -120,10 +137,13 @@ class JobManager:
             running = sum(1 for job in self._jobs.values() if job.caller.owner == owner and not job.finished)
             if running >= self.max_running:
                 who = "you already have" if caller.is_open else "your group already has"
-                raise TooLarge(f"{who} {running} analysis jobs queued or running, the most allowed at once; "
-                               "wait for one to end or cancel one")
-            job = Job(uuid.uuid4().hex[:16], caller, plan.total, (self.store, plan),
-                      plan.settings(smallest_run_samples))
+                raise TooLarge(
+                    f"{who} {running} analysis jobs queued or running, the most allowed at once; "
+                    "wait for one to end or cancel one"
+                )
+            job = Job(
+                uuid.uuid4().hex[:16], caller, plan.total, (self.store, plan), plan.settings(smallest_run_samples)
+            )
             self._jobs[job.id] = job
             if request_id:
                 self._by_request[request] = job.id
@@ -135,10 +155,12 @@ class JobManager:
         every run); JobNotFound otherwise."""
         job = self._jobs.get(job_id)
         if job is None or job.caller.group != caller.group:  # another group's job is as good as absent
-            raise JobNotFound(f"no job {echo(job_id)} on this server (a job lives in the memory of the server "
-                              f"replica that started it, for {self.keep_ended_s / 3600:g} h after it ends, at "
-                              f"most {self.max_kept} per group, and until it restarts; its results are in the "
-                              f"store: starting the same analysis again on any replica answers from there)")
+            raise JobNotFound(
+                f"no job {echo(job_id)} on this server (a job lives in the memory of the server "
+                f"replica that started it, for {self.keep_ended_s / 3600:g} h after it ends, at "
+                f"most {self.max_kept} per group, and until it restarts; its results are in the "
+                f"store: starting the same analysis again on any replica answers from there)"
+            )
         return job
 
     def owned(self, caller: Caller) -> list[Job]:
@@ -166,8 +188,10 @@ class JobManager:
         (PERMISSION_DENIED) when it sees it but did not start it (under open access, another caller's)."""
         job = self.get(job_id, caller)
         if job.caller.owner != caller.owner:
-            raise Forbidden(f"job {echo(job_id)} was started by another caller: only the caller that started a job "
-                            "may cancel it (under open access a caller is its host and the token it sends, if any)")
+            raise Forbidden(
+                f"job {echo(job_id)} was started by another caller: only the caller that started a job "
+                "may cancel it (under open access a caller is its host and the token it sends, if any)"
+            )
         job.end(pb.JOB_STATE_CANCELLED, "cancelled")
         return job
 
@@ -225,19 +249,34 @@ class JobManager:
         try:
             client = self.client()
         except Exception as exc:  # noqa: BLE001 - OSError and TimeoutError mostly
-            job.end(pb.JOB_STATE_FAILED, f"failed: {self._where} is unreachable ({type(exc).__name__}: {exc})",
-                    grpc.StatusCode.UNAVAILABLE)
+            job.end(
+                pb.JOB_STATE_FAILED,
+                f"failed: {self._where} is unreachable ({type(exc).__name__}: {exc})",
+                grpc.StatusCode.UNAVAILABLE,
+            )
             return
         shares, owner = self._shares, job.caller.owner
         first = shares.take(owner, plan.total)
         try:
-            futures = submit_layers(client, self.store, list(plan.runs), list(plan.layers), plan.params, plan.mask,
-                                    list(plan.pairs), plan.k, priority=-first)
+            futures = submit_layers(
+                client,
+                self.store,
+                list(plan.runs),
+                list(plan.layers),
+                plan.params,
+                plan.mask,
+                list(plan.pairs),
+                plan.k,
+                priority=-first,
+            )
         except Exception as exc:  # noqa: BLE001 - e.g. the client closed meanwhile
             for band in range(first, first + plan.total):
                 shares.give_back(owner, band)
-            job.end(pb.JOB_STATE_FAILED, f"failed: submitting to {self._where}: {type(exc).__name__}: {exc}",
-                    grpc.StatusCode.UNAVAILABLE)
+            job.end(
+                pb.JOB_STATE_FAILED,
+                f"failed: submitting to {self._where}: {type(exc).__name__}: {exc}",
+                grpc.StatusCode.UNAVAILABLE,
+            )
             return
         for band, future in enumerate(futures, first):  # before the job can end: a cancel fires these too
             future.add_done_callback(lambda done, band=band: shares.give_back(owner, band))
@@ -256,8 +295,11 @@ class JobManager:
             return
         except CancelledError:  # not by the job (it has ended then): Dask lost the scheduler, or was closed
             lost = self._client is not future.client or future.client.status != "running"
-            reason = f"{self._where} is unreachable (lost while the job ran)" if lost else \
-                f"Dask cancelled task {future.key}"
+            reason = (
+                f"{self._where} is unreachable (lost while the job ran)"
+                if lost
+                else f"Dask cancelled task {future.key}"
+            )
             failure = grpc.StatusCode.UNAVAILABLE
         except KilledWorker as exc:  # the workers running this task died more often than Dask allows
             reason, failure = f"{type(exc).__name__}: {exc}", grpc.StatusCode.ABORTED

@@ -19,7 +19,9 @@ class ServerProcess:
         self._log_file = log.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "actstore", "serve", "--store", str(store), "--address", address, *extra],
-            stdout=self._log_file, stderr=subprocess.STDOUT)
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
         self.port = self._wait_for_port()
         self.address = f"127.0.0.1:{self.port}"
 

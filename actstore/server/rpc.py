@@ -64,8 +64,7 @@ def rpc(method: Callable) -> Callable:
     return unary
 
 
-async def _fail(context: grpc.aio.ServicerContext, name: str, started: float, caller: Caller,
-                exc: Exception) -> None:
+async def _fail(context: grpc.aio.ServicerContext, name: str, started: float, caller: Caller, exc: Exception) -> None:
     code = grpc.StatusCode.DEADLINE_EXCEEDED if isinstance(exc, Stalled) else status_of(exc)
     log_call(name, caller, code, started)
     if code is grpc.StatusCode.INTERNAL:

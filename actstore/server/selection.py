@@ -58,8 +58,10 @@ def sample_ids(selection: pb.SampleSelection) -> np.ndarray | None:
     if selection.HasField("positions"):
         raise BadRequest("give sample ids or a position range, not both")
     if len(selection.ids) > MAX_SAMPLE_IDS:
-        raise BadRequest(f"{len(selection.ids):,} sample ids in one request, above the limit of {MAX_SAMPLE_IDS:,}: "
-                         "split them over several requests")
+        raise BadRequest(
+            f"{len(selection.ids):,} sample ids in one request, above the limit of {MAX_SAMPLE_IDS:,}: "
+            "split them over several requests"
+        )
     wanted = np.fromiter(selection.ids, dtype=np.int64, count=len(selection.ids))
     repeat = _first_repeat(wanted)
     if repeat is not None:
@@ -73,8 +75,9 @@ def _first_repeat(values: np.ndarray) -> int | None:
     return int(repeats[0]) if len(repeats) else None
 
 
-def positions(selection: pb.SampleSelection, wanted: np.ndarray | None, labels: dict[str, np.ndarray],
-              id_order: np.ndarray) -> np.ndarray:
+def positions(
+    selection: pb.SampleSelection, wanted: np.ndarray | None, labels: dict[str, np.ndarray], id_order: np.ndarray
+) -> np.ndarray:
     """Positions along the run's sample axis, in the order asked for (ids) or stored (range, filters).
 
     ``wanted`` is ``sample_ids(selection)``; ``id_order`` the argsort of ``labels["sample"]`` (computed once
@@ -88,7 +91,9 @@ def positions(selection: pb.SampleSelection, wanted: np.ndarray | None, labels: 
         hits = id_order[found] if n else found
         missing = wanted[(ids[hits] != wanted)] if n else wanted
         if len(missing):
-            raise NotFound(f"{len(missing)} sample id(s) not in this run's committed samples, e.g. {missing[:5].tolist()}")
+            raise NotFound(
+                f"{len(missing)} sample id(s) not in this run's committed samples, e.g. {missing[:5].tolist()}"
+            )
         chosen = hits
     elif selection.HasField("positions"):
         span = _range(selection.positions, n, "sample position")
@@ -97,8 +102,10 @@ def positions(selection: pb.SampleSelection, wanted: np.ndarray | None, labels: 
         chosen = np.arange(n)
     keep = np.ones(len(chosen), dtype=bool)
     if len(selection.filters) > len(LABEL_NAMES):
-        raise BadRequest(f"{len(selection.filters)} label filters, more than there are labels "
-                         f"({', '.join(LABEL_NAMES)}): give the values of a label in one filter")
+        raise BadRequest(
+            f"{len(selection.filters)} label filters, more than there are labels "
+            f"({', '.join(LABEL_NAMES)}): give the values of a label in one filter"
+        )
     for f in selection.filters:
         if f.name not in LABEL_NAMES:
             raise BadRequest(f"unknown label {echo(f.name)}; filter on {', '.join(LABEL_NAMES)}")

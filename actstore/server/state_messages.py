@@ -27,8 +27,9 @@ def next_message(messages: Iterator[Message], header: bytes) -> Message | None:
     return item if item is None or not header else (header + item[0], item[1])
 
 
-def raw_messages(run: Run, layers: list[int], positions: np.ndarray, cols: slice, dtype: np.dtype,
-                  allow_lossy: bool) -> Iterator[Message]:
+def raw_messages(
+    run: Run, layers: list[int], positions: np.ndarray, cols: slice, dtype: np.dtype, allow_lossy: bool
+) -> Iterator[Message]:
     """The answer in C order as raw bytes, one message per read of at most READ_BYTES (see ``_reads``):
     nothing but the message outlives the statement that builds it, so that is all a suspended stream holds."""
     offset = 0
@@ -39,8 +40,9 @@ def raw_messages(run: Run, layers: list[int], positions: np.ndarray, cols: slice
 
 
 def _chunk_message(offset: int, block: np.ndarray) -> Message:
-    return pb.ReadStatesResponse(chunk=pb.StatesChunk(offset=offset, data=block.tobytes())).SerializeToString(), \
-        block.nbytes
+    return pb.ReadStatesResponse(
+        chunk=pb.StatesChunk(offset=offset, data=block.tobytes())
+    ).SerializeToString(), block.nbytes
 
 
 def stored_chunks(run: Run, layers: list[int], first: int, n: int) -> Iterator[Message]:
@@ -131,15 +133,17 @@ def _position_spans(positions: np.ndarray, rows: int) -> Iterator[tuple[int, int
         yield lo, min(lo + rows, len(positions))
 
 
-def _block(run: Run, layers: list[int], positions: np.ndarray, cols: slice, dtype: np.dtype,
-           allow_lossy: bool) -> np.ndarray:
+def _block(
+    run: Run, layers: list[int], positions: np.ndarray, cols: slice, dtype: np.dtype, allow_lossy: bool
+) -> np.ndarray:
     """One read, sliced and converted, C-contiguous; Lossy where float16 would change a value not allowed to."""
     block = _read(run, layers, positions)[:, :, cols]
     if dtype != block.dtype:
         converted = block.astype(dtype)
         if not allow_lossy and not np.array_equal(converted.astype(block.dtype), block):
-            raise Lossy(f"float16 would change values in layers {layers[0]}..{layers[-1]}; ask for float32, "
-                        "or allow lossy")
+            raise Lossy(
+                f"float16 would change values in layers {layers[0]}..{layers[-1]}; ask for float32, or allow lossy"
+            )
         block = converted
     return np.ascontiguousarray(block)
 

@@ -61,8 +61,9 @@ def table_crc(index: bytes, entries: int) -> int:
     return crc32c(bytes(memoryview(index)[: 16 * entries]))
 
 
-def chunk_frames(data: bytes, spans: list[tuple[int, int]], checksummed: bool, decoded_bytes: int,
-                 crcs_checked: bool = False) -> list[memoryview]:
+def chunk_frames(
+    data: bytes, spans: list[tuple[int, int]], checksummed: bool, decoded_bytes: int, crcs_checked: bool = False
+) -> list[memoryview]:
     """The Blosc frames of the stored chunks at ``spans`` ((offset, size) pairs in ``data``), once each chunk's
     CRC-32C (where ``checksummed``) and each frame's sizes match; ChunkMismatch naming the first that fails.
 
@@ -75,15 +76,19 @@ def chunk_frames(data: bytes, spans: list[tuple[int, int]], checksummed: bool, d
     for position, (start, size) in enumerate(spans):
         if checksummed:
             if size <= CRC_BYTES or (not crcs_checked and crc32c(view[start : start + size]) != RESIDUE):
-                raise ChunkMismatch(position, "checksum mismatch" if size > CRC_BYTES else f"{size} bytes, "
-                                    "too short to hold a checksum")
+                raise ChunkMismatch(
+                    position, "checksum mismatch" if size > CRC_BYTES else f"{size} bytes, too short to hold a checksum"
+                )
             size -= CRC_BYTES
         frame = view[start : start + size]
         if size < _BLOSC_SIZES.size:
             raise ChunkMismatch(position, f"a {size}-byte chunk, shorter than a Blosc header")
         nbytes, cbytes = _BLOSC_SIZES.unpack_from(frame)
         if nbytes != decoded_bytes or cbytes != size:
-            raise ChunkMismatch(position, f"a Blosc frame of {cbytes} bytes decoding to {nbytes}, where the "
-                                f"chunk holds {size} bytes decoding to {decoded_bytes}")
+            raise ChunkMismatch(
+                position,
+                f"a Blosc frame of {cbytes} bytes decoding to {nbytes}, where the "
+                f"chunk holds {size} bytes decoding to {decoded_bytes}",
+            )
         frames.append(frame)
     return frames

@@ -40,8 +40,10 @@ class RefusedEntry(StoreError):
     where a link leads (callers of a server are not told about its file system)."""
 
     def __init__(self, key: str, store: str, what: str) -> None:
-        super().__init__(f"{key} in store {store} is {what}; the store opens only regular files inside its root: "
-                         "replace it with the file itself, or restore the run's files from a backup")
+        super().__init__(
+            f"{key} in store {store} is {what}; the store opens only regular files inside its root: "
+            "replace it with the file itself, or restore the run's files from a backup"
+        )
         self.key, self.store, self.what = key, store, what
 
     def __reduce__(self) -> tuple:  # pickled whole: Dask workers send errors back to the client

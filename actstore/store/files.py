@@ -35,8 +35,11 @@ def read_key(root: str, key: str, byte_range: ByteRequest | None = None) -> byte
     try:
         size = found.st_size
         if byte_range is None and is_metadata(key) and size > MAX_METADATA_BYTES:
-            raise RefusedEntry(key, root, f"a metadata file of {size:,} bytes, above the "
-                                          f"{MAX_METADATA_BYTES >> 20} MiB any real one takes")
+            raise RefusedEntry(
+                key,
+                root,
+                f"a metadata file of {size:,} bytes, above the {MAX_METADATA_BYTES >> 20} MiB any real one takes",
+            )
         start, stop = _span(byte_range, size)
         return _pread_all(fd, start, stop)
     finally:
@@ -111,8 +114,13 @@ def _is_regular(found: os.stat_result, key: str, root: str, directory_is_absent:
     raise RefusedEntry(key, root, f"a {_KINDS.get(stat.S_IFMT(found.st_mode), 'special file')}, not a regular file")
 
 
-_KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device",
-          stat.S_IFSOCK: "socket", stat.S_IFDIR: "folder"}
+_KINDS = {
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFDIR: "folder",
+}
 
 
 @functools.lru_cache(maxsize=64)

@@ -117,13 +117,15 @@ class _FolderStore(LocalStore):
     """zarr's LocalStore, reading every key through ``open_file`` (Run's groups, plain zarr reads, xarray,
     Dask workers), so that zarr-python opens only what the fast reader would."""
 
-    async def get(self, key: str, prototype: BufferPrototype | None = None,
-                  byte_range: ByteRequest | None = None) -> Buffer | None:
+    async def get(
+        self, key: str, prototype: BufferPrototype | None = None, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
         if not self._is_open:
             await self._open()
         found = await asyncio.to_thread(read_key, str(self.root), key, byte_range)
         return None if found is None else (prototype or default_buffer_prototype()).buffer.from_bytes(found)
 
-    async def get_partial_values(self, prototype: BufferPrototype,
-                                 key_ranges: Iterable[tuple[str, ByteRequest | None]]) -> list[Buffer | None]:
+    async def get_partial_values(
+        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
+    ) -> list[Buffer | None]:
         return list(await asyncio.gather(*(self.get(key, prototype, byte_range) for key, byte_range in key_ranges)))

@@ -77,4 +77,3 @@ def compressed_nbytes(states: np.ndarray) -> int:
     """What ``states`` would take on disk under the states' codec (for estimates before writing)."""
     codec = numcodecs.Blosc(BLOSC_CNAME, BLOSC_LEVEL, numcodecs.Blosc.SHUFFLE)
     return len(codec.encode(np.ascontiguousarray(states, dtype=STATE_DTYPE)))
-

@@ -63,8 +63,10 @@ class _Seen:
 
     def describe(self, ttl: float, margin: float) -> str:
         until = self.expires(ttl, margin).astimezone(UTC)
-        return (f"holder {self.info.get('holder', '?')} on {self.info.get('host', '?')}, pid "
-                f"{self.info.get('pid', '?')}, lease until {until:%Y-%m-%d %H:%M:%S} UTC")
+        return (
+            f"holder {self.info.get('holder', '?')} on {self.info.get('host', '?')}, pid "
+            f"{self.info.get('pid', '?')}, lease until {until:%Y-%m-%d %H:%M:%S} UTC"
+        )
 
 
 class ObjectLease:
@@ -75,15 +77,20 @@ class ObjectLease:
     broken (with a warning that names its holder) and taken over.
     """
 
-    def __init__(self, fs: s3fs.S3FileSystem, key: str, what: str, ttl: float = 60.0,
-                 margin: float = 2.0) -> None:
+    def __init__(self, fs: s3fs.S3FileSystem, key: str, what: str, ttl: float = 60.0, margin: float = 2.0) -> None:
         if ttl <= 0 or margin < 0:
             raise ValueError(f"a lease needs ttl > 0 and margin >= 0, not ttl={ttl}, margin={margin}")
         self._fs = fs
         self._bucket, self._key, _ = fs.split_path(key)
         self._what, self._ttl, self._margin = what, ttl, margin
-        self._info: dict[str, Any] = {"holder": uuid.uuid4().hex, "host": socket.gethostname(),
-                                      "pid": os.getpid(), "ttl": ttl, "acquired": _utc_now(), "renewals": 0}
+        self._info: dict[str, Any] = {
+            "holder": uuid.uuid4().hex,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "ttl": ttl,
+            "acquired": _utc_now(),
+            "renewals": 0,
+        }
         self._guard = threading.Lock()  # one S3 conversation about the lease at a time
         self._stop = threading.Event()
         self._lost: str | None = None
@@ -103,8 +110,9 @@ class ObjectLease:
             if self._lost is None:
                 self._verify()
             if self._lost is not None:
-                raise RunLocked(f"{self._what}: lost the writer lease ({self._lost}); this process must "
-                                "stop writing the run")
+                raise RunLocked(
+                    f"{self._what}: lost the writer lease ({self._lost}); this process must stop writing the run"
+                )
 
     def release(self) -> None:
         """Stop renewing and delete the lease, only if it is still ours (``If-Match``); idempotent."""
@@ -136,13 +144,20 @@ class ObjectLease:
             if seen.info.get("holder") == self._info["holder"]:  # our create, retried after its reply was lost
                 return seen.etag, started
             if seen.server_now <= seen.expires(self._ttl, self._margin):
-                raise RunLocked(f"{self._what} is being written by another process "
-                                f"({seen.describe(self._ttl, self._margin)}); wait for it to finish")
+                raise RunLocked(
+                    f"{self._what} is being written by another process "
+                    f"({seen.describe(self._ttl, self._margin)}); wait for it to finish"
+                )
             if self._break(seen):
-                logger.warning("%s: broke the expired writer lease of %s (last renewed %s UTC)", self._what,
-                               seen.describe(self._ttl, self._margin), f"{seen.modified:%Y-%m-%d %H:%M:%S}")
-        raise RunLocked(f"{self._what}: other processes keep taking and releasing its writer lease; "
-                        "wait for them to finish")
+                logger.warning(
+                    "%s: broke the expired writer lease of %s (last renewed %s UTC)",
+                    self._what,
+                    seen.describe(self._ttl, self._margin),
+                    f"{seen.modified:%Y-%m-%d %H:%M:%S}",
+                )
+        raise RunLocked(
+            f"{self._what}: other processes keep taking and releasing its writer lease; wait for them to finish"
+        )
 
     def _break(self, seen: _Seen) -> bool:
         """Delete the stale version ``seen``, unless it changed since; whether this call deleted it."""
@@ -201,8 +216,15 @@ class ObjectLease:
     def _put(self, **condition: str) -> str:
         """Write our lease record under ``condition``; the new ETag."""
         record = json.dumps(self._info)
-        reply = self._fs.call_s3("put_object", Bucket=self._bucket, Key=self._key, Body=record.encode(),
-                                 ContentType="application/json", Metadata={"lease": record}, **condition)
+        reply = self._fs.call_s3(
+            "put_object",
+            Bucket=self._bucket,
+            Key=self._key,
+            Body=record.encode(),
+            ContentType="application/json",
+            Metadata={"lease": record},
+            **condition,
+        )
         return reply["ETag"]
 
     def _head(self) -> _Seen | None:

@@ -93,7 +93,9 @@ def _parse_index(raw: bytes, n: int, data_end: int | None) -> _Index:
     if not np.array_equal(missing, sizes == _MISSING):
         raise Mismatch("index marks a chunk half missing")
     present_offsets = np.where(missing, 0, offsets)
-    if data_end is not None and np.any(~missing & ((present_offsets > data_end) | (sizes > data_end - np.minimum(present_offsets, data_end)))):
+    if data_end is not None and np.any(
+        ~missing & ((present_offsets > data_end) | (sizes > data_end - np.minimum(present_offsets, data_end)))
+    ):
         raise Mismatch(f"index points past the {data_end} bytes of chunk data")
     return _Index(offsets=offsets.tolist(), sizes=sizes.tolist(), written=int(np.count_nonzero(~missing)))
 
@@ -192,13 +194,17 @@ class StateReader:
         n = self.array.shape[1]
         shards = range(len(kept), -(-n // self.shard_samples))
         indexes = [[self._stored_index(layer, shard) for layer in range(self.array.shape[0])] for shard in shards]
-        record = {"layout": self._layout_key(),
-                  "index_crc32c": kept + [[int.from_bytes(raw[-CRC_BYTES:], "little") for raw in shard]
-                                          for shard in indexes]}
+        record = {
+            "layout": self._layout_key(),
+            "index_crc32c": kept + [[int.from_bytes(raw[-CRC_BYTES:], "little") for raw in shard] for shard in indexes],
+        }
         if n % self.shard_samples:
             whole = n % self.shard_samples // self.inner_samples
-            record["partial"] = {"whole_chunks": whole, "prefix_crc32c": [table_crc(raw, whole) for raw in indexes[-1]],
-                                 **self._partial_rows(n)}
+            record["partial"] = {
+                "whole_chunks": whole,
+                "prefix_crc32c": [table_crc(raw, whole) for raw in indexes[-1]],
+                **self._partial_rows(n),
+            }
         return record
 
     def _partial_rows(self, n: int) -> dict:
@@ -216,8 +222,13 @@ class StateReader:
         with self.location.shard(self._path(layer, shard)) as stored:
             raw = stored.tail(index_bytes)
         if raw is None or len(raw) != index_bytes:
-            raise self._corrupt(f"layer {layer}", shard * self.shard_samples, (shard + 1) * self.shard_samples,
-                                "shard: missing or cut short right after its commit", self._path(layer, shard))
+            raise self._corrupt(
+                f"layer {layer}",
+                shard * self.shard_samples,
+                (shard + 1) * self.shard_samples,
+                "shard: missing or cut short right after its commit",
+                self._path(layer, shard),
+            )
         return raw
 
     def _layout_key(self) -> int:
@@ -236,7 +247,9 @@ class StateReader:
         for c_lo, c_hi, c_first, frame in self._chunks_of(layer, shard, start, stop):
             out[c_lo - start : c_hi - start] = self._decode(layer, c_first, frame, c_lo, c_hi)
 
-    def _chunks_of(self, layer: int, shard: int, start: int, stop: int) -> list[tuple[int, int, int, memoryview | None]]:
+    def _chunks_of(
+        self, layer: int, shard: int, start: int, stop: int
+    ) -> list[tuple[int, int, int, memoryview | None]]:
         """(lo, hi, chunk's first sample, verified Blosc frame or None) for each inner chunk of ``shard`` in
         start:stop.
 
@@ -293,22 +306,29 @@ class StateReader:
         if len(raw) != span:  # files: replaced by renaming, never truncated; objects: replaced whole
             if unverified:
                 raise _StaleIndex
-            raise self._corrupt(f"layer {layer}", first_sample, first_sample + self.shard_samples,
-                                "shard: cut short while read", path)
+            raise self._corrupt(
+                f"layer {layer}", first_sample, first_sample + self.shard_samples, "shard: cut short while read", path
+            )
         spans = [(offsets[i] - begin, sizes[i]) for i in present]
         # A whole shard (what a layer's read takes of it) is verified in one pass over its bytes, which runs
         # without the GIL, against their CRC when each chunk last passed its own; the first time, and for any
         # other read, chunk by chunk (a call each, holding the GIL: most of what verifying a layer cost).
         whole = span_crc(raw) if self.chunk_crc and len(present) == index.written and len(present) > 1 else None
         try:
-            frames = chunk_frames(raw, spans, self.chunk_crc, self.chunk_bytes,
-                                  crcs_checked=whole is not None and index.passed.get((first, stop)) == whole)
+            frames = chunk_frames(
+                raw,
+                spans,
+                self.chunk_crc,
+                self.chunk_bytes,
+                crcs_checked=whole is not None and index.passed.get((first, stop)) == whole,
+            )
         except ChunkMismatch as exc:
             if unverified:
                 raise _StaleIndex from None
             c_first = first_sample + (first + present[exc.position]) * self.inner_samples
-            raise self._corrupt(f"layer {layer}", c_first, c_first + self.inner_samples, f"inner chunk: {exc}",
-                                path) from None
+            raise self._corrupt(
+                f"layer {layer}", c_first, c_first + self.inner_samples, f"inner chunk: {exc}", path
+            ) from None
         if whole is not None:
             index.passed[first, stop] = whole
         chunks = {first + i: frame for i, frame in zip(present, frames)}
@@ -316,8 +336,9 @@ class StateReader:
             self._check_partial_rows(layer, shard, chunks, first, stop, unverified, path)
         return chunks
 
-    def _check_partial_rows(self, layer: int, shard: int, chunks: dict[int, memoryview], first: int, stop: int,
-                            unverified: bool, path: str) -> None:
+    def _check_partial_rows(
+        self, layer: int, shard: int, chunks: dict[int, memoryview], first: int, stop: int, unverified: bool, path: str
+    ) -> None:
         """The chunk partly filled at the commit served must begin with the rows recorded then (``record``):
         its stored bytes change at every commit, and its index entry alone (one size) binds it weakly."""
         partial = self._partial
@@ -334,9 +355,15 @@ class StateReader:
         if unverified:
             raise _StaleIndex
         c_first = shard * self.shard_samples + position * self.inner_samples
-        raise self._corrupt(f"layer {layer}", c_first, c_first + partial["rows"], "shard: not the shard committed "
-                            "here (its partly filled chunk holds other values than at commit: a file from another "
-                            "layer or run?)", path)
+        raise self._corrupt(
+            f"layer {layer}",
+            c_first,
+            c_first + partial["rows"],
+            "shard: not the shard committed "
+            "here (its partly filled chunk holds other values than at commit: a file from another "
+            "layer or run?)",
+            path,
+        )
 
     def _index(self, stored: ShardBytes, path: str, layer: int, shard: int, fresh: bool) -> tuple[_Index | None, bool]:
         """The shard's verified chunk index (at its end), or None when the shard does not exist; and whether it
@@ -369,11 +396,16 @@ class StateReader:
         if shard >= len(self._committed) or int.from_bytes(raw[-CRC_BYTES:], "little") == self._committed[shard][layer]:
             return
         partial = self._partial
-        if (partial is not None and shard == len(self._committed) - 1
-                and table_crc(raw, partial["whole_chunks"]) == partial["prefix_crc32c"][layer]):
+        if (
+            partial is not None
+            and shard == len(self._committed) - 1
+            and table_crc(raw, partial["whole_chunks"]) == partial["prefix_crc32c"][layer]
+        ):
             return
-        raise Mismatch("not the shard committed here (its index differs from the one recorded at commit: "
-                       "a file from another layer or run?)")
+        raise Mismatch(
+            "not the shard committed here (its index differs from the one recorded at commit: "
+            "a file from another layer or run?)"
+        )
 
     def _path(self, layer: int, shard: int) -> str:
         return f"{self._chunk_keys}/{layer}/{shard}/0"
@@ -382,7 +414,9 @@ class StateReader:
         """The error for stored bytes that fail verification; logged with the file, for the operator."""
         stop = min(stop, self.array.shape[1])
         where = f" (file {path.removeprefix(self.run_name + '/')} of store {self.location})" if path else ""
-        message = (f"corrupt data in run {self.run_name}, {layers}, samples {start}:{stop}{where}: {why}; "
-                   "restore the run's files from a backup or ingest it again")
+        message = (
+            f"corrupt data in run {self.run_name}, {layers}, samples {start}:{stop}{where}: {why}; "
+            "restore the run's files from a backup or ingest it again"
+        )
         log.error("%s", message)
         return CorruptData(message)

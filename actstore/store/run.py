@@ -68,8 +68,10 @@ def check_labels(labels: dict[str, np.ndarray]) -> None:
         lengths = np.fromiter((len(str(value)) for value in labels[name]), dtype=np.int64, count=len(labels[name]))
         if lengths.size and lengths.max() > MAX_LABEL_CHARS:
             at = int(lengths.argmax())
-            raise LabelTooLong(f"the {name} of sample {labels['sample'][at]} has {lengths[at]:,} characters, above "
-                               f"the {MAX_LABEL_CHARS} a run stores: shorten it in the dataset")
+            raise LabelTooLong(
+                f"the {name} of sample {labels['sample'][at]} has {lengths[at]:,} characters, above "
+                f"the {MAX_LABEL_CHARS} a run stores: shorten it in the dataset"
+            )
 
 
 @dataclass(repr=False)
@@ -87,8 +89,10 @@ class Run:
         layers, samples, hidden = self.shape
         state = "complete" if self.complete else "partial"
         accuracy = "" if self.accuracy is None else f", accuracy {self.accuracy:.3f}"
-        return (f"<Run {self.key}: {layers} layers x {samples} samples x {hidden}, {state}{accuracy}; "
-                f"store {self.location}>")
+        return (
+            f"<Run {self.key}: {layers} layers x {samples} samples x {hidden}, {state}{accuracy}; "
+            f"store {self.location}>"
+        )
 
     @property
     def key(self) -> str:
@@ -121,7 +125,9 @@ class Run:
 
     @cached_property
     def reader(self) -> StateReader:
-        return StateReader(self.hidden_states, self.location, join(self.key, STATES), read_attr(self.group, SHARD_RECORD))
+        return StateReader(
+            self.hidden_states, self.location, join(self.key, STATES), read_attr(self.group, SHARD_RECORD)
+        )
 
     def read_states(self, layers: list[int], start: int = 0, stop: int | None = None) -> np.ndarray:
         """Committed states of ``layers`` for samples ``start:stop`` as (layer, sample, hidden) float32.
@@ -182,13 +188,20 @@ class Run:
         a half-written entry. Writers of the same key write the same values, so races are harmless.
         Each axis of an array is named ``{array}_{axis}`` (Zarr's dimension_names, which xarray needs).
         """
-        root = zarr.open_group(self.location.zarr_store(), path=self.key, mode="a",
-                               use_consolidated=False)  # derived/ lives outside the snapshot
+        root = zarr.open_group(
+            self.location.zarr_store(), path=self.key, mode="a", use_consolidated=False
+        )  # derived/ lives outside the snapshot
         entry = _require_group(root, f"{DERIVED}/{validate_name(kind, 'kind')}/{validate_name(key, 'key')}")
         for name, values in arrays.items():
-            entry.create_array(name, shape=values.shape, dtype=values.dtype, overwrite=True,
-                               chunks=values.shape or None, compressors=None,  # float64 noise: not compressible
-                               dimension_names=[f"{name}_{axis}" for axis in range(values.ndim)])[...] = values
+            entry.create_array(
+                name,
+                shape=values.shape,
+                dtype=values.dtype,
+                overwrite=True,
+                chunks=values.shape or None,
+                compressors=None,  # float64 noise: not compressible
+                dimension_names=[f"{name}_{axis}" for axis in range(values.ndim)],
+            )[...] = values
         entry.attrs.put(encode({**attrs, "complete": True}, {}))
 
     def load_derived(self, kind: str, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
@@ -243,8 +256,11 @@ class Run:
         n_layers, _, hidden = self.shape
         shard = self.hidden_states.shards or self.hidden_states.chunks
         preferred = {"layer": shard[0], "sample": shard[1], "hidden": hidden}
-        states = xr.Variable(("layer", "sample", "hidden"), indexing.LazilyIndexedArray(_RunStates(self)),
-                             encoding={"preferred_chunks": preferred})
+        states = xr.Variable(
+            ("layer", "sample", "hidden"),
+            indexing.LazilyIndexedArray(_RunStates(self)),
+            encoding={"preferred_chunks": preferred},
+        )
         coords = {"layer": np.arange(n_layers), "sample": labels["sample"]}
         coords.update({name: ("sample", labels[name]) for name in LABELS if name != "sample"})
         ds = xr.Dataset({STATES: states}, coords=coords, attrs=self.group.attrs.asdict())

@@ -32,8 +32,9 @@ _DAMAGE = (ValueError, KeyError, TypeError, AttributeError, IndexError, StoreErr
 class Store:
     """Entry point to the runs kept under one root: a folder, or ``s3://bucket/prefix``."""
 
-    def __init__(self, root: str | os.PathLike[str] | Location = DEFAULT_STORE,
-                 storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str] | Location = DEFAULT_STORE, storage_options: dict[str, Any] | None = None
+    ) -> None:
         """``storage_options``: for a bucket, s3fs's options (endpoint, credentials) where the environment's
         AWS settings are not the ones to use. An unknown URL scheme raises UnsupportedLocation."""
         self.location = locate(root, storage_options)
@@ -92,8 +93,9 @@ class Store:
         except DamagedRun:
             return True
 
-    def begin_run(self, model: str, method: str, *, recipe: dict[str, Any], overwrite: bool = False,
-                  commit_seconds: float = 10.0) -> RunWriter:
+    def begin_run(
+        self, model: str, method: str, *, recipe: dict[str, Any], overwrite: bool = False, commit_seconds: float = 10.0
+    ) -> RunWriter:
         """Take the run's writer lock now, before expensive work (loading a model), and return its writer:
         a second writer, or one of another recipe, is refused at once. ``RunWriter.start`` then lays out
         the run and publishes the session's start; closing the writer releases the lock (a folder made
@@ -101,11 +103,22 @@ class Store:
         validate_name(model, "model name")
         validate_name(method, "method")
         self.ensure_writable()
-        return RunWriter.begin(self.location, model, method, recipe=recipe, overwrite=overwrite,
-                               commit_seconds=commit_seconds)
+        return RunWriter.begin(
+            self.location, model, method, recipe=recipe, overwrite=overwrite, commit_seconds=commit_seconds
+        )
 
-    def writer(self, model: str, method: str, *, recipe: dict[str, Any], attrs: dict[str, Any], n_layers: int,
-               hidden: int, overwrite: bool = False, commit_seconds: float = 10.0) -> RunWriter:
+    def writer(
+        self,
+        model: str,
+        method: str,
+        *,
+        recipe: dict[str, Any],
+        attrs: dict[str, Any],
+        n_layers: int,
+        hidden: int,
+        overwrite: bool = False,
+        commit_seconds: float = 10.0,
+    ) -> RunWriter:
         """``begin_run`` and ``start`` at once, for writers that know the run's shapes beforehand; ``attrs``
         are recorded when the run is created (a resumed run keeps its own)."""
         writer = self.begin_run(model, method, recipe=recipe, overwrite=overwrite, commit_seconds=commit_seconds)
@@ -127,8 +140,9 @@ class Store:
         folder_made = isinstance(self.location, Folder) and not self.location.path.is_dir()
         fresh = not self.exists()
         if fresh and self.location.holds_other_things():
-            raise StoreNotWritable(f"{self.url} holds other files and no actstore store; give --store a new or "
-                                   "empty folder")
+            raise StoreNotWritable(
+                f"{self.url} holds other files and no actstore store; give --store a new or empty folder"
+            )
         self.ensure_writable()
         try:
             yield self
@@ -216,8 +230,11 @@ class Store:
             self._check(run)
             return run
         except _DAMAGE as exc:
-            raise DamagedRun(f"run {model}/{method} in store {self.url} is damaged: {_reason(exc, join(model, method))}; restore its "
-                             "files from a backup or ingest it again (--overwrite)", access=_access(group)) from exc
+            raise DamagedRun(
+                f"run {model}/{method} in store {self.url} is damaged: {_reason(exc, join(model, method))}; restore its "
+                "files from a backup or ingest it again (--overwrite)",
+                access=_access(group),
+            ) from exc
 
     def _check(self, run: Run) -> None:
         """Read what a listing shows and reads open first: the progress and access attributes, and every

@@ -31,5 +31,7 @@ def locate(root: str | os.PathLike[str] | Location, storage_options: dict[str, A
         if not bucket:
             raise UnsupportedLocation(f"store {text!r} names no bucket: write s3://bucket/prefix")
         return Bucket(bucket, prefix.strip("/"), storage_options or {})
-    raise UnsupportedLocation(f"store {text!r}: unsupported scheme {scheme}://; a store is a folder or "
-                              f"s3://bucket/prefix (any S3-compatible service, endpoint from AWS_ENDPOINT_URL)")
+    raise UnsupportedLocation(
+        f"store {text!r}: unsupported scheme {scheme}://; a store is a folder or "
+        f"s3://bucket/prefix (any S3-compatible service, endpoint from AWS_ENDPOINT_URL)"
+    )

@@ -98,8 +98,16 @@ class RunWriter:
     and leaves the run as of its last commit.
     """
 
-    def __init__(self, location: Location, model: str, method: str, lock: Lock, recipe: dict[str, Any],
-                 run: Run | None, commit_seconds: float) -> None:
+    def __init__(
+        self,
+        location: Location,
+        model: str,
+        method: str,
+        lock: Lock,
+        recipe: dict[str, Any],
+        run: Run | None,
+        commit_seconds: float,
+    ) -> None:
         self.location, self.model, self.method = location, model, method
         self.run = run  # None until ``start`` lays out a new (or overwritten) run
         self._lock = lock
@@ -113,8 +121,16 @@ class RunWriter:
                 self._settle()
 
     @classmethod
-    def begin(cls, root: Location, model: str, method: str, *, recipe: dict[str, Any], overwrite: bool = False,
-              commit_seconds: float = 10.0) -> RunWriter:
+    def begin(
+        cls,
+        root: Location,
+        model: str,
+        method: str,
+        *,
+        recipe: dict[str, Any],
+        overwrite: bool = False,
+        commit_seconds: float = 10.0,
+    ) -> RunWriter:
         """Take ``model/method``'s writer lock and bring an existing run to its last commit (unless
         ``overwrite``, which replaces it at ``start``). Refuses a run whose recipe differs from ``recipe``:
         appending would mix two experiments."""
@@ -128,8 +144,16 @@ class RunWriter:
             lock.release()
             raise
 
-    def start(self, *, provenance: dict[str, Any], n_layers: int, hidden: int, attrs: dict[str, Any] | None = None,
-              planned: int | None = None, history: dict[str, Any] | None = None) -> None:
+    def start(
+        self,
+        *,
+        provenance: dict[str, Any],
+        n_layers: int,
+        hidden: int,
+        attrs: dict[str, Any] | None = None,
+        planned: int | None = None,
+        history: dict[str, Any] | None = None,
+    ) -> None:
         """Publish this writing session's start in one write of the run's metadata: ``attrs`` (settings of
         this session), how many samples the run will hold when it ends (``planned``; by default as
         recorded before) and a ``history`` entry kept with every earlier one. A new run (or one being overwritten)
@@ -138,8 +162,9 @@ class RunWriter:
         with self._writing():
             n, first = self.n_committed, {}
             if self.run is None:
-                self.run = _recreate(self.location, self.model, self.method, n_layers, hidden,
-                                     self._recipe.get("site", ""))
+                self.run = _recreate(
+                    self.location, self.model, self.method, n_layers, hidden, self._recipe.get("site", "")
+                )
                 first = {**provenance, **_first_attrs(self.model, self.method)}
             values = {**first, **(attrs or {})}
             if planned is not None:

@@ -30,9 +30,14 @@ class ActstoreBackend(BackendEntrypoint):
     url = "https://github.com/actstore/actstore"
     open_dataset_parameters = ("filename_or_obj", "group", "drop_variables", "storage_options")
 
-    def open_dataset(self, filename_or_obj: str | os.PathLike[str], *, group: str,
-                     drop_variables: str | Iterable[str] | None = None,
-                     storage_options: dict[str, Any] | None = None) -> xr.Dataset:
+    def open_dataset(
+        self,
+        filename_or_obj: str | os.PathLike[str],
+        *,
+        group: str,
+        drop_variables: str | Iterable[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> xr.Dataset:
         model, _, method = str(group).strip("/").partition("/")
         if not method or "/" in method:
             raise ValueError(f"group must be 'model/method', not {group!r}")

@@ -43,15 +43,18 @@ class Metric:
 
 ARI = "adjusted Rand index"
 SHARE = "share of the k nearest neighbours"
-METRICS = {m.name: m for m in (
-    Metric("id", "intrinsic dimension (Gride)", "intrinsic dimension", "id"),
-    Metric("n_clusters", "density peaks (ADP clusters)", "clusters (count)", "n_clusters"),
-    Metric("ari_subject", "ARI of the clusters with subjects", ARI, "ari", 0.0),
-    Metric("overlap_subject", "subject label overlap", f"label overlap ({SHARE})", "overlap"),
-    Metric("ari_answer", "ARI of the clusters with the right answers", ARI, "ari", 0.0),
-    Metric("ari_prediction", "ARI of the clusters with the model's answers", ARI, "ari", 0.0),
-    Metric("overlap_answer", "answer label overlap", f"label overlap ({SHARE})", "overlap", 0.25),
-)}
+METRICS = {
+    m.name: m
+    for m in (
+        Metric("id", "intrinsic dimension (Gride)", "intrinsic dimension", "id"),
+        Metric("n_clusters", "density peaks (ADP clusters)", "clusters (count)", "n_clusters"),
+        Metric("ari_subject", "ARI of the clusters with subjects", ARI, "ari", 0.0),
+        Metric("overlap_subject", "subject label overlap", f"label overlap ({SHARE})", "overlap"),
+        Metric("ari_answer", "ARI of the clusters with the right answers", ARI, "ari", 0.0),
+        Metric("ari_prediction", "ARI of the clusters with the model's answers", ARI, "ari", 0.0),
+        Metric("overlap_answer", "answer label overlap", f"label overlap ({SHARE})", "overlap", 0.25),
+    )
+}
 DATA_OVERLAP = Metric("data_overlap", "data overlap of two methods", f"data overlap ({SHARE})", "data_overlap")
 LAYER_METRICS = tuple(METRICS)  # layers: these, then the data overlap of each compared pair
 TRAINING_METRICS = ("ari_subject", "ari_answer", "ari_prediction", "overlap_answer")  # across fine-tuning steps
@@ -59,8 +62,12 @@ TRAINING_METRICS = ("ari_subject", "ari_answer", "ari_prediction", "overlap_answ
 
 def style(index: int) -> dict[str, Any]:
     """The colour, marker and line style of the ``index``-th line of a panel."""
-    return {"color": PALETTE[index % len(PALETTE)], "marker": MARKERS[index % len(MARKERS)],
-            "linestyle": LINESTYLES[index % len(LINESTYLES)], "markersize": 4}
+    return {
+        "color": PALETTE[index % len(PALETTE)],
+        "marker": MARKERS[index % len(MARKERS)],
+        "linestyle": LINESTYLES[index % len(LINESTYLES)],
+        "markersize": 4,
+    }
 
 
 def draw_layers(table: xr.Dataset, title: str) -> Figure:
@@ -98,12 +105,21 @@ def draw_training(table: xr.Dataset, title: str) -> Figure:
 def draw_dendrogram(tree: dict[str, Any], title: str, method: str) -> Figure:
     """The density peaks of one layer joined by saddle depth; leaves named by majority subject, its share
     of the cluster and the cluster's size."""
-    labels = [f"{label.replace('_', ' ')}: {share:.0%} of {size}"
-              for label, share, size in zip(tree["labels"], tree["majority_share"], tree["sizes"])]
+    labels = [
+        f"{label.replace('_', ' ')}: {share:.0%} of {size}"
+        for label, share, size in zip(tree["labels"], tree["majority_share"], tree["sizes"])
+    ]
     fig = Figure(figsize=(10, 1.8 + 0.3 * len(labels)), layout="constrained")
     ax = fig.subplots()
-    dendrogram(tree["linkage"], labels=labels, orientation="right", ax=ax, color_threshold=0, leaf_font_size=9,
-               above_threshold_color="black")
+    dendrogram(
+        tree["linkage"],
+        labels=labels,
+        orientation="right",
+        ax=ax,
+        color_threshold=0,
+        leaf_font_size=9,
+        above_threshold_color="black",
+    )
     ax.set_xlabel("highest peak log-density minus saddle log-density")
     ax.set_ylabel("density peak: majority subject, its share of the cluster, size")
     ax.legend(handles=[Line2D([], [], color="black", label=method)], title="method", fontsize=8, loc="lower right")

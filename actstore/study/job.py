@@ -30,8 +30,16 @@ METHODS = ["0shot", "1shot", "2shot", "5shot"]
 # density analyses need many samples per subject (density k = 16, dendrogram clusters over 30 points):
 # 3 questions from each of the 57 subjects gave one cluster at almost every layer and no subject label
 # overlap at all (k = int(0.3 x 3) = 0).
-SUBJECTS = ["world_religions", "conceptual_physics", "elementary_mathematics", "high_school_geography",
-            "medical_genetics", "management", "human_aging", "electrical_engineering"]
+SUBJECTS = [
+    "world_religions",
+    "conceptual_physics",
+    "elementary_mathematics",
+    "high_school_geography",
+    "medical_genetics",
+    "management",
+    "human_aging",
+    "electrical_engineering",
+]
 PER_SUBJECT = 50
 # The fine-tuned arm of the job, sized to fit the whole job in 15 minutes on 2 cores: the pool spans every
 # subject, as the study's (dev+val of all 57), but takes 6 of the 20 held-out questions per subject (4
@@ -100,16 +108,28 @@ def run_study(opts: StudyOptions) -> list[Path]:
         code = server.stop()
     if code != 0:
         raise RuntimeError(f"the server exited with {code}; see {opts.results / 'server.log'}")
-    log.info("[4/4] server stopped cleanly; results in %s\n%s", opts.results.resolve(),
-             "\n".join(f"   {path}" for path in written))
+    log.info(
+        "[4/4] server stopped cleanly; results in %s\n%s",
+        opts.results.resolve(),
+        "\n".join(f"   {path}" for path in written),
+    )
     return written
 
 
 def ingest_options(opts: StudyOptions) -> IngestOptions:
     """The ingest of the job's ICL methods: its selection (``--limit`` spread across subjects) and pools."""
-    return IngestOptions(store=opts.store, model=opts.model, gguf_file=opts.gguf_file, checkpoint=opts.checkpoint,
-                         name=opts.name, methods=opts.methods, dataset=opts.dataset, train_pool=opts.train_pool,
-                         limit=opts.limit, **_selection(opts))
+    return IngestOptions(
+        store=opts.store,
+        model=opts.model,
+        gguf_file=opts.gguf_file,
+        checkpoint=opts.checkpoint,
+        name=opts.name,
+        methods=opts.methods,
+        dataset=opts.dataset,
+        train_pool=opts.train_pool,
+        limit=opts.limit,
+        **_selection(opts),
+    )
 
 
 def _finetuned_arm(opts: StudyOptions, ingest: IngestOptions) -> list[str]:
@@ -119,17 +139,31 @@ def _finetuned_arm(opts: StudyOptions, ingest: IngestOptions) -> list[str]:
     from actstore.ingest.pipeline import ingest_all
 
     log.info("[1/4] fine-tuning %s on the training pool of every subject into %s", opts.model, opts.adapter_folder)
-    finetune = Finetune(FinetuneOptions(out=opts.adapter_folder, model=opts.model, gguf_file=opts.gguf_file,
-                                        dataset=opts.dataset, train_pool=min(JOB_TRAIN_POOL, opts.train_pool),
-                                        hyper=Hyperparameters(epochs=JOB_EPOCHS), checkpoints=JOB_CHECKPOINTS))
+    finetune = Finetune(
+        FinetuneOptions(
+            out=opts.adapter_folder,
+            model=opts.model,
+            gguf_file=opts.gguf_file,
+            dataset=opts.dataset,
+            train_pool=min(JOB_TRAIN_POOL, opts.train_pool),
+            hyper=Hyperparameters(epochs=JOB_EPOCHS),
+            checkpoints=JOB_CHECKPOINTS,
+        )
+    )
     record = finetune.run()
     accuracy = record["accuracy"]
-    log.info("   %d questions, %d steps, final loss %.4f, held-out accuracy (%d questions) %s", len(finetune.questions),
-             record["step"], record["final_loss"], accuracy["n_held_out"],
-             ", ".join(f"step {step} {value:.3f}" for step, value in accuracy["held_out"] if value is not None))
+    log.info(
+        "   %d questions, %d steps, final loss %.4f, held-out accuracy (%d questions) %s",
+        len(finetune.questions),
+        record["step"],
+        record["final_loss"],
+        accuracy["n_held_out"],
+        ", ".join(f"step {step} {value:.3f}" for step, value in accuracy["held_out"] if value is not None),
+    )
     methods = [f"finetuned-step{step}" for step in finetune.checkpoint_steps()] + ["finetuned"]
-    ingest_all(replace(ingest, methods=methods, checkpoint=str(opts.adapter_folder),
-                       adapter_branch=opts.adapter_branch))
+    ingest_all(
+        replace(ingest, methods=methods, checkpoint=str(opts.adapter_folder), adapter_branch=opts.adapter_branch)
+    )
     return methods
 
 
@@ -147,23 +181,49 @@ def _analyse_through(client: Client, model: str, opts: StudyOptions) -> list[Pat
     runs = {r["method"]: r for r in client.runs(model=model) if r["method"] in opts.methods}
     for method in opts.methods:
         r = runs[method]
-        log.info("   %s/%s: %d questions, %d layers x %d, accuracy %.3f", model, method, r["n_samples"],
-                 r["n_layers"], r["hidden"], r["accuracy"])
+        log.info(
+            "   %s/%s: %d questions, %d layers x %d, accuracy %.3f",
+            model,
+            method,
+            r["n_samples"],
+            r["n_layers"],
+            r["hidden"],
+            r["accuracy"],
+        )
     n_layers = min(r["n_layers"] for r in runs.values())
     last = opts.methods[-1]
     sample = client.hidden_states(model, last, layers=n_layers // 2, samples=slice(0, 8))
-    log.info("   fetched a slice of %s/%s: layer %d, samples %s, shape %s", model, last, n_layers // 2,
-             sample.sample.values.tolist(), dict(sample.sizes))
+    log.info(
+        "   fetched a slice of %s/%s: layer %d, samples %s, shape %s",
+        model,
+        last,
+        n_layers // 2,
+        sample.sample.values.tolist(),
+        dict(sample.sizes),
+    )
     pairs = [pair for pair in opts.compare if set(pair) <= set(opts.methods)]
     job = client.analyze(model, opts.methods, layers=range(1, n_layers), preset="paper", compare=pairs)
-    log.info("[3/4] analyses: %d methods x %d layers%s (job %s)", len(opts.methods), n_layers - 1,
-             f", {', '.join(' vs '.join(p) for p in pairs)} compared per layer" if pairs else "", job.id)
+    log.info(
+        "[3/4] analyses: %d methods x %d layers%s (job %s)",
+        len(opts.methods),
+        n_layers - 1,
+        f", {', '.join(' vs '.join(p) for p in pairs)} compared per layer" if pairs else "",
+        job.id,
+    )
     job.follow("analyses")
     results = job.result()
     failed = int((results.error != "").sum())
     if failed:
         log.warning("%d layer analyses failed (reasons in summary.md)", failed)
-    training = {m: client.describe(model, m)["attributes"]["finetune"] for m in opts.methods
-                if m.startswith("finetuned")}
-    return write_results(opts.results, model, results, {m: runs[m]["accuracy"] for m in opts.methods},
-                         {m: runs[m]["n_samples"] for m in opts.methods}, job.dendrogram, training)
+    training = {
+        m: client.describe(model, m)["attributes"]["finetune"] for m in opts.methods if m.startswith("finetuned")
+    }
+    return write_results(
+        opts.results,
+        model,
+        results,
+        {m: runs[m]["accuracy"] for m in opts.methods},
+        {m: runs[m]["n_samples"] for m in opts.methods},
+        job.dendrogram,
+        training,
+    )

@@ -40,8 +40,11 @@ class Settings:
     @property
     def changes(self) -> dict[str, Any]:
         """The parameters that differ from the paper preset's, by name."""
-        return {f.name: getattr(self.params, f.name) for f in dataclasses.fields(DensityParams)
-                if getattr(self.params, f.name) != getattr(PAPER, f.name)}
+        return {
+            f.name: getattr(self.params, f.name)
+            for f in dataclasses.fields(DensityParams)
+            if getattr(self.params, f.name) != getattr(PAPER, f.name)
+        }
 
     def name(self) -> str:
         """In a few words, e.g. "preset paper with z 2.1, first 20 per subject"."""
@@ -54,8 +57,9 @@ class Settings:
         if not set(self.changes) <= set(ANALYZE_FLAGS):
             return None
         per_subject = [] if self.mask.per_subject is None else ["--per-subject", str(self.mask.per_subject)]
-        return per_subject + [item for name, value in self.changes.items()
-                              for item in (f"--{name.replace('_', '-')}", f"{value:g}")]
+        return per_subject + [
+            item for name, value in self.changes.items() for item in (f"--{name.replace('_', '-')}", f"{value:g}")
+        ]
 
     def samples(self) -> str:
         if self.mask.per_subject is None:
@@ -65,9 +69,11 @@ class Settings:
     def values(self) -> str:
         """The parameters the figures' metrics depend on, as the summary and the figures name them."""
         p = self.params
-        return (f"Gride ID at scale {2 ** (p.id_scale_index + 1)}, kNN density k = {p.density_k}, ADP Z = {p.z:g}, "
-                f"label overlap class fractions {p.subject_fraction:g} (subjects) and {p.answer_fraction:g} "
-                f"(answers), data overlap k = {OVERLAP_K}")
+        return (
+            f"Gride ID at scale {2 ** (p.id_scale_index + 1)}, kNN density k = {p.density_k}, ADP Z = {p.z:g}, "
+            f"label overlap class fractions {p.subject_fraction:g} (subjects) and {p.answer_fraction:g} "
+            f"(answers), data overlap k = {OVERLAP_K}"
+        )
 
     def parameters(self) -> str:
         if not self.changes:
@@ -125,10 +131,18 @@ def training_table(table: xr.Dataset, training: dict[str, dict]) -> xr.Dataset |
     return table.sel({"method": order}).assign_coords(method=[steps[m] for m in order]).rename(method="step")
 
 
-def write_results(out: Path, model: str, results: xr.Dataset, accuracy: dict[str, float | None],
-                  n_samples: dict[str, int], dendrograms: Dendrograms,
-                  training: dict[str, dict] | None = None, *, settings: Settings = STUDY,
-                  fmt: str = "png") -> list[Path]:
+def write_results(
+    out: Path,
+    model: str,
+    results: xr.Dataset,
+    accuracy: dict[str, float | None],
+    n_samples: dict[str, int],
+    dendrograms: Dendrograms,
+    training: dict[str, dict] | None = None,
+    *,
+    settings: Settings = STUDY,
+    fmt: str = "png",
+) -> list[Path]:
     """Write layers.csv, comparison.csv, the layers figure, a dendrogram of an early layer, and summary.md;
     with fine-tuned runs (``training``: each one's fine-tuning provenance), the training figure across their
     steps. Figures in ``fmt`` (figures.FORMATS); ``settings``: what ``results`` were analysed with."""
@@ -145,32 +159,57 @@ def write_results(out: Path, model: str, results: xr.Dataset, accuracy: dict[str
         table[[v for v in table.data_vars if "pair" in table[v].dims]].to_dataframe().to_csv(written[-1])
     n_layers = int(table.layer.max()) + 1
     arms = [m for m in methods if "-step" not in m]  # checkpoints are drawn in the training figure
-    written.append(figures.save(figures.draw_layers(
-        table.sel({"method": arms}),
-        f"{model} on MMLU: {_sizes(n_samples)}, {settings.name()}\n{settings.values()}"), out / f"layers.{fmt}"))
+    written.append(
+        figures.save(
+            figures.draw_layers(
+                table.sel({"method": arms}),
+                f"{model} on MMLU: {_sizes(n_samples)}, {settings.name()}\n{settings.values()}",
+            ),
+            out / f"layers.{fmt}",
+        )
+    )
     steps = training_table(table, training)
     if steps is not None:
-        written.append(figures.save(figures.draw_training(
-            steps, f"{model}: the representation across fine-tuning steps (0: before), {settings.name()}"),
-            out / f"training.{fmt}"))
+        written.append(
+            figures.save(
+                figures.draw_training(
+                    steps, f"{model}: the representation across fine-tuning steps (0: before), {settings.name()}"
+                ),
+                out / f"training.{fmt}",
+            )
+        )
     reference = reference_method(methods)
     found = transition(table.ari_subject.sel({"method": reference}))
     tree_layer, tree = _early_dendrogram(table, model, reference, n_layers, dendrograms)
     if tree is not None:
-        written.append(figures.save(figures.draw_dendrogram(
-            tree, f"{model}, {reference}, layer {tree_layer}:\n"
-            "density peaks of clusters over 30 points, by majority subject", reference),
-            out / f"dendrogram-{reference}-layer{tree_layer}.{fmt}"))
+        written.append(
+            figures.save(
+                figures.draw_dendrogram(
+                    tree,
+                    f"{model}, {reference}, layer {tree_layer}:\n"
+                    "density peaks of clusters over 30 points, by majority subject",
+                    reference,
+                ),
+                out / f"dendrogram-{reference}-layer{tree_layer}.{fmt}",
+            )
+        )
     summary = out / "summary.md"
-    finetuning = _finetuning(table, accuracy, training, n_layers, n_samples.get("finetuned") or 1) \
-        if "finetuned" in training else []
-    summary.write_text(_summary(model, table, accuracy, n_samples, reference, found, tree_layer, written, n_layers,
-                                finetuning, settings))
+    finetuning = (
+        _finetuning(table, accuracy, training, n_layers, n_samples.get("finetuned") or 1)
+        if "finetuned" in training
+        else []
+    )
+    summary.write_text(
+        _summary(
+            model, table, accuracy, n_samples, reference, found, tree_layer, written, n_layers, finetuning, settings
+        )
+    )
     return [*written, summary]
 
 
-def _early_dendrogram(table: xr.Dataset, model: str, method: str, n_layers: int,
-                      dendrograms: Dendrograms) -> tuple[int | None, dict[str, Any] | None]:
+def _early_dendrogram(
+    table: xr.Dataset, model: str, method: str, n_layers: int, dendrograms: Dendrograms
+) -> tuple[int | None, dict[str, Any] | None]:
     """The first-half layer of ``method`` with the highest subject ARI that has a dendrogram to draw."""
     ari = table.ari_subject.sel({"method": method})
     early = ari.where(ari.layer < n_layers / 2, drop=True)
@@ -196,45 +235,71 @@ def _at(values: xr.DataArray, pick: Callable) -> str:
     return f"{float(values[index]):.3f} (layer {int(values.layer[index])})"
 
 
-def _summary(model: str, table: xr.Dataset, accuracy: dict[str, float | None], n_samples: dict[str, int],
-             reference: str, found: dict[str, Any], tree_layer: int | None, written: list[Path],
-             n_layers: int, finetuning: list[str], settings: Settings) -> str:
+def _summary(
+    model: str,
+    table: xr.Dataset,
+    accuracy: dict[str, float | None],
+    n_samples: dict[str, int],
+    reference: str,
+    found: dict[str, Any],
+    tree_layer: int | None,
+    written: list[Path],
+    n_layers: int,
+    finetuning: list[str],
+    settings: Settings,
+) -> str:
     half = n_layers / 2
-    lines = [f"# {model} on MMLU, layer by layer", "",
-             f"{_sizes(n_samples)} per method, {settings.samples()}; layers 1-{n_layers - 1} of {n_layers} (0 is "
-             f"the embedding); {settings.parameters()}.", "",
-             "| method | questions | accuracy | ID peak | subject ARI max | answer ARI max | predicted-letter ARI max "
-             "| answer overlap max | clusters, first half / second half |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"# {model} on MMLU, layer by layer",
+        "",
+        f"{_sizes(n_samples)} per method, {settings.samples()}; layers 1-{n_layers - 1} of {n_layers} (0 is "
+        f"the embedding); {settings.parameters()}.",
+        "",
+        "| method | questions | accuracy | ID peak | subject ARI max | answer ARI max | predicted-letter ARI max "
+        "| answer overlap max | clusters, first half / second half |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for method in table.method.values:
         row = table.sel({"method": method})
         clusters = [float(row.n_clusters.where(cond).mean()) for cond in (row.layer < half, row.layer >= half)]
         acc = accuracy.get(str(method))
-        lines.append(f"| {method} | {n_samples.get(str(method), '-')} | {'-' if acc is None else f'{acc:.3f}'} "
-                     f"| {_at(row.id, np.argmax)} | {_at(row.ari_subject, np.argmax)} | "
-                     f"{_at(row.ari_answer, np.argmax)} | {_at(row.ari_prediction, np.argmax)} | "
-                     f"{_at(row.overlap_answer, np.argmax)} | "
-                     f"{clusters[0]:.1f} / {clusters[1]:.1f} |")
+        lines.append(
+            f"| {method} | {n_samples.get(str(method), '-')} | {'-' if acc is None else f'{acc:.3f}'} "
+            f"| {_at(row.id, np.argmax)} | {_at(row.ari_subject, np.argmax)} | "
+            f"{_at(row.ari_answer, np.argmax)} | {_at(row.ari_prediction, np.argmax)} | "
+            f"{_at(row.overlap_answer, np.argmax)} | "
+            f"{clusters[0]:.1f} / {clusters[1]:.1f} |"
+        )
     lines += ["", "## Transition layer", ""]
     if found["layer"] is None:
-        lines.append(f"No transition layer: the subject ARI of {reference} peaks at {found['peak']:.3f} (layer "
-                     f"{found['peak_layer']}), below {MIN_SUBJECT_ARI}: no subject clustering to place.")
+        lines.append(
+            f"No transition layer: the subject ARI of {reference} peaks at {found['peak']:.3f} (layer "
+            f"{found['peak_layer']}), below {MIN_SUBJECT_ARI}: no subject clustering to place."
+        )
     elif found["fall"] is not None:
-        lines.append(f"The subject ARI of {reference} rises above half its peak at layer {found['rise']}, peaks at "
-                     f"{found['peak']:.3f} at layer {found['peak_layer']} and first falls below half of it at "
-                     f"**layer {found['fall']}** of {n_layers}: the transition layer, where subject clusters give "
-                     "way (the study places Llama-3-8B's near mid-depth, the subject ARI falling by layers 14-17 "
-                     "of 32).")
+        lines.append(
+            f"The subject ARI of {reference} rises above half its peak at layer {found['rise']}, peaks at "
+            f"{found['peak']:.3f} at layer {found['peak_layer']} and first falls below half of it at "
+            f"**layer {found['fall']}** of {n_layers}: the transition layer, where subject clusters give "
+            "way (the study places Llama-3-8B's near mid-depth, the subject ARI falling by layers 14-17 "
+            "of 32)."
+        )
     else:
-        lines.append(f"The subject ARI of {reference} never falls back: it first reaches half its peak at **layer "
-                     f"{found['rise']}** of {n_layers} and peaks at {found['peak']:.3f} at layer "
-                     f"{found['peak_layer']}. The transition layer here is that rise, where subject clusters "
-                     "form; in the study (Llama-3-8B) they form in the first layers and give way near mid-depth.")
+        lines.append(
+            f"The subject ARI of {reference} never falls back: it first reaches half its peak at **layer "
+            f"{found['rise']}** of {n_layers} and peaks at {found['peak']:.3f} at layer "
+            f"{found['peak_layer']}. The transition layer here is that rise, where subject clusters "
+            "form; in the study (Llama-3-8B) they form in the first layers and give way near mid-depth."
+        )
     for pair in table.pair.values if "pair" in table.dims else []:
         overlap = table.data_overlap.sel(pair=pair)
         lines.append(f"\nData overlap {pair}: lowest {_at(overlap, np.argmin)}, highest {_at(overlap, np.argmax)}.")
-    errors = [f"{r}/{int(layer)}: {e}" for r in table.method.values for layer, e in
-              zip(table.layer.values, table.error.sel({"method": r}).values) if e]
+    errors = [
+        f"{r}/{int(layer)}: {e}"
+        for r in table.method.values
+        for layer, e in zip(table.layer.values, table.error.sel({"method": r}).values)
+        if e
+    ]
     if errors:
         lines += ["", "Layers that failed: " + "; ".join(errors)]
     lines += finetuning
@@ -245,14 +310,17 @@ def _summary(model: str, table: xr.Dataset, accuracy: dict[str, float | None], n
 
 
 # The study's figures for the fine-tuned arm (docs/explanation/science.md), beside which ours are put.
-STUDY_FINETUNED = ("Llama-3-8B (the study): answer ARI of few-shot runs ~0 up to layer 17 and <= 0.12 after, the "
-                   "fine-tuned model's jumping to ~0.17-0.19 from layer 17 of 32; answer label overlap after layer 16 "
-                   "~0.45 fine-tuned vs ~0.38 5-shot (Llama-2-13B)")
+STUDY_FINETUNED = (
+    "Llama-3-8B (the study): answer ARI of few-shot runs ~0 up to layer 17 and <= 0.12 after, the "
+    "fine-tuned model's jumping to ~0.17-0.19 from layer 17 of 32; answer label overlap after layer 16 "
+    "~0.45 fine-tuned vs ~0.38 5-shot (Llama-2-13B)"
+)
 COMPARED = ("ari_subject", "ari_answer", "ari_prediction", "overlap_answer")
 
 
-def _finetuning(table: xr.Dataset, accuracy: dict[str, float | None], training: dict[str, dict],
-                n_layers: int, n_probed: int) -> list[str]:
+def _finetuning(
+    table: xr.Dataset, accuracy: dict[str, float | None], training: dict[str, dict], n_layers: int, n_probed: int
+) -> list[str]:
     """What the fine-tuned arm shows: its recipe, accuracy before and after (probed and held out) against the
     most-shot run's, whether the answer structure the study saw appears, and where fine-tuned and the
     most-shot run differ."""
@@ -260,37 +328,57 @@ def _finetuning(table: xr.Dataset, accuracy: dict[str, float | None], training: 
     recipe, held = final["recipe"], final["accuracy"]
     other = reference_method([m for m in map(str, table.method.values) if not m.startswith("finetuned")])
     steps = final.get("checkpoints", {}).get("steps", [])
-    lines = ["", "## Fine-tuning", "",
-             f"LoRA with the authors' recipe on {final['training']['n_questions']} training questions from "
-             f"{len(recipe['subjects'])} subjects (held out of every method's questions), {final['step']} steps"
-             f"{' (stopped at the asked accuracy)' if final.get('stopped_early') else ''}, checkpoints at steps "
-             f"{', '.join(map(str, steps)) or 'none'}, every one probed; final training loss {final['final_loss']:.4f}. "
-             f"Training prompt: {recipe['prompt_format']}. Clipping: {recipe['clipping']}. Schedule: "
-             f"{recipe['schedule']}. Weighting: {recipe['weighting']}.", "",
-             "| | before (0-shot) | after (finetuned) |", "| --- | ---: | ---: |",
-             f"| accuracy on the probed questions | {_number(accuracy.get('0shot'))} | "
-             f"{_number(accuracy.get('finetuned'))} |",
-             f"| accuracy on {held['n_held_out']} held-out questions (neither trained on nor probed) | "
-             f"{_number(held['before'])} | {_number(held['after'])} |"]
+    lines = [
+        "",
+        "## Fine-tuning",
+        "",
+        f"LoRA with the authors' recipe on {final['training']['n_questions']} training questions from "
+        f"{len(recipe['subjects'])} subjects (held out of every method's questions), {final['step']} steps"
+        f"{' (stopped at the asked accuracy)' if final.get('stopped_early') else ''}, checkpoints at steps "
+        f"{', '.join(map(str, steps)) or 'none'}, every one probed; final training loss {final['final_loss']:.4f}. "
+        f"Training prompt: {recipe['prompt_format']}. Clipping: {recipe['clipping']}. Schedule: "
+        f"{recipe['schedule']}. Weighting: {recipe['weighting']}.",
+        "",
+        "| | before (0-shot) | after (finetuned) |",
+        "| --- | ---: | ---: |",
+        f"| accuracy on the probed questions | {_number(accuracy.get('0shot'))} | "
+        f"{_number(accuracy.get('finetuned'))} |",
+        f"| accuracy on {held['n_held_out']} held-out questions (neither trained on nor probed) | "
+        f"{_number(held['before'])} | {_number(held['after'])} |",
+    ]
     checkpoints = sorted((info["step"], m) for m, info in training.items() if m != "finetuned")
     if checkpoints:
-        lines += ["", "Probed accuracy across training: " + ", ".join(
-            f"step {step} {_number(accuracy.get(m))}" for step, m in checkpoints)
-            + f", step {final['step']} {_number(accuracy.get('finetuned'))}."]
-    lines += ["", "Held-out accuracy at every checkpoint: " + ", ".join(
-        f"step {step} {_number(value)}" for step, value in held["held_out"]) + "."]
+        lines += [
+            "",
+            "Probed accuracy across training: "
+            + ", ".join(f"step {step} {_number(accuracy.get(m))}" for step, m in checkpoints)
+            + f", step {final['step']} {_number(accuracy.get('finetuned'))}.",
+        ]
+    lines += [
+        "",
+        "Held-out accuracy at every checkpoint: "
+        + ", ".join(f"step {step} {_number(value)}" for step, value in held["held_out"])
+        + ".",
+    ]
     lines += ["", _verdict(table, accuracy, held, other, n_layers, n_probed)]
     if other in table.method:
         half = n_layers / 2
-        lines += ["", f"Where finetuned and {other} differ (mean over the first half / second half of the layers; "
-                  "the largest difference and its layer):", "",
-                  f"| metric | finetuned | {other} | largest difference |", "| --- | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            f"Where finetuned and {other} differ (mean over the first half / second half of the layers; "
+            "the largest difference and its layer):",
+            "",
+            f"| metric | finetuned | {other} | largest difference |",
+            "| --- | ---: | ---: | ---: |",
+        ]
         for name in COMPARED:
             tuned, shots = (table[name].sel({"method": m}) for m in ("finetuned", other))
             gap = (tuned - shots).fillna(0)
             at = int(np.argmax(np.abs(gap.values)))
-            lines.append(f"| {name} | {_halves(tuned, half)} | {_halves(shots, half)} | "
-                         f"{float(gap[at]):+.3f} (layer {int(gap.layer[at])}) |")
+            lines.append(
+                f"| {name} | {_halves(tuned, half)} | {_halves(shots, half)} | "
+                f"{float(gap[at]):+.3f} (layer {int(gap.layer[at])}) |"
+            )
     return lines + ["", f"For comparison, {STUDY_FINETUNED}."]
 
 
@@ -298,8 +386,9 @@ CHANCE = 0.25  # four options
 ANSWER_STRUCTURE = 0.05  # answer ARI of the second half's layers below this: no answer clustering to speak of
 
 
-def _verdict(table: xr.Dataset, accuracy: dict[str, float | None], held: dict[str, Any], other: str,
-             n_layers: int, n_probed: int) -> str:
+def _verdict(
+    table: xr.Dataset, accuracy: dict[str, float | None], held: dict[str, Any], other: str, n_layers: int, n_probed: int
+) -> str:
     """In plain words: did fine-tuning reach the most-shot run's accuracy, and does the study's late-layer answer
     structure appear; where it does not and the model answers at chance, that is why."""
     tuned, shots = accuracy.get("finetuned"), accuracy.get(other)
@@ -307,26 +396,33 @@ def _verdict(table: xr.Dataset, accuracy: dict[str, float | None], held: dict[st
     if tuned is None or shots is None:
         reached = "No accuracy to compare with the most-shot run."
     elif tuned >= shots:
-        reached = (f"The fine-tuned model reached {other} accuracy on the probed questions ({tuned:.3f} vs "
-                   f"{shots:.3f}).")
+        reached = f"The fine-tuned model reached {other} accuracy on the probed questions ({tuned:.3f} vs {shots:.3f})."
     else:
-        reached = (f"The fine-tuned model did not reach {other} accuracy on the probed questions ({tuned:.3f} vs "
-                   f"{shots:.3f}; held-out accuracy at best {_number(best_held)}).")
+        reached = (
+            f"The fine-tuned model did not reach {other} accuracy on the probed questions ({tuned:.3f} vs "
+            f"{shots:.3f}; held-out accuracy at best {_number(best_held)})."
+        )
     late = table.ari_answer.sel({"method": "finetuned"}).where(table.layer >= n_layers / 2)
     late_max = float(late.max()) if not late.isnull().all() else float("nan")
     at_chance = tuned is not None and abs(tuned - CHANCE) <= _chance_band(n_probed)
     if late_max >= ANSWER_STRUCTURE:
-        structure = (f"The answer structure appears: the fine-tuned run's answer ARI reaches {late_max:.3f} in the "
-                     "second half of the layers (the study: ~0.17-0.19 from layer 17 of 32).")
+        structure = (
+            f"The answer structure appears: the fine-tuned run's answer ARI reaches {late_max:.3f} in the "
+            "second half of the layers (the study: ~0.17-0.19 from layer 17 of 32)."
+        )
     elif at_chance:
-        structure = (f"The study's late-layer answer structure does not appear (answer ARI at most {late_max:.3f} in "
-                     f"the second half of the layers, against ~0.17-0.19 in the study), and this is no reproduction "
-                     f"of it: the model answers at chance ({tuned:.3f}, chance {CHANCE}), so there is no right answer "
-                     "in its representation for the late layers to organise by.")
+        structure = (
+            f"The study's late-layer answer structure does not appear (answer ARI at most {late_max:.3f} in "
+            f"the second half of the layers, against ~0.17-0.19 in the study), and this is no reproduction "
+            f"of it: the model answers at chance ({tuned:.3f}, chance {CHANCE}), so there is no right answer "
+            "in its representation for the late layers to organise by."
+        )
     else:
-        structure = (f"The study's late-layer answer structure does not appear (answer ARI at most {late_max:.3f} in "
-                     "the second half of the layers, against ~0.17-0.19 in the study), although the model answers "
-                     "above chance.")
+        structure = (
+            f"The study's late-layer answer structure does not appear (answer ARI at most {late_max:.3f} in "
+            "the second half of the layers, against ~0.17-0.19 in the study), although the model answers "
+            "above chance."
+        )
     return f"{reached} {structure}"
 
 

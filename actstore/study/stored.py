@@ -26,9 +26,15 @@ log = logging.getLogger(__name__)
 PAIRS = [("0shot", "5shot"), ("0shot", "finetuned"), ("5shot", "finetuned")]  # the study's, where both runs exist
 
 
-def plot_stored(store_url: str | os.PathLike[str], model: str, methods: list[str] | None, out: Path,
-                compare: list[tuple[str, str]] | None = None, settings: Settings = STUDY,
-                fmt: str = "png") -> list[Path]:
+def plot_stored(
+    store_url: str | os.PathLike[str],
+    model: str,
+    methods: list[str] | None,
+    out: Path,
+    compare: list[tuple[str, str]] | None = None,
+    settings: Settings = STUDY,
+    fmt: str = "png",
+) -> list[Path]:
     """Write the study's figures (in ``fmt``), tables and summary for ``model``'s runs from the analyses
     stored with them under ``settings`` (layers 1 to the last); raise NotAnalysed naming what is missing and
     how to compute it."""
@@ -36,16 +42,27 @@ def plot_stored(store_url: str | os.PathLike[str], model: str, methods: list[str
     runs = _runs(store, model, methods)
     layers = range(1, min(run.shape[0] for run in runs.values()))
     pairs = [pair for pair in (compare or PAIRS) if set(pair) <= set(runs)]
-    log.info("plot: drawing the analyses stored with %s%s", settings.name(),
-             " (the study's settings; pick others with the flags they were analysed with)" if settings == STUDY else "")
+    log.info(
+        "plot: drawing the analyses stored with %s%s",
+        settings.name(),
+        " (the study's settings; pick others with the flags they were analysed with)" if settings == STUDY else "",
+    )
     outcomes, comparisons, missing = _stored(store, runs, layers, pairs, settings)
     if missing:
         raise NotAnalysed(_not_analysed(store, runs, layers, pairs, settings, missing))
     job = pb.Job(**job_fields(outcomes.values(), comparisons))
     training = {m: run.attrs["finetune"] for m, run in runs.items() if run.attrs.get("finetune")}
-    return write_results(out, model, results_dataset(job), {m: run.accuracy for m, run in runs.items()},
-                         {m: run.n_samples for m, run in runs.items()}, functools.partial(dendrogram_of, job),
-                         training, settings=settings, fmt=fmt)
+    return write_results(
+        out,
+        model,
+        results_dataset(job),
+        {m: run.accuracy for m, run in runs.items()},
+        {m: run.n_samples for m, run in runs.items()},
+        functools.partial(dendrogram_of, job),
+        training,
+        settings=settings,
+        fmt=fmt,
+    )
 
 
 def _runs(store: Store, model: str, methods: list[str] | None) -> dict[str, Run]:
@@ -59,8 +76,9 @@ def _runs(store: Store, model: str, methods: list[str] | None) -> dict[str, Run]
     return {m: runs[m] for m in methods or sorted(runs)}
 
 
-def _stored(store: Store, runs: dict[str, Run], layers: range, pairs: list[tuple[str, str]],
-            settings: Settings) -> tuple[dict, list[ComparisonOutcome], list[str]]:
+def _stored(
+    store: Store, runs: dict[str, Run], layers: range, pairs: list[tuple[str, str]], settings: Settings
+) -> tuple[dict, list[ComparisonOutcome], list[str]]:
     """The stored outcomes of every (method, layer), then of every (pair, layer) once those are all there,
     and what is missing ("5shot layer 3")."""
     outcomes: dict[tuple[str, int], LayerOutcome] = {}
@@ -68,23 +86,38 @@ def _stored(store: Store, runs: dict[str, Run], layers: range, pairs: list[tuple
     for method, run in runs.items():
         for layer in layers:
             try:
-                outcomes[method, layer] = layer_outcome(store, run.model, method, layer, settings.params,
-                                                        settings.mask, compute=False)
+                outcomes[method, layer] = layer_outcome(
+                    store, run.model, method, layer, settings.params, settings.mask, compute=False
+                )
             except NotAnalysed:
                 missing.append(f"{method} layer {layer}")
     comparisons = []
     for pair in pairs if not missing else []:
         for layer in layers:
             try:
-                comparisons.append(comparison_outcome(store, outcomes[pair[0], layer], outcomes[pair[1], layer],
-                                                      settings.params, settings.mask, compute=False))
+                comparisons.append(
+                    comparison_outcome(
+                        store,
+                        outcomes[pair[0], layer],
+                        outcomes[pair[1], layer],
+                        settings.params,
+                        settings.mask,
+                        compute=False,
+                    )
+                )
             except NotAnalysed:
                 missing.append(f"{' vs '.join(pair)} layer {layer}")
     return outcomes, comparisons, missing
 
 
-def _not_analysed(store: Store, runs: dict[str, Run], layers: range, pairs: list[tuple[str, str]],
-                  settings: Settings, missing: list[str]) -> str:
+def _not_analysed(
+    store: Store,
+    runs: dict[str, Run],
+    layers: range,
+    pairs: list[tuple[str, str]],
+    settings: Settings,
+    missing: list[str],
+) -> str:
     """What is missing and how to compute it: a command that runs as printed, or why none can."""
     model = next(iter(runs.values())).model
     shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -92,16 +125,37 @@ def _not_analysed(store: Store, runs: dict[str, Run], layers: range, pairs: list
     fewest = min(runs.values(), key=lambda run: run.n_samples)
     needed = max(settings.params.maxk, OVERLAP_K if pairs else 0)
     if fewest.n_samples <= needed:  # the server refuses such a job before computing anything
-        return found + (f"These settings cannot be computed: they need more than {needed} samples per run and "
-                        f"{fewest.model}/{fewest.method} holds {fewest.n_samples}")
+        return found + (
+            f"These settings cannot be computed: they need more than {needed} samples per run and "
+            f"{fewest.model}/{fewest.method} holds {fewest.n_samples}"
+        )
     flags = settings.flags()
     if flags is None:
-        return found + (f"Compute them with the Python client on a server of this store: Client.analyze("
-                        f"{model!r}, {list(runs)}, layers=range(1, {layers.stop}), compare={pairs}, per_subject="
-                        f"{settings.mask.per_subject}, **{settings.changes})")
-    command = ["actstore", "analyze", model, "--methods", ",".join(runs), "--layers", f"1:{layers.stop}",
-               *(item for pair in pairs for item in ("--compare", ",".join(pair))), *flags]
-    other = (" Analyses stored with other settings are drawn with the flags they were computed with "
-             "(see `actstore plot --help`).") if settings == STUDY else ""
-    return found + (f"Compute them on a server of this store: start `actstore serve --store {shlex.quote(store.url)}`, "
-                    f"then run `{shlex.join(command)}`.{other}")
+        return found + (
+            f"Compute them with the Python client on a server of this store: Client.analyze("
+            f"{model!r}, {list(runs)}, layers=range(1, {layers.stop}), compare={pairs}, per_subject="
+            f"{settings.mask.per_subject}, **{settings.changes})"
+        )
+    command = [
+        "actstore",
+        "analyze",
+        model,
+        "--methods",
+        ",".join(runs),
+        "--layers",
+        f"1:{layers.stop}",
+        *(item for pair in pairs for item in ("--compare", ",".join(pair))),
+        *flags,
+    ]
+    other = (
+        (
+            " Analyses stored with other settings are drawn with the flags they were computed with "
+            "(see `actstore plot --help`)."
+        )
+        if settings == STUDY
+        else ""
+    )
+    return found + (
+        f"Compute them on a server of this store: start `actstore serve --store {shlex.quote(store.url)}`, "
+        f"then run `{shlex.join(command)}`.{other}"
+    )

@@ -15,8 +15,10 @@ TEXT_LABELS = ("subject", "answer", "prediction")
 
 def encode_labels(labels: dict[str, np.ndarray], positions: np.ndarray) -> pb.Labels:
     """The labels of the samples at ``positions`` of a run's label arrays (``Run.labels()``)."""
-    return pb.Labels(sample=labels["sample"][positions].tolist(),
-                     **{name: labels[name][positions].tolist() for name in (*TEXT_LABELS, "correct")})
+    return pb.Labels(
+        sample=labels["sample"][positions].tolist(),
+        **{name: labels[name][positions].tolist() for name in (*TEXT_LABELS, "correct")},
+    )
 
 
 def labels_bytes(labels: dict[str, np.ndarray], positions: np.ndarray) -> int:
@@ -30,7 +32,9 @@ def label_coords(labels: pb.Labels) -> dict[str, Any]:
     """xarray coordinates: ``sample`` (the ids) and each label along it."""
     return {
         "sample": np.asarray(labels.sample, dtype=np.int64),
-        **{name: ("sample", np.asarray(getattr(labels, name), dtype=str))  # object arrays deep-copy slowly
-           for name in TEXT_LABELS},
+        **{
+            name: ("sample", np.asarray(getattr(labels, name), dtype=str))  # object arrays deep-copy slowly
+            for name in TEXT_LABELS
+        },
         "correct": ("sample", np.asarray(labels.correct, dtype=bool)),
     }

@@ -11,8 +11,17 @@ import xarray as xr
 
 from actstore.v1 import actstore_pb2 as pb
 
-METRICS = ("id", "id_2nn", "n_clusters", "core_fraction", "ari_subject", "ari_answer", "ari_prediction",
-           "overlap_subject", "overlap_answer")
+METRICS = (
+    "id",
+    "id_2nn",
+    "n_clusters",
+    "core_fraction",
+    "ari_subject",
+    "ari_answer",
+    "ari_prediction",
+    "overlap_subject",
+    "overlap_answer",
+)
 
 
 COMPARISON_METRICS = ("n_common", "data_overlap", "ari_clusters")
@@ -28,8 +37,11 @@ def job_fields(layers: Iterable[Any], comparisons: Iterable[Any]) -> dict[str, l
 def _comparison(o: Any) -> pb.LayerComparison:
     out = pb.LayerComparison(runs=run_pair(o.a, o.b), layer=o.layer, error=o.error or "")
     if o.result is not None:
-        out.MergeFrom(pb.LayerComparison(n_common=o.result.n_common, data_overlap=o.result.data_overlap,
-                                         ari_clusters=o.result.ari_clusters))
+        out.MergeFrom(
+            pb.LayerComparison(
+                n_common=o.result.n_common, data_overlap=o.result.data_overlap, ari_clusters=o.result.ari_clusters
+            )
+        )
     return out
 
 
@@ -46,25 +58,44 @@ def _result(o: Any) -> pb.LayerResult:
     out = pb.LayerResult(run=run_ref((o.model, o.method)), layer=o.layer, error=o.error or "")
     if o.result is not None:
         r = o.result
-        out.MergeFrom(pb.LayerResult(
-            id=r.id, ids_gride=r.ids_gride.tolist(), id_2nn=r.id_2nn, n_clusters=r.n_clusters,
-            core_fraction=r.core_fraction, ari_subject=r.ari_subject, ari_answer=r.ari_answer,
-            ari_prediction=r.ari_prediction, overlap_subject=r.overlap_subject, overlap_answer=r.overlap_answer,
-            sample_ids=o.sample_ids.tolist(), assignment=r.assignment.tolist()))
+        out.MergeFrom(
+            pb.LayerResult(
+                id=r.id,
+                ids_gride=r.ids_gride.tolist(),
+                id_2nn=r.id_2nn,
+                n_clusters=r.n_clusters,
+                core_fraction=r.core_fraction,
+                ari_subject=r.ari_subject,
+                ari_answer=r.ari_answer,
+                ari_prediction=r.ari_prediction,
+                overlap_subject=r.overlap_subject,
+                overlap_answer=r.overlap_answer,
+                sample_ids=o.sample_ids.tolist(),
+                assignment=r.assignment.tolist(),
+            )
+        )
     if o.dendrogram is not None:
         d = o.dendrogram
-        out.dendrogram.CopyFrom(pb.Dendrogram(clusters=d.clusters.tolist(), sizes=d.sizes.tolist(), labels=d.labels,
-                                              linkage=d.linkage.ravel().tolist(),
-                                              majority_share=d.majority_share.tolist()))
+        out.dendrogram.CopyFrom(
+            pb.Dendrogram(
+                clusters=d.clusters.tolist(),
+                sizes=d.sizes.tolist(),
+                labels=d.labels,
+                linkage=d.linkage.ravel().tolist(),
+                majority_share=d.majority_share.tolist(),
+            )
+        )
     return out
 
 
-def settings_message(params: dict[str, float], compare_k: int, per_subject: int | None,
-                     smallest_run_samples: int) -> pb.AnalysisSettings:
+def settings_message(
+    params: dict[str, float], compare_k: int, per_subject: int | None, smallest_run_samples: int
+) -> pb.AnalysisSettings:
     """What a job's analyses run with: ``params`` as ``dataclasses.asdict`` gives an
     ``actstore.analysis.params.DensityParams``, every value filled in."""
-    settings = pb.AnalysisSettings(params=pb.AnalysisParams(**params), compare_k=compare_k,
-                                   smallest_run_samples=smallest_run_samples)
+    settings = pb.AnalysisSettings(
+        params=pb.AnalysisParams(**params), compare_k=compare_k, smallest_run_samples=smallest_run_samples
+    )
     if per_subject is not None:
         settings.per_subject = per_subject
     return settings
@@ -85,8 +116,13 @@ def dendrogram_of(job: pb.Job, run: str, layer: int) -> dict[str, Any] | None:
     d = layer_result(job, run, layer).dendrogram
     if not d.clusters:
         return None
-    return {"clusters": np.asarray(d.clusters), "sizes": np.asarray(d.sizes), "labels": list(d.labels),
-            "majority_share": np.asarray(d.majority_share), "linkage": np.asarray(d.linkage).reshape(-1, 4)}
+    return {
+        "clusters": np.asarray(d.clusters),
+        "sizes": np.asarray(d.sizes),
+        "labels": list(d.labels),
+        "majority_share": np.asarray(d.majority_share),
+        "linkage": np.asarray(d.linkage).reshape(-1, 4),
+    }
 
 
 def layer_result(job: pb.Job, run: str, layer: int) -> pb.LayerResult:
@@ -102,14 +138,21 @@ def results_dataset(job: pb.Job) -> xr.Dataset:
     settings they were computed with, when the job says, as attributes (``maxk``, ``compare_k``...)."""
     layers = sorted({r.layer for r in [*job.results, *job.comparisons]})
     runs = _table(job.results, lambda r: _name(r.run), layers, METRICS, "run", "error")
-    pairs = _table(job.comparisons, lambda c: f"{_name(c.runs.a)} vs {_name(c.runs.b)}", layers,
-                   COMPARISON_METRICS, "pair", "compare_error")
+    pairs = _table(
+        job.comparisons,
+        lambda c: f"{_name(c.runs.a)} vs {_name(c.runs.b)}",
+        layers,
+        COMPARISON_METRICS,
+        "pair",
+        "compare_error",
+    )
     settings = settings_attrs(job.settings) if job.HasField("settings") else {}
     return xr.merge([runs, pairs]).assign_attrs(job_id=job.job_id, **settings)
 
 
-def _table(results: Sequence[Any], row: Callable[[Any], str], layers: list[int], metrics: Sequence[str],
-           dim: str, error: str) -> xr.Dataset:
+def _table(
+    results: Sequence[Any], row: Callable[[Any], str], layers: list[int], metrics: Sequence[str], dim: str, error: str
+) -> xr.Dataset:
     rows = sorted({row(r) for r in results})
     table = {m: np.full((len(rows), len(layers)), np.nan) for m in metrics}
     errors = np.full((len(rows), len(layers)), "", dtype=object)
@@ -121,8 +164,10 @@ def _table(results: Sequence[Any], row: Callable[[Any], str], layers: list[int],
                 table[m][i, j] = getattr(r, m)
     if not rows:
         return xr.Dataset()
-    return xr.Dataset({m: ((dim, "layer"), v) for m, v in table.items()} | {error: ((dim, "layer"), errors)},
-                      coords={dim: rows, "layer": layers})
+    return xr.Dataset(
+        {m: ((dim, "layer"), v) for m, v in table.items()} | {error: ((dim, "layer"), errors)},
+        coords={dim: rows, "layer": layers},
+    )
 
 
 def _name(ref: pb.RunRef) -> str:

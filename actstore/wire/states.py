@@ -15,8 +15,13 @@ class MalformedBlock(ValueError):
 
 def encode_block(layer_index: int, sample_start: int, n_samples: int, frames: list[bytes]) -> pb.EncodedBlock:
     """One message block of consecutive stored frames of one layer, starting at ``sample_start``."""
-    return pb.EncodedBlock(layer_index=layer_index, sample_start=sample_start, n_samples=n_samples,
-                           blosc=b"".join(frames), chunk_bytes=[len(f) for f in frames])
+    return pb.EncodedBlock(
+        layer_index=layer_index,
+        sample_start=sample_start,
+        n_samples=n_samples,
+        blosc=b"".join(frames),
+        chunk_bytes=[len(f) for f in frames],
+    )
 
 
 def decode_block(block: pb.EncodedBlock, layer: np.ndarray) -> int:
