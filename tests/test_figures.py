@@ -189,28 +189,34 @@ OTHER = Settings(PAPER.__class__(z=2.1), Mask(40))  # what a user analysed with 
 OTHER_FLAGS = ["--per-subject", "40", "--z", "2.1"]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    """Two runs of 150 samples over 3 subjects, 3 layers, analysed (layers 1-2, and compared) with OTHER only."""
-    root = tmp_path_factory.mktemp("plot") / "store"
+def write_runs(root: Path, per_subject: int) -> Path:
+    """Runs 0shot and 5shot of ``per_subject`` samples in each of 3 subjects, 3 layers, clustered by subject."""
     store = Store(root)
     rng = np.random.default_rng(1)
-    subjects = np.repeat(["anatomy", "astronomy", "virology"], 50)
+    n = 3 * per_subject
+    subjects = np.repeat(["anatomy", "astronomy", "virology"], per_subject)
     labels = {
-        "sample": np.arange(150),
+        "sample": np.arange(n),
         "subject": subjects.astype(object),
-        "answer": rng.choice(list("ABCD"), 150).astype(object),
-        "prediction": rng.choice(list("ABCD"), 150).astype(object),
-        "correct": np.zeros(150, dtype=bool),
+        "answer": rng.choice(list("ABCD"), n).astype(object),
+        "prediction": rng.choice(list("ABCD"), n).astype(object),
+        "correct": np.zeros(n, dtype=bool),
     }
     centres = rng.standard_normal((3, 16)) * 3
     for seed, method in enumerate(["0shot", "5shot"]):
-        states = rng.standard_normal((3, 150, 16)).astype(np.float32) + centres[np.repeat([0, 1, 2], 50)]
+        states = rng.standard_normal((3, n, 16)).astype(np.float32) + centres[np.repeat([0, 1, 2], per_subject)]
         write_synthetic_run(store, MODEL, method, states=states.astype(np.float32), labels=labels, seed=seed)
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """Two runs of 150 samples over 3 subjects, 3 layers, analysed (layers 1-2, and compared) with OTHER only."""
+    root = write_runs(tmp_path_factory.mktemp("plot") / "store", per_subject=50)
     for layer in (1, 2):
-        a, b = (layer_outcome(store, MODEL, m, layer, OTHER.params, OTHER.mask) for m in ("0shot", "5shot"))
+        a, b = (layer_outcome(Store(root), MODEL, m, layer, OTHER.params, OTHER.mask) for m in ("0shot", "5shot"))
         assert not a.error and not b.error
-        assert not comparison_outcome(store, a, b, OTHER.params, OTHER.mask).error
+        assert not comparison_outcome(Store(root), a, b, OTHER.params, OTHER.mask).error
     return root
 
 
@@ -266,3 +272,23 @@ def test_plot_without_the_study_settings_prints_a_command_that_computes_them(sto
     assert "every stored sample analysed" in (tmp_path / "b" / "summary.md").read_text()
     assert plot(store, tmp_path / "c", *OTHER_FLAGS) == 0
     assert (tmp_path / "b" / "layers.csv").read_text() != (tmp_path / "c" / "layers.csv").read_text()
+
+
+@pytest.mark.server
+def test_plot_finds_what_analyze_computed_on_runs_too_small_for_the_study_settings(tmp_path, caplog, capsys):
+    """analyze fits the neighbour counts it is not given to runs of 100 samples or fewer; plot, asked with the
+    same flags, looks up those fitted settings rather than advising a command that cannot help."""
+    from actstore.server.process import ServerProcess
+
+    root = write_runs(tmp_path / "store", per_subject=20)
+    assert plot(root, tmp_path / "a") == 1
+    err = capsys.readouterr().err
+    assert "cannot be computed" not in err
+    (analyze,) = (shlex.split(c) for c in re.findall(r"`(actstore analyze [^`]+)`", err))
+    with ServerProcess(root, tmp_path / "server.log", "--dask-workers", "1") as server:
+        assert main([*analyze[1:], "--address", server.address]) == 0
+        assert server.stop() == 0
+    with caplog.at_level(logging.INFO):
+        assert plot(root, tmp_path / "b") == 0
+    assert "maxk 59" in caplog.text and "fitted to runs this small" in caplog.text
+    assert "data overlap k = 30" in (tmp_path / "b" / "summary.md").read_text()

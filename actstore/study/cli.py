@@ -163,4 +163,4 @@ def _settings(args: argparse.Namespace) -> Settings:
         for f in dataclasses.fields(DensityParams)
         if getattr(args, f.name, None) is not None
     }
-    return Settings(dataclasses.replace(PAPER, **overrides), Mask(args.per_subject))
+    return Settings(dataclasses.replace(PAPER, **overrides), Mask(args.per_subject), given=frozenset(overrides))

@@ -20,6 +20,7 @@ import xarray as xr
 from actstore.analysis.compare import OVERLAP_K
 from actstore.analysis.density import PAPER, DensityParams
 from actstore.analysis.layers import Mask
+from actstore.analysis.params import compare_k_for, fitted
 from actstore.study import figures
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,15 @@ class Settings:
 
     params: DensityParams = PAPER
     mask: Mask = Mask()
+    compare_k: int = OVERLAP_K
+    given: frozenset[str] = frozenset()  # the parameters asked for by name, never fitted to small runs
+
+    def fitted_to(self, samples: int) -> Settings:
+        """These settings as a server fits them to runs of ``samples`` samples (``analysis.params.fitted``,
+        the data overlap's k too): what ``actstore analyze`` computed when asked with the same flags, so that
+        the analyses of runs of 100 samples or fewer are found as well."""
+        params = fitted(self.params, self.given, samples)
+        return dataclasses.replace(self, params=params, compare_k=compare_k_for(samples))
 
     @property
     def changes(self) -> dict[str, Any]:
@@ -72,7 +82,7 @@ class Settings:
         return (
             f"Gride ID at scale {2 ** (p.id_scale_index + 1)}, kNN density k = {p.density_k}, ADP Z = {p.z:g}, "
             f"label overlap class fractions {p.subject_fraction:g} (subjects) and {p.answer_fraction:g} "
-            f"(answers), data overlap k = {OVERLAP_K}"
+            f"(answers), data overlap k = {self.compare_k}"
         )
 
     def parameters(self) -> str:

@@ -14,7 +14,7 @@ import shlex
 from pathlib import Path
 
 from actstore.analysis import NotAnalysed
-from actstore.analysis.compare import OVERLAP_K
+from actstore.analysis.params import MIN_SAMPLES
 from actstore.analysis.scheduler import ComparisonOutcome, LayerOutcome, comparison_outcome, layer_outcome
 from actstore.store import Run, Store
 from actstore.study.report import STUDY, Settings, write_results
@@ -42,14 +42,16 @@ def plot_stored(
     runs = _runs(store, model, methods)
     layers = range(1, min(run.shape[0] for run in runs.values()))
     pairs = [pair for pair in (compare or PAIRS) if set(pair) <= set(runs)]
+    asked, settings = settings, settings.fitted_to(min(len(settings.mask.positions(run)) for run in runs.values()))
     log.info(
-        "plot: drawing the analyses stored with %s%s",
+        "plot: drawing the analyses stored with %s%s%s",
         settings.name(),
-        " (the study's settings; pick others with the flags they were analysed with)" if settings == STUDY else "",
+        "" if settings.params == asked.params else f" ({settings.values()}, fitted to runs this small)",
+        " (the study's settings; pick others with the flags they were analysed with)" if asked == STUDY else "",
     )
     outcomes, comparisons, missing = _stored(store, runs, layers, pairs, settings)
     if missing:
-        raise NotAnalysed(_not_analysed(store, runs, layers, pairs, settings, missing))
+        raise NotAnalysed(_not_analysed(store, runs, layers, pairs, asked, settings, missing))
     job = pb.Job(**job_fields(outcomes.values(), comparisons))
     training = {m: run.attrs["finetune"] for m, run in runs.items() if run.attrs.get("finetune")}
     return write_results(
@@ -102,6 +104,7 @@ def _stored(
                         outcomes[pair[1], layer],
                         settings.params,
                         settings.mask,
+                        settings.compare_k,
                         compute=False,
                     )
                 )
@@ -115,26 +118,29 @@ def _not_analysed(
     runs: dict[str, Run],
     layers: range,
     pairs: list[tuple[str, str]],
+    asked: Settings,
     settings: Settings,
     missing: list[str],
 ) -> str:
-    """What is missing and how to compute it: a command that runs as printed, or why none can."""
+    """What is missing and how to compute it: a command that runs as printed (with the flags ``asked``, which
+    the server fits to the runs as ``settings`` are), or why none can."""
     model = next(iter(runs.values())).model
     shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
     found = f"no stored analyses ({settings.name()}) for {model}: {shown}. "
-    fewest = min(runs.values(), key=lambda run: run.n_samples)
-    needed = max(settings.params.maxk, OVERLAP_K if pairs else 0)
-    if fewest.n_samples <= needed:  # the server refuses such a job before computing anything
+    fewest = min(runs.values(), key=lambda run: len(settings.mask.positions(run)))
+    samples = len(settings.mask.positions(fewest))
+    needed = max(settings.params.maxk, settings.compare_k if pairs else 0, MIN_SAMPLES - 1)
+    if samples <= needed:  # the server refuses such a job before computing anything
         return found + (
             f"These settings cannot be computed: they need more than {needed} samples per run and "
-            f"{fewest.model}/{fewest.method} holds {fewest.n_samples}"
+            f"{fewest.model}/{fewest.method} holds {samples}"
         )
-    flags = settings.flags()
+    flags = asked.flags()
     if flags is None:
         return found + (
             f"Compute them with the Python client on a server of this store: Client.analyze("
             f"{model!r}, {list(runs)}, layers=range(1, {layers.stop}), compare={pairs}, per_subject="
-            f"{settings.mask.per_subject}, **{settings.changes})"
+            f"{asked.mask.per_subject}, **{asked.changes})"
         )
     command = [
         "actstore",
@@ -152,7 +158,7 @@ def _not_analysed(
             " Analyses stored with other settings are drawn with the flags they were computed with "
             "(see `actstore plot --help`)."
         )
-        if settings == STUDY
+        if asked == STUDY
         else ""
     )
     return found + (
