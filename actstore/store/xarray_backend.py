@@ -27,7 +27,6 @@ class ActstoreBackend(BackendEntrypoint):
     """``xr.open_dataset(store, engine="actstore", group="model/method")``; see the module's docstring."""
 
     description = "Open a run of an actstore store through actstore's checked reader"
-    url = "https://github.com/actstore/actstore"
     open_dataset_parameters = ("filename_or_obj", "group", "drop_variables", "storage_options")
 
     def open_dataset(
