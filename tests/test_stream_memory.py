@@ -93,6 +93,10 @@ def test_150_stalled_whole_run_streams_cost_bounded_memory_and_leave_the_server_
         finally:
             staller.kill()
             staller.wait()
+    print(
+        f"{STALLED} stalled streams ({'stored chunks' if blosc else 'raw'}): server +{grew / 2**20:.0f} MiB, "
+        f"a fresh caller answered in {answered:.2f} s"
+    )  # the figures docs/benchmarks.md quotes (pytest -s)
     assert grew < 400 * 2**20, f"{STALLED} stalled streams grew the server by {grew / 2**20:.0f} MiB"
     assert answered < 3, f"a fresh caller waited {answered:.1f} s behind stalled streams"
 
