@@ -62,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "finetune",
         help="train the study's LoRA adapter (the fine-tuned arm) with checkpoints to probe",
         description="Train a LoRA adapter with peft on MMLU questions as the study's authors did (their training "
-        "prompt, schedule and checkpoints), the loss on the answer letter alone, and write it to --out as a peft adapter folder with checkpoint-STEP/ folders. "
+        "prompt, schedule and checkpoints), the loss on the answer letter alone, and write it to --out as a "
+        "peft adapter folder with checkpoint-STEP/ folders. "
         "Probe it with `actstore ingest --methods finetuned,finetuned-stepN --checkpoint OUT`. "
         "Rerunning the same command after an interruption resumes from the last checkpoint.",
     )

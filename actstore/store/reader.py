@@ -186,7 +186,8 @@ class StateReader:
         and a reader still serving this commit must take the new file, whose whole chunks keep their entries;
         and the CRC of the values of its partly filled inner chunk's committed rows, which bind that chunk in
         every version (its one index entry, a compressed size, binds it weakly). No place is mixed into the
-        CRCs: a reader checks the file it finds at a place against that place's entry. Entries of shards full in ``previous`` (this array's record at the last commit) are kept unread.
+        CRCs: a reader checks the file it finds at a place against that place's entry. Entries of shards full
+        in ``previous`` (this array's record at the last commit) are kept unread.
         """
         if previous is None or previous["layout"] != self._layout_key():
             previous = {"index_crc32c": []}

@@ -173,7 +173,8 @@ class Store:
             self.location.path.rmdir()
 
     def set_access(self, model: str, method: str, access: dict[str, Any]) -> Run:
-        """Change who may read a run (owner, visibility, shared groups); waits for no writer, refuses if one holds it."""
+        """Change who may read a run (owner, visibility, shared groups); waits for no writer, refuses if one
+        holds it."""
         run = self.run(model, method)
         access = {**run.access, **access}
         if access["visibility"] not in VISIBILITIES:
@@ -231,8 +232,8 @@ class Store:
             return run
         except _DAMAGE as exc:
             raise DamagedRun(
-                f"run {model}/{method} in store {self.url} is damaged: {_reason(exc, join(model, method))}; restore its "
-                "files from a backup or ingest it again (--overwrite)",
+                f"run {model}/{method} in store {self.url} is damaged: {_reason(exc, join(model, method))}; "
+                "restore its files from a backup or ingest it again (--overwrite)",
                 access=_access(group),
             ) from exc
 
