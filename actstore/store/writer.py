@@ -16,8 +16,8 @@ joins the view when the next commit fills it). Readers that skip the consolidate
 ``consolidated=False``) take each array's own ``zarr.json`` instead: several files cannot change at once,
 and a reader taking the arrays one by one across such writes would find two lengths ("conflicting sizes"
 in xarray), so those files change only when a writing session starts (to the committed whole chunks) and
-finishes (to every committed sample); such readers see the run as of the session's start, consistently
-but for those few milliseconds, never a row without data. Shard files are rewritten whole, by a
+finishes (to every committed sample); such readers see the run as of the session's start (a read across
+those few milliseconds may find two lengths), never a row without data. Shard files are rewritten whole, by a
 temporary file renamed into place (zarr's LocalStore), so a crash or a full disk never damages a
 committed sample. When the writer finishes, every committed sample is shown, the last partly filled
 chunk too; the consolidated metadata stays, listing the arrays only, so plain readers neither warn nor
