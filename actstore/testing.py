@@ -118,6 +118,22 @@ def make_questions(seed: int = 0) -> list[dict]:
     return rows
 
 
+def ingest_args(store: str | Path, model: str | Path, dataset: str | Path, *extra: str) -> list[str]:
+    """``actstore ingest`` arguments for a test model, in float32 (the same bits on every CPU), then ``extra``."""
+    return [
+        "ingest",
+        "--store",
+        str(store),
+        "--model",
+        str(model),
+        "--dataset",
+        str(dataset),
+        "--dtype",
+        "float32",
+        *extra,
+    ]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

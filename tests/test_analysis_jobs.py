@@ -10,7 +10,7 @@ import pytest
 from actstore.cli import main
 from actstore.client import ActstoreError, AnalysisJob, Client
 from actstore.server.process import ServerProcess
-from actstore.testing import derived_files, make_questions, write_jsonl
+from actstore.testing import derived_files, ingest_args, make_questions, write_jsonl
 from actstore.v1 import actstore_pb2 as pb
 
 SMALL = dict(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8)
@@ -20,17 +20,7 @@ SMALL = dict(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8)
 def server(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("jobs")
     data = write_jsonl(root / "q.jsonl", [r for seed in range(4) for r in make_questions(seed)])
-    common = [
-        "ingest",
-        "--store",
-        str(root / "store"),
-        "--model",
-        str(tiny_model),
-        "--dataset",
-        str(data),
-        "--dtype",
-        "float32",
-    ]
+    common = ingest_args(root / "store", tiny_model, data)
     assert main([*common, "--methods", "0shot,1shot", "--group", "lab-a", "--visibility", "public"]) == 0
     assert main([*common, "--methods", "2shot", "--group", "lab-b"]) == 0  # private to lab-b
     (root / "auth.toml").write_text(

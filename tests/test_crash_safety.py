@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from actstore import testing
 from actstore.cli import main
 from actstore.store import RunLocked, Store
 from actstore.testing import make_questions, write_jsonl
@@ -27,22 +28,8 @@ def committed(store) -> int:
 
 
 def ingest_args(store, model, data, *extra):
-    return [
-        "ingest",
-        "--store",
-        str(store),
-        "--model",
-        str(model),
-        "--dataset",
-        str(data),
-        "--dtype",
-        "float32",
-        "--batch-size",
-        "3",
-        "--methods",
-        "1shot",
-        *extra,
-    ]
+    """One method in batches of 3 (several commits), ``extra`` after."""
+    return testing.ingest_args(store, model, data, "--batch-size", "3", "--methods", "1shot", *extra)
 
 
 def test_kill_then_resume_equals_uninterrupted(tiny_model, tmp_path):

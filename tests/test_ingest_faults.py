@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from actstore import testing
 from actstore.store import Store
 from actstore.testing import make_questions, write_jsonl
 
@@ -30,22 +31,8 @@ TESTS = Path(__file__).parent
 
 
 def ingest_args(store: Path, model: Path, data: Path, *extra: str) -> list[str]:
-    return [
-        "ingest",
-        "--store",
-        str(store),
-        "--model",
-        str(model),
-        "--dataset",
-        str(data),
-        "--dtype",
-        "float32",
-        "--batch-size",
-        "3",
-        "--methods",
-        METHOD,
-        *extra,
-    ]
+    """One method in batches of 3 (several commits), ``extra`` after."""
+    return testing.ingest_args(store, model, data, "--batch-size", "3", "--methods", METHOD, *extra)
 
 
 def committed(store: Path) -> int:

@@ -14,7 +14,7 @@ from actstore.client import ActstoreError, Client
 from actstore.client.client import AnalysisJob
 from actstore.server.jobs import MAX_RUNNING
 from actstore.server.process import ServerProcess
-from actstore.testing import make_questions, write_jsonl
+from actstore.testing import ingest_args, make_questions, write_jsonl
 from actstore.v1 import actstore_pb2 as pb
 
 SMALL = dict(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8)
@@ -27,23 +27,7 @@ def store(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("fair")
     data = write_jsonl(root / "q.jsonl", [r for seed in range(4) for r in make_questions(seed)])
     assert (
-        main(
-            [
-                "ingest",
-                "--store",
-                str(root / "store"),
-                "--model",
-                str(tiny_model),
-                "--dataset",
-                str(data),
-                "--dtype",
-                "float32",
-                "--methods",
-                ",".join(METHODS),
-                "--visibility",
-                "public",
-            ]
-        )
+        main(ingest_args(root / "store", tiny_model, data, "--methods", ",".join(METHODS), "--visibility", "public"))
         == 0
     )
     (root / "auth.toml").write_text("[tokens]\n" + "".join(f'"{t}" = "{g}"\n' for t, g in TOKENS.items()))

@@ -29,7 +29,7 @@ from actstore.server import jobs
 from actstore.server.auth import Caller
 from actstore.server.errors import TooLarge, status_of
 from actstore.server.selection import BadRequest
-from actstore.testing import derived_files, make_questions, write_jsonl
+from actstore.testing import derived_files, ingest_args, make_questions, write_jsonl
 from actstore.v1 import actstore_pb2 as pb
 
 SMALL = DensityParams(maxk=20, gride_range_max=16, id_scale_index=1, density_k=8)
@@ -41,24 +41,7 @@ ENDS_WITHIN_S = 120  # a job on the tiny runs takes seconds; a stuck one never e
 def store(tmp_path_factory, tiny_model) -> Path:
     root = tmp_path_factory.mktemp("faults")
     data = write_jsonl(root / "q.jsonl", [r for seed in range(4) for r in make_questions(seed)])
-    assert (
-        main(
-            [
-                "ingest",
-                "--store",
-                str(root / "store"),
-                "--model",
-                str(tiny_model),
-                "--dataset",
-                str(data),
-                "--dtype",
-                "float32",
-                "--methods",
-                "0shot,1shot",
-            ]
-        )
-        == 0
-    )
+    assert main(ingest_args(root / "store", tiny_model, data, "--methods", "0shot,1shot")) == 0
     return root / "store"
 
 
