@@ -23,6 +23,7 @@ BENCHES = {  # script: its arguments at a tiny size
     "layout.py": ["--store", STORE, "--samples", "100"],
     "analysis.py": ["--dims", "576", "--samples", "600"],  # at 300 (~5 per subject) its overlap check fails
     "ingest.py": ["--limit", "2", "--repeats", "1"],  # the packaged SmolLM2 on 2 questions
+    "capture.py": ["--limit", "2", "--repeats", "1", "--no-sizes"],  # the packaged SmolLM2 on 2 texts
     "finetune.py": [
         "--subjects",
         "world_religions",

@@ -1,11 +1,11 @@
-"""``actstore ingest``: run a model over a question set and store every layer's last-token state."""
+"""``actstore ingest``: run a model over a question set, or any text dataset, and store every layer's states."""
 
 from __future__ import annotations
 
 import argparse
 
-from actstore.arguments import add_store_argument, csv_list, positive
-from actstore.ingest.options import DTYPE_NAMES, SITES, IngestOptions, add_source_arguments
+from actstore.arguments import add_store_argument, csv_list, non_negative, positive
+from actstore.ingest.options import DTYPE_NAMES, SITES, STORE_DTYPE_NAMES, IngestOptions, add_source_arguments
 from actstore.store import VISIBILITIES
 
 
@@ -51,7 +51,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--share-with", type=csv_list, default=[], help="comma list of groups for --visibility shared")
     p.add_argument("--dry-run", action="store_true", help="print questions, tokens, time and size; write nothing")
+    add_capture_arguments(p.add_argument_group("capture (any text dataset, sites and token positions)"))
     p.set_defaults(func=run)
+
+
+def add_capture_arguments(p: argparse._ArgumentGroup) -> None:
+    """The options of a capture run (actstore.ingest.capture_run); --text-column or --template selects it."""
+    p.add_argument(
+        "--text-column",
+        help="capture a text dataset (--dataset: JSONL, CSV or Parquet file, a datasets save_to_disk folder, or "
+        "'mmlu'): the column holding each text, as given",
+    )
+    p.add_argument("--template", help="build each text from the columns instead, e.g. 'Q: {question}\\nA:'")
+    p.add_argument("--label-columns", type=csv_list, default=[], help="comma list of columns stored as labels")
+    p.add_argument(
+        "--sites",
+        type=csv_list,
+        help="comma list of resid_pre, resid_post, attn_out, mlp_out, normed (block i's residual entering and "
+        "leaving it, its attention and MLP outputs, its normalised input) or module name patterns over "
+        "model.named_modules() such as 'model.layers.*.mlp.act_fn' (optionally NAME=PATTERN); several in "
+        "one pass (default: resid_post)",
+    )
+    p.add_argument(
+        "--positions",
+        default="last",
+        help="last (default), all (every token), mean (over the text), or token indices such as 0,-1 "
+        "(negative from the end)",
+    )
+    p.add_argument(
+        "--store-dtype",
+        choices=STORE_DTYPE_NAMES,
+        default="auto",
+        help="dtype of the stored states (auto: the compute dtype's, lossless; float16 rounds bfloat16 "
+        "or float32 states, bfloat16 rounds float32 ones)",
+    )
+    p.add_argument(
+        "--top-logits", type=non_negative, default=0, help="also store the K largest next-token logits per row"
+    )
+    p.add_argument("--max-tokens", type=positive, help="cut each text to its first N tokens")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,7 +117,17 @@ def run(args: argparse.Namespace) -> int:
         group=args.group,
         visibility=args.visibility,
         shared_with=args.share_with,
+        text_column=args.text_column,
+        template=args.template,
+        label_columns=args.label_columns,
+        sites=args.sites,
+        positions=args.positions,
+        store_dtype=args.store_dtype,
+        top_logits=args.top_logits,
+        max_tokens=args.max_tokens,
     )
+    if opts.captures:
+        return _capture(opts, args.dry_run)
     if args.dry_run:
         ingest = Ingest(opts)
         print(f"{'run':40} {'questions':>9} {'tokens':>10} {'est. time':>10} {'est. size':>10}")
@@ -91,4 +138,19 @@ def run(args: argparse.Namespace) -> int:
             )
         return 0
     ingest_all(opts, say=print)
+    return 0
+
+
+def _capture(opts: IngestOptions, dry_run: bool) -> int:
+    from actstore.ingest.capture_run import CaptureIngest, capture_all, estimate_capture
+
+    if not dry_run:
+        capture_all(opts, say=print)
+        return 0
+    e = estimate_capture(CaptureIngest(opts))
+    print(f"{'run':40} {'texts':>7} {'tokens':>10} {'rows':>10} {'est. time':>10} {'est. size':>10}")
+    print(
+        f"{e['run']:40} {e['texts']:>7} {e['tokens']:>10} {e['rows']:>10} {e['seconds']:>9.0f}s "
+        f"{e['bytes'] / 1e6:>8.1f}MB"
+    )
     return 0

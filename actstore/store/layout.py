@@ -23,6 +23,9 @@ import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 STATE_DTYPE = "float32"
+# What a capture run may store its states as (``--store-dtype``). bfloat16 is kept in a float32 container (Zarr
+# has no bfloat16 type every reader knows): the values are bf16's, exact, and byte shuffle drops the zero bytes.
+STORE_DTYPES = {"float32": "float32", "bfloat16": "float32", "float16": "float16"}
 INNER_CHUNK_BYTES = 64 * 1024
 SHARD_BYTES = 4 * 1024 * 1024
 LABEL_CHUNK = 65536  # samples per chunk of the 1-D label arrays
@@ -37,17 +40,18 @@ def _floor_pow2(x: float) -> int:
 
 @dataclass(frozen=True)
 class StateLayout:
-    """Chunk and shard shapes of a (layer, sample, hidden) array of float32 states."""
+    """Chunk and shard shapes of a (layer, row, hidden) array of states (rows: samples, or tokens)."""
 
     hidden: int
+    itemsize: int = 4
 
     @property
     def inner_samples(self) -> int:
-        return _floor_pow2(max(1.0, INNER_CHUNK_BYTES / (4 * self.hidden)))
+        return _floor_pow2(max(1.0, INNER_CHUNK_BYTES / (self.itemsize * self.hidden)))
 
     @property
     def shard_samples(self) -> int:
-        return max(self.inner_samples, _floor_pow2(SHARD_BYTES / (4 * self.hidden)))
+        return max(self.inner_samples, _floor_pow2(SHARD_BYTES / (self.itemsize * self.hidden)))
 
     @property
     def chunks(self) -> tuple[int, int, int]:
@@ -61,19 +65,21 @@ class StateLayout:
 BLOSC_CNAME, BLOSC_LEVEL = "lz4hc", 3
 
 
-def state_compressor() -> BloscCodec:
+def state_compressor(itemsize: int = 4) -> BloscCodec:
     """Blosc LZ4HC level 3 with byte shuffle: ~1.5x smaller than raw fp16 for bf16 states, fast both ways."""
-    return BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_LEVEL, shuffle="shuffle", typesize=4)
+    return BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_LEVEL, shuffle="shuffle", typesize=itemsize)
 
 
-def state_compressors() -> list[BloscCodec | Crc32cCodec]:
+def state_compressors(itemsize: int = 4) -> list[BloscCodec | Crc32cCodec]:
     """The states' chunk codecs after the bytes codec: Blosc, then a CRC-32C of the stored frame, so any reader
     (actstore's, zarr-python, xarray) detects a corrupted chunk instead of decoding it into wrong values.
     Costs 4 bytes per inner chunk and a few percent of a read (docs/explanation/checksums.md)."""
-    return [state_compressor(), Crc32cCodec()]
+    return [state_compressor(itemsize), Crc32cCodec()]
 
 
 def compressed_nbytes(states: np.ndarray) -> int:
-    """What ``states`` would take on disk under the states' codec (for estimates before writing)."""
+    """What ``states`` would take on disk under the states' codec (for estimates before writing); float32
+    unless ``states`` is float16."""
+    dtype = np.float16 if states.dtype == np.float16 else np.float32
     codec = numcodecs.Blosc(BLOSC_CNAME, BLOSC_LEVEL, numcodecs.Blosc.SHUFFLE)
-    return len(codec.encode(np.ascontiguousarray(states, dtype=STATE_DTYPE)))
+    return len(codec.encode(np.ascontiguousarray(states, dtype=dtype)))

@@ -44,7 +44,6 @@ from actstore.store.location import Location, ShardBytes, join
 log = logging.getLogger(__name__)
 
 _MISSING = 2**64 - 1
-_FLOAT32 = np.dtype("<f4")
 _PARALLEL_BYTES = 4 << 20
 _POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="actstore-decode")
 _REQUESTS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="actstore-get")  # a bucket's round trips overlap
@@ -121,7 +120,8 @@ class _StaleIndex(Exception):
 
 
 class StateReader:
-    """Reads (layer, sample range) blocks of a (layer, sample, hidden) float32 array."""
+    """Reads (layer, row range) blocks of a (layer, row, hidden) float array; rows are samples or tokens
+    (the code says samples for both)."""
 
     def __init__(self, array: zarr.Array, location: Location, key: str, record: dict | None = None) -> None:
         """``key``: the array's key in ``location`` ({model}/{method}/{array} in a store). ``record``: the run's
@@ -138,7 +138,8 @@ class StateReader:
             self.shard_samples = array.shards[1]
             self.inner_samples = array.chunks[1]
             self.hidden = array.shape[2]
-            self.chunk_bytes = self.inner_samples * self.hidden * 4  # edge chunks are stored whole too
+            self.dtype = np.dtype(array.dtype).newbyteorder("<")
+            self.chunk_bytes = self.inner_samples * self.hidden * self.dtype.itemsize  # edge chunks: stored whole
         self.shard_record = record if record and record["layout"] == self._layout_key() else None
         self._committed: list[list[int]] = self.shard_record["index_crc32c"] if self.shard_record else []
         self._partial: dict | None = self.shard_record.get("partial") if self.shard_record else None
@@ -148,7 +149,7 @@ class StateReader:
         """States of ``layers`` for samples ``start:stop``, shape (len(layers), stop - start, hidden)."""
         if not self.direct:
             return self._read_through_zarr(layers, start, stop)
-        out = np.empty((len(layers), stop - start, self.hidden), dtype=np.float32)
+        out = np.empty((len(layers), stop - start, self.hidden), dtype=self.dtype)
         shards = range(start // self.shard_samples, -(-stop // self.shard_samples))
         tasks = [(layer, shard, out[i], start, stop) for i, layer in enumerate(layers) for shard in shards]
         if self.location.local and out.nbytes < _PARALLEL_BYTES:  # thread hand-offs would cost more than decoding
@@ -210,7 +211,7 @@ class StateReader:
 
     def _partial_rows(self, n: int) -> dict:
         """The committed rows of the last, partly filled inner chunk (if any) and, per layer, the CRC-32C of
-        their float32 values: what binds that chunk, whose stored bytes change at the next commit."""
+        their values: what binds that chunk, whose stored bytes change at the next commit."""
         rows = n % self.inner_samples
         if not rows:
             return {}
@@ -268,12 +269,12 @@ class StateReader:
     def _decode(self, layer: int, c_first: int, frame: memoryview | None, lo: int, hi: int) -> np.ndarray:
         """Rows ``lo:hi`` of the inner chunk starting at sample ``c_first``."""
         if frame is None:  # never written: the fill value
-            return np.full((hi - lo, self.hidden), np.nan, dtype=np.float32)
+            return np.full((hi - lo, self.hidden), np.nan, dtype=self.dtype)
         try:
             decoded = numcodecs.blosc.decompress(frame)
         except RuntimeError as exc:  # Blosc's report of a frame it cannot decode
             raise self._corrupt(f"layer {layer}", c_first, c_first + self.inner_samples, str(exc)) from exc
-        return np.frombuffer(decoded, dtype=_FLOAT32).reshape(-1, self.hidden)[lo - c_first : hi - c_first]
+        return np.frombuffer(decoded, dtype=self.dtype).reshape(-1, self.hidden)[lo - c_first : hi - c_first]
 
     def _fetch_chunks(self, layer: int, shard: int, first: int, stop: int) -> dict[int, memoryview]:
         """The verified Blosc frames of a shard's inner chunks first..stop-1 (those present), in one read.
@@ -348,7 +349,8 @@ class StateReader:
             return
         frame = chunks.get(position)
         try:
-            values = b"" if frame is None else numcodecs.blosc.decompress(frame)[: partial["rows"] * self.hidden * 4]
+            rows_bytes = partial["rows"] * self.hidden * self.dtype.itemsize
+            values = b"" if frame is None else numcodecs.blosc.decompress(frame)[:rows_bytes]
         except RuntimeError:
             values = b""
         if span_crc(values) == partial["rows_crc32c"][layer]:

@@ -1,11 +1,14 @@
 """One run: the hidden states of one model under one method, with labels and provenance.
 
-On disk a run is the Zarr v3 group ``{model}/{method}``::
+A run of the study's multiple-choice questions (format 1) is the Zarr v3 group ``{model}/{method}``::
 
     hidden_states  (layer, sample, hidden)  float32, sharded, Blosc-compressed, CRC-32C per chunk
     layer          (layer,)                 0 = embeddings (site "residual") or block 0's input norm
     sample         (sample,)                the question's stable id in its dataset
     subject, answer, prediction (sample,)   strings; correct (sample,) bool
+
+A capture run (format 2: any sites, any token positions, any text dataset) holds one states array per site,
+along rows that are samples or tokens, with their coordinates: actstore.store.capture.
 
 How samples are committed, and what plain readers see meanwhile: actstore.store.writer.
 
@@ -35,6 +38,7 @@ from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.errors import ContainsGroupError
 
 from actstore.store.attributes import as_stored, encode, read_attr, read_attrs
+from actstore.store.capture import CaptureLayout
 from actstore.store.errors import RecipeMismatch, StoreError
 from actstore.store.location import Location, join
 from actstore.store.names import validate_name
@@ -46,11 +50,20 @@ SHARD_RECORD = "shard_record"  # run attribute: every shard's index CRC-32C per 
 LABELS = {"sample": "int64", "subject": str, "answer": str, "prediction": str, "correct": "bool"}
 TEXT_LABELS = ("subject", "answer", "prediction")
 MAX_LABEL_CHARS = 256  # longer than any subject or answer of a multiple-choice dataset; bounds every label row
-SAMPLE_ARRAYS = (*LABELS, STATES)  # published in this order: labels before states
 LABEL_COORDS = "subject answer prediction correct"
 VISIBILITIES = ("private", "shared", "public")
 DERIVED = "derived"
 DEFAULT_ACCESS = {"owner_group": None, "visibility": "public", "shared_with": []}
+
+
+def state_arrays(capture: CaptureLayout | None) -> tuple[str, ...]:
+    """The states arrays of a run laid out as ``capture`` says (None: a run of the study's questions)."""
+    return (STATES,) if capture is None else tuple(capture.sites)
+
+
+def row_arrays(capture: CaptureLayout | None) -> tuple[str, ...]:
+    """The arrays along a run's rows besides the states: labels, or a capture run's coordinates."""
+    return tuple(LABELS) if capture is None else capture.row_arrays
 
 
 class LabelTooLong(StoreError, ValueError):
@@ -116,33 +129,96 @@ class Run:
         return read_attr(self.group, "accuracy")
 
     @cached_property
+    def capture(self) -> CaptureLayout | None:
+        """What a capture run stores (None for a run of the study's questions)."""
+        record = read_attr(self.group, "capture", None)
+        return None if record is None else CaptureLayout.from_record(record)
+
+    @property
+    def sites(self) -> dict[str, str]:
+        """The run's sites, each with the name of the array holding it: the site name itself in a capture
+        run, ``hidden_states`` in a run of the study's questions (which holds one site)."""
+        if self.capture is not None:
+            return {site: site for site in self.capture.sites}
+        return {read_attr(self.group, "recipe", {}).get("site", "normed"): STATES}
+
+    @property
+    def state_arrays(self) -> tuple[str, ...]:
+        return state_arrays(self.capture)
+
+    @property
+    def row_arrays(self) -> tuple[str, ...]:
+        return row_arrays(self.capture)
+
+    @property
+    def row_dim(self) -> str:
+        """``sample``, or ``token`` for a capture run storing several tokens per text."""
+        return "sample" if self.capture is None else self.capture.rows
+
+    @property
+    def default_site(self) -> str:
+        return next(iter(self.sites))
+
+    @cached_property
     def hidden_states(self) -> zarr.Array:
-        """The states array with exactly the committed samples (whatever shape its metadata publishes)."""
-        return self._committed(STATES)  # opened once: a Run is a snapshot as of one commit
+        """The (first) site's states array with exactly the committed rows (whatever shape its metadata
+        publishes)."""
+        return self.states(self.default_site)
+
+    def states(self, site: str) -> zarr.Array:
+        """One site's states array with exactly the committed rows."""
+        return self._states[self._array_of(site)]
+
+    @cached_property
+    def _states(self) -> dict[str, zarr.Array]:
+        return {name: self._committed(name) for name in self.state_arrays}  # opened once: a snapshot
+
+    def _array_of(self, site: str | None) -> str:
+        if site is None:
+            return self.state_arrays[0]
+        if site not in self.sites:
+            raise KeyError(f"run {self.key} has no site {site!r}; its sites: {', '.join(self.sites)}")
+        return self.sites[site]
 
     def _committed(self, name: str) -> zarr.Array:
         return _past_the_end(self.group[name], self.n_samples)
 
     @cached_property
     def reader(self) -> StateReader:
-        return StateReader(
-            self.hidden_states, self.location, join(self.key, STATES), read_attr(self.group, SHARD_RECORD)
-        )
+        return self.reader_of(None)
 
-    def read_states(self, layers: list[int], start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Committed states of ``layers`` for samples ``start:stop`` as (layer, sample, hidden) float32.
+    def reader_of(self, site: str | None) -> StateReader:
+        """The checked fast reader of one site's states (the first site's by default)."""
+        name = self._array_of(site)
+        if name not in self._readers:
+            record = read_attr(self.group, SHARD_RECORD)
+            if self.capture is not None:
+                record = (record or {}).get(name)
+            self._readers[name] = StateReader(self._states[name], self.location, join(self.key, name), record)
+        return self._readers[name]
 
-        Much faster than slicing ``hidden_states`` through zarr-python for whole layers and single samples.
+    @cached_property
+    def _readers(self) -> dict[str, StateReader]:
+        return {}
+
+    def read_states(
+        self, layers: list[int], start: int = 0, stop: int | None = None, site: str | None = None
+    ) -> np.ndarray:
+        """Committed states of ``layers`` for rows ``start:stop`` as (layer, row, hidden), of ``site`` (by default
+        the first): float32, or float16 where stored so.
+
+        Much faster than slicing the states through zarr-python for whole layers and single samples.
         """
         stop = self.n_samples if stop is None else stop
-        self._check_bounds(layers, start, stop)
-        return self.reader.read(list(layers), start, stop)
+        self._check_bounds(layers, start, stop, site)
+        return self.reader_of(site).read(list(layers), start, stop)
 
-    def _check_bounds(self, layers: list[int], start: int, stop: int) -> None:
+    def _check_bounds(self, layers: list[int], start: int, stop: int, site: str | None = None) -> None:
         n = self.n_samples
         if not 0 <= start <= stop <= n:
-            raise IndexError(f"samples {start}:{stop} outside the {n} committed samples of {self.model}/{self.method}")
-        n_layers = self.hidden_states.shape[0]
+            rows = "samples" if self.row_dim == "sample" else "tokens"
+            raise IndexError(f"{rows} {start}:{stop} outside the {n} committed {rows} of {self.model}/{self.method}")
+        n_layers = self.states(site or self.default_site).shape[0]
         bad = [layer for layer in layers if not 0 <= layer < n_layers]
         if bad:
             raise IndexError(f"layers {bad} outside 0..{n_layers - 1} of {self.model}/{self.method}")
@@ -222,8 +298,14 @@ class Run:
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """(layers, committed rows, width) of the first site."""
         n_layers, _, hidden = self.hidden_states.shape
         return (n_layers, self.n_samples, hidden)
+
+    @property
+    def n_texts(self) -> int:
+        """How many samples (texts, questions) the committed rows belong to."""
+        return int(read_attr(self.group, "progress").get("n_texts", self.n_samples))
 
     def check_recipe(self, recipe: dict[str, Any]) -> None:
         """Raise RecipeMismatch unless the run was made with ``recipe``."""
@@ -232,8 +314,14 @@ class Run:
             raise RecipeMismatch(_mismatch_message(self.model, self.method, stored or {}, recipe))
 
     def labels(self) -> dict[str, np.ndarray]:
-        """The per-sample coordinates of the committed samples, by name (read once per Run; do not modify)."""
+        """The coordinates of the committed rows, by name: a question run's labels; a capture run's sample,
+        position, token id and label columns (read once per Run; do not modify)."""
         return self._labels
+
+    def committed_samples(self) -> np.ndarray:
+        """The ids of the samples whose rows are committed, each once."""
+        ids = self.labels()["sample"]
+        return ids if self.row_dim == "sample" else np.unique(ids)
 
     @cached_property
     def sample_order(self) -> np.ndarray:
@@ -243,7 +331,7 @@ class Run:
     @cached_property
     def _labels(self) -> dict[str, np.ndarray]:
         n = self.n_samples
-        return {name: self._committed(name)[:n] for name in LABELS}
+        return {name: self._committed(name)[:n] for name in self.row_arrays if self.group[name].ndim == 1}
 
     def size_bytes(self) -> int:
         return self.location.size(self.key)
@@ -252,6 +340,8 @@ class Run:
         """The run as an xarray Dataset as of one commit, its labels loaded and its states read lazily through
         the fast reader (checked like every read of it); ``.chunk()`` it for dask, or open it with
         ``xr.open_dataset(store, engine="actstore", group=key, chunks={})`` for dask chunks of one shard."""
+        if self.capture is not None:
+            return self._capture_to_xarray()
         labels = self.labels()
         n_layers, _, hidden = self.shape
         shard = self.hidden_states.shards or self.hidden_states.chunks
@@ -269,14 +359,34 @@ class Run:
             ds = ds if name == "sample" else ds.set_xindex(name)
         return ds
 
+    def _capture_to_xarray(self) -> xr.Dataset:
+        """A capture run as one variable per site, named after it, with the rows' coordinates."""
+        capture, rows = self.capture, self.row_dim
+        variables = {}
+        for site in capture.sites:
+            array = self.states(site)
+            shard = array.shards or array.chunks
+            variables[site] = xr.Variable(
+                ("layer", rows, capture.width_dim(site)),
+                indexing.LazilyIndexedArray(_RunStates(self, site)),
+                encoding={"preferred_chunks": {"layer": shard[0], rows: shard[1], capture.width_dim(site): shard[2]}},
+            )
+        n = self.n_samples
+        coords = {"layer": np.arange(capture.n_layers)}
+        coords.update({name: (rows, values) for name, values in self.labels().items()})
+        if capture.top_k:
+            coords.update({name: ((rows, "top"), self._committed(name)[:n]) for name in ("top_ids", "top_logits")})
+        return xr.Dataset(variables, coords=coords, attrs=self.group.attrs.asdict())
+
 
 class _RunStates(BackendArray):
     """The committed states of a run, read on indexing; xarray turns any index into slices and integers."""
 
-    def __init__(self, run: Run) -> None:
-        self.run = run
-        self.shape = run.shape
-        self.dtype = np.dtype(np.float32)
+    def __init__(self, run: Run, site: str | None = None) -> None:
+        self.run, self.site = run, site
+        array = run.states(site or run.default_site)
+        self.shape = (array.shape[0], run.n_samples, array.shape[2])
+        self.dtype = np.dtype(array.dtype)
 
     def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
         return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.BASIC, self._read)
@@ -286,11 +396,11 @@ class _RunStates(BackendArray):
         layers = np.atleast_1d(np.arange(self.shape[0])[layer]).tolist()
         samples = range(self.shape[1])[sample] if isinstance(sample, slice) else range(sample, sample + 1)
         if not layers or not samples:
-            values = np.empty((len(layers), len(samples), self.shape[2]), np.float32)
+            values = np.empty((len(layers), len(samples), self.shape[2]), self.dtype)
         else:
             lo, hi = min(samples), max(samples) + 1
             rows = slice(None) if samples.step == 1 else np.asarray(samples) - lo
-            values = self.run.read_states(layers, lo, hi)[:, rows]
+            values = self.run.read_states(layers, lo, hi, self.site)[:, rows]
         return values[_squeezed(layer, sample, hidden)]
 
 
@@ -312,7 +422,9 @@ def _require_group(root: zarr.Group, path: str) -> zarr.Group:
 
 
 def _sample_axis(metadata: ArrayV3Metadata) -> int:
-    return list(metadata.dimension_names).index("sample")
+    """The axis that grows: samples, or a capture run's tokens."""
+    names = list(metadata.dimension_names)
+    return names.index("sample") if "sample" in names else names.index("token")
 
 
 def _rows(metadata: ArrayV3Metadata, start: int, stop: int) -> tuple[slice, ...]:

@@ -16,7 +16,7 @@ from actstore.store.errors import DamagedRun, RefusedEntry, RunLocked, RunNotFou
 from actstore.store.folder import Folder
 from actstore.store.location import Location, join
 from actstore.store.names import validate_name
-from actstore.store.run import DEFAULT_ACCESS, SAMPLE_ARRAYS, VISIBILITIES, Run
+from actstore.store.run import DEFAULT_ACCESS, VISIBILITIES, Run
 from actstore.store.url import locate
 from actstore.store.writer import RunWriter
 
@@ -240,7 +240,7 @@ class Store:
     def _check(self, run: Run) -> None:
         """Read what a listing shows and reads open first: the progress and access attributes, and every
         array's metadata, each in its own zarr.json (the group's consolidated copy would hide a missing one)."""
-        for name in (*SAMPLE_ARRAYS, "layer"):
+        for name in (*run.row_arrays, *run.state_arrays, "layer"):
             if self.location.version(join(run.key, name, "zarr.json")) is None:
                 raise StoreError(f"its array {name!r} is missing")
             run.group[name].metadata  # noqa: B018 - opening it parses its metadata

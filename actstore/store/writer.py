@@ -41,6 +41,7 @@ from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.core.sync import sync
 
 from actstore.store.attributes import encode, read_attr
+from actstore.store.capture import CAPTURE_FORMAT, CaptureLayout
 from actstore.store.errors import StoreNotWritable
 from actstore.store.layout import LABEL_CHUNK, STATE_DTYPE, StateLayout, state_compressors
 from actstore.store.location import Location, Lock, join
@@ -50,9 +51,10 @@ from actstore.store.run import (
     FORMAT_VERSION,
     LABEL_COORDS,
     LABELS,
-    SAMPLE_ARRAYS,
+    MAX_LABEL_CHARS,
     SHARD_RECORD,
     STATES,
+    LabelTooLong,
     Run,
     _past_the_end,
     _require_group,
@@ -60,6 +62,8 @@ from actstore.store.run import (
     _sample_axis,
     _with_samples,
     check_labels,
+    row_arrays,
+    state_arrays,
 )
 
 log = logging.getLogger(__name__)
@@ -83,7 +87,6 @@ def _create_arrays(group: zarr.Group, n_layers: int, hidden: int, site: str) -> 
     layer[:] = np.arange(n_layers)
     for name, dtype in LABELS.items():
         group.create_array(name, shape=(0,), dtype=dtype, chunks=(LABEL_CHUNK,), dimension_names=("sample",))
-    group.create_group(DERIVED)  # listed in the consolidated metadata; its entries are found in the folder
 
 
 class RunWriter:
@@ -110,6 +113,7 @@ class RunWriter:
     ) -> None:
         self.location, self.model, self.method = location, model, method
         self.run = run  # None until ``start`` lays out a new (or overwritten) run
+        self._capture = None if run is None else run.capture  # what a capture run stores (None: questions)
         self._lock = lock
         self._recipe = recipe
         self._commit_seconds = commit_seconds
@@ -148,8 +152,9 @@ class RunWriter:
         self,
         *,
         provenance: dict[str, Any],
-        n_layers: int,
-        hidden: int,
+        n_layers: int = 0,
+        hidden: int = 0,
+        capture: CaptureLayout | None = None,
         attrs: dict[str, Any] | None = None,
         planned: int | None = None,
         history: dict[str, Any] | None = None,
@@ -157,19 +162,24 @@ class RunWriter:
         """Publish this writing session's start in one write of the run's metadata: ``attrs`` (settings of
         this session), how many samples the run will hold when it ends (``planned``; by default as
         recorded before) and a ``history`` entry kept with every earlier one. A new run (or one being overwritten)
-        is laid out first, with ``n_layers`` x ``hidden`` states and its ``provenance`` (a run resumed keeps
-        its own: where it came from, when it was created, who may read it), and marked usable by this write."""
+        is laid out first, with ``n_layers`` x ``hidden`` states of the study's questions, or as ``capture``
+        says, and its ``provenance`` (a run resumed keeps its own: where it came from, when it was created, who
+        may read it), and marked usable by this write."""
         with self._writing():
             n, first = self.n_committed, {}
             if self.run is None:
-                self.run = _recreate(
-                    self.location, self.model, self.method, n_layers, hidden, self._recipe.get("site", "")
-                )
-                first = {**provenance, **_first_attrs(self.model, self.method)}
+                self.run = _recreate(self.location, self.model, self.method)
+                if capture is None:
+                    _create_arrays(self.run.group, n_layers, hidden, self._recipe.get("site", ""))
+                else:
+                    capture.create(self.run.group)
+                self._capture = capture
+                first = {**provenance, **_first_attrs(self.model, self.method, capture)}
             values = {**first, **(attrs or {})}
             if planned is not None:
                 progress = first.get("progress") or read_attr(self.run.group, "progress")
-                values["progress"] = {**progress, "n_planned": planned, "complete": planned == n}
+                done = n if self._capture is None else progress["n_texts"]  # planned: samples, not rows
+                values["progress"] = {**progress, "n_planned": planned, "complete": planned == done}
             if history is not None:
                 values["history"] = [*read_attr(self.run.group, "history", []), history]
             self._publish(n, {**values, "recipe": self._recipe})
@@ -184,15 +194,22 @@ class RunWriter:
         return {} if self.run is None else self.run.attrs
 
     def committed_ids(self) -> np.ndarray:
-        return np.zeros(0, dtype=LABELS["sample"]) if self.run is None else self.run.labels()["sample"]
+        """The ids of the samples committed, each once (a capture run's tokens of a text are committed together)."""
+        return np.zeros(0, dtype=LABELS["sample"]) if self.run is None else self.run.committed_samples()
 
-    def add(self, states: np.ndarray, labels: dict[str, np.ndarray]) -> None:
-        """Buffer one batch: ``states`` is (layer, batch, hidden); ``labels`` has every LABELS name, text labels
-        of at most MAX_LABEL_CHARS characters (else LabelTooLong, the batch not taken)."""
+    def add(self, states: np.ndarray | dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> None:
+        """Buffer one batch of whole samples. For the study's questions ``states`` is (layer, batch, hidden) and
+        ``labels`` has every LABELS name; for a capture run ``states`` has each site's (layer, rows, width) and
+        ``labels`` every row array of its layout. Text labels hold at most MAX_LABEL_CHARS characters (else
+        LabelTooLong, the batch not taken)."""
         if self.run is None:
             raise RuntimeError(f"run {self.model}/{self.method}: start() it before adding batches")
-        check_labels(labels)
-        self._pending.append((np.asarray(states, dtype=STATE_DTYPE), labels))
+        if self._capture is None:
+            check_labels(labels)
+            states = {STATES: np.asarray(states, dtype=STATE_DTYPE)}
+        else:
+            _check_capture_batch(self._capture, self.run.key, states, labels)
+        self._pending.append((states, labels))
         waited = time.monotonic() - self._last_commit
         if waited >= self._commit_seconds:
             # a partly filled chunk only once a whole one has been awaited for another interval
@@ -210,22 +227,25 @@ class RunWriter:
         if not self._pending:
             return
         start = self.n_committed
-        values = {STATES: np.concatenate([s for s, _ in self._pending], axis=1)}
-        values.update({k: np.concatenate([lab[k] for _, lab in self._pending]) for k in LABELS})
-        stop = start + values[STATES].shape[1]
-        rest: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
-        if whole_chunks and self._whole_chunks(stop) <= start:
-            return
-        if whole_chunks and self._whole_chunks(stop) < stop:
-            stop = self._whole_chunks(stop)
-            kept = stop - start
-            rest = [(values[STATES][:, kept:], {k: values[k][kept:] for k in LABELS})]
-            values = {name: value[:, :kept] if name == STATES else value[:kept] for name, value in values.items()}
+        states = {k: np.concatenate([s[k] for s, _ in self._pending], axis=1) for k in self._state_names}
+        labels = {k: np.concatenate([lab[k] for _, lab in self._pending]) for k in self._row_names}
+        stop = start + len(labels["sample"])
+        rest: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+        if self._capture is None and whole_chunks:  # a capture run's commits end with a sample instead
+            if self._whole_chunks(stop) <= start:
+                return
+            if self._whole_chunks(stop) < stop:
+                stop = self._whole_chunks(stop)
+                kept = stop - start
+                rest = [({k: v[:, kept:] for k, v in states.items()}, {k: v[kept:] for k, v in labels.items()})]
+                states = {k: v[:, :kept] for k, v in states.items()}
+                labels = {k: v[:kept] for k, v in labels.items()}
+        values = {**labels, **states}
         with self._writing():
-            for name in SAMPLE_ARRAYS:
+            for name in self._arrays:
                 array = self.run.group[name]
                 _past_the_end(array, stop)[_rows(array.metadata, start, stop)] = values[name]
-            self._publish(stop, {**self._progress(stop, int(values["correct"].sum())), **self._shard_record(stop)})
+            self._publish(stop, {**self._progress(stop, labels), **self._shard_record(stop)})
         self._pending = rest
         self._last_commit = time.monotonic()
 
@@ -255,9 +275,27 @@ class RunWriter:
             self._failed = True
             raise
 
-    def _progress(self, n_committed: int, new_correct: int) -> dict[str, Any]:
+    @property
+    def _state_names(self) -> tuple[str, ...]:
+        return state_arrays(self._capture)
+
+    @property
+    def _row_names(self) -> tuple[str, ...]:
+        return row_arrays(self._capture)
+
+    @property
+    def _arrays(self) -> tuple[str, ...]:
+        """Every array that grows with the rows, in the order commits write them: labels before states."""
+        return (*self._row_names, *self._state_names)
+
+    def _progress(self, n_committed: int, labels: dict[str, np.ndarray]) -> dict[str, Any]:
         progress = read_attr(self.run.group, "progress")
-        n_correct = progress["n_correct"] + new_correct
+        if self._capture is not None:  # a capture run: samples counted apart from its rows; no answers
+            new_texts = len(np.unique(labels["sample"]))
+            progress.update(n_committed=n_committed, n_texts=progress.get("n_texts", 0) + new_texts)
+            progress["complete"] = progress["n_texts"] >= progress.get("n_planned", progress["n_texts"])
+            return {"progress": progress}
+        n_correct = progress["n_correct"] + int(labels["correct"].sum())
         progress.update(
             n_committed=n_committed,
             n_correct=n_correct,
@@ -266,13 +304,21 @@ class RunWriter:
         return {"progress": progress, "accuracy": n_correct / n_committed if n_committed else None}
 
     def _shard_record(self, n: int) -> dict[str, Any]:
-        """The run's shard record at ``n`` samples, every shard in it (StateReader.record): published with the
+        """The run's shard record at ``n`` rows, every shard in it (StateReader.record): published with the
         progress in one write, so that a reader checks each file against the record of the commit it serves,
-        and a file with another index (intact bytes from another layer or run copied over) reads as corrupt."""
-        reader = StateReader(_past_the_end(self.run.group[STATES], n), self.run.location, join(self.run.key, STATES))
-        if not reader.direct:
-            return {}
-        return {SHARD_RECORD: reader.record(read_attr(self.run.group, SHARD_RECORD))}
+        and a file with another index (intact bytes from another layer or run copied over) reads as corrupt.
+        A capture run keeps one record per site."""
+        stored = read_attr(self.run.group, SHARD_RECORD)
+        records = {}
+        for name in self._state_names:
+            array = _past_the_end(self.run.group[name], n)
+            reader = StateReader(array, self.run.location, join(self.run.key, name))
+            if reader.direct:
+                previous = stored if self._capture is None else (stored or {}).get(name)
+                records[name] = reader.record(previous)
+        if self._capture is None:
+            return {SHARD_RECORD: records[STATES]} if records else {}
+        return {SHARD_RECORD: records}
 
     def _publish(self, n: int, values: dict[str, Any], shown: int | None = None) -> None:
         """Commit ``n`` samples with the attributes ``values`` (the commit point): one write of the run group's
@@ -280,9 +326,9 @@ class RunWriter:
         default the whole inner chunks of states among the ``n``, see ``_whole_chunks``)."""
         self._lock.check()  # a bucket's lease may have expired and passed to another writer: publish nothing
         group = self.run.group
-        arrays = {name: group[name].metadata for name in (*SAMPLE_ARRAYS, "layer")}
+        arrays = {name: group[name].metadata for name in (*self._arrays, "layer")}
         shown = self._whole_chunks(n) if shown is None else shown
-        arrays.update({name: _with_samples(arrays[name], shown) for name in SAMPLE_ARRAYS})
+        arrays.update({name: _with_samples(arrays[name], shown) for name in self._arrays})
         self._write_group(values, ConsolidatedMetadata(arrays))
 
     def _whole_chunks(self, n: int) -> int:
@@ -290,7 +336,7 @@ class RunWriter:
         works. zarr-python reads a shard's index and then its chunks in separate reads, so a chunk that a
         later commit rewrites (the last, partly filled one) could be read torn; whole chunks keep their
         bytes at their offsets in every later version of the shard."""
-        inner = self.run.group[STATES].chunks[1]
+        inner = max(self.run.group[name].chunks[1] for name in self._state_names)
         return n // inner * inner
 
     def _write_group(self, values: dict[str, Any], consolidated: ConsolidatedMetadata) -> None:
@@ -303,7 +349,7 @@ class RunWriter:
     def _write_array_metadata(self, n: int) -> None:
         """Set each array's own zarr.json to ``n`` samples, for readers that skip the consolidated metadata;
         only at a session's start and end (see the module docstring)."""
-        for name in SAMPLE_ARRAYS:
+        for name in self._arrays:
             own = zarr.open_array(self.run.group.store_path / name, mode="r+")
             if own.shape[_sample_axis(own.metadata)] != n:
                 sync(save_metadata(own.store_path, _with_samples(own.metadata, n)))
@@ -322,7 +368,7 @@ class RunWriter:
         past the committed end, and publish the committed shapes, consolidated."""
         self.run.location.discard_partial_writes(self.run.key)
         n = self.n_committed
-        for name in SAMPLE_ARRAYS:
+        for name in self._arrays:
             array = self.run.group[name]
             if array.shape[_sample_axis(array.metadata)] > n:
                 log.info("dropping an uncommitted tail of %s left by an interrupted ingest", name)
@@ -363,16 +409,24 @@ def _laid_out(root: Location, model: str, method: str) -> Run | None:
     return Run(location=root, group=group, model=model, method=method) if "recipe" in group.attrs else None
 
 
-def _recreate(root: Location, model: str, method: str, n_layers: int, hidden: int, site: str) -> Run:
-    """Empty the run folder and lay out a fresh run's arrays; not usable until its recipe is published."""
+def _recreate(root: Location, model: str, method: str) -> Run:
+    """Empty the run folder for a fresh run's arrays; not usable until its recipe is published."""
     root.clear(join(model, method))
     group = zarr.open_group(root.zarr_store(), mode="a").require_group(model).require_group(method)
-    _create_arrays(group, n_layers, hidden, site)
+    group.create_group(DERIVED)  # listed in the consolidated metadata; its entries are found in the folder
     return Run(location=root, group=group, model=model, method=method)
 
 
-def _first_attrs(model: str, method: str) -> dict[str, Any]:
+def _first_attrs(model: str, method: str, capture: CaptureLayout | None) -> dict[str, Any]:
     """What every new run records before its first commit."""
+    if capture is not None:
+        return {
+            "actstore": {"format_version": CAPTURE_FORMAT, "kind": "capture"},
+            "model": model,
+            "method": method,
+            "capture": capture.record(),
+            "progress": {"n_committed": 0, "n_texts": 0, "n_planned": 0, "complete": False},
+        }
     return {
         "actstore": {"format_version": FORMAT_VERSION, "kind": "run"},
         "model": model,
@@ -380,3 +434,26 @@ def _first_attrs(model: str, method: str) -> dict[str, Any]:
         "progress": {"n_committed": 0, "n_correct": 0, "n_planned": 0, "complete": False},
         "accuracy": None,
     }
+
+
+def _check_capture_batch(
+    capture: CaptureLayout, run: str, states: dict[str, np.ndarray], rows: dict[str, np.ndarray]
+) -> None:
+    """A capture batch must hold every site and row array of the run's layout, with one length of rows; text
+    labels are bounded as in every run (LabelTooLong)."""
+    missing = sorted({*capture.sites} - set(states)) + sorted({*capture.row_arrays} - set(rows))
+    if missing:
+        raise ValueError(f"run {run}: the batch lacks {', '.join(missing)}")
+    n = len(rows["sample"])
+    lengths = {len(rows[k]) for k in capture.row_arrays} | {states[k].shape[1] for k in capture.sites}
+    if lengths != {n}:
+        raise ValueError(f"run {run}: the batch's arrays hold different numbers of rows ({sorted(lengths)})")
+    for name, dtype in capture.labels.items():
+        if dtype != "str" or not n:
+            continue
+        longest = max(range(n), key=lambda i: len(str(rows[name][i])))
+        if len(str(rows[name][longest])) > MAX_LABEL_CHARS:
+            raise LabelTooLong(
+                f"the {name} of sample {rows['sample'][longest]} has {len(str(rows[name][longest])):,} "
+                f"characters, above the {MAX_LABEL_CHARS} a run stores: shorten it in the dataset"
+            )

@@ -1,0 +1,313 @@
+"""The capture ingest: any text dataset, any sites, any token positions, into one capture run.
+
+What TransformerLens' ``run_with_cache`` or SAELens' activation caches give, kept the actstore way: every
+requested site of every text in one forward pass per batch, committed atomically, resumable after a kill
+(texts are stored in one fixed order and committed in whole batches, so a rerun continues with the very
+batches an uninterrupted run would have computed), checksummed, in a folder or a bucket.
+
+Everything a bad request can get wrong (a column, a template, a site, a position beyond a text, a mix of
+sites) is checked before the run is touched, so a refused ingest writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from actstore.ingest.capture import Capture, Positions, Site, check_positions, parse_positions, resolve_sites
+from actstore.ingest.datasets import PACKAGED_MMLU, DatasetError, packaged_mmlu_path
+from actstore.ingest.methods import parse_method
+from actstore.ingest.model import LoadedModel, ModelSource, load_model, resolve_device, resolve_dtype
+from actstore.ingest.options import IngestOptions
+from actstore.ingest.pipeline import DEFAULT_BATCH_SIZE, now, versions
+from actstore.ingest.texts import Text, TextDataset, label_arrays, load_texts
+from actstore.store import Store, safe_name, validate_name
+from actstore.store.capture import CaptureLayout, IncompatibleSites
+from actstore.store.layout import compressed_nbytes
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SITES = ["resid_post"]
+METHOD = "0shot"  # a text is captured as given: no shots, no fine-tuning
+
+
+@dataclass
+class CaptureReport:
+    run: str
+    added: int  # texts
+    rows: int  # rows added (tokens, or one per text)
+    texts: int  # texts stored in all
+    size_bytes: int
+    seconds: float
+
+
+class CaptureIngest:
+    """One capture: the dataset read and checked, the model loaded, the sites resolved, the run planned."""
+
+    def __init__(self, opts: IngestOptions) -> None:
+        self.opts = opts
+        self.store = Store(opts.store)
+        _check_options(opts)
+        self.base = ModelSource.resolve(opts.model, opts.gguf_file)
+        self.name = validate_name(opts.name, "model name") if opts.name else safe_name(self.base.default_name)
+        for group in filter(None, [opts.group, *opts.shared_with]):
+            validate_name(group, "group name")
+        spec = packaged_mmlu_path() if opts.dataset == PACKAGED_MMLU else opts.dataset
+        self.dataset: TextDataset = load_texts(spec, opts.text_column, opts.label_columns, opts.template)
+        # shortest first, so batches pad little; a fixed order makes a resumed run's batches an uninterrupted one's
+        self.texts = sorted(self.dataset.texts[: opts.limit], key=lambda t: (len(t.text), t.id))
+        self.positions: Positions = parse_positions(opts.positions)
+        self.device = resolve_device(opts.device)
+        self.dtype = resolve_dtype(opts.dtype, self.device)
+        self.store_dtype = _store_dtype(opts.store_dtype, self.dtype)
+        self._loaded: LoadedModel | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{METHOD}"
+
+    def recipe(self) -> dict:
+        """Everything that decides the stored values; a run only ever holds rows of one recipe."""
+        opts = self.opts
+        return {
+            "model_id": self.base.model_id,
+            "model_fingerprint": self.base.fingerprint(),
+            "method": METHOD,
+            "dataset": {"name": self.dataset.name, "sha256": self.dataset.sha256},
+            "text": {"column": opts.text_column} if opts.template is None else {"template": opts.template},
+            "label_columns": list(opts.label_columns),
+            "sites": list(opts.sites or DEFAULT_SITES),
+            "positions": opts.positions,
+            "max_tokens": opts.max_tokens,
+            "top_logits": opts.top_logits,
+            "compute_dtype": str(self.dtype).removeprefix("torch."),
+            "store_dtype": self.store_dtype,
+        }
+
+    def model(self) -> LoadedModel:
+        if self._loaded is None:
+            self._loaded = load_model(self.base, self.device, self.dtype)
+        return self._loaded
+
+    def capture(self) -> tuple[Capture, list[Site]]:
+        """The capture of the asked sites; refuses sites that cannot share a run (IncompatibleSites)."""
+        loaded = self.model()
+        sites = resolve_sites(loaded.model, self.opts.sites or DEFAULT_SITES)
+        counts = {site.name: site.n_layers for site in sites}
+        if len(set(counts.values())) > 1:
+            listed = ", ".join(f"{name} {n}" for name, n in counts.items())
+            raise IncompatibleSites(
+                f"sites with different numbers of layers cannot share a run ({listed}); ingest them under "
+                "different --name"
+            )
+        return Capture(loaded, sites, self.positions, self.opts.top_logits, self.opts.max_tokens), sites
+
+    def pending(self, committed: np.ndarray) -> list[Text]:
+        stored = set(np.asarray(committed).tolist())
+        return [t for t in self.texts if t.id not in stored]
+
+    def check_positions(self, capture: Capture, texts: list[Text]) -> list[int]:
+        """Each text's length in tokens; a position beyond a text is refused naming the text's id."""
+        lengths = [len(ids) for ids in capture.tokenize([t.text for t in texts])]
+        try:
+            check_positions(self.positions, lengths)
+        except ValueError as exc:
+            raise DatasetError(_with_ids(str(exc), texts)) from None
+        return lengths
+
+    def layout(self, capture: Capture, sites: list[Site], probe: Text) -> CaptureLayout:
+        """The run's arrays: one per site, its width seen on one text (a module pattern's width is known only
+        from its output)."""
+        captured = capture([probe.text], dtype=self.store_dtype)
+        labels = label_arrays([probe], self.dataset.label_columns)
+        return CaptureLayout(
+            rows="sample" if self.positions.per_text == 1 else "token",
+            n_layers=sites[0].n_layers,
+            hidden=self.model().hidden_size,
+            sites={site.name: captured.states[site.name].shape[2] for site in sites},
+            store_dtype=self.store_dtype,
+            labels={name: _label_dtype(values) for name, values in labels.items()},
+            top_k=self.opts.top_logits,
+        )
+
+    def run(self, say: Callable[[str], None]) -> CaptureReport | None:
+        """Capture every text the run still lacks, committing as it goes; resumable at any kill."""
+        opts = self.opts
+        existing = self.store.has_run(self.name, METHOD) and not opts.overwrite
+        if existing:
+            self.store.run(self.name, METHOD).check_recipe(self.recipe())  # refused before the model loads
+        capture, sites = self.capture()
+        committed = self.store.run(self.name, METHOD).committed_samples() if existing else np.zeros(0, np.int64)
+        pending = self.pending(committed)
+        if not pending:
+            say(f"{self.key}: up to date, nothing to do")
+            return None
+        self.check_positions(capture, pending)
+        layout = self.layout(capture, sites, pending[0])
+        with self.store.begin_run(
+            self.name, METHOD, recipe=self.recipe(), overwrite=opts.overwrite, commit_seconds=opts.commit_seconds
+        ) as writer:
+            pending = self.pending(writer.committed_ids())  # again, under the lock
+            batch_size = opts.batch_size or writer.stored_attrs.get("batch_size") or DEFAULT_BATCH_SIZE
+            writer.start(
+                provenance=self._provenance(sites),
+                capture=layout,
+                attrs={"batch_size": batch_size},
+                planned=len(writer.committed_ids()) + len(pending),
+                history=self._history_entry(len(pending), batch_size),
+            )
+            started, rows = time.perf_counter(), 0
+            with tqdm(total=len(pending), unit="text", desc=self.key, mininterval=1.0) as bar:
+                for first in range(0, len(pending), batch_size):
+                    batch = pending[first : first + batch_size]
+                    captured = capture([t.text for t in batch], dtype=self.store_dtype)
+                    writer.add(captured.states, self._rows(batch, captured))
+                    rows += len(captured.text)
+                    bar.update(len(batch))
+        run = self.store.run(self.name, METHOD)
+        return CaptureReport(self.key, len(pending), rows, run.n_texts, run.size_bytes(), time.perf_counter() - started)
+
+    def _rows(self, batch: list[Text], captured) -> dict[str, np.ndarray]:
+        """The row arrays of one batch: each row's sample id, position, token id, labels, top logits."""
+        which = captured.text
+        rows = {
+            "sample": np.array([t.id for t in batch], dtype=np.int64)[which],
+            "position": captured.position,
+            "token_id": captured.token_id,
+        }
+        rows.update({name: values[which] for name, values in label_arrays(batch, self.dataset.label_columns).items()})
+        if self.opts.top_logits:
+            rows.update(top_ids=captured.top_ids, top_logits=captured.top_logits)
+        return rows
+
+    def _provenance(self, sites: list[Site]) -> dict:
+        loaded, tok = self.model(), self.model().tokenizer
+        return {
+            "model_id": self.base.model_id,
+            "model_location": self.base.location,
+            "model_name": self.name,
+            "revision": getattr(loaded.model.config, "_commit_hash", None),
+            "architecture": type(loaded.model).__name__,
+            "tokenizer": {
+                "name_or_path": tok.name_or_path,
+                "class": type(tok).__name__,
+                "vocab_size": len(tok),
+                "bos_token": tok.bos_token,
+                "special_tokens": "as the tokenizer adds them by default",
+            },
+            "sites": {site.name: {"modules": list(site.modules), "hook": site.hook} for site in sites},
+            "positions": self.opts.positions,
+            "dataset": {"location": str(self.opts.dataset), "rows": len(self.dataset.texts)},
+            "sample_order": "by text length in characters, then id; appended ingests follow",
+            "device": str(loaded.device),
+            "created": now(),
+            "access": self.opts.access(),
+        }
+
+    def _history_entry(self, n_added: int, batch_size: int) -> dict:
+        return {
+            "time": now(),
+            "selection": f"{n_added} texts of {self.dataset.name}",
+            "added": n_added,
+            "batch_size": batch_size,
+            "versions": versions(),
+            "python": platform.python_version(),
+        }
+
+
+def capture_all(opts: IngestOptions, say: Callable[[str], None] = log.info) -> str:
+    """The capture ``opts`` asks for, one line told to ``say`` at the end; returns the model's store name."""
+    ingest = CaptureIngest(opts)
+    with ingest.store.writing():
+        report = ingest.run(say)
+    if report is not None:
+        say(
+            f"{report.run}: +{report.added} texts, {report.rows:,} rows ({report.texts} texts stored), "
+            f"{report.size_bytes / 1e6:.1f} MB on disk, {report.seconds:.1f} s "
+            f"({report.rows / max(report.seconds, 1e-9):,.0f} rows/s)"
+        )
+    return ingest.name
+
+
+def estimate_capture(ingest: CaptureIngest) -> dict:
+    """What ``--dry-run`` prints for a capture: texts, tokens, rows, time and bytes, from one timed batch."""
+    capture, sites = ingest.capture()
+    texts = ingest.pending(np.zeros(0, np.int64))
+    result = {"run": ingest.key, "texts": len(texts), "tokens": 0, "rows": 0, "seconds": 0.0, "bytes": 0}
+    if not texts:
+        return result
+    lengths = ingest.check_positions(capture, texts)
+    per_text = ingest.positions.per_text
+    rows = sum(lengths) if per_text is None else per_text * len(texts)
+    batch_size = ingest.opts.batch_size or DEFAULT_BATCH_SIZE
+    middle = len(texts) // 2
+    sample = texts[middle : middle + batch_size]
+    capture([sample[0].text], dtype=ingest.store_dtype)  # warm-up
+    started = time.perf_counter()
+    captured = capture([t.text for t in sample], dtype=ingest.store_dtype)
+    seconds = time.perf_counter() - started
+    stored = sum(compressed_nbytes(states) for states in captured.states.values())
+    row_bytes = stored / max(len(captured.text), 1) + 8 * (3 + len(ingest.dataset.label_columns))
+    padded = _padded_tokens(lengths, batch_size)
+    result.update(
+        tokens=int(sum(lengths)),
+        rows=int(rows),
+        seconds=seconds / (len(sample) * max(lengths[middle : middle + batch_size])) * padded,
+        bytes=int(row_bytes * rows),
+    )
+    return result
+
+
+def _padded_tokens(lengths: list[int], batch_size: int) -> int:
+    return sum(
+        max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size)
+    )
+
+
+def _check_options(opts: IngestOptions) -> None:
+    """Options of the study's multiple-choice ingest that a capture does not take, refused in one line."""
+    if not (opts.text_column or opts.template):
+        raise DatasetError(
+            "--sites captures a text dataset: say which column holds the text (--text-column NAME) or how to "
+            "build it from the columns (--template '...{column}...')"
+        )
+    methods = [parse_method(m).name for m in opts.methods]
+    if methods != [METHOD]:
+        raise DatasetError(
+            f"a text dataset is captured as given (method {METHOD}); methods {', '.join(methods)} need the "
+            "study's multiple-choice questions"
+        )
+    if opts.top_logits and opts.positions.strip() == "mean":
+        raise DatasetError("--top-logits are taken at token positions; --positions mean has none")
+    if opts.subjects or opts.per_subject:
+        raise DatasetError(
+            "--subjects and --per-subject select multiple-choice questions; a text dataset takes --limit"
+        )
+
+
+def _store_dtype(asked: str, compute: torch.dtype) -> str:
+    """``auto``: the compute dtype's own, so that nothing is rounded away (bf16 and fp16 are stored exactly)."""
+    return str(compute).removeprefix("torch.") if asked == "auto" else asked
+
+
+def _label_dtype(values: np.ndarray) -> str:
+    if values.dtype == object or values.dtype.kind in "US":
+        return "str"
+    return {"b": "bool", "i": "int64", "u": "int64", "f": "float64"}[values.dtype.kind]
+
+
+def _with_ids(message: str, texts: list[Text]) -> str:
+    """``check_positions`` names a text by its index among those checked; the user knows it by its row."""
+    match = re.search(r"text (\d+)", message)
+    if not match:
+        return message
+    index = int(match.group(1))
+    return message.replace(match.group(0), f"the text of row {texts[index].id} of the dataset", 1)

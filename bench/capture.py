@@ -1,0 +1,116 @@
+"""Capture benchmark: every token of MMLU questions as plain text, three sites, SmolLM2-135M, side by side.
+
+    .venv/bin/python bench/capture.py [--limit 64] [--repeats 3] [--sites resid_pre,attn_out,mlp_out]
+
+Prints the capture ingest's time over the same forward passes with the same hooks and no storage (target:
+<= 1.10), alternating so that drift hits both alike; whether the stored values equal the forward's exactly;
+and the bytes on disk of the states against raw float16 for each stored dtype (target: <= 0.75 for states
+stored losslessly, i.e. computed in the dtype they are stored as).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from actstore.ingest.capture_run import CaptureIngest  # noqa: E402
+from actstore.ingest.options import IngestOptions  # noqa: E402
+from actstore.ingest.pipeline import DEFAULT_BATCH_SIZE  # noqa: E402
+from actstore.store import Store  # noqa: E402
+from actstore.store.location import join  # noqa: E402
+
+
+def options(store: Path, args: argparse.Namespace, dtype: str = "auto", store_dtype: str = "auto") -> IngestOptions:
+    return IngestOptions(
+        store=store,
+        model=args.model,
+        dataset=args.dataset,
+        text_column=args.text_column,
+        limit=args.limit,
+        sites=args.sites.split(","),
+        positions="all",
+        dtype=dtype,
+        store_dtype=store_dtype,
+        batch_size=DEFAULT_BATCH_SIZE,
+        overwrite=True,
+    )
+
+
+def forward_only(ingest: CaptureIngest) -> tuple[float, dict[str, np.ndarray]]:
+    """The capture's forward passes, hooks and gathering, batch by batch as the ingest runs them; nothing stored."""
+    capture, _ = ingest.capture()
+    texts = ingest.pending(np.zeros(0, np.int64))
+    started = time.perf_counter()
+    parts: dict[str, list[np.ndarray]] = {}
+    for first in range(0, len(texts), DEFAULT_BATCH_SIZE):
+        captured = capture([t.text for t in texts[first : first + DEFAULT_BATCH_SIZE]], dtype=ingest.store_dtype)
+        for site, states in captured.states.items():
+            parts.setdefault(site, []).append(states)
+    return time.perf_counter() - started, {site: np.concatenate(p, axis=1) for site, p in parts.items()}
+
+
+def stored_bytes(store: Path) -> tuple[int, int, dict[str, np.ndarray]]:
+    """(bytes of the states on disk, bytes as raw float16, the states read back) of the run."""
+    s = Store(store)
+    run = s.runs()[0]
+    on_disk = sum(s.location.size(join(run.key, site)) for site in run.sites)
+    states = {site: run.read_states(list(range(run.states(site).shape[0])), site=site) for site in run.sites}
+    return on_disk, sum(v.size * 2 for v in states.values()), states
+
+
+def size_ratio(folder: Path, args: argparse.Namespace, store_dtype: str) -> float:
+    """States on disk over raw float16 when stored as ``store_dtype`` (the same forward, rounded to it: the size
+    of states computed in that dtype, which it stores losslessly)."""
+    CaptureIngest(options(folder / store_dtype, args, "float32", store_dtype)).run(say=lambda _: None)
+    on_disk, fp16, _ = stored_bytes(folder / store_dtype)
+    return on_disk / fp16
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--dataset", default="mmlu")
+    parser.add_argument("--text-column", default="question")
+    parser.add_argument("--limit", type=int, default=64)
+    parser.add_argument("--sites", default="resid_pre,attn_out,mlp_out")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", action=argparse.BooleanOptionalAction, default=True, help="float16, bfloat16 sizes")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        ingest = CaptureIngest(options(folder / "store", args))
+        forward_only(ingest)  # warm-up: the model loaded, first-call costs paid
+        forwards, fulls = [], []
+        for _ in range(args.repeats):
+            seconds, computed = forward_only(ingest)
+            forwards.append(seconds)
+            report = ingest.run(say=lambda _: None)
+            fulls.append(report.seconds)
+        on_disk, fp16, stored = stored_bytes(folder / "store")
+        equal = all(np.array_equal(stored[site], computed[site]) for site in computed)
+        tokens = report.rows
+        ratio = np.median(fulls) / np.median(forwards)
+        print(
+            f"{args.limit} texts, {tokens:,} tokens, sites {args.sites}, compute {ingest.store_dtype}, medians of "
+            f"{args.repeats}: forward {np.median(forwards):.2f} s, ingest {np.median(fulls):.2f} s "
+            f"({tokens / np.median(fulls):,.0f} tokens/s)"
+        )
+        print(f"ingest / forward with the same hooks: {ratio:.3f} (target <= 1.10)")
+        print(f"stored values equal the forward's: {equal}")
+        print(f"states on disk / raw float16, stored as {ingest.store_dtype}: {on_disk / fp16:.3f}")
+        if args.sizes:
+            for store_dtype in ("float16", "bfloat16"):
+                ratio = size_ratio(folder, args, store_dtype)
+                print(f"states on disk / raw float16, stored as {store_dtype}: {ratio:.3f} (target <= 0.75)")
+
+
+if __name__ == "__main__":
+    main()
