@@ -44,16 +44,23 @@ def neighbours_needed(params: DensityParams, subjects: np.ndarray, answers: np.n
     return max(needed)
 
 
-def analyse_layer(
-    distances: np.ndarray,
-    indices: np.ndarray,
-    subjects: np.ndarray,
-    answers: np.ndarray,
-    predictions: np.ndarray,
-    params: DensityParams = PAPER,
-) -> LayerDensity:
-    """All per-layer metrics from a neighbour graph (``knn`` output, self first, duplicates already removed)."""
-    subjects, answers = _codes(subjects), _codes(answers)  # integer labels: every later step is faster
+@dataclass
+class Clusters:
+    """What a neighbour graph alone gives: intrinsic dimension, density and density-peak clusters."""
+
+    ids_gride: np.ndarray
+    id: float
+    id_2nn: float
+    n_clusters: int
+    assignment: np.ndarray
+    core_fraction: float
+    peak_log_density: np.ndarray
+    saddle_log_density: np.ndarray
+
+
+def cluster(distances: np.ndarray, indices: np.ndarray, params: DensityParams = PAPER) -> Clusters:
+    """Gride and 2NN ID, kNN density and ADP clusters from a neighbour graph (``knn`` output, self first,
+    duplicates already removed): the part of a layer's analysis that needs no labels."""
     maxk = params.maxk
     data = Data(distances=(distances[:, : maxk + 1], indices[:, : maxk + 1]), maxk=maxk, n_jobs=1, verbose=False)
     ids, _, _ = data.return_id_scaling_gride(range_max=params.gride_range_max)
@@ -65,7 +72,7 @@ def analyse_layer(
     saddles = np.asarray(data.log_den_bord)
     n_clusters = int(data.N_clusters)
     with_halo = np.asarray(data.compute_clustering_ADP(Z=params.z, halo=True))
-    return LayerDensity(
+    return Clusters(
         ids_gride=np.asarray(ids),
         id=float(ids[params.id_scale_index]),
         id_2nn=float(id_2nn),
@@ -74,9 +81,25 @@ def analyse_layer(
         core_fraction=float((with_halo != -1).mean()),
         peak_log_density=peaks,
         saddle_log_density=saddles,
-        ari_subject=float(adjusted_rand_score(subjects, assignment)),
-        ari_answer=float(adjusted_rand_score(answers, assignment)),
-        ari_prediction=float(adjusted_rand_score(_codes(predictions), assignment)),
+    )
+
+
+def analyse_layer(
+    distances: np.ndarray,
+    indices: np.ndarray,
+    subjects: np.ndarray,
+    answers: np.ndarray,
+    predictions: np.ndarray,
+    params: DensityParams = PAPER,
+) -> LayerDensity:
+    """All per-layer metrics from a neighbour graph (``knn`` output, self first, duplicates already removed)."""
+    subjects, answers = _codes(subjects), _codes(answers)  # integer labels: every later step is faster
+    found = cluster(distances, indices, params)
+    return LayerDensity(
+        **vars(found),
+        ari_subject=float(adjusted_rand_score(subjects, found.assignment)),
+        ari_answer=float(adjusted_rand_score(answers, found.assignment)),
+        ari_prediction=float(adjusted_rand_score(_codes(predictions), found.assignment)),
         overlap_subject=label_overlap(indices, subjects, params.subject_fraction),
         overlap_answer=label_overlap(indices, answers, params.answer_fraction),
     )

@@ -39,7 +39,7 @@ class Mask:
         return np.arange(len(subjects)) if self.per_subject is None else per_subject_mask(subjects, self.per_subject)
 
 
-def _key(*parts: object) -> str:
+def cache_key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -50,7 +50,7 @@ RECENT_GRAPHS = 4  # kept in memory too: a parameter sweep on a layer reads its 
 def neighbour_graph(run: Run, layer: int, mask: Mask, maxk: int) -> dict[str, np.ndarray]:
     """distances, indices (over the kept rows), kept and dropped positions, with at least ``maxk``
     neighbours; from memory or the store when a graph that large is there, computed (and kept) otherwise."""
-    key = _key("knn", run.content_key(), layer, mask.per_subject)
+    key = cache_key("knn", run.content_key(), layer, mask.per_subject)
     remembered = (
         f"{run.location}|{run.key}|{key}"  # the same run in two stores (a copy, a corrupted one) is read in each
     )
@@ -94,7 +94,7 @@ def analyse(
 ) -> tuple[LayerDensity, np.ndarray]:
     """The layer's density metrics and the positions of the samples they cover (duplicates dropped):
     from the store when they are there, else computed and stored (or NotAnalysed when not ``compute``)."""
-    key = _key("density", RESULTS_VERSION, run.content_key(), layer, mask.per_subject, dataclasses.asdict(params))
+    key = cache_key("density", RESULTS_VERSION, run.content_key(), layer, mask.per_subject, dataclasses.asdict(params))
     cached = run.load_derived("density", key)
     if cached is not None:
         arrays, attrs = cached
@@ -137,7 +137,7 @@ def compare(
 ) -> LayerComparison:
     """Two runs at one layer, on the samples both analysed; cached in run a's ``derived/comparisons``.
     Each run's analysis comes from its cache when there (a job analyses both runs first)."""
-    key = _key(
+    key = cache_key(
         "compare", run_a.content_key(), run_b.content_key(), layer, mask.per_subject, dataclasses.asdict(params), k
     )
     cached = run_a.load_derived("comparisons", key)

@@ -234,22 +234,24 @@ class Run:
             return
         yield from self.reader.encoded(layer, start, stop)
 
-    def read_rows(self, layers: list[int], positions: np.ndarray) -> np.ndarray:
-        """States of ``layers`` at sample ``positions`` (any order), as (layer, position, hidden) float32.
+    def read_rows(self, layers: list[int], positions: np.ndarray, site: str | None = None) -> np.ndarray:
+        """States of ``layers`` at row ``positions`` (any order) of ``site`` (by default the first), as (layer,
+        position, hidden): float32, or float16 where stored so.
 
         Neighbouring positions are read as one span, so memory is bounded by the span of the positions
         asked for: callers stream large selections in blocks.
         """
         positions = np.asarray(positions, dtype=np.int64)
-        out = np.empty((len(layers), len(positions), self.hidden_states.shape[2]), dtype=np.float32)
+        array = self.states(site or self.default_site)
+        out = np.empty((len(layers), len(positions), array.shape[2]), dtype=array.dtype)
         if len(positions) == 0:
             return out
         order = np.argsort(positions, kind="stable")
         ordered = positions[order]
-        gap = self.hidden_states.chunks[1]  # farther apart than an inner chunk: read separately
+        gap = array.chunks[1]  # farther apart than an inner chunk: read separately
         for span in np.split(np.arange(len(ordered)), np.nonzero(np.diff(ordered) > gap)[0] + 1):
             lo, hi = int(ordered[span[0]]), int(ordered[span[-1]]) + 1
-            out[:, order[span]] = self.read_states(layers, lo, hi)[:, ordered[span] - lo]
+            out[:, order[span]] = self.read_states(layers, lo, hi, site)[:, ordered[span] - lo]
         return out
 
     def content_key(self) -> str:
