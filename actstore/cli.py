@@ -35,14 +35,16 @@ def _ls(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no runs in {store.url}")
         return 0
-    print(f"{'run':44} {'layers':>6} {'samples':>8} {'hidden':>6} {'accuracy':>8} {'size':>9}  status")
+    header = f"{'run':44} {'layers':>6} {'samples':>8} {'tokens':>9} {'hidden':>6} {'accuracy':>8} {'size':>9}"
+    print(f"{header}  sites; status")
     for run in runs:
-        layers, samples, hidden = run.shape
+        layers, rows, hidden = run.shape
+        tokens = rows if run.row_dim == "token" else "-"
         accuracy = f"{run.accuracy:.3f}" if run.accuracy is not None else "-"
         status = "complete" if run.complete else "partial (resume with the same ingest command)"
         print(
-            f"{run.model + '/' + run.method:44} {layers:>6} {samples:>8} {hidden:>6} {accuracy:>8} "
-            f"{run.size_bytes() / 1e6:>7.1f}MB  {status}"
+            f"{run.key:44} {layers:>6} {run.n_texts:>8} {tokens:>9} {hidden:>6} {accuracy:>8} "
+            f"{run.size_bytes() / 1e6:>7.1f}MB  {','.join(run.sites)}; {status}"
         )
     return 0
 

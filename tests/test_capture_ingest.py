@@ -144,10 +144,15 @@ def test_every_site_and_positions_mode_equals_a_direct_forward_bit_for_bit(posit
     assert run.n_texts == len(rows) and run.complete
 
 
-def test_positions_all_selects_by_sample_position_and_token(tiny_model, texts_file, tmp_path):
+def test_positions_all_selects_by_sample_position_and_token(tiny_model, texts_file, tmp_path, capsys):
     """The token axis carries, for every token, its sample, position and token id: a reader selects by any."""
     store = tmp_path / "store"
     assert main(capture_args(store, tiny_model, texts_file, "--positions", "all", "--top-logits", "3")) == 0
+    capsys.readouterr()
+    assert main(["ls", "--store", str(store)]) == 0
+    listed = capsys.readouterr().out.splitlines()[1].split()
+    assert listed[0] == "tiny-llama/0shot" and listed[2] == "9" and int(listed[3]) > 9  # texts, tokens
+    assert listed[-2] == "resid_post;"
     ds = xr.open_zarr(store / "tiny-llama" / "0shot")
     assert ds["resid_post"].dims == ("layer", "token", "hidden")
     one = ds.isel(token=ds["sample"].values == 4)
@@ -279,3 +284,14 @@ def test_kill_during_a_capture_into_a_bucket_then_rerun_equals_uninterrupted(tin
         )
     for name, values in reference.labels().items():
         np.testing.assert_array_equal(resumed.labels()[name], values)
+
+
+def test_label_types_come_from_the_whole_column_not_the_first_batch(tiny_model, tmp_path):
+    """The shortest text (stored first) holds a whole number in a float column: still stored as float."""
+    rows = [{"text": "a b", "score": 1}, *({"text": f"text number {i} " * 3, "score": i + 0.5} for i in range(5))]
+    data = write_jsonl(tmp_path / "scores.jsonl", rows)
+    extra = ["--text-column", "text", "--label-columns", "score", "--batch-size", "1"]
+    assert main(testing.ingest_args(tmp_path / "store", tiny_model, data, *extra)) == 0
+    run = Store(tmp_path / "store").run("tiny-llama", "0shot")
+    scores = dict(zip(run.labels()["sample"].tolist(), run.labels()["score"].tolist()))
+    assert run.labels()["score"].dtype == np.float64 and scores == {i: r["score"] for i, r in enumerate(rows)}

@@ -64,6 +64,8 @@ class CaptureIngest:
         self.dataset: TextDataset = load_texts(spec, opts.text_column, opts.label_columns, opts.template)
         # shortest first, so batches pad little; a fixed order makes a resumed run's batches an uninterrupted one's
         self.texts = sorted(self.dataset.texts[: opts.limit], key=lambda t: (len(t.text), t.id))
+        # typed over the whole dataset (a batch alone could take a float column of whole numbers for ints)
+        self.labels = label_arrays(self.dataset.texts, self.dataset.label_columns)
         self.positions: Positions = parse_positions(opts.positions)
         self.device = resolve_device(opts.device)
         self.dtype = resolve_dtype(opts.dtype, self.device)
@@ -127,14 +129,13 @@ class CaptureIngest:
         """The run's arrays: one per site, its width seen on one text (a module pattern's width is known only
         from its output)."""
         captured = capture([probe.text], dtype=self.store_dtype)
-        labels = label_arrays([probe], self.dataset.label_columns)
         return CaptureLayout(
             rows="sample" if self.positions.per_text == 1 else "token",
             n_layers=sites[0].n_layers,
             hidden=self.model().hidden_size,
             sites={site.name: captured.states[site.name].shape[2] for site in sites},
             store_dtype=self.store_dtype,
-            labels={name: _label_dtype(values) for name, values in labels.items()},
+            labels={name: _label_dtype(values) for name, values in self.labels.items()},
             top_k=self.opts.top_logits,
         )
 
@@ -177,13 +178,9 @@ class CaptureIngest:
 
     def _rows(self, batch: list[Text], captured) -> dict[str, np.ndarray]:
         """The row arrays of one batch: each row's sample id, position, token id, labels, top logits."""
-        which = captured.text
-        rows = {
-            "sample": np.array([t.id for t in batch], dtype=np.int64)[which],
-            "position": captured.position,
-            "token_id": captured.token_id,
-        }
-        rows.update({name: values[which] for name, values in label_arrays(batch, self.dataset.label_columns).items()})
+        ids = np.array([t.id for t in batch], dtype=np.int64)[captured.text]
+        rows = {"sample": ids, "position": captured.position, "token_id": captured.token_id}
+        rows.update({name: values[ids] for name, values in self.labels.items()})  # a text's id is its row
         if self.opts.top_logits:
             rows.update(top_ids=captured.top_ids, top_logits=captured.top_logits)
         return rows
@@ -240,7 +237,8 @@ def capture_all(opts: IngestOptions, say: Callable[[str], None] = log.info) -> s
 def estimate_capture(ingest: CaptureIngest) -> dict:
     """What ``--dry-run`` prints for a capture: texts, tokens, rows, time and bytes, from one timed batch."""
     capture, sites = ingest.capture()
-    texts = ingest.pending(np.zeros(0, np.int64))
+    stored = ingest.store.has_run(ingest.name, METHOD) and not ingest.opts.overwrite
+    texts = ingest.pending(ingest.store.run(ingest.name, METHOD).committed_samples() if stored else np.zeros(0, int))
     result = {"run": ingest.key, "texts": len(texts), "tokens": 0, "rows": 0, "seconds": 0.0, "bytes": 0}
     if not texts:
         return result
