@@ -45,8 +45,9 @@ def options(store: Path, args: argparse.Namespace, dtype: str = "auto", store_dt
 
 def forward_only(ingest: CaptureIngest) -> tuple[float, dict[str, np.ndarray]]:
     """The capture's forward passes, hooks and gathering, batch by batch as the ingest runs them; nothing stored."""
-    capture, _ = ingest.capture()
-    texts = ingest.pending(np.zeros(0, np.int64))
+    job = ingest.jobs[0]
+    capture, _ = ingest.capture(job)
+    texts = job.pending(np.zeros(0, np.int64))
     started = time.perf_counter()
     parts: dict[str, list[np.ndarray]] = {}
     for first in range(0, len(texts), DEFAULT_BATCH_SIZE):
@@ -68,7 +69,8 @@ def stored_bytes(store: Path) -> tuple[int, int, dict[str, np.ndarray]]:
 def size_ratio(folder: Path, args: argparse.Namespace, store_dtype: str) -> float:
     """States on disk over raw float16 when stored as ``store_dtype`` (the same forward, rounded to it: the size
     of states computed in that dtype, which it stores losslessly)."""
-    CaptureIngest(options(folder / store_dtype, args, "float32", store_dtype)).run(say=lambda _: None)
+    ingest = CaptureIngest(options(folder / store_dtype, args, "float32", store_dtype))
+    ingest.run(ingest.jobs[0], say=lambda _: None)
     on_disk, fp16, _ = stored_bytes(folder / store_dtype)
     return on_disk / fp16
 
@@ -92,7 +94,7 @@ def main() -> None:
         for _ in range(args.repeats):
             seconds, computed = forward_only(ingest)
             forwards.append(seconds)
-            report = ingest.run(say=lambda _: None)
+            report = ingest.run(ingest.jobs[0], say=lambda _: None)
             fulls.append(report.seconds)
         on_disk, fp16, stored = stored_bytes(folder / "store")
         equal = all(np.array_equal(stored[site], computed[site]) for site in computed)

@@ -295,3 +295,20 @@ def test_label_types_come_from_the_whole_column_not_the_first_batch(tiny_model, 
     run = Store(tmp_path / "store").run("tiny-llama", "0shot")
     scores = dict(zip(run.labels()["sample"].tolist(), run.labels()["score"].tolist()))
     assert run.labels()["score"].dtype == np.float64 and scores == {i: r["score"] for i, r in enumerate(rows)}
+
+
+def test_the_study_questions_are_captured_at_any_site_under_every_method(tiny_model, questions_file, tmp_path):
+    """Without --text-column the study's prompts (shots included) are the texts; `normed` at the last token
+    is the study's site, so its layers equal the question run's, bit for bit."""
+    capture, study = tmp_path / "capture", tmp_path / "study"
+    common = ["--methods", "0shot,1shot", "--limit", "12", "--batch-size", "1"]
+    args = [*common, "--sites", "normed,mlp_out", "--positions", "last"]
+    assert main(testing.ingest_args(capture, tiny_model, questions_file, *args)) == 0
+    assert main(testing.ingest_args(study, tiny_model, questions_file, *common)) == 0
+    for method in ("0shot", "1shot"):
+        captured, reference = Store(capture).run("tiny-llama", method), Store(study).run("tiny-llama", method)
+        assert captured.row_dim == "sample" and set(captured.labels()) >= {"subject", "answer"}
+        np.testing.assert_array_equal(captured.labels()["sample"], reference.labels()["sample"])
+        np.testing.assert_array_equal(captured.labels()["subject"], reference.labels()["subject"])
+        np.testing.assert_array_equal(captured.read_states([0, 1, 2], site="normed"), reference.read_states([0, 1, 2]))
+        assert captured.attrs["recipe"]["k"] == int(method[0])

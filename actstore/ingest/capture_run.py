@@ -22,12 +22,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from actstore.ingest.capture import Capture, Positions, Site, check_positions, parse_positions, resolve_sites
+from actstore.ingest.capture import (
+    Capture,
+    Captured,
+    Positions,
+    Site,
+    check_positions,
+    parse_positions,
+    resolve_sites,
+)
 from actstore.ingest.datasets import PACKAGED_MMLU, DatasetError, packaged_mmlu_path
-from actstore.ingest.methods import parse_method
+from actstore.ingest.methods import Method, parse_method
 from actstore.ingest.model import LoadedModel, ModelSource, load_model, resolve_device, resolve_dtype
 from actstore.ingest.options import IngestOptions
-from actstore.ingest.pipeline import DEFAULT_BATCH_SIZE, now, versions
+from actstore.ingest.pipeline import DEFAULT_BATCH_SIZE, Ingest, now, versions
+from actstore.ingest.prompts import build_prompt
+from actstore.ingest.selection import storage_order
 from actstore.ingest.texts import Text, TextDataset, label_arrays, load_texts
 from actstore.store import Store, safe_name, validate_name
 from actstore.store.capture import CaptureLayout, IncompatibleSites
@@ -49,59 +59,118 @@ class CaptureReport:
     seconds: float
 
 
+@dataclass
+class Job:
+    """One capture run: its method, the model it probes, its texts in storage order and their labels."""
+
+    method: str
+    source: ModelSource
+    texts: list[Text]
+    labels: dict[str, np.ndarray]  # per label column, a value per entry of ``rows``
+    rows: dict[int, int]  # a text's id -> its entry in ``labels``
+    recipe: dict
+    dataset: str
+
+    def pending(self, committed: np.ndarray) -> list[Text]:
+        stored = set(np.asarray(committed).tolist())
+        return [t for t in self.texts if t.id not in stored]
+
+
 class CaptureIngest:
-    """One capture: the dataset read and checked, the model loaded, the sites resolved, the run planned."""
+    """One capture: the texts read and checked (a text dataset, or the study's prompts of each method), then
+    per run the model loaded, the sites resolved, the positions checked, the rows committed."""
 
     def __init__(self, opts: IngestOptions) -> None:
         self.opts = opts
-        self.store = Store(opts.store)
         _check_options(opts)
-        self.base = ModelSource.resolve(opts.model, opts.gguf_file)
-        self.name = validate_name(opts.name, "model name") if opts.name else safe_name(self.base.default_name)
-        for group in filter(None, [opts.group, *opts.shared_with]):
-            validate_name(group, "group name")
-        spec = packaged_mmlu_path() if opts.dataset == PACKAGED_MMLU else opts.dataset
-        self.dataset: TextDataset = load_texts(spec, opts.text_column, opts.label_columns, opts.template)
-        # shortest first, so batches pad little; a fixed order makes a resumed run's batches an uninterrupted one's
-        self.texts = sorted(self.dataset.texts[: opts.limit], key=lambda t: (len(t.text), t.id))
-        # typed over the whole dataset (a batch alone could take a float column of whole numbers for ints)
-        self.labels = label_arrays(self.dataset.texts, self.dataset.label_columns)
         self.positions: Positions = parse_positions(opts.positions)
-        self.device = resolve_device(opts.device)
-        self.dtype = resolve_dtype(opts.dtype, self.device)
+        if opts.text_column or opts.template:
+            self.questions = None
+            self.store = Store(opts.store)
+            self.base = ModelSource.resolve(opts.model, opts.gguf_file)
+            self.name = validate_name(opts.name, "model name") if opts.name else safe_name(self.base.default_name)
+            for group in filter(None, [opts.group, *opts.shared_with]):
+                validate_name(group, "group name")
+            self.device = resolve_device(opts.device)
+            self.dtype = resolve_dtype(opts.dtype, self.device)
+            self.jobs = [self._text_job()]
+        else:  # the study's questions, each method's prompts captured as texts
+            self.questions = Ingest(opts)
+            self.store, self.base, self.name = self.questions.store, self.questions.base, self.questions.name
+            self.device, self.dtype = self.questions.device, self.questions.dtype
+            self.jobs = [self._question_job(method) for method in self.questions.methods]
         self.store_dtype = _store_dtype(opts.store_dtype, self.dtype)
-        self._loaded: LoadedModel | None = None
+        self._loaded: dict[ModelSource, LoadedModel] = {}
 
-    @property
-    def key(self) -> str:
-        return f"{self.name}/{METHOD}"
-
-    def recipe(self) -> dict:
-        """Everything that decides the stored values; a run only ever holds rows of one recipe."""
+    def _text_job(self) -> Job:
         opts = self.opts
-        return {
+        spec = packaged_mmlu_path() if opts.dataset == PACKAGED_MMLU else opts.dataset
+        dataset: TextDataset = load_texts(spec, opts.text_column, opts.label_columns, opts.template)
+        # typed over the whole dataset (a batch alone could take a float column of whole numbers for ints)
+        labels = label_arrays(dataset.texts, dataset.label_columns)
+        recipe = {
             "model_id": self.base.model_id,
             "model_fingerprint": self.base.fingerprint(),
             "method": METHOD,
-            "dataset": {"name": self.dataset.name, "sha256": self.dataset.sha256},
+            "dataset": {"name": dataset.name, "sha256": dataset.sha256},
             "text": {"column": opts.text_column} if opts.template is None else {"template": opts.template},
             "label_columns": list(opts.label_columns),
+            "compute_dtype": str(self.dtype).removeprefix("torch."),
+        }
+        return Job(
+            METHOD,
+            self.base,
+            _storage_order(dataset.texts[: opts.limit]),
+            labels,
+            {t.id: i for i, t in enumerate(dataset.texts)},
+            {**recipe, **self._capture_recipe()},
+            dataset.name,
+        )
+
+    def _question_job(self, method: Method) -> Job:
+        """A method's prompts, as the study builds them (shots included), with subject and answer as labels."""
+        questions, opts = self.questions, self.opts
+        questions.check_shots(method)
+        source = questions.source_of(method)
+        shots = {s: questions.selection.shots(s, method.k) for s in questions.selection.shot_pool}
+        texts = [
+            Text(q.id, build_prompt(q, shots[q.subject], opts.shot_seed), {"subject": q.subject, "answer": q.answer})
+            for q in storage_order(questions.selection.queries)
+        ]
+        recipe = {k: v for k, v in questions.recipe_of(method, source).items() if k not in ("site", "token_position")}
+        return Job(
+            method.name,
+            source,
+            texts,
+            label_arrays(texts, ["subject", "answer"]),
+            {t.id: i for i, t in enumerate(texts)},
+            {**recipe, **self._capture_recipe()},
+            questions.dataset.name,
+        )
+
+    def _capture_recipe(self) -> dict:
+        opts = self.opts
+        return {
             "sites": list(opts.sites or DEFAULT_SITES),
             "positions": opts.positions,
             "max_tokens": opts.max_tokens,
             "top_logits": opts.top_logits,
-            "compute_dtype": str(self.dtype).removeprefix("torch."),
-            "store_dtype": self.store_dtype,
+            "store_dtype": _store_dtype(opts.store_dtype, self.dtype),
         }
 
-    def model(self) -> LoadedModel:
-        if self._loaded is None:
-            self._loaded = load_model(self.base, self.device, self.dtype)
-        return self._loaded
+    def key(self, job: Job) -> str:
+        return f"{self.name}/{job.method}"
 
-    def capture(self) -> tuple[Capture, list[Site]]:
+    def model(self, source: ModelSource) -> LoadedModel:
+        if self.questions is not None:
+            return self.questions.model(source)  # an adapter attached to the base, as the study probes it
+        if source not in self._loaded:
+            self._loaded[source] = load_model(source, self.device, self.dtype)
+        return self._loaded[source]
+
+    def capture(self, job: Job) -> tuple[Capture, list[Site]]:
         """The capture of the asked sites; refuses sites that cannot share a run (IncompatibleSites)."""
-        loaded = self.model()
+        loaded = self.model(job.source)
         sites = resolve_sites(loaded.model, self.opts.sites or DEFAULT_SITES)
         counts = {site.name: site.n_layers for site in sites}
         if len(set(counts.values())) > 1:
@@ -112,9 +181,14 @@ class CaptureIngest:
             )
         return Capture(loaded, sites, self.positions, self.opts.top_logits, self.opts.max_tokens), sites
 
-    def pending(self, committed: np.ndarray) -> list[Text]:
-        stored = set(np.asarray(committed).tolist())
-        return [t for t in self.texts if t.id not in stored]
+    def committed(self, job: Job) -> np.ndarray:
+        """The ids already stored in the job's run (none when it is new or to be overwritten); a run of another
+        recipe is refused here, before any model loads."""
+        if not self.store.has_run(self.name, job.method) or self.opts.overwrite:
+            return np.zeros(0, np.int64)
+        run = self.store.run(self.name, job.method)
+        run.check_recipe(job.recipe)
+        return run.committed_samples()
 
     def check_positions(self, capture: Capture, texts: list[Text]) -> list[int]:
         """Each text's length in tokens; a position beyond a text is refused naming the text's id."""
@@ -125,72 +199,71 @@ class CaptureIngest:
             raise DatasetError(_with_ids(str(exc), texts)) from None
         return lengths
 
-    def layout(self, capture: Capture, sites: list[Site], probe: Text) -> CaptureLayout:
+    def layout(self, job: Job, capture: Capture, sites: list[Site], probe: Text) -> CaptureLayout:
         """The run's arrays: one per site, its width seen on one text (a module pattern's width is known only
         from its output)."""
         captured = capture([probe.text], dtype=self.store_dtype)
         return CaptureLayout(
             rows="sample" if self.positions.per_text == 1 else "token",
             n_layers=sites[0].n_layers,
-            hidden=self.model().hidden_size,
+            hidden=self.model(job.source).hidden_size,
             sites={site.name: captured.states[site.name].shape[2] for site in sites},
             store_dtype=self.store_dtype,
-            labels={name: _label_dtype(values) for name, values in self.labels.items()},
+            labels={name: _label_dtype(values) for name, values in job.labels.items()},
             top_k=self.opts.top_logits,
         )
 
-    def run(self, say: Callable[[str], None]) -> CaptureReport | None:
-        """Capture every text the run still lacks, committing as it goes; resumable at any kill."""
-        opts = self.opts
-        existing = self.store.has_run(self.name, METHOD) and not opts.overwrite
-        if existing:
-            self.store.run(self.name, METHOD).check_recipe(self.recipe())  # refused before the model loads
-        capture, sites = self.capture()
-        committed = self.store.run(self.name, METHOD).committed_samples() if existing else np.zeros(0, np.int64)
-        pending = self.pending(committed)
+    def run(self, job: Job, say: Callable[[str], None]) -> CaptureReport | None:
+        """Capture every text the job's run still lacks, committing as it goes; resumable at any kill."""
+        opts, key = self.opts, self.key(job)
+        pending = job.pending(self.committed(job))
         if not pending:
-            say(f"{self.key}: up to date, nothing to do")
+            say(f"{key}: up to date, nothing to do")
             return None
+        capture, sites = self.capture(job)
         self.check_positions(capture, pending)
-        layout = self.layout(capture, sites, pending[0])
+        layout = self.layout(job, capture, sites, pending[0])
         with self.store.begin_run(
-            self.name, METHOD, recipe=self.recipe(), overwrite=opts.overwrite, commit_seconds=opts.commit_seconds
+            self.name, job.method, recipe=job.recipe, overwrite=opts.overwrite, commit_seconds=opts.commit_seconds
         ) as writer:
-            pending = self.pending(writer.committed_ids())  # again, under the lock
+            pending = job.pending(writer.committed_ids())  # again, under the lock
             batch_size = opts.batch_size or writer.stored_attrs.get("batch_size") or DEFAULT_BATCH_SIZE
             writer.start(
-                provenance=self._provenance(sites),
+                provenance=self._provenance(job, sites),
                 capture=layout,
                 attrs={"batch_size": batch_size},
                 planned=len(writer.committed_ids()) + len(pending),
-                history=self._history_entry(len(pending), batch_size),
+                history=self._history_entry(job, len(pending), batch_size),
             )
             started, rows = time.perf_counter(), 0
-            with tqdm(total=len(pending), unit="text", desc=self.key, mininterval=1.0) as bar:
+            with tqdm(total=len(pending), unit="text", desc=key, mininterval=1.0) as bar:
                 for first in range(0, len(pending), batch_size):
                     batch = pending[first : first + batch_size]
                     captured = capture([t.text for t in batch], dtype=self.store_dtype)
-                    writer.add(captured.states, self._rows(batch, captured))
+                    writer.add(captured.states, self._rows(job, batch, captured))
                     rows += len(captured.text)
                     bar.update(len(batch))
-        run = self.store.run(self.name, METHOD)
-        return CaptureReport(self.key, len(pending), rows, run.n_texts, run.size_bytes(), time.perf_counter() - started)
+        run = self.store.run(self.name, job.method)
+        return CaptureReport(key, len(pending), rows, run.n_texts, run.size_bytes(), time.perf_counter() - started)
 
-    def _rows(self, batch: list[Text], captured) -> dict[str, np.ndarray]:
+    def _rows(self, job: Job, batch: list[Text], captured: Captured) -> dict[str, np.ndarray]:
         """The row arrays of one batch: each row's sample id, position, token id, labels, top logits."""
+        entries = np.array([job.rows[t.id] for t in batch], dtype=np.int64)[captured.text]
         ids = np.array([t.id for t in batch], dtype=np.int64)[captured.text]
         rows = {"sample": ids, "position": captured.position, "token_id": captured.token_id}
-        rows.update({name: values[ids] for name, values in self.labels.items()})  # a text's id is its row
+        rows.update({name: values[entries] for name, values in job.labels.items()})
         if self.opts.top_logits:
             rows.update(top_ids=captured.top_ids, top_logits=captured.top_logits)
         return rows
 
-    def _provenance(self, sites: list[Site]) -> dict:
-        loaded, tok = self.model(), self.model().tokenizer
+    def _provenance(self, job: Job, sites: list[Site]) -> dict:
+        loaded = self.model(job.source)
+        tok = loaded.tokenizer
         return {
             "model_id": self.base.model_id,
             "model_location": self.base.location,
             "model_name": self.name,
+            "checkpoint_location": job.source.location if job.source != self.base else None,
             "revision": getattr(loaded.model.config, "_commit_hash", None),
             "architecture": type(loaded.model).__name__,
             "tokenizer": {
@@ -202,17 +275,18 @@ class CaptureIngest:
             },
             "sites": {site.name: {"modules": list(site.modules), "hook": site.hook} for site in sites},
             "positions": self.opts.positions,
-            "dataset": {"location": str(self.opts.dataset), "rows": len(self.dataset.texts)},
-            "sample_order": "by text length in characters, then id; appended ingests follow",
+            "dataset": {"location": str(self.opts.dataset), "name": job.dataset},
+            "sample_order": "by text length in characters, then id (questions: by subject, then length); "
+            "appended ingests follow",
             "device": str(loaded.device),
             "created": now(),
             "access": self.opts.access(),
         }
 
-    def _history_entry(self, n_added: int, batch_size: int) -> dict:
+    def _history_entry(self, job: Job, n_added: int, batch_size: int) -> dict:
         return {
             "time": now(),
-            "selection": f"{n_added} texts of {self.dataset.name}",
+            "selection": f"{n_added} texts of {job.dataset}",
             "added": n_added,
             "batch_size": batch_size,
             "versions": versions(),
@@ -221,27 +295,27 @@ class CaptureIngest:
 
 
 def capture_all(opts: IngestOptions, say: Callable[[str], None] = log.info) -> str:
-    """The capture ``opts`` asks for, one line told to ``say`` at the end; returns the model's store name."""
+    """The capture ``opts`` asks for, one line per run told to ``say``; returns the model's store name."""
     ingest = CaptureIngest(opts)
     with ingest.store.writing():
-        report = ingest.run(say)
-    if report is not None:
-        say(
-            f"{report.run}: +{report.added} texts, {report.rows:,} rows ({report.texts} texts stored), "
-            f"{report.size_bytes / 1e6:.1f} MB on disk, {report.seconds:.1f} s "
-            f"({report.rows / max(report.seconds, 1e-9):,.0f} rows/s)"
-        )
+        for job in ingest.jobs:
+            report = ingest.run(job, say)
+            if report is not None:
+                say(
+                    f"{report.run}: +{report.added} texts, {report.rows:,} rows ({report.texts} texts stored), "
+                    f"{report.size_bytes / 1e6:.1f} MB on disk, {report.seconds:.1f} s "
+                    f"({report.rows / max(report.seconds, 1e-9):,.0f} rows/s)"
+                )
     return ingest.name
 
 
-def estimate_capture(ingest: CaptureIngest) -> dict:
-    """What ``--dry-run`` prints for a capture: texts, tokens, rows, time and bytes, from one timed batch."""
-    capture, sites = ingest.capture()
-    stored = ingest.store.has_run(ingest.name, METHOD) and not ingest.opts.overwrite
-    texts = ingest.pending(ingest.store.run(ingest.name, METHOD).committed_samples() if stored else np.zeros(0, int))
-    result = {"run": ingest.key, "texts": len(texts), "tokens": 0, "rows": 0, "seconds": 0.0, "bytes": 0}
+def estimate_capture(ingest: CaptureIngest, job: Job) -> dict:
+    """What ``--dry-run`` prints for a capture run: texts, tokens, rows, time and bytes, from one timed batch."""
+    texts = job.pending(ingest.committed(job))
+    result = {"run": ingest.key(job), "texts": len(texts), "tokens": 0, "rows": 0, "seconds": 0.0, "bytes": 0}
     if not texts:
         return result
+    capture, _ = ingest.capture(job)
     lengths = ingest.check_positions(capture, texts)
     per_text = ingest.positions.per_text
     rows = sum(lengths) if per_text is None else per_text * len(texts)
@@ -253,12 +327,13 @@ def estimate_capture(ingest: CaptureIngest) -> dict:
     captured = capture([t.text for t in sample], dtype=ingest.store_dtype)
     seconds = time.perf_counter() - started
     stored = sum(compressed_nbytes(states) for states in captured.states.values())
-    row_bytes = stored / max(len(captured.text), 1) + 8 * (3 + len(ingest.dataset.label_columns))
-    padded = _padded_tokens(lengths, batch_size)
+    row_bytes = stored / max(len(captured.text), 1) + 8 * (3 + len(job.labels))
     result.update(
         tokens=int(sum(lengths)),
         rows=int(rows),
-        seconds=seconds / (len(sample) * max(lengths[middle : middle + batch_size])) * padded,
+        seconds=seconds
+        / (len(sample) * max(lengths[middle : middle + batch_size]))
+        * _padded_tokens(lengths, batch_size),
         bytes=int(row_bytes * rows),
     )
     return result
@@ -271,24 +346,32 @@ def _padded_tokens(lengths: list[int], batch_size: int) -> int:
 
 
 def _check_options(opts: IngestOptions) -> None:
-    """Options of the study's multiple-choice ingest that a capture does not take, refused in one line."""
+    """Options that a capture does not take, refused in one line."""
+    if opts.top_logits and opts.positions.strip() == "mean":
+        raise DatasetError("--top-logits are taken at token positions; --positions mean has none")
     if not (opts.text_column or opts.template):
-        raise DatasetError(
-            "--sites captures a text dataset: say which column holds the text (--text-column NAME) or how to "
-            "build it from the columns (--template '...{column}...')"
-        )
+        if opts.label_columns:
+            raise DatasetError(
+                "--label-columns name a text dataset's columns (with --text-column); questions are stored "
+                "with their subject and answer"
+            )
+        return
     methods = [parse_method(m).name for m in opts.methods]
     if methods != [METHOD]:
         raise DatasetError(
             f"a text dataset is captured as given (method {METHOD}); methods {', '.join(methods)} need the "
             "study's multiple-choice questions"
         )
-    if opts.top_logits and opts.positions.strip() == "mean":
-        raise DatasetError("--top-logits are taken at token positions; --positions mean has none")
     if opts.subjects or opts.per_subject:
         raise DatasetError(
             "--subjects and --per-subject select multiple-choice questions; a text dataset takes --limit"
         )
+
+
+def _storage_order(texts: list[Text]) -> list[Text]:
+    """Shortest first, so batches pad little; a fixed order makes a resumed run's batches an uninterrupted
+    run's."""
+    return sorted(texts, key=lambda t: (len(t.text), t.id))
 
 
 def _store_dtype(asked: str, compute: torch.dtype) -> str:

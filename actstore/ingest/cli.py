@@ -147,10 +147,12 @@ def _capture(opts: IngestOptions, dry_run: bool) -> int:
     if not dry_run:
         capture_all(opts, say=print)
         return 0
-    e = estimate_capture(CaptureIngest(opts))
+    ingest = CaptureIngest(opts)
     print(f"{'run':40} {'texts':>7} {'tokens':>10} {'rows':>10} {'est. time':>10} {'est. size':>10}")
-    print(
-        f"{e['run']:40} {e['texts']:>7} {e['tokens']:>10} {e['rows']:>10} {e['seconds']:>9.0f}s "
-        f"{e['bytes'] / 1e6:>8.1f}MB"
-    )
+    for job in ingest.jobs:
+        e = estimate_capture(ingest, job)
+        print(
+            f"{e['run']:40} {e['texts']:>7} {e['tokens']:>10} {e['rows']:>10} {e['seconds']:>9.0f}s "
+            f"{e['bytes'] / 1e6:>8.1f}MB"
+        )
     return 0

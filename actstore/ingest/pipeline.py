@@ -77,12 +77,12 @@ class Ingest:
 
     def plans(self) -> Iterator[Plan]:
         for method in self.methods:
-            self._check_shots(method)
-            source = self._source(method)
-            recipe = self._recipe(method, source)
+            self.check_shots(method)
+            source = self.source_of(method)
+            recipe = self.recipe_of(method, source)
             yield Plan(method, source, recipe, self._pending(method, recipe))
 
-    def _check_shots(self, method: Method) -> None:
+    def check_shots(self, method: Method) -> None:
         subjects = {q.subject for q in self.selection.queries}
         short = sorted(s for s in subjects if len(self.selection.shot_pool.get(s, [])) < method.k)
         if short:
@@ -90,7 +90,7 @@ class Ingest:
                 f"method {method.name} needs {method.k} shots but the shot pool of {', '.join(short[:5])} holds fewer"
             )
 
-    def _source(self, method: Method) -> ModelSource:
+    def source_of(self, method: Method) -> ModelSource:
         """The base model, or for a fine-tuned method the checkpoint it probes, checked before any loading:
         an adapter must be finished, trained on this base, and never on the questions probed."""
         if not method.finetuned:
@@ -142,7 +142,7 @@ class Ingest:
             self._fingerprints[source] = source.fingerprint()
         return self._fingerprints[source]
 
-    def _recipe(self, method: Method, source: ModelSource) -> dict:
+    def recipe_of(self, method: Method, source: ModelSource) -> dict:
         """Everything that decides the stored values; a run only ever holds samples of one recipe."""
         recipe = {
             "model_id": self.base.model_id,  # with the fingerprint, not the path: stores move between machines
