@@ -8,8 +8,6 @@ starts from it; results are kept per parameters too, so asking twice returns at 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 from collections import OrderedDict
 
@@ -18,8 +16,10 @@ import numpy as np
 from actstore.analysis import NotAnalysed
 from actstore.analysis.compare import OVERLAP_K, LayerComparison, common_samples, compare_graphs, compare_layer
 from actstore.analysis.density import DensityParams, LayerDensity, analyse_layer, neighbours_needed
+from actstore.analysis.keys import cache_key
 from actstore.analysis.neighbours import knn
 from actstore.analysis.rows import first_unique_rows, per_subject_mask
+from actstore.analysis.tokens import Reduction, cloud_rows
 from actstore.store import Run
 
 log = logging.getLogger(__name__)
@@ -30,17 +30,22 @@ RESULTS_VERSION = 2  # part of the cache key of results: 2 added ari_prediction,
 
 @dataclasses.dataclass(frozen=True)
 class Mask:
-    """Which samples enter the analysis: the first ``per_subject`` of each subject, or every sample."""
+    """Which points enter the analysis. Runs of the study's questions: the first ``per_subject`` samples of
+    each subject, or every sample. Capture runs: the cloud ``reduction`` makes of ``site``'s rows (see
+    ``actstore.analysis.tokens``; by default each text's last token of the first site), its clusters compared
+    with the ``label`` column when one is named."""
 
     per_subject: int | None = None
+    site: str | None = None
+    reduction: str = "last"
+    label: str | None = None
 
     def positions(self, run: Run) -> np.ndarray:
+        """The rows analysed (for a capture run: one per point of its cloud)."""
+        if run.capture is not None:
+            return cloud_rows(run, Reduction.parse(self.reduction))
         subjects = run.labels()["subject"]
         return np.arange(len(subjects)) if self.per_subject is None else per_subject_mask(subjects, self.per_subject)
-
-
-def cache_key(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 _recent_graphs: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()

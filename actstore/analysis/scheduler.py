@@ -27,6 +27,7 @@ from actstore.analysis import NotAnalysed
 from actstore.analysis.compare import OVERLAP_K, Dendrogram, LayerComparison, density_peak_dendrogram
 from actstore.analysis.density import DensityParams, LayerDensity
 from actstore.analysis.layers import Mask, analyse, compare
+from actstore.analysis.tokens import Reduction, TokenCloud, analyse_tokens
 from actstore.store import CorruptData, Store
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,9 @@ def layer_outcome(
     the whole job must fail loudly, not list it among results), which are raised."""
     try:
         run = store.run(model, method)
+        if run.capture is not None:
+            cloud = analyse_tokens(run, layer, Reduction.parse(mask.reduction), params, mask.site, mask.label, compute)
+            return LayerOutcome(model, method, layer, _as_layer_density(cloud), cloud.samples, None)
         result, positions = analyse(run, layer, params, mask, compute)
         labels = run.labels()
     except (NotAnalysed, CorruptData):
@@ -131,6 +135,27 @@ def layer_outcome(
     except ValueError:  # too few large clusters to draw one
         dendrogram = None
     return LayerOutcome(model, method, layer, result, labels["sample"][positions], None, dendrogram)
+
+
+def _as_layer_density(cloud: TokenCloud) -> LayerDensity:
+    """A token cloud's results in the study's terms: the ARI and overlap with its label as the subject's, the
+    answer's and the prediction's undefined (NaN)."""
+    nan = float("nan")
+    return LayerDensity(
+        ids_gride=cloud.ids_gride,
+        id=cloud.id,
+        id_2nn=cloud.id_2nn,
+        n_clusters=cloud.n_clusters,
+        assignment=cloud.assignment,
+        core_fraction=cloud.core_fraction,
+        peak_log_density=cloud.peak_log_density,
+        saddle_log_density=cloud.saddle_log_density,
+        ari_subject=nan if cloud.ari is None else cloud.ari,
+        ari_answer=nan,
+        ari_prediction=nan,
+        overlap_subject=nan if cloud.overlap is None else cloud.overlap,
+        overlap_answer=nan,
+    )
 
 
 def comparison_outcome(

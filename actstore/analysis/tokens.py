@@ -25,7 +25,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from actstore.analysis import NotAnalysed
 from actstore.analysis.density import cluster, label_overlap
-from actstore.analysis.layers import cache_key
+from actstore.analysis.keys import cache_key
 from actstore.analysis.neighbours import knn
 from actstore.analysis.params import MIN_SAMPLES, PAPER, DensityParams, fitted
 from actstore.analysis.rows import first_unique_rows
@@ -76,6 +76,8 @@ class TokenCloud:
     n_clusters: int
     assignment: np.ndarray
     core_fraction: float
+    peak_log_density: np.ndarray
+    saddle_log_density: np.ndarray
     label: str | None  # the label column the clusters are compared with
     ari: float | None
     overlap: float | None
@@ -91,21 +93,28 @@ def text_blocks(run: Run) -> tuple[np.ndarray, np.ndarray]:
     return starts, np.diff(np.concatenate([starts, [len(samples)]]))
 
 
-def reduce_layer(run: Run, layer: int, reduction: Reduction, site: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(points, rows): the cloud of ``layer`` as float64 (point, width), and for each point its first row
-    (whose sample and labels it carries)."""
+def cloud_rows(run: Run, reduction: Reduction) -> np.ndarray:
+    """For each point of the cloud, the row it is (for ``mean``: its text's first row, whose sample and labels
+    it carries)."""
     starts, counts = text_blocks(run)
     if reduction.kind == "position":
-        rows = _rows_at(run, starts, counts, reduction.position)
-        return run.read_rows([layer], rows, site)[0].astype(np.float64), rows
+        return _rows_at(run, starts, counts, reduction.position)
     if reduction.kind == "sample":
         n_rows = run.n_samples
         if reduction.n > n_rows:
             raise ValueError(f"sample:{reduction.n} asks for more tokens than the {n_rows} rows of run {run.key}")
         rng = np.random.default_rng(reduction.seed)
-        rows = np.sort(rng.choice(n_rows, size=reduction.n, replace=False))
-        return run.read_rows([layer], rows, site)[0].astype(np.float64), rows
-    return _means(run, layer, starts, counts, site), starts
+        return np.sort(rng.choice(n_rows, size=reduction.n, replace=False))
+    return starts
+
+
+def reduce_layer(run: Run, layer: int, reduction: Reduction, site: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(points, rows): the cloud of ``layer`` as float64 (point, width), and ``cloud_rows``."""
+    rows = cloud_rows(run, reduction)
+    if reduction.kind == "mean":
+        starts, counts = text_blocks(run)
+        return _means(run, layer, starts, counts, site), rows
+    return run.read_rows([layer], rows, site)[0].astype(np.float64), rows
 
 
 def _rows_at(run: Run, starts: np.ndarray, counts: np.ndarray, position: int) -> np.ndarray:
@@ -179,6 +188,8 @@ def analyse_tokens(
         n_clusters=found.n_clusters,
         assignment=found.assignment,
         core_fraction=found.core_fraction,
+        peak_log_density=found.peak_log_density,
+        saddle_log_density=found.saddle_log_density,
         label=label,
         ari=ari,
         overlap=overlap,
@@ -193,5 +204,5 @@ def analyse_tokens(
     return result
 
 
-_ARRAYS = ("samples", "ids_gride", "assignment")
+_ARRAYS = ("samples", "ids_gride", "assignment", "peak_log_density", "saddle_log_density")
 _SCALARS = tuple(f.name for f in dataclasses.fields(TokenCloud) if f.name not in _ARRAYS)

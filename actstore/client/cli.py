@@ -60,6 +60,23 @@ def _layers(text: str) -> slice | list[int]:
     return _span(text) if ":" in text else [int(v) for v in csv_list(text)]
 
 
+_NOT_LABELS = {"samples", "positions", "tokens", "layers", "hidden", "dtype", "allow_lossy", "site", "model", "method"}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in csv_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+
+
+def _label(text: str) -> tuple[str, list[str]]:
+    name, _, values = text.partition("=")
+    if not name or not values:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE[,VALUE...], got {text!r}")
+    return name, csv_list(values)
+
+
 def _connection(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address",
@@ -188,16 +205,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q.add_argument("method")
         if name in ("get", "labels"):
             q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-            q.add_argument("--samples", type=csv_list, help="comma list of sample ids")
-            q.add_argument("--positions", type=_span, help="START:STOP along the run's sample axis")
+            q.add_argument("--samples", type=csv_list, help="comma list of sample ids (capture runs: all their rows)")
+            q.add_argument(
+                "--positions",
+                type=_span,
+                help="START:STOP along the run's sample axis (a capture run with one row per text: its rows; for a "
+                "capture run's tokens use --tokens and --token-positions)",
+            )
             q.add_argument("--subject", type=csv_list, help="comma list of subjects to keep")
             q.add_argument("--answer", type=csv_list, help="comma list of answer letters to keep")
+            q.add_argument(
+                "--label",
+                type=_label,
+                action="append",
+                default=[],
+                metavar="NAME=V1,V2",
+                help="keep rows whose label NAME (any label column of a capture run, e.g. topic=news) is one of "
+                "the values, compared as text; repeatable",
+            )
+            q.add_argument(
+                "--token-positions",
+                type=_ints,
+                metavar="P1,P2",
+                help="capture runs: keep the rows at these token positions of each text, negative from its end "
+                "(0: the first token, -1: the last)",
+            )
+            q.add_argument(
+                "--tokens", type=_span, metavar="START:STOP", help="capture runs: rows START:STOP of the run, as stored"
+            )
         if name == "get":
+            q.add_argument("--site", help="a capture run's site (default: its first; `query describe` lists them)")
             q.add_argument("--layers", type=_layers, help="comma list (3,7) or range START:STOP (default: all)")
             q.add_argument("--hidden", type=_span, help="START:STOP of hidden dimensions")
-            q.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+            q.add_argument(
+                "--dtype",
+                choices=["float32", "float16"],
+                help="default: as stored (float32, or float16 for a capture run stored so); float16 is refused "
+                "where it would round, unless --allow-lossy",
+            )
             q.add_argument("--allow-lossy", action="store_true", help="accept float16 even where it rounds")
-            q.add_argument("--out", type=Path, required=True, help="a .npy, .nc or .zarr path")
+            q.add_argument(
+                "--out",
+                type=Path,
+                required=True,
+                help="a .npy, .nc or .zarr path (.nc: one variable, named after the site, with its coordinates; "
+                "NetCDF 3 has no float16, so float16 states are written as float32, exactly)",
+            )
         if name == "labels":
             q.add_argument("--out", type=Path, help="a .csv path (default: print)")
         if name == "share":
@@ -215,7 +268,20 @@ def _client(args: argparse.Namespace):
 
 def _selection(args: argparse.Namespace) -> dict:
     samples = [int(s) for s in args.samples] if args.samples else args.positions
-    return {"samples": samples, "subject": args.subject, "answer": args.answer}
+    selection = {
+        "samples": samples,
+        "subject": args.subject,
+        "answer": args.answer,
+        "positions": args.token_positions,
+        "tokens": args.tokens,
+    }
+    for name, values in args.label:
+        if name in _NOT_LABELS:
+            raise ValueError(f"--label {name}=...: {name!r} names an option of the client, not a label filter")
+        if selection.get(name) is not None:
+            raise ValueError(f"--label {name}=... is given twice: give all its values at once (NAME=V1,V2)")
+        selection[name] = values
+    return selection
 
 
 def run(args: argparse.Namespace) -> int:
@@ -229,9 +295,10 @@ def run(args: argparse.Namespace) -> int:
             for r in found:
                 accuracy = f"{r['accuracy']:.3f}" if r["accuracy"] is not None else "-"
                 access = r["visibility"] + (f" (owner {r['owner_group']})" if r["owner_group"] else "")
+                samples = r["n_texts"] if r["kind"] == "capture" else r["n_samples"]
                 print(
-                    f"{r['model'] + '/' + r['method']:44} {r['n_layers']:>6} {r['n_samples']:>8} "
-                    f"{r['hidden']:>6} {accuracy:>8}  {access}"
+                    f"{r['model'] + '/' + r['method']:44} {r['n_layers']:>6} {samples:>8} "
+                    f"{r['hidden']:>6} {accuracy:>8}  {access}{_capture_line(r)}"
                 )
         elif args.query == "jobs":
             _print_jobs(client.jobs())
@@ -257,11 +324,24 @@ def run(args: argparse.Namespace) -> int:
                 hidden=args.hidden,
                 dtype=args.dtype,
                 allow_lossy=args.allow_lossy,
+                site=args.site,
                 **_selection(args),
             )
             _save(_with_provenance(states, client.describe(args.model, args.method)), args.out, args.overwrite)
-            print(f"wrote {args.out}: {dict(states.sizes)} {states.dtype}")
+            widened = " (written as float32: NetCDF 3 has no float16)" if _widened(states, args.out) else ""
+            print(f"wrote {args.out}: {dict(states.sizes)} {states.dtype}{widened}")
     return 0
+
+
+def _capture_line(r: dict) -> str:
+    """What a capture run holds beyond a question run's columns: its rows, sites and stored dtype."""
+    if r["kind"] != "capture":
+        return ""
+    sites = ", ".join(
+        site["name"] + ("" if site["width"] == r["hidden"] else f" ({site['width']} wide)") for site in r["sites"]
+    )
+    rows = f"{r['n_samples']} token rows" if r["row_dim"] == "token" else "one row per text"
+    return f"; capture: {rows}, sites {sites}, {r['store_dtype']}"
 
 
 def _print_jobs(jobs: list) -> None:
@@ -288,10 +368,16 @@ def _with_provenance(states, info: dict):
     return states.assign_attrs(extra)
 
 
+def _widened(states, out: Path) -> bool:
+    return out.suffix == ".nc" and states.dtype == np.float16
+
+
 def _save(states, out: Path, overwrite: bool) -> None:
     if out.suffix == ".npy":
         np.save(out, states.values)
     elif out.suffix == ".nc":
+        if _widened(states, out):  # exact: every float16 is a float32
+            states = states.astype(np.float32).assign_attrs(states.attrs, stored_dtype="float16")
         states.to_dataset().assign_attrs(states.attrs).to_netcdf(out)
     elif out.suffix == ".zarr":
         states.to_dataset().assign_attrs(states.attrs).to_zarr(out, mode="w" if overwrite else "w-", consolidated=False)

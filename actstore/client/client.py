@@ -10,10 +10,20 @@ import numpy as np
 import xarray as xr
 
 from actstore.client.channel import channel_target  # noqa: F401 - where tests and tools look it up
+from actstore.client.columns import column_coords
 from actstore.client.connection import Connection
 from actstore.client.jobs import AnalysisJob
 from actstore.client.records import run_info, run_summary
-from actstore.client.requests import Labels, Layers, layer_fields, range_of, run_of, run_ref, sample_selection
+from actstore.client.requests import (
+    Labels,
+    Layers,
+    Positions,
+    layer_fields,
+    range_of,
+    run_of,
+    run_ref,
+    sample_selection,
+)
 from actstore.client.states import receive_states
 from actstore.protocol import DTYPE_ENUMS, VISIBILITY_ENUMS
 from actstore.v1 import actstore_pb2 as pb
@@ -26,6 +36,8 @@ class Client(Connection):
     >>> with Client("127.0.0.1:50051", token=...) as client:
     ...     states = client.hidden_states("SmolLM2-135M-Instruct.Q4_1", "5shot", layers=7, subject="anatomy")
     ...     states.values  # numpy (layer, sample, hidden)
+    ...     tokens = client.hidden_states("my-model", "0shot", site="mlp_out", positions=[0, -1], topic="news")
+    ...     tokens.position  # a capture run's rows (layer, token, hidden), with their coordinates
     """
 
     # -- catalog ----------------------------------------------------------------------------------
@@ -67,15 +79,22 @@ class Client(Connection):
         samples: Sequence[int] | slice | None = None,
         subject: Labels = None,
         answer: Labels = None,
+        positions: Positions = None,
+        tokens: slice | range | None = None,
         **filters: Labels,
     ) -> xr.Dataset:
-        """Per-sample labels (subject, answer, prediction, correct) indexed by sample id."""
+        """Per-sample labels (subject, answer, prediction, correct) indexed by sample id; for a capture run, the
+        coordinates of its rows (sample, position, token_id and its label columns), selected as in
+        ``hidden_states``."""
         request = pb.ReadLabelsRequest(
             run=run_ref(model, method),
-            samples=sample_selection(samples, {"subject": subject, "answer": answer, **filters}),
+            samples=sample_selection(samples, {"subject": subject, "answer": answer, **filters}, positions, tokens),
         )
         response = self.call(self.data_stub.ReadLabels, request)
-        return xr.Dataset(coords=label_coords(response.labels), attrs={"run_complete": response.run_complete})
+        attrs = {"run_complete": response.run_complete}
+        if response.columns:
+            return xr.Dataset(coords=column_coords(response.columns, response.row_dim), attrs=attrs)
+        return xr.Dataset(coords=label_coords(response.labels), attrs=attrs)
 
     def hidden_states(
         self,
@@ -86,21 +105,32 @@ class Client(Connection):
         subject: Labels = None,
         answer: Labels = None,
         hidden: slice | None = None,
-        dtype: str = "float32",
+        dtype: str | None = None,
         allow_lossy: bool = False,
+        site: str | None = None,
+        positions: Positions = None,
+        tokens: slice | range | None = None,
         **filters: Labels,
     ) -> xr.DataArray:
         """States as a DataArray (layer, sample, hidden) with the sample labels as coordinates.
 
         ``samples``: a list of sample ids, or a slice of positions along the run's sample axis;
         ``subject``, ``answer`` (and ``prediction``, ``correct``): keep samples with these labels.
+        ``dtype``: "float32" or "float16" (refused where it would round, unless ``allow_lossy``); None: as stored.
+
+        A capture run gives one ``site`` (None: its first) as a DataArray named after it, (layer, token, hidden)
+        or, one row per text, (layer, sample, hidden) (a site of another width: ``{site}.hidden``), with the
+        rows' sample, position, token_id and label columns as coordinates. ``samples``: the texts' ids (every
+        row of each); ``positions``: token positions in each text, negative from its end; ``tokens``: a slice of
+        the run's rows; ``filters``: any label column, values compared as text (``topic="news"``, ``n=[1, 2]``).
         """
         request = pb.ReadStatesRequest(
             run=run_ref(model, method),
-            samples=sample_selection(samples, {"subject": subject, "answer": answer, **filters}),
-            dtype=DTYPE_ENUMS[dtype],
+            samples=sample_selection(samples, {"subject": subject, "answer": answer, **filters}, positions, tokens),
+            dtype=pb.DTYPE_UNSPECIFIED if dtype is None else DTYPE_ENUMS[dtype],
             allow_lossy=allow_lossy,
             accept_blosc=True,
+            site=site or "",
             **layer_fields(layers),
         )
         if hidden is not None:
@@ -108,16 +138,19 @@ class Client(Connection):
         header, data = self.retry(
             lambda: receive_states(self.stream(self.data_stub.ReadStates, request, self.stream_timeout))
         )
+        attrs = {"model": model, "method": method, "run_complete": header.run_complete}
+        width = {header.dims[2]: np.arange(header.hidden_start, header.hidden_start + data.shape[2])}
+        if header.columns:  # a capture run
+            coords = {"layer": list(header.layers), **column_coords(header.columns, header.dims[1]), **width}
+            return xr.DataArray(
+                data, dims=tuple(header.dims), coords=coords, name=header.site, attrs={**attrs, "site": header.site}
+            )
         return xr.DataArray(
             data,
             dims=tuple(header.dims),
-            coords={
-                "layer": list(header.layers),
-                **label_coords(header.labels),
-                "hidden": np.arange(header.hidden_start, header.hidden_start + data.shape[2]),
-            },
+            coords={"layer": list(header.layers), **label_coords(header.labels), **width},
             name="hidden_states",
-            attrs={"model": model, "method": method, "run_complete": header.run_complete},
+            attrs=attrs,
         )
 
     # -- analyses ---------------------------------------------------------------------------------

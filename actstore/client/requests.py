@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from actstore.v1 import actstore_pb2 as pb
 
 Layers = int | Sequence[int] | range | slice | None
-Labels = str | Sequence[str] | None
+Labels = str | int | float | bool | Sequence[str | int | float | bool] | None  # compared as text by the server
+Positions = int | Sequence[int] | None
 
 
 def run_ref(model: str, method: str) -> pb.RunRef:
@@ -39,13 +42,17 @@ def layer_fields(layers: Layers) -> dict:
     return {"layers": list(layers)}
 
 
-def sample_selection(samples: Sequence[int] | slice | None, filters: dict[str, Labels]) -> pb.SampleSelection:
-    """Sample ids (a sequence) or positions (a slice), narrowed by label filters (None: no filter)."""
+def sample_selection(
+    samples: Sequence[int] | slice | None,
+    filters: dict[str, Labels],
+    positions: Positions = None,
+    tokens: slice | range | None = None,
+) -> pb.SampleSelection:
+    """Sample ids (a sequence) or positions (a slice), narrowed by label filters (None: no filter); for a
+    capture run, token ``positions`` in each text (negative from its end) and a range of rows (``tokens``)."""
     selection = pb.SampleSelection(
         filters=[
-            pb.LabelFilter(
-                name=name, values=[str(v) for v in ([values] if isinstance(values, (str, bool)) else values)]
-            )
+            pb.LabelFilter(name=name, values=[str(v) for v in _values(values)])
             for name, values in filters.items()
             if values is not None
         ]
@@ -54,4 +61,13 @@ def sample_selection(samples: Sequence[int] | slice | None, filters: dict[str, L
         selection.positions.CopyFrom(range_of(samples))
     elif samples is not None:
         selection.ids.extend(int(i) for i in samples)
+    if positions is not None:
+        selection.token_positions.extend(int(p) for p in ([positions] if np.ndim(positions) == 0 else positions))
+    if tokens is not None:
+        selection.token_range.CopyFrom(range_of(tokens))
     return selection
+
+
+def _values(values: Labels) -> list:
+    """A filter's values: one value, or several."""
+    return [values] if isinstance(values, (str, bool, int, float, np.generic)) else list(values)

@@ -326,7 +326,7 @@ def estimate_capture(ingest: CaptureIngest, job: Job) -> dict:
     started = time.perf_counter()
     captured = capture([t.text for t in sample], dtype=ingest.store_dtype)
     seconds = time.perf_counter() - started
-    stored = sum(compressed_nbytes(states) for states in captured.states.values())
+    stored = sum(compressed_nbytes(states, ingest.store_dtype) for states in captured.states.values())
     row_bytes = stored / max(len(captured.text), 1) + 8 * (3 + len(job.labels))
     result.update(
         tokens=int(sum(lengths)),

@@ -6,7 +6,7 @@ import json
 import logging
 
 from actstore.protocol import VISIBILITY_ENUMS, VISIBILITY_NAMES
-from actstore.server import selection
+from actstore.server import capture_rows, selection
 from actstore.server.auth import Caller
 from actstore.server.errors import Forbidden
 from actstore.server.rpc import Servicer, rpc
@@ -71,9 +71,25 @@ def _page_start(token: str, runs: list[Run]) -> int:
     return next((i for i, key in enumerate(keys) if key > token), len(keys))
 
 
+def sites(run: Run) -> list[pb.SiteInfo]:
+    """Each states array of the run: a capture run's sites as its layout records them (no array opened), a
+    question run's one site."""
+    capture = run.capture
+    if capture is None:
+        n_layers, _, hidden = run.shape
+        return [pb.SiteInfo(name=run.default_site, n_layers=n_layers, width=hidden, dims=["layer", "sample", "hidden"])]
+    return [
+        pb.SiteInfo(
+            name=site, n_layers=capture.n_layers, width=width, dims=["layer", capture.rows, capture.width_dim(site)]
+        )
+        for site, width in capture.sites.items()
+    ]
+
+
 def summary(run: Run) -> pb.RunSummary:
     n_layers, n_samples, hidden = run.shape
     access = run.access
+    capture = run.capture
     return pb.RunSummary(
         run=pb.RunRef(model=run.model, method=run.method),
         n_layers=n_layers,
@@ -86,6 +102,11 @@ def summary(run: Run) -> pb.RunSummary:
             visibility=VISIBILITY_ENUMS[access["visibility"]],
             shared_with=access["shared_with"],
         ),
+        kind=pb.RUN_KIND_QUESTIONS if capture is None else pb.RUN_KIND_CAPTURE,
+        sites=sites(run),
+        row_dim=run.row_dim,
+        n_texts=run.n_texts,
+        store_dtype="float32" if capture is None else capture.store_dtype,
     )
 
 
@@ -98,7 +119,9 @@ def describe(run: Run) -> pb.RunInfo:
         layers=list(range(run.shape[0])),
         labels=[
             pb.LabelValues(name=name, values=sorted({str(v) for v in labels[name]})) for name in selection.LABEL_NAMES
-        ],
+        ]
+        if run.capture is None
+        else capture_rows.label_values(run),
         size_bytes=run.size_bytes(),
         recipe_json=json.dumps(attrs.get("recipe", {})),
         attributes_json=json.dumps(attrs, default=str),

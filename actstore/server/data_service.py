@@ -11,12 +11,21 @@ import grpc
 import numpy as np
 
 from actstore.protocol import CHUNK_BYTES, DTYPE_ENUMS, DTYPE_NAMES, MAX_MESSAGE_BYTES
-from actstore.server import selection
+from actstore.server import capture_rows, selection
 from actstore.server.auth import Caller
 from actstore.server.errors import TooLarge
 from actstore.server.gate import Stalled
 from actstore.server.rpc import Servicer, rpc
-from actstore.server.state_messages import READ_BYTES, Message, is_range, next_message, raw_messages, stored_chunks
+from actstore.server.state_messages import (
+    READ_BYTES,
+    Message,
+    Source,
+    is_range,
+    next_message,
+    raw_messages,
+    stored_chunks,
+)
+from actstore.store import Run
 from actstore.v1 import actstore_pb2 as pb
 from actstore.v1 import actstore_pb2_grpc as pb_grpc
 from actstore.wire.labels import LABEL_ROW_BYTES, encode_labels, labels_bytes
@@ -32,6 +41,13 @@ class DataService(Servicer, pb_grpc.DataServiceServicer):
     def ReadLabels(self, request: pb.ReadLabelsRequest, caller: Caller) -> pb.ReadLabelsResponse:
         wanted = selection.sample_ids(request.samples)
         run = self.readable_run(request.run, caller)
+        if run.capture is not None:
+            rows = capture_rows.rows(request.samples, wanted, run)
+            self.check_capture_size("labels' answer", 0, run, rows)
+            return pb.ReadLabelsResponse(
+                columns=capture_rows.columns(run, rows), row_dim=run.row_dim, run_complete=run.complete
+            )
+        selection.question_run(request.samples, "", run)
         positions = selection.positions(request.samples, wanted, run.labels(), run.sample_order)
         self.check_size("labels' answer", 0, len(positions), lambda: labels_bytes(run.labels(), positions))
         return pb.ReadLabelsResponse(labels=encode_labels(run.labels(), positions), run_complete=run.complete)
@@ -54,19 +70,28 @@ class DataService(Servicer, pb_grpc.DataServiceServicer):
             log.info("ReadStates cancelled by the client after %d of %d bytes; stopped reading", sent, size)
             raise
 
-    def check_size(self, what: str, states_bytes: int, n_samples: int, label_bytes: Callable[[], int]) -> None:
+    def check_size(
+        self,
+        what: str,
+        states_bytes: int,
+        n_samples: int,
+        label_bytes: Callable[[], int],
+        row_bytes: int = LABEL_ROW_BYTES,
+        rows: str = "samples",
+    ) -> None:
         """Refuse, before any of it is read, an answer above the response cap or labels above one message.
 
-        ``label_bytes`` is called only when the framing alone fits: a huge selection is refused in O(1).
+        ``label_bytes`` is called only when the framing alone fits (``row_bytes`` a row at least): a huge
+        selection is refused in O(1).
         """
-        split = "ask for fewer layers or samples (e.g. consecutive sample ranges, one request each)"
-        if n_samples * LABEL_ROW_BYTES > MAX_LABEL_BYTES or states_bytes > self.max_response_bytes:
-            labels = n_samples * LABEL_ROW_BYTES
+        split = f"ask for fewer layers or {rows} (e.g. consecutive {rows[:-1]} ranges, one request each)"
+        if n_samples * row_bytes > MAX_LABEL_BYTES or states_bytes > self.max_response_bytes:
+            labels = n_samples * row_bytes
         else:
             labels = label_bytes()
         if labels > MAX_LABEL_BYTES:
             raise TooLarge(
-                f"the labels of {n_samples:,} samples take {labels / 2**20:.1f} MiB or more, above the "
+                f"the labels of {n_samples:,} {rows} take {labels / 2**20:.1f} MiB or more, above the "
                 f"{MAX_LABEL_BYTES / 2**20:.0f} MiB one message carries: {split}"
             )
         size = states_bytes + labels
@@ -108,6 +133,17 @@ class DataService(Servicer, pb_grpc.DataServiceServicer):
             "(actstore serve --stream-idle-timeout): read a stream as it arrives"
         )
 
+    def check_capture_size(self, what: str, states_bytes: int, run: Run, rows: np.ndarray) -> None:
+        """``check_size`` for a capture run's rows and their coordinates."""
+        self.check_size(
+            what,
+            states_bytes,
+            len(rows),
+            lambda: capture_rows.columns_bytes(run, rows),
+            row_bytes=capture_rows.min_row_bytes(run),
+            rows="tokens" if run.row_dim == "token" else "samples",
+        )
+
     def _plan_read(self, request: pb.ReadStatesRequest, caller: Caller) -> tuple[bytes, Iterator[Message], int]:
         """The header (a serialized response holding it), the messages to send (read lazily) and the answer's
         size; every check before any read."""
@@ -115,6 +151,9 @@ class DataService(Servicer, pb_grpc.DataServiceServicer):
         if request.dtype not in DTYPE_NAMES:
             raise selection.BadRequest(f"unknown dtype {request.dtype}")
         run = self.readable_run(request.run, caller)
+        if run.capture is not None:
+            return self._plan_capture_read(request, wanted, run)
+        selection.question_run(request.samples, request.site, run)
         n_layers, _, n_hidden = run.shape
         layers = selection.layers(request, n_layers)
         cols = selection.hidden(request, n_hidden)
@@ -132,9 +171,51 @@ class DataService(Servicer, pb_grpc.DataServiceServicer):
             hidden_start=cols.start,
             run_complete=run.complete,
         )
-        whole_rows = dtype == np.float32 and cols == slice(0, n_hidden)
+        return self._planned(request, header, Source(run, None, dtype), layers, positions, cols)
+
+    def _plan_capture_read(
+        self, request: pb.ReadStatesRequest, wanted: np.ndarray | None, run: Run
+    ) -> tuple[bytes, Iterator[Message], int]:
+        """``_plan_read`` of a capture run: one site, rows with their coordinates, sent as stored unless
+        another dtype is asked for (float16 widened to float32 exactly; float32 narrowed only losslessly)."""
+        site = capture_rows.site_of(run, request.site)
+        stored = np.dtype(run.states(site).dtype)
+        n_layers, _, width = run.states(site).shape
+        layers = selection.layers(request, n_layers)
+        cols = selection.hidden(request, width)
+        rows = capture_rows.rows(request.samples, wanted, run)
+        dtype = stored if request.dtype == pb.DTYPE_UNSPECIFIED else np.dtype(DTYPE_NAMES[request.dtype])
+        shape = (len(layers), len(rows), cols.stop - cols.start)
+        size = int(np.prod(shape)) * dtype.itemsize
+        self.check_capture_size("selection", size, run, rows)
+        header = pb.StatesHeader(
+            shape=shape,
+            dtype=DTYPE_ENUMS[dtype.name],
+            dims=["layer", run.row_dim, run.capture.width_dim(site)],
+            layers=layers,
+            columns=capture_rows.columns(run, rows),
+            site=site,
+            hidden_start=cols.start,
+            run_complete=run.complete,
+        )
+        return self._planned(request, header, Source(run, site, dtype), layers, rows, cols)
+
+    def _planned(
+        self,
+        request: pb.ReadStatesRequest,
+        header: pb.StatesHeader,
+        source: Source,
+        layers: list[int],
+        positions: np.ndarray,
+        cols: slice,
+    ) -> tuple[bytes, Iterator[Message], int]:
+        """The serialized header, the messages (stored Blosc chunks where the client takes them and the
+        read is a range of whole float32 rows stored as float32; raw bytes otherwise) and the answer's size."""
+        size = int(np.prod(tuple(header.shape))) * source.dtype.itemsize
+        float32 = source.dtype == np.float32 and np.dtype(source.array.dtype) == np.float32
+        whole_rows = float32 and cols == slice(0, source.width)
         if request.accept_blosc and whole_rows and size >= CHUNK_BYTES and is_range(positions):
-            messages = stored_chunks(run, layers, int(positions[0]), len(positions))
+            messages = stored_chunks(source, layers, int(positions[0]), len(positions))
         else:
-            messages = raw_messages(run, layers, positions, cols, dtype, request.allow_lossy)
+            messages = raw_messages(source, layers, positions, cols, request.allow_lossy)
         return pb.ReadStatesResponse(header=header).SerializeToString(), messages, size

@@ -1,13 +1,14 @@
 """Turning a ReadStates / ReadLabels request into layers, sample positions and a hidden slice.
 
-Every failure names what was asked and what exists, and maps to one gRPC status (see errors.py).
+Every failure names what was asked and what exists, and maps to one gRPC status (see errors.py). A capture
+run's rows and site: capture_rows.py.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from actstore.store import echo
+from actstore.store import Run, echo
 from actstore.v1 import actstore_pb2 as pb
 
 LABEL_NAMES = ("subject", "answer", "prediction", "correct")
@@ -37,7 +38,7 @@ def layers(request: pb.ReadStatesRequest, n_layers: int) -> list[int]:
         raise BadRequest(f"{len(request.layers)} layers asked for, the run has {n_layers}: name each layer once")
     chosen = list(request.layers) or list(range(n_layers))
     if len(set(chosen)) < len(chosen):
-        raise BadRequest(f"layer {_first_repeat(np.asarray(chosen))} is asked for more than once")
+        raise BadRequest(f"layer {first_repeat(np.asarray(chosen))} is asked for more than once")
     unknown = [layer for layer in chosen if not 0 <= layer < n_layers]
     if unknown:
         raise NotFound(f"no layer {unknown[0]}: the run has layers 0..{n_layers - 1}")
@@ -63,16 +64,27 @@ def sample_ids(selection: pb.SampleSelection) -> np.ndarray | None:
             "split them over several requests"
         )
     wanted = np.fromiter(selection.ids, dtype=np.int64, count=len(selection.ids))
-    repeat = _first_repeat(wanted)
+    repeat = first_repeat(wanted)
     if repeat is not None:
         raise BadRequest(f"sample id {repeat} is asked for more than once: name each sample once")
     return wanted
 
 
-def _first_repeat(values: np.ndarray) -> int | None:
+def first_repeat(values: np.ndarray) -> int | None:
     ordered = np.sort(values)
     repeats = ordered[1:][ordered[1:] == ordered[:-1]]
     return int(repeats[0]) if len(repeats) else None
+
+
+def question_run(selection: pb.SampleSelection, site: str, run: Run) -> None:
+    """Refuse, on a run of the study's questions, what only a capture run has: tokens, other sites."""
+    if selection.token_positions or selection.HasField("token_range"):
+        raise BadRequest(
+            "token positions and token ranges select a capture run's rows: this run holds one row per question "
+            "(select samples by id, position range or label)"
+        )
+    if site and site not in run.sites:
+        raise BadRequest(f"run {run.key} has no site {echo(site)}; its sites: {', '.join(run.sites)}")
 
 
 def positions(

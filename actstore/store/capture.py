@@ -4,7 +4,8 @@ A capture run (format 2) has one growing axis of rows, named ``token`` when a te
 (``--positions all`` or several indices) and ``sample`` when it gives one (``last``, ``mean``, one index).
 Every array grows along it, so a commit is one cut of every array, as in a question run (format 1)::
 
-    {site}      (layer, row, hidden)  one per site, named after it; sharded, Blosc, CRC-32C per chunk
+    {site}      (layer, row, hidden)  one per site, named after it; sharded, Blosc (layout.CAPTURE_CODECS),
+                                      CRC-32C per chunk
     sample      (row,)                the text's id (its row in the dataset); a text's rows are contiguous
     position    (row,)                the token's position in its text (0 = first token); -1 for a mean
     token_id    (row,)                the token's id; -1 for a mean
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from actstore.store.layout import LABEL_CHUNK, STORE_DTYPES, StateLayout, state_compressors
+from actstore.store.layout import LABEL_CHUNK, STORE_DTYPES, StateLayout, capture_compressors
 from actstore.store.names import validate_name
 
 CAPTURE_FORMAT = 2
@@ -109,7 +110,7 @@ class CaptureLayout:
                 dtype=dtype,
                 chunks=layout.chunks,
                 shards=layout.shards,
-                compressors=state_compressors(itemsize),
+                compressors=capture_compressors(self.store_dtype),
                 fill_value=float("nan"),
                 dimension_names=("layer", self.rows, self.width_dim(site)),
                 attributes={"coordinates": coords, "site": site, "store_dtype": self.store_dtype},

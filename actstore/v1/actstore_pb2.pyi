@@ -17,6 +17,12 @@ class Visibility(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VISIBILITY_SHARED: _ClassVar[Visibility]
     VISIBILITY_PUBLIC: _ClassVar[Visibility]
 
+class RunKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUN_KIND_UNSPECIFIED: _ClassVar[RunKind]
+    RUN_KIND_QUESTIONS: _ClassVar[RunKind]
+    RUN_KIND_CAPTURE: _ClassVar[RunKind]
+
 class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DTYPE_UNSPECIFIED: _ClassVar[DType]
@@ -35,6 +41,9 @@ VISIBILITY_UNSPECIFIED: Visibility
 VISIBILITY_PRIVATE: Visibility
 VISIBILITY_SHARED: Visibility
 VISIBILITY_PUBLIC: Visibility
+RUN_KIND_UNSPECIFIED: RunKind
+RUN_KIND_QUESTIONS: RunKind
+RUN_KIND_CAPTURE: RunKind
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
@@ -63,8 +72,20 @@ class Access(_message.Message):
     shared_with: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, owner_group: _Optional[str] = ..., visibility: _Optional[_Union[Visibility, str]] = ..., shared_with: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class SiteInfo(_message.Message):
+    __slots__ = ("name", "n_layers", "width", "dims")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    N_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    n_layers: int
+    width: int
+    dims: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., n_layers: _Optional[int] = ..., width: _Optional[int] = ..., dims: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class RunSummary(_message.Message):
-    __slots__ = ("run", "n_layers", "n_samples", "hidden", "accuracy", "complete", "access")
+    __slots__ = ("run", "n_layers", "n_samples", "hidden", "accuracy", "complete", "access", "kind", "sites", "row_dim", "n_texts", "store_dtype")
     RUN_FIELD_NUMBER: _ClassVar[int]
     N_LAYERS_FIELD_NUMBER: _ClassVar[int]
     N_SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +93,11 @@ class RunSummary(_message.Message):
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
     ACCESS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SITES_FIELD_NUMBER: _ClassVar[int]
+    ROW_DIM_FIELD_NUMBER: _ClassVar[int]
+    N_TEXTS_FIELD_NUMBER: _ClassVar[int]
+    STORE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     run: RunRef
     n_layers: int
     n_samples: int
@@ -79,7 +105,12 @@ class RunSummary(_message.Message):
     accuracy: float
     complete: bool
     access: Access
-    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., n_layers: _Optional[int] = ..., n_samples: _Optional[int] = ..., hidden: _Optional[int] = ..., accuracy: _Optional[float] = ..., complete: _Optional[bool] = ..., access: _Optional[_Union[Access, _Mapping]] = ...) -> None: ...
+    kind: RunKind
+    sites: _containers.RepeatedCompositeFieldContainer[SiteInfo]
+    row_dim: str
+    n_texts: int
+    store_dtype: str
+    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., n_layers: _Optional[int] = ..., n_samples: _Optional[int] = ..., hidden: _Optional[int] = ..., accuracy: _Optional[float] = ..., complete: _Optional[bool] = ..., access: _Optional[_Union[Access, _Mapping]] = ..., kind: _Optional[_Union[RunKind, str]] = ..., sites: _Optional[_Iterable[_Union[SiteInfo, _Mapping]]] = ..., row_dim: _Optional[str] = ..., n_texts: _Optional[int] = ..., store_dtype: _Optional[str] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "model", "method")
@@ -108,12 +139,14 @@ class DescribeRunRequest(_message.Message):
     def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ...) -> None: ...
 
 class LabelValues(_message.Message):
-    __slots__ = ("name", "values")
+    __slots__ = ("name", "values", "truncated")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     name: str
     values: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
+    truncated: bool
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ..., truncated: _Optional[bool] = ...) -> None: ...
 
 class RunInfo(_message.Message):
     __slots__ = ("summary", "dtype", "layers", "labels", "size_bytes", "recipe_json", "attributes_json")
@@ -152,14 +185,18 @@ class Range(_message.Message):
     def __init__(self, start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
 
 class SampleSelection(_message.Message):
-    __slots__ = ("ids", "positions", "filters")
+    __slots__ = ("ids", "positions", "filters", "token_positions", "token_range")
     IDS_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_RANGE_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
     positions: Range
     filters: _containers.RepeatedCompositeFieldContainer[LabelFilter]
-    def __init__(self, ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Union[Range, _Mapping]] = ..., filters: _Optional[_Iterable[_Union[LabelFilter, _Mapping]]] = ...) -> None: ...
+    token_positions: _containers.RepeatedScalarFieldContainer[int]
+    token_range: Range
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Union[Range, _Mapping]] = ..., filters: _Optional[_Iterable[_Union[LabelFilter, _Mapping]]] = ..., token_positions: _Optional[_Iterable[int]] = ..., token_range: _Optional[_Union[Range, _Mapping]] = ...) -> None: ...
 
 class LabelFilter(_message.Message):
     __slots__ = ("name", "values")
@@ -170,7 +207,7 @@ class LabelFilter(_message.Message):
     def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReadStatesRequest(_message.Message):
-    __slots__ = ("run", "layers", "layer_range", "samples", "hidden_range", "dtype", "allow_lossy", "accept_blosc")
+    __slots__ = ("run", "layers", "layer_range", "samples", "hidden_range", "dtype", "allow_lossy", "accept_blosc", "site")
     RUN_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     LAYER_RANGE_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +216,7 @@ class ReadStatesRequest(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     ALLOW_LOSSY_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_BLOSC_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
     run: RunRef
     layers: _containers.RepeatedScalarFieldContainer[int]
     layer_range: Range
@@ -187,10 +225,11 @@ class ReadStatesRequest(_message.Message):
     dtype: DType
     allow_lossy: bool
     accept_blosc: bool
-    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., layers: _Optional[_Iterable[int]] = ..., layer_range: _Optional[_Union[Range, _Mapping]] = ..., samples: _Optional[_Union[SampleSelection, _Mapping]] = ..., hidden_range: _Optional[_Union[Range, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., allow_lossy: _Optional[bool] = ..., accept_blosc: _Optional[bool] = ...) -> None: ...
+    site: str
+    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., layers: _Optional[_Iterable[int]] = ..., layer_range: _Optional[_Union[Range, _Mapping]] = ..., samples: _Optional[_Union[SampleSelection, _Mapping]] = ..., hidden_range: _Optional[_Union[Range, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., allow_lossy: _Optional[bool] = ..., accept_blosc: _Optional[bool] = ..., site: _Optional[str] = ...) -> None: ...
 
 class StatesHeader(_message.Message):
-    __slots__ = ("shape", "dtype", "dims", "layers", "labels", "hidden_start", "run_complete")
+    __slots__ = ("shape", "dtype", "dims", "layers", "labels", "hidden_start", "run_complete", "columns", "site")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DIMS_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +237,8 @@ class StatesHeader(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_START_FIELD_NUMBER: _ClassVar[int]
     RUN_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: DType
     dims: _containers.RepeatedScalarFieldContainer[str]
@@ -205,7 +246,25 @@ class StatesHeader(_message.Message):
     labels: Labels
     hidden_start: int
     run_complete: bool
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., dims: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[int]] = ..., labels: _Optional[_Union[Labels, _Mapping]] = ..., hidden_start: _Optional[int] = ..., run_complete: _Optional[bool] = ...) -> None: ...
+    columns: _containers.RepeatedCompositeFieldContainer[Column]
+    site: str
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., dims: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[int]] = ..., labels: _Optional[_Union[Labels, _Mapping]] = ..., hidden_start: _Optional[int] = ..., run_complete: _Optional[bool] = ..., columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., site: _Optional[str] = ...) -> None: ...
+
+class Column(_message.Message):
+    __slots__ = ("name", "dtype", "int64_values", "float64_values", "bool_values", "str_values")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    INT64_VALUES_FIELD_NUMBER: _ClassVar[int]
+    FLOAT64_VALUES_FIELD_NUMBER: _ClassVar[int]
+    BOOL_VALUES_FIELD_NUMBER: _ClassVar[int]
+    STR_VALUES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    int64_values: _containers.RepeatedScalarFieldContainer[int]
+    float64_values: _containers.RepeatedScalarFieldContainer[float]
+    bool_values: _containers.RepeatedScalarFieldContainer[bool]
+    str_values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., int64_values: _Optional[_Iterable[int]] = ..., float64_values: _Optional[_Iterable[float]] = ..., bool_values: _Optional[_Iterable[bool]] = ..., str_values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Labels(_message.Message):
     __slots__ = ("sample", "subject", "answer", "prediction", "correct")
@@ -262,12 +321,16 @@ class ReadLabelsRequest(_message.Message):
     def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., samples: _Optional[_Union[SampleSelection, _Mapping]] = ...) -> None: ...
 
 class ReadLabelsResponse(_message.Message):
-    __slots__ = ("labels", "run_complete")
+    __slots__ = ("labels", "run_complete", "columns", "row_dim")
     LABELS_FIELD_NUMBER: _ClassVar[int]
     RUN_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    ROW_DIM_FIELD_NUMBER: _ClassVar[int]
     labels: Labels
     run_complete: bool
-    def __init__(self, labels: _Optional[_Union[Labels, _Mapping]] = ..., run_complete: _Optional[bool] = ...) -> None: ...
+    columns: _containers.RepeatedCompositeFieldContainer[Column]
+    row_dim: str
+    def __init__(self, labels: _Optional[_Union[Labels, _Mapping]] = ..., run_complete: _Optional[bool] = ..., columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., row_dim: _Optional[str] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
     __slots__ = ()

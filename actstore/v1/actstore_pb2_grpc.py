@@ -214,8 +214,9 @@ class DataServiceServicer:
     """
 
     def ReadStates(self, request, context):
-        """First message: a header (shape, dtype, dims, sample ids and labels); data chunks of ~1 MiB hold
-        the array's bytes in C order (little-endian), each with its byte offset.
+        """First message: a header (shape, dtype, dims, sample ids and labels, or a capture run's row
+        coordinates); data chunks of ~1 MiB hold the array's bytes in C order (little-endian), each with its
+        byte offset.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
