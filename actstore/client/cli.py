@@ -142,6 +142,14 @@ def register_analyze(subparsers: argparse._SubParsersAction) -> None:
         metavar="A,B",
         help="also compare two methods (or MODEL/METHOD runs) layer by layer; repeatable",
     )
+    clouds = p.add_argument_group("capture runs", "Which cloud of a capture run's rows is analysed.")
+    clouds.add_argument("--site", help="the site analysed (default: the run's first)")
+    clouds.add_argument(
+        "--reduction",
+        help="last (default: each text's last token), position:P (negative from a text's end), mean (each "
+        "text's rows averaged) or sample:N[:SEED] (N tokens drawn, seeded)",
+    )
+    clouds.add_argument("--label", help="a label column: the clusters' ARI and overlap with it (as ari_subject)")
     p.add_argument("--out", type=Path, help="also write the tables to this .csv (comparisons to *-compare.csv)")
     p.set_defaults(func=run_analyze)
 
@@ -152,6 +160,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     if any(len(pair) != 2 for pair in args.compare):
         raise ValueError("--compare takes two runs: A,B")
     starting = [args.model, args.methods, layers, args.per_subject, args.compare, args.compare_k, *params.values()]
+    starting += [args.site, args.reduction, args.label]
     if args.attach is not None and any(value not in (None, []) for value in starting):
         raise ValueError("--attach follows a job as it was started: give no MODEL or analysis options with it")
     if args.attach is None and args.model is None:
@@ -168,6 +177,9 @@ def run_analyze(args: argparse.Namespace) -> int:
                 per_subject=args.per_subject,
                 compare=[tuple(pair) for pair in args.compare],
                 compare_k=args.compare_k,
+                site=args.site,
+                reduction=args.reduction,
+                label=args.label,
                 **params,
             )
         job.follow(f"job {job.id}")

@@ -165,6 +165,9 @@ class Client(Connection):
         request_id: str = "",
         compare: Sequence[tuple[str, str]] = (),
         compare_k: int | None = None,
+        site: str | None = None,
+        reduction: str | None = None,
+        label: str | None = None,
         **params: float,
     ) -> AnalysisJob:
         """Start the density analyses of ``model``'s runs ``methods`` at ``layers`` (default: all but 0).
@@ -174,7 +177,9 @@ class Client(Connection):
         analysed too. ``params`` override the preset: maxk, gride_range_max, id_scale_index, density_k,
         z, subject_fraction, answer_fraction. The neighbour counts left unset (and ``compare_k``) are
         lowered to fit a smallest run of 100 samples or fewer; the result's ``attrs`` say what was used.
-        Returns at once; see AnalysisJob.watch and .result.
+        Capture runs are analysed as a cloud: ``site`` (None: the first), ``reduction`` ("last" by default,
+        "position:P", "mean", "sample:N[:SEED]"), and a ``label`` column whose ARI and overlap come as
+        ari_subject and overlap_subject. Returns at once; see AnalysisJob.watch and .result.
         """
         request = pb.StartAnalysisRequest(
             runs=[run_ref(model, m) for m in methods],
@@ -183,6 +188,9 @@ class Client(Connection):
             params=pb.AnalysisParams(**params),
             request_id=request_id,
             compare=[pb.RunPair(a=run_of(model, a), b=run_of(model, b)) for a, b in compare],
+            site=site or "",
+            reduction=reduction or "",
+            label=label or "",
         )
         if per_subject is not None:
             request.per_subject = per_subject

@@ -15,12 +15,14 @@ import grpc
 
 from actstore.analysis.layers import Mask
 from actstore.analysis.params import compare_k_for
+from actstore.analysis.tokens import Reduction
 from actstore.server import selection
 from actstore.server.auth import Caller
 from actstore.server.job import Job
 from actstore.server.job_requests import fewest_samples, params_from
 from actstore.server.jobs import JobManager
 from actstore.server.rpc import Servicer, rpc
+from actstore.store import Run
 from actstore.v1 import actstore_pb2 as pb
 from actstore.v1 import actstore_pb2_grpc as pb_grpc
 
@@ -62,7 +64,7 @@ class AnalysisService(Servicer, pb_grpc.AnalysisServiceServicer):
             raise selection.NotFound(f"no layer {unknown[0]}: the runs have layers 0..{n_layers - 1}")
         if request.HasField("per_subject") and request.per_subject < 1:
             raise selection.BadRequest("per_subject must be at least 1")
-        mask = Mask(request.per_subject if request.HasField("per_subject") else None)
+        mask = _mask(request, runs, pairs)
         _, samples = fewest_samples(every_run, mask)
         params = params_from(request, samples)
         k = request.compare_k if request.HasField("compare_k") else compare_k_for(samples)
@@ -113,6 +115,40 @@ class AnalysisService(Servicer, pb_grpc.AnalysisServiceServicer):
             await context.write(snapshot)
             if ended:
                 return
+
+
+def _mask(request: pb.StartAnalysisRequest, runs: list[Run], pairs: list[tuple[Run, Run]]) -> Mask:
+    """The points analysed: the per-subject mask of question runs, or the cloud of capture runs (site,
+    reduction, label), each checked against the runs it applies to (BadRequest, one line)."""
+    per_subject = request.per_subject if request.HasField("per_subject") else None
+    captures = [run for run in runs if run.capture is not None]
+    cloud = request.site or request.reduction or request.label
+    if not captures:
+        if cloud:
+            raise selection.BadRequest("site, reduction and label take capture runs; these are question runs")
+        return Mask(per_subject)
+    if len(captures) != len(runs) or pairs or per_subject is not None:
+        raise selection.BadRequest(
+            "capture runs are analysed on their own: not beside question runs, compared, or with per_subject"
+        )
+    try:
+        Reduction.parse(request.reduction or "last")
+    except ValueError as exc:
+        raise selection.BadRequest(str(exc)) from None
+    for run in captures:
+        if request.site and request.site not in run.sites:
+            raise selection.BadRequest(f"run {run.key} has no site {request.site!r}; its sites: {', '.join(run.sites)}")
+        if request.label and request.label not in run.labels():
+            raise selection.BadRequest(
+                f"run {run.key} has no label {request.label!r}; its labels: {', '.join(run.labels())}"
+            )
+    mask = Mask(site=request.site or None, reduction=request.reduction or "last", label=request.label or None)
+    for run in captures:
+        try:
+            mask.positions(run)  # a position beyond a text, more tokens than stored
+        except ValueError as exc:
+            raise selection.BadRequest(str(exc)) from None
+    return mask
 
 
 def _progress(job: Job) -> tuple:

@@ -361,7 +361,7 @@ class AnalysisParams(_message.Message):
     def __init__(self, maxk: _Optional[int] = ..., gride_range_max: _Optional[int] = ..., id_scale_index: _Optional[int] = ..., density_k: _Optional[int] = ..., z: _Optional[float] = ..., subject_fraction: _Optional[float] = ..., answer_fraction: _Optional[float] = ...) -> None: ...
 
 class StartAnalysisRequest(_message.Message):
-    __slots__ = ("runs", "layers", "preset", "params", "per_subject", "request_id", "compare", "compare_k")
+    __slots__ = ("runs", "layers", "preset", "params", "per_subject", "request_id", "compare", "compare_k", "site", "reduction", "label")
     RUNS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
@@ -370,6 +370,9 @@ class StartAnalysisRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     COMPARE_FIELD_NUMBER: _ClassVar[int]
     COMPARE_K_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    REDUCTION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
     runs: _containers.RepeatedCompositeFieldContainer[RunRef]
     layers: _containers.RepeatedScalarFieldContainer[int]
     preset: str
@@ -378,7 +381,10 @@ class StartAnalysisRequest(_message.Message):
     request_id: str
     compare: _containers.RepeatedCompositeFieldContainer[RunPair]
     compare_k: int
-    def __init__(self, runs: _Optional[_Iterable[_Union[RunRef, _Mapping]]] = ..., layers: _Optional[_Iterable[int]] = ..., preset: _Optional[str] = ..., params: _Optional[_Union[AnalysisParams, _Mapping]] = ..., per_subject: _Optional[int] = ..., request_id: _Optional[str] = ..., compare: _Optional[_Iterable[_Union[RunPair, _Mapping]]] = ..., compare_k: _Optional[int] = ...) -> None: ...
+    site: str
+    reduction: str
+    label: str
+    def __init__(self, runs: _Optional[_Iterable[_Union[RunRef, _Mapping]]] = ..., layers: _Optional[_Iterable[int]] = ..., preset: _Optional[str] = ..., params: _Optional[_Union[AnalysisParams, _Mapping]] = ..., per_subject: _Optional[int] = ..., request_id: _Optional[str] = ..., compare: _Optional[_Iterable[_Union[RunPair, _Mapping]]] = ..., compare_k: _Optional[int] = ..., site: _Optional[str] = ..., reduction: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
 
 class AnalysisSettings(_message.Message):
     __slots__ = ("params", "compare_k", "per_subject", "smallest_run_samples")
