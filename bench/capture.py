@@ -4,8 +4,10 @@
 
 Prints the capture ingest's time over the same forward passes with the same hooks and no storage (target:
 <= 1.10), alternating so that drift hits both alike; whether the stored values equal the forward's exactly;
-and the bytes on disk of the states against raw float16 for each stored dtype (target: <= 0.75 for states
-stored losslessly, i.e. computed in the dtype they are stored as).
+the bytes on disk of the states against raw float16 for each stored dtype (target: <= 0.75 for states
+stored losslessly, i.e. computed in the dtype they are stored as); --dry-run's estimate against what was
+written; and one layer's tokens read through a real server and the client against the local reader (target:
+>= 0.5x).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from actstore.ingest.capture_run import CaptureIngest  # noqa: E402
+from actstore.client import Client  # noqa: E402
+from actstore.ingest.capture_run import CaptureIngest, estimate_capture  # noqa: E402
 from actstore.ingest.options import IngestOptions  # noqa: E402
 from actstore.ingest.pipeline import DEFAULT_BATCH_SIZE  # noqa: E402
+from actstore.server.process import ServerProcess  # noqa: E402
 from actstore.store import Store  # noqa: E402
 from actstore.store.location import join  # noqa: E402
 
@@ -75,6 +79,29 @@ def size_ratio(folder: Path, args: argparse.Namespace, store_dtype: str) -> floa
     return on_disk / fp16
 
 
+def client_reads(store: Path, repeats: int) -> str:
+    """One layer's tokens of the first site, read through a real server and client and by the local reader,
+    alternating: the client's speed over the local reader's (target >= 0.5)."""
+    run = Store(store).runs()[0]
+    site, layer = run.default_site, run.shape[0] // 2
+    local, served = [], []
+    with ServerProcess(store, store.parent / "server.log") as server, Client(server.address) as client:
+        client.hidden_states(run.model, run.method, layers=[layer], site=site)  # warm-up: connection, caches
+        for _ in range(repeats):
+            started = time.perf_counter()
+            expected = Store(store).run(run.model, run.method).read_states([layer], site=site)
+            local.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            got = client.hidden_states(run.model, run.method, layers=[layer], site=site)
+            served.append(time.perf_counter() - started)
+    assert np.array_equal(got.values, expected), "the client read other values than the local reader"
+    mb = expected.nbytes / 1e6
+    return (
+        f"one layer of {site} ({mb:.1f} MB), medians of {repeats}: local {mb / np.median(local):.0f} MB/s, client "
+        f"{mb / np.median(served):.0f} MB/s; client / local {np.median(local) / np.median(served):.2f} (target >= 0.5)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
@@ -84,11 +111,13 @@ def main() -> None:
     parser.add_argument("--sites", default="resid_pre,attn_out,mlp_out")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", action=argparse.BooleanOptionalAction, default=True, help="float16, bfloat16 sizes")
+    parser.add_argument("--client", action=argparse.BooleanOptionalAction, default=True, help="client / local reads")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         ingest = CaptureIngest(options(folder / "store", args))
+        estimated = estimate_capture(ingest, ingest.jobs[0])["bytes"]
         forward_only(ingest)  # warm-up: the model loaded, first-call costs paid
         forwards, fulls = [], []
         for _ in range(args.repeats):
@@ -108,6 +137,10 @@ def main() -> None:
         print(f"ingest / forward with the same hooks: {ratio:.3f} (target <= 1.10)")
         print(f"stored values equal the forward's: {equal}")
         print(f"states on disk / raw float16, stored as {ingest.store_dtype}: {on_disk / fp16:.3f}")
+        written = Store(folder / "store").runs()[0].size_bytes()
+        print(f"--dry-run's estimate / bytes written: {estimated / written:.2f} (target within 0.5..2)")
+        if args.client:
+            print(client_reads(folder / "store", args.repeats))
         if args.sizes:
             for store_dtype in ("float16", "bfloat16"):
                 ratio = size_ratio(folder, args, store_dtype)
