@@ -20,6 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actstore import testing
 from actstore.cli import main
+from actstore.client import Client
+from actstore.server.process import ServerProcess
 from actstore.store import Store
 from actstore.testing import make_questions, write_jsonl
 
@@ -142,6 +144,24 @@ def test_every_site_and_positions_mode_equals_a_direct_forward_bit_for_bit(posit
     assert list(ds["topic"].values) == [topics[i] for i in coords["sample"]]
     assert ds["n"].dtype == np.int64 and list(ds["n"].values) == [i % 3 for i in coords["sample"]]
     assert run.n_texts == len(rows) and run.complete
+
+    # the third way: through a real server, with the client and with `query get --out x.nc`
+    with ServerProcess(store, tmp_path / "server.log") as server, Client(server.address) as client:
+        for name in [*SITES, "act"]:
+            served = client.hidden_states("tiny-llama", "0shot", site=name)
+            assert served.dims[:2] == ("layer", row_dim) and served.name == name
+            np.testing.assert_array_equal(served.values, want[name])
+            np.testing.assert_array_equal(served["token_id"].values, coords["token_id"])
+        out = tmp_path / "x.nc"
+        assert (
+            main(
+                ["query", "--address", server.address, "get", "tiny-llama", "0shot", "--site", "act", "--out", str(out)]
+            )
+            == 0
+        )
+    with xr.open_dataset(out) as written:
+        np.testing.assert_array_equal(written["act"].values, want["act"])
+        np.testing.assert_array_equal(written["position"].values, coords["position"])
 
 
 def test_positions_all_selects_by_sample_position_and_token(tiny_model, texts_file, tmp_path, capsys):
