@@ -23,7 +23,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 NEEDS = {
     "model": {"tiny_model"},
     "bucket": {"local_s3_server"},
-    "server": {"server", "served", "servers", "replicas", "open_server", "secured", "damaged_folder"},
+    "server": {
+        "server",
+        "served",
+        "servers",
+        "replicas",
+        "open_server",
+        "secured",
+        "damaged_folder",
+        "capture_served",
+        "served_capture",
+    },
     "cluster": {"dask_cluster", "idle_scheduler", "manager"},
 }
 # Whole files whose tests run a real model end to end, in subprocesses or at length.
@@ -48,6 +58,7 @@ SLOW_TESTS = {
     "test_the_retry_window_is_settable_from_the_shell_and_a_server_started_after_10_s_is_reached",
     "test_a_second_server_on_a_busy_port_refuses_to_start",
     "test_tls_with_several_replicas",
+    "test_every_site_and_positions_mode_equals_a_direct_forward_bit_for_bit",  # a server per positions mode
 }
 
 
