@@ -332,3 +332,10 @@ def test_the_study_questions_are_captured_at_any_site_under_every_method(tiny_mo
         np.testing.assert_array_equal(captured.labels()["subject"], reference.labels()["subject"])
         np.testing.assert_array_equal(captured.read_states([0, 1, 2], site="normed"), reference.read_states([0, 1, 2]))
         assert captured.attrs["recipe"]["k"] == int(method[0])
+        # the answer letters' logits at the last token: the model's answer, as the study's run reads it
+        np.testing.assert_array_equal(captured.labels()["prediction"], reference.labels()["prediction"])
+        np.testing.assert_array_equal(captured.labels()["correct"], reference.labels()["correct"])
+        ds = xr.open_zarr(capture / "tiny-llama" / method)
+        assert ds["letter_logits"].dims == ("sample", "letter") and ds["letter_logits"].shape == (12, 4)
+        letters = np.array(list("ABCD"))[ds["letter_logits"].values.argmax(axis=1)]
+        assert list(letters) == list(ds["prediction"].values)

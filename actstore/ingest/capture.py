@@ -205,6 +205,7 @@ class Captured:
     n_tokens: np.ndarray  # (batch,) int64: each text's length in tokens
     top_ids: np.ndarray | None  # (rows, k) int64 ids of the k largest next-token logits at the row's position
     top_logits: np.ndarray | None  # (rows, k) float32 those logits
+    logits: np.ndarray | None = None  # (rows, len(logit_ids)) float32 the next-token logits of Capture.logit_ids
 
 
 def _dtype_name(dtype: np.dtype | str | torch.dtype) -> str:
@@ -274,6 +275,7 @@ class Capture:
         positions: Positions,
         top_k: int = 0,
         max_tokens: int | None = None,
+        logit_ids: tuple[int, ...] = (),
     ) -> None:
         if not sites:
             raise ModelError("no sites asked for")
@@ -281,14 +283,15 @@ class Capture:
             raise ModelError(f"two sites share a name in {', '.join(site.name for site in sites)}")
         if top_k < 0:
             raise ValueError(f"top_k must be 0 or more, not {top_k}")
-        if top_k and positions.mode == "mean":
-            raise ValueError("top_k needs token positions: positions 'mean' has none")
+        if (top_k or logit_ids) and positions.mode == "mean":
+            raise ValueError("logits need token positions: positions 'mean' has none")
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be 1 or more, not {max_tokens}")
         self.loaded = loaded
         self.sites = list(sites)
         self.positions = positions
         self.top_k = top_k
+        self.logit_ids = tuple(logit_ids)  # tokens whose next-token logits every row keeps (the answer letters)
         self.max_tokens = max_tokens
         named = dict(loaded.model.named_modules())
         self._modules: list[list[torch.nn.Module]] = []
@@ -305,10 +308,11 @@ class Capture:
         decoder = loaded.model.get_decoder()
         inside = {id(module) for module in decoder.modules()}
         outside = any(id(m) not in inside for modules in self._modules for m in modules)
-        self._runner = loaded.model if top_k or outside else decoder
+        logits = bool(top_k or logit_ids)
+        self._runner = loaded.model if logits or outside else decoder
         parameters = inspect.signature(loaded.model.forward).parameters
         keep = [name for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters]
-        self._keep_argument = keep[0] if top_k and keep and not outside else None  # a hooked lm_head needs all
+        self._keep_argument = keep[0] if logits and keep and not outside else None  # a hooked lm_head needs all
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """The ids each text is captured over: the tokenizer's defaults (its special tokens included), truncated
@@ -360,12 +364,16 @@ class Capture:
             array = values.cpu().numpy()
             states[site.name] = array.astype(np.float16) if dtype_name == "float16" else array
 
-        top_ids = top_logits = None
+        top_ids = top_logits = chosen = None
+        if logits is not None:
+            offset = seq - logits.shape[1]  # logits are kept for the last positions only
+            at_rows = logits[rows._text, rows._column - offset]
+            if self.logit_ids:
+                chosen = at_rows[:, list(self.logit_ids)].float().cpu().numpy()
         if self.top_k:
             if self.top_k > logits.shape[-1]:
                 raise ValueError(f"top_k {self.top_k} is more than the model's {logits.shape[-1]} logits")
-            offset = seq - logits.shape[1]  # logits are kept for the last positions only
-            top = logits[rows._text, rows._column - offset].topk(self.top_k, dim=-1)
+            top = at_rows.topk(self.top_k, dim=-1)
             top_ids = top.indices.cpu().numpy().astype(np.int64)
             top_logits = top.values.float().cpu().numpy()
         mean = self.positions.mode == "mean"
@@ -377,6 +385,7 @@ class Capture:
             n_tokens=lengths,
             top_ids=top_ids,
             top_logits=top_logits,
+            logits=chosen,
         )
 
     def _forward(
@@ -412,7 +421,7 @@ class Capture:
                     ran = "did not run" if not slot else f"ran {len(slot)} times"
                     raise ModelError(f"module {name} (site {site.name!r}) {ran} in one forward pass; it must run once")
         gathered = [[slot[0] for slot in site_slots] for site_slots in slots]
-        return gathered, out.logits if self.top_k else None
+        return gathered, out.logits if self.top_k or self.logit_ids else None
 
 
 def _input_hook(name: str, read: Callable[[object], None]) -> Callable:

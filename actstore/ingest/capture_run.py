@@ -31,7 +31,8 @@ from actstore.ingest.capture import (
     parse_positions,
     resolve_sites,
 )
-from actstore.ingest.datasets import PACKAGED_MMLU, DatasetError, packaged_mmlu_path
+from actstore.ingest.datasets import LETTERS, PACKAGED_MMLU, DatasetError, packaged_mmlu_path
+from actstore.ingest.extract import letter_token_ids
 from actstore.ingest.methods import Method, parse_method
 from actstore.ingest.model import LoadedModel, ModelSource, load_model, resolve_device, resolve_dtype
 from actstore.ingest.options import IngestOptions
@@ -70,6 +71,7 @@ class Job:
     rows: dict[int, int]  # a text's id -> its entry in ``labels``
     recipe: dict
     dataset: str
+    answers: bool = False  # the study's questions at their last token: letter logits, prediction, correct
 
     def pending(self, committed: np.ndarray) -> list[Text]:
         stored = set(np.asarray(committed).tolist())
@@ -146,6 +148,7 @@ class CaptureIngest:
             {t.id: i for i, t in enumerate(texts)},
             {**recipe, **self._capture_recipe()},
             questions.dataset.name,
+            answers=self.positions.mode == "last",
         )
 
     def _capture_recipe(self) -> dict:
@@ -179,7 +182,8 @@ class CaptureIngest:
                 f"sites with different numbers of layers cannot share a run ({listed}); ingest them under "
                 "different --name"
             )
-        return Capture(loaded, sites, self.positions, self.opts.top_logits, self.opts.max_tokens), sites
+        letters = tuple(letter_token_ids(loaded.tokenizer)) if job.answers else ()
+        return Capture(loaded, sites, self.positions, self.opts.top_logits, self.opts.max_tokens, letters), sites
 
     def committed(self, job: Job) -> np.ndarray:
         """The ids already stored in the job's run (none when it is new or to be overwritten); a run of another
@@ -209,8 +213,10 @@ class CaptureIngest:
             hidden=self.model(job.source).hidden_size,
             sites={site.name: captured.states[site.name].shape[2] for site in sites},
             store_dtype=self.store_dtype,
-            labels={name: _label_dtype(values) for name, values in job.labels.items()},
+            labels={name: _label_dtype(values) for name, values in job.labels.items()}
+            | ({"prediction": "str", "correct": "bool"} if job.answers else {}),
             top_k=self.opts.top_logits,
+            letters=LETTERS if job.answers else (),
         )
 
     def run(self, job: Job, say: Callable[[str], None]) -> CaptureReport | None:
@@ -254,6 +260,11 @@ class CaptureIngest:
         rows.update({name: values[entries] for name, values in job.labels.items()})
         if self.opts.top_logits:
             rows.update(top_ids=captured.top_ids, top_logits=captured.top_logits)
+        if job.answers:  # the model's answer, as the study reads it: the letter of the largest logit
+            predictions = np.asarray(LETTERS, dtype=object)[captured.logits.argmax(axis=1)]
+            rows.update(
+                letter_logits=captured.logits, prediction=predictions, correct=predictions == rows["answer"].astype(str)
+            )
         return rows
 
     def _provenance(self, job: Job, sites: list[Site]) -> dict:

@@ -11,6 +11,7 @@ Every array grows along it, so a commit is one cut of every array, as in a quest
     token_id    (row,)                the token's id; -1 for a mean
     {label}     (row,)                each label column, repeated on every row of its text
     top_ids, top_logits (row, top)    the model's largest next-token logits at the row, when asked for
+    letter_logits (row, letter)       the answer letters' next-token logits (questions at their last token)
     layer       (layer,)              block index
 
 Labels are repeated per token rather than kept along a second axis: one growing axis keeps commits atomic
@@ -33,8 +34,9 @@ from actstore.store.names import validate_name
 CAPTURE_FORMAT = 2
 ROW_COORDS = {"sample": "int64", "position": "int64", "token_id": "int64"}
 TOP_ARRAYS = {"top_ids": "int64", "top_logits": "float32"}
+LETTER_LOGITS = "letter_logits"
 LABEL_DTYPES = ("int64", "float64", "bool", "str")
-RESERVED = frozenset({"layer", "hidden", "token", *ROW_COORDS, *TOP_ARRAYS})
+RESERVED = frozenset({"layer", "hidden", "token", *ROW_COORDS, *TOP_ARRAYS, LETTER_LOGITS})
 
 
 class IncompatibleSites(ValueError):
@@ -52,6 +54,7 @@ class CaptureLayout:
     store_dtype: str = "float32"  # a STORE_DTYPES key
     labels: dict[str, str] = field(default_factory=dict)  # label column -> one of LABEL_DTYPES
     top_k: int = 0
+    letters: tuple[str, ...] = ()  # the answer letters whose logits each row keeps (letter_logits), in order
 
     def __post_init__(self) -> None:
         if self.rows not in ("token", "sample"):
@@ -76,7 +79,12 @@ class CaptureLayout:
     @property
     def row_arrays(self) -> tuple[str, ...]:
         """The arrays along the rows besides the states, in the order a commit writes them."""
-        return (*ROW_COORDS, *self.labels, *(TOP_ARRAYS if self.top_k else ()))
+        return (
+            *ROW_COORDS,
+            *self.labels,
+            *(TOP_ARRAYS if self.top_k else ()),
+            *((LETTER_LOGITS,) if self.letters else ()),
+        )
 
     def width_dim(self, site: str) -> str:
         return "hidden" if self.sites[site] == self.hidden else f"{site}.hidden"
@@ -91,11 +99,12 @@ class CaptureLayout:
             "store_dtype": self.store_dtype,
             "labels": dict(self.labels),
             "top_k": self.top_k,
+            "letters": list(self.letters),
         }
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> CaptureLayout:
-        return cls(**record)
+        return cls(**{**record, "letters": tuple(record.get("letters", ()))})
 
     def create(self, group: zarr.Group) -> None:
         """Lay out the empty arrays of the run in ``group``."""
@@ -127,5 +136,14 @@ class CaptureLayout:
                     chunks=(LABEL_CHUNK // self.top_k or 1, self.top_k),
                     dimension_names=(self.rows, "top"),
                 )
+        if self.letters:
+            group.create_array(
+                LETTER_LOGITS,
+                shape=(0, len(self.letters)),
+                dtype="float32",
+                chunks=(LABEL_CHUNK // len(self.letters), len(self.letters)),
+                dimension_names=(self.rows, "letter"),
+                attributes={"letters": " ".join(self.letters)},
+            )
         layer = group.create_array("layer", shape=(self.n_layers,), dtype="int64", dimension_names=("layer",))
         layer[:] = np.arange(self.n_layers)

@@ -378,6 +378,9 @@ class Run:
         coords.update({name: (rows, values) for name, values in self.labels().items()})
         if capture.top_k:
             coords.update({name: ((rows, "top"), self._committed(name)[:n]) for name in ("top_ids", "top_logits")})
+        if capture.letters:
+            coords["letter_logits"] = ((rows, "letter"), self._committed("letter_logits")[:n])
+            coords["letter"] = ("letter", list(capture.letters))
         return xr.Dataset(variables, coords=coords, attrs=self.group.attrs.asdict())
 
 
