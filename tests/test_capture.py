@@ -310,7 +310,7 @@ def test_a_module_giving_no_batch_seq_hidden_tensor_is_named_and_hooks_are_remov
         handle.remove()
     assert hooks() == before - 1
     assert capture(TEXTS[:1]).states["mlp_out"].shape == (3, 1, 32)  # and the capture still works
-    with pytest.raises(ValueError, match="top_k needs token positions"):
+    with pytest.raises(ValueError, match="logits need token positions"):
         Capture(loaded, every_site, Positions("mean"), top_k=3)
 
 
