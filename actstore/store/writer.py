@@ -228,7 +228,8 @@ class RunWriter:
         if not self._pending:
             return
         start = self.n_committed
-        states = {k: np.concatenate([s[k] for s, _ in self._pending], axis=1) for k in self._state_names}
+        # the states stay in their batches (joining them would copy everything once more): see ShardWriter.write
+        states = {k: [s[k] for s, _ in self._pending] for k in self._state_names}
         labels = {k: np.concatenate([lab[k] for _, lab in self._pending]) for k in self._row_names}
         stop = start + len(labels["sample"])
         rest: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
@@ -238,8 +239,9 @@ class RunWriter:
             if self._whole_chunks(stop) < stop:
                 stop = self._whole_chunks(stop)
                 kept = stop - start
-                rest = [({k: v[:, kept:] for k, v in states.items()}, {k: v[kept:] for k, v in labels.items()})]
-                states = {k: v[:, :kept] for k, v in states.items()}
+                joined = {k: np.concatenate(v, axis=1) for k, v in states.items()}
+                rest = [({k: v[:, kept:] for k, v in joined.items()}, {k: v[kept:] for k, v in labels.items()})]
+                states = {k: [v[:, :kept]] for k, v in joined.items()}
                 labels = {k: v[:kept] for k, v in labels.items()}
         values = {**labels, **states}
         with self._writing():
@@ -249,16 +251,17 @@ class RunWriter:
         self._pending = rest
         self._last_commit = time.monotonic()
 
-    def _write_rows(self, name: str, values: np.ndarray, start: int, stop: int) -> None:
-        """Write rows ``start:stop`` of array ``name`` past the published end: states sharded as the fast reader
-        reads them through ShardWriter (shards.py: zarr-python writes them ~10x slower), the rest through
-        zarr-python."""
+    def _write_rows(self, name: str, values: np.ndarray | list[np.ndarray], start: int, stop: int) -> None:
+        """Write rows ``start:stop`` of array ``name`` past the published end: states (a list of batches)
+        sharded as the fast reader reads them through ShardWriter (shards.py: zarr-python writes them ~10x
+        slower), the rest through zarr-python."""
         array = _past_the_end(self.run.group[name], stop)
         direct = ShardWriter.of(array, self.run.location, join(self.run.key, name))
         if direct is not None and name in self._state_names:
             direct.write(values, start, stop)
         else:
-            array[_rows(array.metadata, start, stop)] = values
+            joined = np.concatenate(values, axis=1) if isinstance(values, list) else values
+            array[_rows(array.metadata, start, stop)] = joined
 
     def close(self) -> None:
         """Commit what is buffered (unless a write already failed), finish, and release the lock."""
