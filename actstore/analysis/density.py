@@ -19,7 +19,9 @@ from actstore.analysis.params import PAPER, DensityParams
 
 
 @dataclass
-class LayerDensity:
+class Clusters:
+    """What a neighbour graph alone gives: intrinsic dimension, density and density-peak clusters."""
+
     ids_gride: np.ndarray  # ID at each Gride scale
     id: float
     id_2nn: float
@@ -28,6 +30,12 @@ class LayerDensity:
     core_fraction: float  # share of points outside the halo when the halo is on
     peak_log_density: np.ndarray  # log-density at each cluster's peak
     saddle_log_density: np.ndarray  # (clusters, clusters) log-density at the saddles (DADApy log_den_bord)
+
+
+@dataclass
+class LayerDensity(Clusters):
+    """A layer of the study's questions: the clusters, and how they and the neighbourhoods follow the labels."""
+
     ari_subject: float
     ari_answer: float
     ari_prediction: float  # with the model's predicted letters
@@ -42,20 +50,6 @@ def neighbours_needed(params: DensityParams, subjects: np.ndarray, answers: np.n
         _, counts = np.unique(labels, return_counts=True)
         needed.append(int(fraction * counts.max()))
     return max(needed)
-
-
-@dataclass
-class Clusters:
-    """What a neighbour graph alone gives: intrinsic dimension, density and density-peak clusters."""
-
-    ids_gride: np.ndarray
-    id: float
-    id_2nn: float
-    n_clusters: int
-    assignment: np.ndarray
-    core_fraction: float
-    peak_log_density: np.ndarray
-    saddle_log_density: np.ndarray
 
 
 def cluster(distances: np.ndarray, indices: np.ndarray, params: DensityParams = PAPER) -> Clusters:

@@ -11,6 +11,7 @@ instead: a newcomer's first task runs as soon as a worker frees up (see its docs
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -25,7 +26,7 @@ from threadpoolctl import threadpool_limits
 
 from actstore.analysis import NotAnalysed
 from actstore.analysis.compare import OVERLAP_K, Dendrogram, LayerComparison, density_peak_dendrogram
-from actstore.analysis.density import DensityParams, LayerDensity
+from actstore.analysis.density import Clusters, DensityParams, LayerDensity
 from actstore.analysis.layers import Mask, analyse, compare
 from actstore.analysis.tokens import Reduction, TokenCloud, analyse_tokens
 from actstore.store import CorruptData, Store
@@ -142,14 +143,7 @@ def _as_layer_density(cloud: TokenCloud) -> LayerDensity:
     answer's and the prediction's undefined (NaN)."""
     nan = float("nan")
     return LayerDensity(
-        ids_gride=cloud.ids_gride,
-        id=cloud.id,
-        id_2nn=cloud.id_2nn,
-        n_clusters=cloud.n_clusters,
-        assignment=cloud.assignment,
-        core_fraction=cloud.core_fraction,
-        peak_log_density=cloud.peak_log_density,
-        saddle_log_density=cloud.saddle_log_density,
+        **{field.name: getattr(cloud, field.name) for field in dataclasses.fields(Clusters)},
         ari_subject=nan if cloud.ari is None else cloud.ari,
         ari_answer=nan,
         ari_prediction=nan,

@@ -24,7 +24,7 @@ import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
 from actstore.analysis import NotAnalysed
-from actstore.analysis.density import cluster, label_overlap
+from actstore.analysis.density import Clusters, cluster, label_overlap
 from actstore.analysis.keys import cache_key
 from actstore.analysis.neighbours import knn
 from actstore.analysis.params import MIN_SAMPLES, PAPER, DensityParams, fitted
@@ -64,20 +64,12 @@ class Reduction:
 
 
 @dataclass
-class TokenCloud:
+class TokenCloud(Clusters):
     """One layer's cloud as reduced, and what its analysis found."""
 
     reduction: str
     n_points: int  # after exact duplicates are dropped
     samples: np.ndarray  # the sample (text) id of each point
-    ids_gride: np.ndarray
-    id: float
-    id_2nn: float
-    n_clusters: int
-    assignment: np.ndarray
-    core_fraction: float
-    peak_log_density: np.ndarray
-    saddle_log_density: np.ndarray
     label: str | None  # the label column the clusters are compared with
     ari: float | None
     overlap: float | None
@@ -179,17 +171,10 @@ def analyse_tokens(
         if int(fit.subject_fraction * np.bincount(codes).max()) <= fit.maxk:  # else the graph is too small for it
             overlap = label_overlap(indices, codes, fit.subject_fraction)
     result = TokenCloud(
+        **vars(found),
         reduction=str(reduction),
         n_points=len(kept),
         samples=labels["sample"][rows[kept]],
-        ids_gride=found.ids_gride,
-        id=found.id,
-        id_2nn=found.id_2nn,
-        n_clusters=found.n_clusters,
-        assignment=found.assignment,
-        core_fraction=found.core_fraction,
-        peak_log_density=found.peak_log_density,
-        saddle_log_density=found.saddle_log_density,
         label=label,
         ari=ari,
         overlap=overlap,
