@@ -134,6 +134,17 @@ def ingest_args(store: str | Path, model: str | Path, dataset: str | Path, *extr
     ]
 
 
+def token_capture_args(store: Path, model: Path, folder: Path, seed: int = 3, n: int = 40) -> list[str]:
+    """``actstore ingest`` arguments capturing every token of ``n`` test questions as plain texts (their topic as
+    a label, the file written in ``folder``) at ``resid_post`` and ``mlp_out`` into ``store``'s ``{model}/0shot``."""
+    rows = [{"text": r["question"], "topic": r["topic"]} for r in make_questions(seed)[:n]]
+    data = write_jsonl(folder / "texts.jsonl", rows)
+    sites = ["--sites", "resid_post,mlp_out"]
+    return ingest_args(
+        store, model, data, "--text-column", "text", "--label-columns", "topic", "--positions", "all", *sites
+    )
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -15,17 +15,14 @@ from actstore.cli import main
 from actstore.client import ActstoreError, Client
 from actstore.server.process import ServerProcess
 from actstore.store import Store
-from actstore.testing import make_questions, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def served_capture(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("capture-jobs")
-    rows = [{"text": r["question"], "topic": r["topic"]} for r in make_questions(4)[:40]]
-    data = write_jsonl(root / "texts.jsonl", rows)
-    args = ["--text-column", "text", "--label-columns", "topic", "--positions", "all", "--sites", "resid_post,mlp_out"]
-    assert main(testing.ingest_args(root / "store", tiny_model, data, *args)) == 0
-    assert main(testing.ingest_args(root / "store", tiny_model, data, "--name", "q", "--text-column", "text")) == 0
+    args = testing.token_capture_args(root / "store", tiny_model, root, seed=4)
+    assert main(args) == 0
+    assert main([*args, "--name", "q"]) == 0  # a second run of the same texts, to compare with
     with ServerProcess(root / "store", root / "log", "--dask-workers", "1") as server:
         yield server, Store(root / "store")
 

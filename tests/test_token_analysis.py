@@ -10,16 +10,12 @@ from actstore import testing
 from actstore.analysis.tokens import Reduction, analyse_tokens, reduce_layer
 from actstore.cli import main
 from actstore.store import Store
-from actstore.testing import make_questions, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def token_run(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tokens")
-    rows = [{"text": r["question"], "topic": r["topic"]} for r in make_questions(3)[:40]]
-    data = write_jsonl(folder / "texts.jsonl", rows)
-    args = ["--text-column", "text", "--label-columns", "topic", "--positions", "all", "--sites", "resid_post,mlp_out"]
-    assert main(testing.ingest_args(folder / "store", tiny_model, data, *args)) == 0
+    assert main(testing.token_capture_args(folder / "store", tiny_model, folder)) == 0
     return Store(folder / "store").run("tiny-llama", "0shot")
 
 
