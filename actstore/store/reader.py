@@ -28,75 +28,25 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numcodecs
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
-from zarr.codecs.sharding import ShardingCodecIndexLocation
 
-from actstore.store.checksum import CRC_BYTES, ChunkMismatch, Mismatch, chunk_frames, span_crc, strip_crc32c, table_crc
+from actstore.store.checksum import CRC_BYTES, ChunkMismatch, Mismatch, chunk_frames, span_crc, table_crc
 from actstore.store.errors import CorruptData
 from actstore.store.location import Location, ShardBytes, join
+from actstore.store.shard_format import CHECKSUMMED, MISSING, PLAIN, Index, inner_codecs, parse_index
 
 log = logging.getLogger(__name__)
 
-_MISSING = 2**64 - 1
 _PARALLEL_BYTES = 4 << 20
 _POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="actstore-decode")
 _REQUESTS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="actstore-get")  # a bucket's round trips overlap
 numcodecs.blosc.set_nthreads(1)  # parallelism comes from decoding several chunks at once
 
 T = TypeVar("T")
-
-_PLAIN = (BytesCodec, BloscCodec)  # inner chunk codecs of runs written before chunks carried a checksum
-_CHECKSUMMED = (BytesCodec, BloscCodec, Crc32cCodec)
-
-
-@dataclass(frozen=True)
-class _Index:
-    offsets: list[int]  # per inner chunk of the shard, _MISSING where never written
-    sizes: list[int]
-    written: int  # how many chunks are not _MISSING
-    # by range of chunks read (first, stop) holding every written chunk: the CRC-32C of their bytes, read
-    # together, when each of them last passed its own CRC (see StateReader._read_chunks)
-    passed: dict[tuple[int, int], int] = field(default_factory=dict)
-
-
-def _inner_codecs(array: zarr.Array) -> tuple[type, ...] | None:
-    """The codec types of the inner chunks when the array is sharded the way this reader reads, else None."""
-    codecs = array.metadata.codecs
-    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
-        return None
-    sharding = codecs[0]
-    if (
-        sharding.index_location != ShardingCodecIndexLocation.end
-        or [type(c) for c in sharding.index_codecs] != [BytesCodec, Crc32cCodec]
-        or array.metadata.chunk_key_encoding.separator != "/"
-    ):
-        return None
-    return tuple(type(c) for c in sharding.codecs)
-
-
-def _parse_index(raw: bytes, n: int, data_end: int | None) -> _Index:
-    """The (offset, size) table of a shard's index bytes, after checking its CRC and, where the shard's size
-    is known (files), that every chunk it points to lies inside its data (a corrupt offset must not become a
-    read past the file; in a bucket such a read comes back short)."""
-    if len(raw) != 16 * n + CRC_BYTES:
-        raise Mismatch("index cut short")
-    table = np.frombuffer(strip_crc32c(raw), dtype="<u8").reshape(n, 2)
-    offsets, sizes = table[:, 0].copy(), table[:, 1].copy()
-    missing = offsets == _MISSING
-    if not np.array_equal(missing, sizes == _MISSING):
-        raise Mismatch("index marks a chunk half missing")
-    present_offsets = np.where(missing, 0, offsets)
-    if data_end is not None and np.any(
-        ~missing & ((present_offsets > data_end) | (sizes > data_end - np.minimum(present_offsets, data_end)))
-    ):
-        raise Mismatch(f"index points past the {data_end} bytes of chunk data")
-    return _Index(offsets=offsets.tolist(), sizes=sizes.tolist(), written=int(np.count_nonzero(~missing)))
 
 
 def _layers_text(layers: list[int]) -> str:
@@ -131,9 +81,9 @@ class StateReader:
         self.location, self.key = location, key
         self._chunk_keys = join(key, "c")
         self.run_name = key.rpartition("/")[0] or key
-        inner = _inner_codecs(array)
-        self.direct = inner in (_PLAIN, _CHECKSUMMED)
-        self.chunk_crc = inner == _CHECKSUMMED
+        inner = inner_codecs(array)
+        self.direct = inner in (PLAIN, CHECKSUMMED)
+        self.chunk_crc = inner == CHECKSUMMED
         if self.direct:
             self.shard_samples = array.shards[1]
             self.inner_samples = array.chunks[1]
@@ -143,7 +93,7 @@ class StateReader:
         self.shard_record = record if record and record["layout"] == self._layout_key() else None
         self._committed: list[list[int]] = self.shard_record["index_crc32c"] if self.shard_record else []
         self._partial: dict | None = self.shard_record.get("partial") if self.shard_record else None
-        self._indexes: dict[str, tuple[Hashable | None, _Index]] = {}  # by shard key, with its version; GIL-safe
+        self._indexes: dict[str, tuple[Hashable | None, Index]] = {}  # by shard key, with its version; GIL-safe
 
     def read(self, layers: list[int], start: int, stop: int) -> np.ndarray:
         """States of ``layers`` for samples ``start:stop``, shape (len(layers), stop - start, hidden)."""
@@ -298,7 +248,7 @@ class StateReader:
             if index is None:
                 return {}
             offsets, sizes = index.offsets[first:stop], index.sizes[first:stop]
-            present = [i for i, offset in enumerate(offsets) if offset != _MISSING]
+            present = [i for i, offset in enumerate(offsets) if offset != MISSING]
             if not present:
                 return {}
             begin = min(offsets[i] for i in present)
@@ -368,7 +318,7 @@ class StateReader:
             path,
         )
 
-    def _index(self, stored: ShardBytes, path: str, layer: int, shard: int, fresh: bool) -> tuple[_Index | None, bool]:
+    def _index(self, stored: ShardBytes, path: str, layer: int, shard: int, fresh: bool) -> tuple[Index | None, bool]:
         """The shard's verified chunk index (at its end), or None when the shard does not exist; and whether it
         came from the cache without a version to check it against (see ``_fetch_chunks``)."""
         cached = self._indexes.get(path)
@@ -382,7 +332,7 @@ class StateReader:
         try:
             if stored.size is not None and stored.size < index_bytes:
                 raise Mismatch(f"file of {stored.size} bytes, shorter than its {index_bytes}-byte index")
-            index = _parse_index(raw, n, None if stored.size is None else stored.size - index_bytes)
+            index = parse_index(raw, n, None if stored.size is None else stored.size - index_bytes)
             self._check_recorded(raw, layer, shard)
         except Mismatch as exc:
             first = shard * self.shard_samples

@@ -42,7 +42,7 @@ from zarr.core.sync import sync
 from actstore.store.checksum import CRC_BYTES, Mismatch, chunk_frames, span_crc
 from actstore.store.errors import CorruptData
 from actstore.store.location import Location, join
-from actstore.store.reader import _CHECKSUMMED, _MISSING, _PLAIN, _inner_codecs, _parse_index
+from actstore.store.shard_format import CHECKSUMMED, MISSING, PLAIN, inner_codecs, parse_index
 
 _ENCODE = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="actstore-encode")
 _PUT = ThreadPoolExecutor(max_workers=16, thread_name_prefix="actstore-put")  # a bucket's uploads overlap
@@ -65,7 +65,7 @@ class ShardWriter:
         self.n_layers, self.hidden = array.shape[0], array.shape[2]
         self.dtype = np.dtype(array.dtype).newbyteorder("<")
         self.fill = np.array(array.metadata.fill_value, dtype=self.dtype)
-        self.chunk_crc = _inner_codecs(array) == _CHECKSUMMED
+        self.chunk_crc = inner_codecs(array) == CHECKSUMMED
         self.chunk_bytes = self.inner_samples * self.hidden * self.dtype.itemsize
         self.n_chunks = self.shard_samples // self.inner_samples
         self.index_bytes = 16 * self.n_chunks + CRC_BYTES
@@ -74,8 +74,8 @@ class ShardWriter:
     @classmethod
     def of(cls, array: zarr.Array, location: Location, key: str) -> ShardWriter | None:
         """The direct writer of ``array``, or None where zarr-python must write it (another layout)."""
-        inner = _inner_codecs(array)
-        if inner not in (_PLAIN, _CHECKSUMMED) or array.ndim != 3:
+        inner = inner_codecs(array)
+        if inner not in (PLAIN, CHECKSUMMED) or array.ndim != 3:
             return None
         sharding = array.metadata.codecs[0]
         shape = array.shape
@@ -86,7 +86,7 @@ class ShardWriter:
             or np.dtype(array.dtype).kind != "f"
             or not isinstance(sharding.codecs[0], BytesCodec)
             or (sharding.codecs[0].endian is not None and sharding.codecs[0].endian.value != "little")
-            or (inner == _CHECKSUMMED and not isinstance(sharding.codecs[2], Crc32cCodec))
+            or (inner == CHECKSUMMED and not isinstance(sharding.codecs[2], Crc32cCodec))
         ):
             return None
         return cls(array, location, key)
@@ -145,11 +145,11 @@ class ShardWriter:
                 if stored.size is not None and stored.size < self.index_bytes:
                     raise Mismatch(f"file of {stored.size} bytes, shorter than its {self.index_bytes}-byte index")
                 data_end = None if stored.size is None else stored.size - self.index_bytes
-                index = _parse_index(raw, self.n_chunks, data_end)
+                index = parse_index(raw, self.n_chunks, data_end)
             except Mismatch as exc:
                 raise self._corrupt(layer, first, first + self.shard_samples, f"shard: {exc}", path) from None
             offsets, sizes = index.offsets[:wanted], index.sizes[:wanted]
-            present = [i for i, offset in enumerate(offsets) if offset != _MISSING]
+            present = [i for i, offset in enumerate(offsets) if offset != MISSING]
             if not present:
                 return [None] * whole, None
             begin = min(offsets[i] for i in present)
@@ -199,7 +199,7 @@ class ShardWriter:
                 block[a - c_first : b - c_first] = values.rows(layer, a - start, b - start)
             frame = self.blosc.encode(block)
             chunks[chunk] = frame + span_crc(frame).to_bytes(CRC_BYTES, "little") if self.chunk_crc else frame
-        table = np.full((self.n_chunks, 2), _MISSING, dtype="<u8")
+        table = np.full((self.n_chunks, 2), MISSING, dtype="<u8")
         offset = 0
         for chunk, stored in enumerate(chunks):
             if stored is not None:
