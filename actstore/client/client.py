@@ -10,7 +10,6 @@ import numpy as np
 import xarray as xr
 
 from actstore.client.channel import channel_target  # noqa: F401 - where tests and tools look it up
-from actstore.client.columns import column_coords
 from actstore.client.connection import Connection
 from actstore.client.jobs import AnalysisJob
 from actstore.client.records import run_info, run_summary
@@ -27,6 +26,7 @@ from actstore.client.requests import (
 from actstore.client.states import receive_states
 from actstore.protocol import DTYPE_ENUMS, VISIBILITY_ENUMS
 from actstore.v1 import actstore_pb2 as pb
+from actstore.wire.columns import column_coords
 from actstore.wire.labels import label_coords
 
 

@@ -16,11 +16,11 @@ import numpy as np
 from actstore.server.selection import BadRequest, NotFound, first_repeat
 from actstore.store import Run, echo
 from actstore.v1 import actstore_pb2 as pb
+from actstore.wire.columns import encode_column
 
 MAX_TOKEN_POSITIONS = 10_000  # per request: more positions than any text has tokens
 MAX_LISTED_VALUES = 1000  # distinct values of a label column that DescribeRun lists
 ROW_COORDS = {"sample": "int64", "position": "int64", "token_id": "int64"}
-VALUE_FIELDS = {"int64": "int64_values", "float64": "float64_values", "bool": "bool_values", "str": "str_values"}
 COLUMN_FRAMING = 8  # bytes of a Column beyond its values: tags, lengths, name and dtype (names are short)
 
 
@@ -179,10 +179,7 @@ def _matches(values: np.ndarray, dtype: str, f: pb.LabelFilter) -> np.ndarray:
 def columns(run: Run, chosen: np.ndarray) -> list[pb.Column]:
     """The coordinates of the ``chosen`` rows, one Column each, in ``column_dtypes`` order."""
     labels = run.labels()
-    return [
-        pb.Column(name=name, dtype=dtype, **{VALUE_FIELDS[dtype]: labels[name][chosen].tolist()})
-        for name, dtype in column_dtypes(run).items()
-    ]
+    return [encode_column(name, dtype, labels[name][chosen]) for name, dtype in column_dtypes(run).items()]
 
 
 def min_row_bytes(run: Run) -> int:

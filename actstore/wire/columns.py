@@ -1,5 +1,6 @@
-"""A capture run's row coordinates (``Column`` messages: sample, position, token_id and its label columns) as
-xarray coordinates along the run's rows, typed as stored."""
+"""A capture run's row coordinates in ``Column`` messages (sample, position, token_id and its label columns):
+encoded by the server from the run's arrays, decoded by the client into xarray coordinates along the run's
+rows, typed as stored."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ from actstore.v1 import actstore_pb2 as pb
 
 VALUE_FIELDS = {"int64": "int64_values", "float64": "float64_values", "bool": "bool_values", "str": "str_values"}
 NUMPY_DTYPES = {"int64": np.int64, "float64": np.float64, "bool": bool, "str": str}  # str: no object arrays
+
+
+def encode_column(name: str, dtype: str, values: np.ndarray) -> pb.Column:
+    """One coordinate's values (of the rows chosen) in the list its ``dtype`` names."""
+    return pb.Column(name=name, dtype=dtype, **{VALUE_FIELDS[dtype]: values.tolist()})
 
 
 def column_coords(columns: Iterable[pb.Column], row_dim: str) -> dict[str, Any]:
