@@ -186,14 +186,16 @@ def parse_positions(text: str) -> Positions:
     return Positions("indices", indices)
 
 
-def check_positions(positions: Positions, lengths: list[int]) -> None:
-    """Raise ValueError naming the first text (its index in ``lengths``) that the positions do not fit."""
+def check_positions(positions: Positions, lengths: list[int], names: list[str] | None = None) -> None:
+    """Raise ValueError naming the first text that the positions do not fit: by ``names`` (how the caller's
+    user knows the texts), else by its index in ``lengths``."""
     for i, n in enumerate(lengths):
+        text = names[i] if names is not None else f"text {i}"
         if n < 1:
-            raise ValueError(f"text {i} has no tokens")
+            raise ValueError(f"{text} has no tokens")
         for index in positions.indices:
             if not -n <= index < n:
-                raise ValueError(f"position {index} is beyond text {i} ({n} tokens)")
+                raise ValueError(f"position {index} is beyond {text} ({n} tokens)")
 
 
 @dataclass

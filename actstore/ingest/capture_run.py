@@ -1,4 +1,5 @@
-"""The capture ingest: any text dataset, any sites, any token positions, into one capture run.
+"""The capture ingest: any text dataset (or the study's prompts), any sites, any token positions, one capture
+run per method.
 
 What TransformerLens' ``run_with_cache`` or SAELens' activation caches give, kept the actstore way: every
 requested site of every text in one forward pass per batch, committed atomically, resumable after a kill
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -198,9 +198,9 @@ class CaptureIngest:
         """Each text's length in tokens; a position beyond a text is refused naming the text's id."""
         lengths = [len(ids) for ids in capture.tokenize([t.text for t in texts])]
         try:
-            check_positions(self.positions, lengths)
+            check_positions(self.positions, lengths, [f"the text of row {t.id} of the dataset" for t in texts])
         except ValueError as exc:
-            raise DatasetError(_with_ids(str(exc), texts)) from None
+            raise DatasetError(str(exc)) from None
         return lengths
 
     def layout(self, job: Job, capture: Capture, sites: list[Site], probe: Text) -> CaptureLayout:
@@ -394,12 +394,3 @@ def _label_dtype(values: np.ndarray) -> str:
     if values.dtype == object or values.dtype.kind in "US":
         return "str"
     return {"b": "bool", "i": "int64", "u": "int64", "f": "float64"}[values.dtype.kind]
-
-
-def _with_ids(message: str, texts: list[Text]) -> str:
-    """``check_positions`` names a text by its index among those checked; the user knows it by its row."""
-    match = re.search(r"text (\d+)", message)
-    if not match:
-        return message
-    index = int(match.group(1))
-    return message.replace(match.group(0), f"the text of row {texts[index].id} of the dataset", 1)
