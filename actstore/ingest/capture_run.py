@@ -34,13 +34,12 @@ from actstore.ingest.capture import (
 from actstore.ingest.datasets import LETTERS, PACKAGED_MMLU, DatasetError, packaged_mmlu_path
 from actstore.ingest.extract import letter_token_ids
 from actstore.ingest.methods import Method, parse_method
-from actstore.ingest.model import LoadedModel, ModelSource, load_model, resolve_device, resolve_dtype
+from actstore.ingest.model import LoadedModel, ModelSource, load_model
 from actstore.ingest.options import IngestOptions
-from actstore.ingest.pipeline import DEFAULT_BATCH_SIZE, Ingest, now, versions
+from actstore.ingest.pipeline import DEFAULT_BATCH_SIZE, Ingest, Target, now, versions
 from actstore.ingest.prompts import build_prompt
 from actstore.ingest.selection import storage_order
 from actstore.ingest.texts import Text, TextDataset, label_arrays, load_texts
-from actstore.store import Store, safe_name, validate_name
 from actstore.store.capture import CaptureLayout, IncompatibleSites
 from actstore.store.layout import compressed_nbytes
 
@@ -86,20 +85,14 @@ class CaptureIngest:
         self.opts = opts
         _check_options(opts)
         self.positions: Positions = parse_positions(opts.positions)
-        if opts.text_column or opts.template:
-            self.questions = None
-            self.store = Store(opts.store)
-            self.base = ModelSource.resolve(opts.model, opts.gguf_file)
-            self.name = validate_name(opts.name, "model name") if opts.name else safe_name(self.base.default_name)
-            for group in filter(None, [opts.group, *opts.shared_with]):
-                validate_name(group, "group name")
-            self.device = resolve_device(opts.device)
-            self.dtype = resolve_dtype(opts.dtype, self.device)
+        # the study's questions: each method's prompts captured as texts
+        self.questions = None if opts.text_column or opts.template else Ingest(opts)
+        target = Target.of(opts) if self.questions is None else self.questions
+        self.store, self.base, self.name = target.store, target.base, target.name
+        self.device, self.dtype = target.device, target.dtype
+        if self.questions is None:
             self.jobs = [self._text_job()]
-        else:  # the study's questions, each method's prompts captured as texts
-            self.questions = Ingest(opts)
-            self.store, self.base, self.name = self.questions.store, self.questions.base, self.questions.name
-            self.device, self.dtype = self.questions.device, self.questions.dtype
+        else:
             self.jobs = [self._question_job(method) for method in self.questions.methods]
         self.store_dtype = _store_dtype(opts.store_dtype, self.dtype)
         self._loaded: dict[ModelSource, LoadedModel] = {}

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from actstore.adapter import AdapterError, finished_adapter, read_record, saved_steps
@@ -53,23 +54,41 @@ class Plan:
     pending: list[Question]
 
 
+@dataclass
+class Target:
+    """Where an ingest writes and what it runs: the store, the base model and its name there, the device and
+    compute dtype; every name checked before anything loads."""
+
+    store: Store
+    base: ModelSource
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, opts: IngestOptions) -> Target:
+        store = Store(opts.store)  # first: a store URL of an unknown scheme is refused before any loading
+        base = ModelSource.resolve(opts.model, opts.gguf_file)
+        name = validate_name(opts.name, "model name") if opts.name else safe_name(base.default_name)
+        for group in filter(None, [opts.group, *opts.shared_with]):
+            validate_name(group, "group name")
+        device = resolve_device(opts.device)
+        return cls(store, base, name, device, resolve_dtype(opts.dtype, device))
+
+
 class Ingest:
     """Holds what every method of one ingest shares: dataset, selection, store, loaded models."""
 
     def __init__(self, opts: IngestOptions) -> None:
         self.opts = opts
-        self.store = Store(opts.store)  # first: a store URL of an unknown scheme is refused before any loading
+        target = Target.of(opts)
+        self.store, self.base, self.name = target.store, target.base, target.name
+        self.device, self.dtype = target.device, target.dtype
         self.methods = [parse_method(m) for m in opts.methods]
         if any(m.finetuned for m in self.methods) and not opts.checkpoint:
             raise ValueError("method 'finetuned' needs --checkpoint (the fine-tuned model; --model names its base)")
-        self.base = ModelSource.resolve(opts.model, opts.gguf_file)
-        self.name = validate_name(opts.name, "model name") if opts.name else safe_name(self.base.default_name)
-        for group in filter(None, [opts.group, *opts.shared_with]):
-            validate_name(group, "group name")
         self.dataset: Dataset = load_dataset(opts.dataset)
         self.selection: Selection = select(self.dataset, opts.subjects, opts.per_subject, opts.limit, opts.train_pool)
-        self.device = resolve_device(opts.device)
-        self.dtype = resolve_dtype(opts.dtype, self.device)
         self._fingerprints: dict[ModelSource, str] = {}
         self._loaded: dict[ModelSource, LoadedModel] = {}
 
