@@ -15,12 +15,12 @@ import numpy as np
 
 from actstore.server.selection import BadRequest, NotFound, first_repeat
 from actstore.store import Run, echo
+from actstore.store.capture import ROW_COORDS
 from actstore.v1 import actstore_pb2 as pb
 from actstore.wire.columns import encode_column
 
 MAX_TOKEN_POSITIONS = 10_000  # per request: more positions than any text has tokens
 MAX_LISTED_VALUES = 1000  # distinct values of a label column that DescribeRun lists
-ROW_COORDS = {"sample": "int64", "position": "int64", "token_id": "int64"}
 COLUMN_FRAMING = 8  # bytes of a Column beyond its values: tags, lengths, name and dtype (names are short)
 
 
