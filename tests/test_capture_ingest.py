@@ -178,6 +178,10 @@ def test_positions_all_selects_by_sample_position_and_token(tiny_model, texts_fi
     one = ds.isel(token=ds["sample"].values == 4)
     assert list(one["position"].values) == list(range(one.sizes["token"]))  # a text's tokens are contiguous
     assert ds["top_ids"].dims == ("token", "top") and ds["top_ids"].shape[1] == 3
+    checked = xr.open_dataset(store, engine="actstore", group="tiny-llama/0shot", chunks={})  # actstore's reader
+    assert checked["resid_post"].dims == ("layer", "token", "hidden")
+    np.testing.assert_array_equal(checked["resid_post"].isel(layer=1).values, ds["resid_post"].isel(layer=1).values)
+    np.testing.assert_array_equal(checked["token_id"].values, ds["token_id"].values)
     text = json.loads(texts_file.read_text().splitlines()[4])["text"]
     assert list(one["token_id"].values.astype(int)) == Direct(tiny_model).tokenizer(text)["input_ids"]
 
