@@ -325,6 +325,15 @@ def test_label_types_come_from_the_whole_column_not_the_first_batch(tiny_model, 
     assert run.labels()["score"].dtype == np.float64 and scores == {i: r["score"] for i, r in enumerate(rows)}
 
 
+def test_capture_options_alone_make_a_capture_of_the_study_questions(tiny_model, questions_file, tmp_path):
+    """--positions (or --store-dtype, --top-logits, --max-tokens) without --sites captures the default site,
+    rather than being ignored by the study's ingest."""
+    store = tmp_path / "store"
+    assert main(testing.ingest_args(store, tiny_model, questions_file, "--limit", "6", "--positions", "all")) == 0
+    run = Store(store).run("tiny-llama", "0shot")
+    assert run.row_dim == "token" and list(run.sites) == ["resid_post"] and run.n_texts == 6
+
+
 def test_the_study_questions_are_captured_at_any_site_under_every_method(tiny_model, questions_file, tmp_path):
     """Without --text-column the study's prompts (shots included) are the texts; `normed` at the last token
     is the study's site, so its layers equal the question run's, bit for bit."""

@@ -55,7 +55,8 @@ class IngestOptions:
     def captures(self) -> bool:
         """Whether this is a capture (a text dataset, or sites beyond the study's) rather than the study's
         multiple-choice ingest."""
-        return bool(self.text_column or self.template or self.sites)
+        asked = self.positions != "last" or self.store_dtype != "auto" or self.top_logits or self.max_tokens
+        return bool(self.text_column or self.template or self.sites or asked)
 
     def access(self) -> dict:
         """The access of runs this ingest creates; existing runs keep theirs (owners change it via the server)."""
