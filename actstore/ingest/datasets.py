@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,33 +109,40 @@ def _question(qid: int, subject: object, question: object, choices: object, answ
     return Question(qid, subject_id(subject), question, tuple(choices), _answer_letter(answer, where))
 
 
-def _load_jsonl(path: Path, name: str) -> Dataset:
-    """MMLU jsonl (answer_a..d, correct_answer, topic) or generic (question, choices, answer, subject)."""
-    questions = []
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSON Lines file; DatasetError naming the line
+    for one that is not a JSON object."""
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DatasetError(f"{where}: not valid JSON ({exc.msg})") from None
+                raise DatasetError(
+                    f"{path}:{number}: not valid JSON ({exc.msg}); one JSON object per line expected"
+                ) from None
             if not isinstance(row, dict):
-                raise DatasetError(f"{where}: each line must be a JSON object")
-            if "answer_a" in row:
-                if _is_header(str(row.get("correct_answer", ""))):
-                    log.info("%s: skipped a header row", where)
-                    continue
-                choices = [row.get(f"answer_{c}") for c in "abcd"]
-                q = _question(
-                    number - 1, row.get("topic"), row.get("question"), choices, row.get("correct_answer"), where
-                )
-            else:
-                q = _question(
-                    number - 1, row.get("subject"), row.get("question"), row.get("choices"), row.get("answer"), where
-                )
-            questions.append(q)
+                raise DatasetError(f"{path}:{number}: a {type(row).__name__}, not a JSON object; one per line expected")
+            yield number, row
+
+
+def _load_jsonl(path: Path, name: str) -> Dataset:
+    """MMLU jsonl (answer_a..d, correct_answer, topic) or generic (question, choices, answer, subject)."""
+    questions = []
+    for number, row in jsonl_rows(path):
+        where = f"{path}:{number}"
+        if "answer_a" in row:
+            if _is_header(str(row.get("correct_answer", ""))):
+                log.info("%s: skipped a header row", where)
+                continue
+            choices = [row.get(f"answer_{c}") for c in "abcd"]
+            q = _question(number - 1, row.get("topic"), row.get("question"), choices, row.get("correct_answer"), where)
+        else:
+            q = _question(
+                number - 1, row.get("subject"), row.get("question"), row.get("choices"), row.get("answer"), where
+            )
+        questions.append(q)
     if not questions:
         raise DatasetError(f"{path}: no questions")
     return Dataset(name=name, sha256=_sha256([path]), questions=questions)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actstore.ingest.datasets import DatasetError, _sha256
+from actstore.ingest.datasets import DatasetError, _sha256, jsonl_rows
 from actstore.store.run import MAX_LABEL_CHARS
 
 log = logging.getLogger(__name__)
@@ -138,24 +138,11 @@ def _jsonl(path: Path) -> _Table:
     """JSON Lines: one object per line, blank lines skipped; the columns are the first row's keys."""
 
     def rows(needed: list[str]) -> Iterator[Row]:
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if line.strip():
-                    yield _json_object(path, number, line)
+        return (row for _, row in jsonl_rows(path))
 
     with contextlib.closing(rows([])) as head:
         first = next(head, {})
     return _Table(list(first), rows, [path])
-
-
-def _json_object(path: Path, number: int, line: str) -> Row:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}:{number}: not valid JSON ({exc.msg}); one JSON object per line expected") from None
-    if not isinstance(row, dict):
-        raise DatasetError(f"{path}:{number}: a {type(row).__name__}, not a JSON object; one per line expected")
-    return row
 
 
 def _csv(path: Path) -> _Table:
