@@ -32,6 +32,7 @@ NEEDS = {
         "secured",
         "damaged_folder",
         "capture_served",
+        "feed_server",
         "served_capture",
     },
     "cluster": {"dask_cluster", "idle_scheduler", "manager"},

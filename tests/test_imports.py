@@ -17,9 +17,9 @@ FLOORS = [
     {"protocol", "wire", "address"},
     {"store"},
     {"arguments", "adapter", "testing"},
-    {"analysis", "ingest"},
+    {"analysis", "ingest", "exchange"},
     {"finetune", "server", "client"},
-    {"study"},
+    {"study", "torch"},
     {"cli"},
     {"__main__"},
 ]

@@ -1,0 +1,204 @@
+"""Where a dataset's rows come from: a store (a folder or a bucket), or a server through the client.
+
+A source is made in the main process, where it pins the run as it is then (how many rows; the run's identity),
+and is pickled to each DataLoader worker, which opens the run again for itself. Rows appended later are not
+read (every reader sees the same snapshot), and a run replaced meanwhile is refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from actstore.client import Client
+from actstore.store import Store, StoreError
+from actstore.store.layout import StateLayout
+
+CORE = ("sample", "position")  # every item has them: the row's text (question) and token position
+
+
+class RunChanged(StoreError):
+    """The run was replaced (or shrunk) since the dataset was made: its rows are not the ones planned."""
+
+
+@dataclass
+class Rows:
+    """A block of rows: ``states`` (layer, row, hidden), and one array (row,) per coordinate."""
+
+    states: np.ndarray
+    coords: dict[str, np.ndarray]
+
+
+@dataclass
+class RunSpec:
+    """What a dataset reads: one site of a run, at some layers, with the label columns asked for."""
+
+    model: str
+    method: str
+    site: str | None
+    layers: list[int]
+    labels: tuple[str, ...] = ()
+
+
+@dataclass
+class Pinned:
+    """The run as the main process saw it: rows read, width, the stored dtype, string labels' categories."""
+
+    n_rows: int
+    hidden: int
+    dtype: str
+    block_rows: int
+    identity: str
+    categories: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _categories(coords: dict[str, np.ndarray], labels: tuple[str, ...]) -> dict[str, list[str]]:
+    """Each text label's values, sorted: items carry a value's index here, as torch tensors hold no strings."""
+    return {name: sorted(map(str, np.unique(coords[name]))) for name in labels if coords[name].dtype.kind in "OUT"}
+
+
+def encode_coords(coords: dict[str, np.ndarray], categories: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """Coordinates as numbers: text labels as their index in ``categories``."""
+    out = {}
+    for name, values in coords.items():
+        if name in categories:
+            values = np.searchsorted(np.asarray(categories[name]), values.astype(str)).astype(np.int64)
+        out[name] = values
+    return out
+
+
+class LocalSource:
+    """Rows read from a store through the checked fast reader (every chunk's CRC-32C, every shard's record)."""
+
+    def __init__(self, store: Store | str | os.PathLike[str], spec: RunSpec) -> None:
+        store = store if isinstance(store, Store) else Store(store)
+        self.url = store.url
+        self.storage_options = getattr(store.location, "storage_options", None)
+        self.spec = spec
+        run = store.run(spec.model, spec.method)
+        spec.site = spec.site or run.default_site
+        array = run.states(spec.site)
+        self._check(run, spec)
+        labels = run.labels()
+        self.pinned = Pinned(
+            n_rows=run.n_samples,
+            hidden=array.shape[2],
+            dtype=str(array.dtype),
+            block_rows=(array.shards or array.chunks)[1],
+            identity=_identity(run),
+            categories=_categories(labels, spec.labels),
+        )
+        self._opened: tuple[int, Any] | None = (os.getpid(), run)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_opened": None}  # each process opens the run for itself
+
+    @property
+    def description(self) -> str:
+        return f"run {self.spec.model}/{self.spec.method} in store {self.url}"
+
+    def read(self, lo: int, hi: int) -> Rows:
+        run = self._run()
+        states = run.read_states(self.spec.layers, lo, hi, self.spec.site)
+        labels = run.labels()
+        coords = {name: labels[name][lo:hi] for name in (*CORE, *self.spec.labels) if name in labels}
+        coords.setdefault("position", np.full(hi - lo, -1, dtype=np.int64))
+        return Rows(states, encode_coords(coords, self.pinned.categories))
+
+    def read_rows(self, rows: np.ndarray) -> Rows:
+        """Rows at any positions (for map-style datasets)."""
+        run = self._run()
+        states = run.read_rows(self.spec.layers, rows, self.spec.site)
+        labels = run.labels()
+        coords = {name: labels[name][rows] for name in (*CORE, *self.spec.labels) if name in labels}
+        coords.setdefault("position", np.full(len(rows), -1, dtype=np.int64))
+        return Rows(states, encode_coords(coords, self.pinned.categories))
+
+    def _run(self) -> Any:
+        if self._opened is None or self._opened[0] != os.getpid():
+            run = Store(self.url, self.storage_options).run(self.spec.model, self.spec.method)
+            if _identity(run) != self.pinned.identity or run.n_samples < self.pinned.n_rows:
+                raise RunChanged(
+                    f"{self.description} was replaced since this dataset was made ({self.pinned.n_rows:,} rows "
+                    f"then, {run.n_samples:,} now): make the dataset again"
+                )
+            self._opened = (os.getpid(), run)
+        return self._opened[1]
+
+    @staticmethod
+    def _check(run: Any, spec: RunSpec) -> None:
+        n_layers = run.states(spec.site).shape[0]
+        bad = [layer for layer in spec.layers if not 0 <= layer < n_layers]
+        if bad:
+            raise IndexError(f"layers {bad} outside 0..{n_layers - 1} of run {run.key}")
+        labels = run.labels()
+        missing = [name for name in spec.labels if name not in labels]
+        if missing:
+            raise KeyError(
+                f"run {run.key} has no label {', '.join(map(repr, missing))}; its labels: "
+                f"{', '.join(name for name in labels if name not in CORE)}"
+            )
+
+
+def _identity(run: Any) -> str:
+    """What tells this run from another written at the same place: its recipe and first writing session."""
+    attrs = run.attrs
+    return json.dumps([attrs.get("recipe"), (attrs.get("history") or [None])[0]], sort_keys=True, default=str)
+
+
+class RemoteSource:
+    """Rows read from an actstore server: the server checks the bytes and the caller's access."""
+
+    def __init__(self, client: Client, spec: RunSpec, token: str | None = None, tls: bool | str = False) -> None:
+        """``token`` and ``tls``: the client's, for the connection each DataLoader worker opens (a client keeps
+        its token to itself)."""
+        self.address, self._token, self._tls = client.address, token, tls
+        info = client.describe(spec.model, spec.method)
+        self.capture = info["kind"] == "capture"
+        sites = {site["name"]: site for site in info["sites"] or []}
+        spec.site = spec.site or next(iter(sites), None)
+        if self.capture and spec.site not in sites:
+            raise KeyError(f"run {spec.model}/{spec.method} has no site {spec.site!r}; its sites: {', '.join(sites)}")
+        self.spec = spec
+        labels = client.labels(spec.model, spec.method)
+        coords = {name: labels[name].values for name in labels.coords}
+        missing = [name for name in spec.labels if name not in coords]
+        if missing:
+            raise KeyError(f"run {spec.model}/{spec.method} has no label {', '.join(map(repr, missing))}")
+        hidden = int(sites[spec.site]["width"]) if self.capture else int(info["hidden"])
+        attrs = info["attributes"]
+        self.pinned = Pinned(
+            n_rows=int(info["n_samples"]),
+            hidden=hidden,
+            dtype="float16" if info["store_dtype"] == "float16" else "float32",  # bfloat16 is kept in float32
+            block_rows=StateLayout(hidden).shard_samples,
+            identity=json.dumps([info["recipe"], (attrs.get("history") or [None])[0]], sort_keys=True, default=str),
+            categories=_categories(coords, spec.labels),
+        )
+        self._client: tuple[int, Client] | None = (os.getpid(), client)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def description(self) -> str:
+        return f"run {self.spec.model}/{self.spec.method} at {self.address}"
+
+    def read(self, lo: int, hi: int) -> Rows:
+        client = self._connection()
+        rows = {"tokens": slice(lo, hi)} if self.capture else {"samples": slice(lo, hi)}
+        array = client.hidden_states(
+            self.spec.model, self.spec.method, layers=self.spec.layers, site=self.spec.site, **rows
+        )
+        coords = {name: array[name].values for name in (*CORE, *self.spec.labels) if name in array.coords}
+        coords.setdefault("position", np.full(hi - lo, -1, dtype=np.int64))
+        return Rows(array.values, encode_coords(coords, self.pinned.categories))
+
+    def _connection(self) -> Client:
+        if self._client is None or self._client[0] != os.getpid():
+            self._client = (os.getpid(), Client(self.address, token=self._token, tls=self._tls))
+        return self._client[1]

@@ -1,0 +1,213 @@
+"""Activations as a torch IterableDataset: shuffled, seeded, resumable, split across workers and ranks.
+
+The order of an epoch is actstore.torch.order's: blocks read whole, dealt to readers, mixed in windows.
+With ``batch_size`` the dataset yields whole batches (use ``DataLoader(dataset, batch_size=None)``): a
+batch is one gather from the window in memory, much faster than collating thousands of items, and it makes
+``start`` exact with DataLoader workers (see ``Activations.__init__``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from actstore.torch.order import EpochPlan, cut, delivered, n_batches
+from actstore.torch.sources import LocalSource, RemoteSource
+
+Source = LocalSource | RemoteSource
+ITEM_CHUNK = 1024  # rows gathered at once when the dataset yields single items
+
+
+@dataclass
+class _Window:
+    """A window's rows in memory: states (row, hidden) or (row, layer, hidden), and each coordinate (row,)."""
+
+    states: np.ndarray
+    coords: dict[str, np.ndarray]
+
+
+class Activations(IterableDataset):
+    """The rows of one or more runs (one site, some layers) as dicts of tensors: ``states`` and the row's
+    ``sample`` and ``position`` (-1 for rows that are whole questions), the labels asked for (text labels as
+    indices into ``categories[name]``), and ``run`` (an index into ``runs``) when there are several runs."""
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        one_layer: bool,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        batch_size: int | None = None,
+        buffer_size: int = 65536,
+        block_rows: int | None = None,
+        drop_last: bool = False,
+        start: int = 0,
+        epoch: int = 0,
+        dtype: torch.dtype | None = torch.float32,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        """``buffer_size``: rows mixed at once (memory: about twice that many rows of states). ``block_rows``:
+        rows read at once (default: a shard's). ``start``: batches (items without ``batch_size``) of this
+        epoch to skip, as a DataLoader hands them on: a job restarted after batch k passes ``start=k`` and the
+        same seed, epoch and number of workers, and continues with batch k + 1. ``dtype``: of the states
+        (None: as stored). ``rank`` and ``world_size``: this process's share (default: torch.distributed's,
+        when initialised); each rank reads other blocks."""
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        if start < 0:
+            raise ValueError(f"start must be 0 or more, not {start}")
+        self.sources = list(sources)
+        self.one_layer = one_layer
+        self.shuffle, self.seed, self.epoch, self.start = shuffle, seed, epoch, start
+        self.batch_size, self.buffer_size, self.drop_last, self.dtype = batch_size, buffer_size, drop_last, dtype
+        self.rank, self.world_size = _distributed(rank, world_size)
+        self.categories = _shared_categories(self.sources)
+        widths = {source.pinned.hidden for source in self.sources}
+        if len(widths) > 1:
+            raise ValueError(f"the runs' states have different widths ({sorted(widths)}): read them separately")
+        self.blocks = [
+            (i, lo, lo + size)
+            for i, source in enumerate(self.sources)
+            for lo, size in _cut_at(source.pinned.n_rows, block_rows or source.pinned.block_rows)
+        ]
+
+    @property
+    def runs(self) -> list[str]:
+        return [source.description for source in self.sources]
+
+    @property
+    def n_rows(self) -> int:
+        """Rows in an epoch, over every rank."""
+        return sum(source.pinned.n_rows for source in self.sources)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start another epoch (another order of the rows), from its first batch."""
+        self.epoch, self.start = epoch, 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        readers, first = self.world_size * workers, self.rank * workers
+        plan = EpochPlan(
+            tuple(hi - lo for _, lo, hi in self.blocks), self.buffer_size, self.shuffle, self.seed, self.epoch
+        )
+        per_batch = self.batch_size or 1
+        counts = [
+            n_batches(sum(plan.window_sizes(first + w, readers)), per_batch, self.drop_last) for w in range(workers)
+        ]
+        # A resumed DataLoader begins its turns at worker 0 again: worker i plays the part of the worker whose
+        # turn is i-th from the stopping point, so the batches come in the order they would have.
+        taken, turn = delivered(counts, self.start)
+        part = (turn + worker) % workers
+        batches = self._batches(plan, first + part, readers, taken[part] * per_batch, self.batch_size or ITEM_CHUNK)
+        if self.batch_size is not None:
+            yield from batches
+            return
+        for batch in batches:
+            for i in range(len(batch["states"])):
+                yield {name: values[i] for name, values in batch.items()}
+
+    def _batches(
+        self, plan: EpochPlan, reader: int, readers: int, skip: int, size: int
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of ``size`` rows of ``reader``'s share, from its row ``skip`` on."""
+        windows = plan.windows(reader, readers)
+        sizes = [sum(self.blocks[b][2] - self.blocks[b][1] for b in window) for window in windows]
+        first = 0
+        while first < len(windows) and skip >= sizes[first]:
+            skip -= sizes[first]
+            first += 1
+        pieces: list[tuple[_Window, np.ndarray]] = []
+        pending = 0
+        with ThreadPoolExecutor(1, thread_name_prefix="actstore-feed") as pool:
+            ahead: Future[_Window] | None = None
+            for w in range(first, len(windows)):
+                window = ahead.result() if ahead is not None else self._read(windows[w])
+                ahead = pool.submit(self._read, windows[w + 1]) if w + 1 < len(windows) else None
+                order = plan.row_order(sizes[w], reader, w)[skip:]
+                skip = 0
+                while len(order):
+                    take = order[: size - pending]
+                    order = order[len(take) :]
+                    pieces.append((window, take))
+                    pending += len(take)
+                    if pending == size:
+                        yield self._gather(pieces)
+                        pieces, pending = [], 0
+        if pieces and not (self.drop_last and self.batch_size is not None):
+            yield self._gather(pieces)
+
+    def _read(self, blocks: np.ndarray) -> _Window:
+        """A window's blocks, read whole and put side by side (as the dtype asked for)."""
+        parts = [self.blocks[b] for b in blocks]
+        n = sum(hi - lo for _, lo, hi in parts)
+        source = self.sources[0]
+        n_layers = len(source.spec.layers)
+        dtype = np.dtype(source.pinned.dtype) if self.dtype is None else _numpy(self.dtype)
+        shape = (n, source.pinned.hidden) if self.one_layer else (n, n_layers, source.pinned.hidden)
+        states = np.empty(shape, dtype=dtype)
+        coords: dict[str, list[np.ndarray]] = {}
+        at = 0
+        for i, lo, hi in parts:
+            rows = self.sources[i].read(lo, hi)
+            states[at : at + hi - lo] = rows.states[0] if self.one_layer else rows.states.transpose(1, 0, 2)
+            for name, values in rows.coords.items():
+                coords.setdefault(name, []).append(values)
+            if len(self.sources) > 1:
+                coords.setdefault("run", []).append(np.full(hi - lo, i, dtype=np.int64))
+            at += hi - lo
+        return _Window(states, {name: np.concatenate(values) for name, values in coords.items()})
+
+    def _gather(self, pieces: list[tuple[_Window, np.ndarray]]) -> dict[str, torch.Tensor]:
+        """One batch: the rows ``pieces`` name, of one window or (at a window's end) two."""
+        states = [torch.from_numpy(window.states)[torch.from_numpy(rows)] for window, rows in pieces]
+        batch = {"states": states[0] if len(states) == 1 else torch.cat(states)}
+        if self.dtype is not None:
+            batch["states"] = batch["states"].to(self.dtype)
+        for name in pieces[0][0].coords:
+            batch[name] = torch.from_numpy(np.concatenate([window.coords[name][rows] for window, rows in pieces]))
+        return batch
+
+
+def _cut_at(n_rows: int, block_rows: int) -> list[tuple[int, int]]:
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be at least 1, not {block_rows}")
+    sizes = cut(n_rows, block_rows)
+    return [(i * block_rows, size) for i, size in enumerate(sizes)]
+
+
+def _numpy(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype a window holds for states of ``dtype`` (float32 where numpy has none: bfloat16)."""
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype
+    except TypeError:
+        return np.dtype("float32")
+
+
+def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """This process's rank and the number of ranks: as given, else torch.distributed's, else (0, 1)."""
+    if rank is None and world_size is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world_size = rank or 0, world_size or 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+    return rank, world_size
+
+
+def _shared_categories(sources: Sequence[Source]) -> dict[str, list[str]]:
+    """Text labels' values over every run, so an index means the same value in every run's rows."""
+    merged: dict[str, set[str]] = {}
+    for source in sources:
+        for name, values in source.pinned.categories.items():
+            merged.setdefault(name, set()).update(values)
+    categories = {name: sorted(values) for name, values in merged.items()}
+    for source in sources:
+        source.pinned.categories = categories
+    return categories
