@@ -282,3 +282,11 @@ def test_reading_through_a_server_gives_the_local_stream(store, feed_server):
     assert len(local) == len(remote)
     for a, b in zip(local, remote):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_workers_forked_after_the_main_process_read_still_read(store):
+    """Thread pools copied into a forked worker have no threads: reads there would wait forever."""
+    ds = activations(store, MODEL, METHOD, SITE, 0, batch_size=64, block_rows=16, buffer_size=64)
+    assert seen_rows(ds)  # the main process reads first: its pools have threads now
+    loader = DataLoader(ds, batch_size=None, num_workers=2, timeout=60, multiprocessing_context="fork")
+    assert sorted(seen_rows(loader)) == list(range(n_rows(store)))

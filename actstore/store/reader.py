@@ -27,7 +27,7 @@ import os
 import zlib
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TypeVar
 
 import numcodecs
@@ -37,13 +37,14 @@ import zarr
 from actstore.store.checksum import CRC_BYTES, ChunkMismatch, Mismatch, chunk_frames, span_crc, table_crc
 from actstore.store.errors import CorruptData
 from actstore.store.location import Location, ShardBytes, join
+from actstore.store.pools import ForkSafePool
 from actstore.store.shard_format import CHECKSUMMED, MISSING, PLAIN, Index, inner_codecs, parse_index
 
 log = logging.getLogger(__name__)
 
 _PARALLEL_BYTES = 4 << 20
-_POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="actstore-decode")
-_REQUESTS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="actstore-get")  # a bucket's round trips overlap
+_POOL = ForkSafePool(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="actstore-decode")
+_REQUESTS = ForkSafePool(max_workers=32, thread_name_prefix="actstore-get")  # a bucket's round trips overlap
 numcodecs.blosc.set_nthreads(1)  # parallelism comes from decoding several chunks at once
 
 T = TypeVar("T")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 
 import numcodecs
 import numpy as np
@@ -42,10 +42,11 @@ from zarr.core.sync import sync
 from actstore.store.checksum import CRC_BYTES, Mismatch, chunk_frames, span_crc
 from actstore.store.errors import CorruptData
 from actstore.store.location import Location, join
+from actstore.store.pools import ForkSafePool
 from actstore.store.shard_format import CHECKSUMMED, MISSING, PLAIN, inner_codecs, parse_index
 
-_ENCODE = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="actstore-encode")
-_PUT = ThreadPoolExecutor(max_workers=16, thread_name_prefix="actstore-put")  # a bucket's uploads overlap
+_ENCODE = ForkSafePool(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="actstore-encode")
+_PUT = ForkSafePool(max_workers=16, thread_name_prefix="actstore-put")  # a bucket's uploads overlap
 _IN_FLIGHT = 32  # shards encoded or being written at once: bounds what a large commit holds encoded
 _SHUFFLES = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE}
 _SHUFFLES["bitshuffle"] = numcodecs.Blosc.BITSHUFFLE

@@ -8,6 +8,7 @@ batch is one gather from the window in memory, much faster than collating thousa
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,11 +17,14 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from actstore.store.pools import ForkSafePool
 from actstore.torch.order import EpochPlan, cut, delivered, n_batches
 from actstore.torch.sources import LocalSource, RemoteSource
 
 Source = LocalSource | RemoteSource
 ITEM_CHUNK = 1024  # rows gathered at once when the dataset yields single items
+Rows = slice | np.ndarray  # a window's rows in a batch: in order, or picked
+_BLOCKS = ForkSafePool(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="actstore-blocks")
 
 
 @dataclass
@@ -124,20 +128,19 @@ class Activations(IterableDataset):
         while first < len(windows) and skip >= sizes[first]:
             skip -= sizes[first]
             first += 1
-        pieces: list[tuple[_Window, np.ndarray]] = []
+        pieces: list[tuple[_Window, Rows]] = []
         pending = 0
         with ThreadPoolExecutor(1, thread_name_prefix="actstore-feed") as pool:
             ahead: Future[_Window] | None = None
             for w in range(first, len(windows)):
                 window = ahead.result() if ahead is not None else self._read(windows[w])
                 ahead = pool.submit(self._read, windows[w + 1]) if w + 1 < len(windows) else None
-                order = plan.row_order(sizes[w], reader, w)[skip:]
-                skip = 0
-                while len(order):
-                    take = order[: size - pending]
-                    order = order[len(take) :]
-                    pieces.append((window, take))
-                    pending += len(take)
+                order = plan.row_order(sizes[w], reader, w) if self.shuffle else None
+                at, skip = skip, 0
+                while at < sizes[w]:
+                    n = min(size - pending, sizes[w] - at)
+                    pieces.append((window, slice(at, at + n) if order is None else order[at : at + n]))
+                    pending, at = pending + n, at + n
                     if pending == size:
                         yield self._gather(pieces)
                         pieces, pending = [], 0
@@ -145,35 +148,36 @@ class Activations(IterableDataset):
             yield self._gather(pieces)
 
     def _read(self, blocks: np.ndarray) -> _Window:
-        """A window's blocks, read whole and put side by side (as the dtype asked for)."""
+        """A window's blocks, read whole (several at once) into one array, cast to the dtype asked for."""
         parts = [self.blocks[b] for b in blocks]
-        n = sum(hi - lo for _, lo, hi in parts)
+        at = np.cumsum([0] + [hi - lo for _, lo, hi in parts])
         source = self.sources[0]
-        n_layers = len(source.spec.layers)
         dtype = np.dtype(source.pinned.dtype) if self.dtype is None else _numpy(self.dtype)
-        shape = (n, source.pinned.hidden) if self.one_layer else (n, n_layers, source.pinned.hidden)
-        states = np.empty(shape, dtype=dtype)
-        coords: dict[str, list[np.ndarray]] = {}
-        at = 0
-        for i, lo, hi in parts:
-            rows = self.sources[i].read(lo, hi)
-            states[at : at + hi - lo] = rows.states[0] if self.one_layer else rows.states.transpose(1, 0, 2)
-            for name, values in rows.coords.items():
-                coords.setdefault(name, []).append(values)
-            if len(self.sources) > 1:
-                coords.setdefault("run", []).append(np.full(hi - lo, i, dtype=np.int64))
-            at += hi - lo
-        return _Window(states, {name: np.concatenate(values) for name, values in coords.items()})
+        width = (source.pinned.hidden,) if self.one_layer else (len(source.spec.layers), source.pinned.hidden)
+        states = np.empty((at[-1], *width), dtype=dtype)
 
-    def _gather(self, pieces: list[tuple[_Window, np.ndarray]]) -> dict[str, torch.Tensor]:
-        """One batch: the rows ``pieces`` name, of one window or (at a window's end) two."""
-        states = [torch.from_numpy(window.states)[torch.from_numpy(rows)] for window, rows in pieces]
-        batch = {"states": states[0] if len(states) == 1 else torch.cat(states)}
-        if self.dtype is not None:
-            batch["states"] = batch["states"].to(self.dtype)
-        for name in pieces[0][0].coords:
-            batch[name] = torch.from_numpy(np.concatenate([window.coords[name][rows] for window, rows in pieces]))
+        def fill(k: int) -> dict[str, np.ndarray]:
+            i, lo, hi = parts[k]
+            rows = self.sources[i].read(lo, hi)
+            states[at[k] : at[k + 1]] = rows.states[0] if self.one_layer else rows.states.transpose(1, 0, 2)
+            return {**rows.coords, "run": np.full(hi - lo, i)} if len(self.sources) > 1 else rows.coords
+
+        coords = list(_BLOCKS.map(fill, range(len(parts))))
+        return _Window(states, {name: np.concatenate([c[name] for c in coords]) for name in coords[0]})
+
+    def _gather(self, pieces: list[tuple[_Window, Rows]]) -> dict[str, torch.Tensor]:
+        """One batch: the rows ``pieces`` name, of one window or (at a window's end) two; a slice of rows in
+        order is a view."""
+        batch = {name: _take([(window.coords[name], rows) for window, rows in pieces]) for name in pieces[0][0].coords}
+        states = _take([(window.states, rows) for window, rows in pieces])
+        batch["states"] = states if self.dtype is None or states.dtype == self.dtype else states.to(self.dtype)
         return batch
+
+
+def _take(pieces: list[tuple[np.ndarray, Rows]]) -> torch.Tensor:
+    """The rows of each array, side by side (np.take: several times faster here than torch's indexing)."""
+    parts = [values[rows] if isinstance(rows, slice) else np.take(values, rows, axis=0) for values, rows in pieces]
+    return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
 
 def _cut_at(n_rows: int, block_rows: int) -> list[tuple[int, int]]:
