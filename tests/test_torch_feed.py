@@ -290,3 +290,15 @@ def test_workers_forked_after_the_main_process_read_still_read(store):
     assert seen_rows(ds)  # the main process reads first: its pools have threads now
     loader = DataLoader(ds, batch_size=None, num_workers=2, timeout=60, multiprocessing_context="fork")
     assert sorted(seen_rows(loader)) == list(range(n_rows(store)))
+
+
+def test_a_folder_and_a_bucket_feed_alike_and_check_every_chunk(any_store):
+    write_capture(any_store.url)
+    ds = activations(any_store, MODEL, METHOD, SITE, 1, batch_size=50, block_rows=32, buffer_size=64)
+    assert sorted(seen_rows(DataLoader(ds, batch_size=None, num_workers=2, timeout=120))) == list(range(ds.n_rows))
+    key = shard_key(MODEL, METHOD, 1, 0).replace("hidden_states", SITE)
+    data = bytearray(read_object(any_store, key))
+    data[100] ^= 0x01
+    write_object(any_store, key, bytes(data))
+    with pytest.raises(CorruptData, match=rf"run {MODEL}/{METHOD}, layer 1"):
+        list(DataLoader(ds, batch_size=None, num_workers=2, timeout=120))
