@@ -61,13 +61,17 @@ def _categories(coords: dict[str, np.ndarray], labels: tuple[str, ...]) -> dict[
     return {name: sorted(map(str, np.unique(coords[name]))) for name in labels if coords[name].dtype.kind in "OUT"}
 
 
-def encode_coords(coords: dict[str, np.ndarray], categories: dict[str, list[str]]) -> dict[str, np.ndarray]:
-    """Coordinates as numbers: text labels as their index in ``categories``."""
-    out = {}
-    for name, values in coords.items():
-        if name in categories:
-            values = np.searchsorted(np.asarray(categories[name]), values.astype(str)).astype(np.int64)
-        out[name] = values
+def row_coords(coords: dict[str, np.ndarray], spec: RunSpec, pinned: Pinned) -> dict[str, np.ndarray]:
+    """The coordinates an item carries, as numbers: sample, position (-1 where a row is a whole question) and
+    the labels asked for, text labels as their index in ``pinned.categories``."""
+    n = len(coords["sample"])
+    out = {"position": np.full(n, -1, dtype=np.int64)}
+    for name in (*CORE, *spec.labels):
+        values = coords.get(name)
+        if name in pinned.categories:
+            values = np.searchsorted(np.asarray(pinned.categories[name]), values.astype(str)).astype(np.int64)
+        if values is not None:
+            out[name] = values
     return out
 
 
@@ -103,20 +107,16 @@ class LocalSource:
 
     def read(self, lo: int, hi: int) -> Rows:
         run = self._run()
-        states = run.read_states(self.spec.layers, lo, hi, self.spec.site)
-        labels = run.labels()
-        coords = {name: labels[name][lo:hi] for name in (*CORE, *self.spec.labels) if name in labels}
-        coords.setdefault("position", np.full(hi - lo, -1, dtype=np.int64))
-        return Rows(states, encode_coords(coords, self.pinned.categories))
+        return self._rows(run.read_states(self.spec.layers, lo, hi, self.spec.site), run.labels(), slice(lo, hi))
 
     def read_rows(self, rows: np.ndarray) -> Rows:
         """Rows at any positions (for map-style datasets)."""
         run = self._run()
-        states = run.read_rows(self.spec.layers, rows, self.spec.site)
-        labels = run.labels()
-        coords = {name: labels[name][rows] for name in (*CORE, *self.spec.labels) if name in labels}
-        coords.setdefault("position", np.full(len(rows), -1, dtype=np.int64))
-        return Rows(states, encode_coords(coords, self.pinned.categories))
+        return self._rows(run.read_rows(self.spec.layers, rows, self.spec.site), run.labels(), rows)
+
+    def _rows(self, states: np.ndarray, labels: dict[str, np.ndarray], rows: slice | np.ndarray) -> Rows:
+        wanted = {name: labels[name][rows] for name in (*CORE, *self.spec.labels) if name in labels}
+        return Rows(states, row_coords(wanted, self.spec, self.pinned))
 
     def _run(self) -> Any:
         if self._opened is None or self._opened[0] != os.getpid():
@@ -195,8 +195,7 @@ class RemoteSource:
             self.spec.model, self.spec.method, layers=self.spec.layers, site=self.spec.site, **rows
         )
         coords = {name: array[name].values for name in (*CORE, *self.spec.labels) if name in array.coords}
-        coords.setdefault("position", np.full(hi - lo, -1, dtype=np.int64))
-        return Rows(array.values, encode_coords(coords, self.pinned.categories))
+        return Rows(array.values, row_coords(coords, self.spec, self.pinned))
 
     def _connection(self) -> Client:
         if self._client is None or self._client[0] != os.getpid():
