@@ -28,6 +28,28 @@ def csv_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def span(text: str) -> slice:
+    """``START:STOP`` -> ``slice(START, STOP)``."""
+    start, _, stop = text.partition(":")
+    try:
+        return slice(int(start), int(stop))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP, got {text!r}") from None
+
+
+def ints(text: str) -> list[int]:
+    """``3,7`` -> ``[3, 7]``."""
+    try:
+        return [int(v) for v in csv_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+
+
+def layer_selection(text: str) -> slice | list[int]:
+    """``3,7`` or ``START:STOP``."""
+    return span(text) if ":" in text else ints(text)
+
+
 def non_negative(text: str) -> int:
     value = int(text)
     if value < 0:

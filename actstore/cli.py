@@ -1,5 +1,5 @@
 """The ``actstore`` command line: ``ingest``, ``finetune``, ``ls``, ``serve``, ``query``, ``analyze``, ``study``,
-``plot``."""
+``plot``, ``export``, ``import``."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ SERVER_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # a serve
 _USER_ERRORS: tuple[type[BaseException], ...] = (StoreError, ValueError, FileNotFoundError, ActstoreError, NotAnalysed)
 
 
-# S3 clients log where they found credentials and the endpoint at INFO, once per client: noise in every
-# command's output (and before a one-line error), kept with --verbose.
-_CHATTY = ("botocore", "aiobotocore")
+# S3 clients log where they found credentials and the endpoint at INFO, once per client, and datasets the
+# array libraries it found as it is imported: noise in every command's output (and before a one-line error),
+# kept with --verbose.
+_CHATTY = ("botocore", "aiobotocore", "datasets")
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from actstore.client.cli import register as register_query
     from actstore.client.cli import register_analyze
+    from actstore.exchange.cli import register as register_exchange
     from actstore.finetune.cli import register as register_finetune
     from actstore.ingest.cli import register as register_ingest  # torch loads only when ingest is asked for
     from actstore.server.cli import register as register_serve
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_query(sub)
     register_analyze(sub)
     register_study(sub)
+    register_exchange(sub)
     ls = sub.add_parser("ls", help="list the runs in a store")
     add_store_argument(ls)
     ls.set_defaults(func=_ls)

@@ -230,7 +230,7 @@ def test_query_get_writes_the_site_with_its_coordinates(capture_served, tmp_path
             for coord, values in run.labels().items():
                 np.testing.assert_array_equal(saved[coord].values, values[rows])
             assert json.loads(saved.attrs["recipe"]) == run.attrs["recipe"]
-            assert saved.attrs.get("stored_dtype") == ("float16" if name == "f16" else None)
+            assert saved[site].attrs.get("stored_dtype") == ("float16" if name == "f16" else None)
     npy = tmp_path / "tok.npy"
     assert main([*query, "tok", "0shot", "--site", "mlp_out", "--token-positions", "-1", "--out", str(npy)]) == 0
     run = store.run("tok", "0shot")

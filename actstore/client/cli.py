@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from actstore.analysis.params import MIN_SAMPLES, OVERLAP_K, PAPER
-from actstore.arguments import csv_list
+from actstore.arguments import csv_list, ints, layer_selection, span
 from actstore.client.connection import DEFAULT_RETRY_FOR_S, RETRY_ENV
+from actstore.exchange.netcdf import save_netcdf, with_provenance
 from actstore.protocol import DEFAULT_ADDRESS
 
 PARAM_HELP = {  # the analysis parameters (actstore.analysis.params.DensityParams), as the help explains them
@@ -24,13 +25,6 @@ PARAM_HELP = {  # the analysis parameters (actstore.analysis.params.DensityParam
     "answer_fraction": "label overlap's neighbours, as a fraction of the answer's samples",
 }
 NEIGHBOUR_COUNTS = ("maxk", "gride_range_max", "id_scale_index", "density_k")  # fitted to small runs
-
-
-def _span(text: str) -> slice:
-    start, _, stop = text.partition(":")
-    if not stop:
-        raise argparse.ArgumentTypeError(f"expected START:STOP, got {text!r}")
-    return slice(int(start), int(stop))
 
 
 def _seconds(text: str) -> float:
@@ -56,18 +50,7 @@ def _retry_for(args: argparse.Namespace) -> float:
         raise ValueError(f"${RETRY_ENV}: {exc}") from None
 
 
-def _layers(text: str) -> slice | list[int]:
-    return _span(text) if ":" in text else [int(v) for v in csv_list(text)]
-
-
 _NOT_LABELS = {"samples", "positions", "tokens", "layers", "hidden", "dtype", "allow_lossy", "site", "model", "method"}
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in csv_list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
 
 
 def _label(text: str) -> tuple[str, list[str]]:
@@ -111,7 +94,7 @@ def register_analyze(subparsers: argparse._SubParsersAction) -> None:
         help="follow a job started earlier instead (`actstore query jobs` lists yours) and print its tables",
     )
     p.add_argument("--methods", type=csv_list, default=[], help="comma list of methods (runs of MODEL) to analyse")
-    p.add_argument("--layers", type=_layers, help="comma list or START:STOP (default: every layer but 0)")
+    p.add_argument("--layers", type=layer_selection, help="comma list or START:STOP (default: every layer but 0)")
     p.add_argument("--per-subject", type=int, help="analyse the first N samples of each subject (the study: 200)")
     p.add_argument("--preset", default="paper", help="parameter preset (default: paper, the study's)")
     settings = p.add_argument_group(
@@ -220,7 +203,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             q.add_argument("--samples", type=csv_list, help="comma list of sample ids (capture runs: all their rows)")
             q.add_argument(
                 "--positions",
-                type=_span,
+                type=span,
                 help="START:STOP along the run's sample axis (a capture run with one row per text: its rows; for a "
                 "capture run's tokens use --tokens and --token-positions)",
             )
@@ -237,18 +220,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             )
             q.add_argument(
                 "--token-positions",
-                type=_ints,
+                type=ints,
                 metavar="P1,P2",
                 help="capture runs: keep the rows at these token positions of each text, negative from its end "
                 "(0: the first token, -1: the last)",
             )
             q.add_argument(
-                "--tokens", type=_span, metavar="START:STOP", help="capture runs: rows START:STOP of the run, as stored"
+                "--tokens", type=span, metavar="START:STOP", help="capture runs: rows START:STOP of the run, as stored"
             )
         if name == "get":
             q.add_argument("--site", help="a capture run's site (default: its first; `query describe` lists them)")
-            q.add_argument("--layers", type=_layers, help="comma list (3,7) or range START:STOP (default: all)")
-            q.add_argument("--hidden", type=_span, help="START:STOP of hidden dimensions")
+            q.add_argument("--layers", type=layer_selection, help="comma list (3,7) or range START:STOP (default: all)")
+            q.add_argument("--hidden", type=span, help="START:STOP of hidden dimensions")
             q.add_argument(
                 "--dtype",
                 choices=["float32", "float16"],
@@ -339,7 +322,8 @@ def run(args: argparse.Namespace) -> int:
                 site=args.site,
                 **_selection(args),
             )
-            _save(_with_provenance(states, client.describe(args.model, args.method)), args.out, args.overwrite)
+            info = client.describe(args.model, args.method)
+            _save(with_provenance(states, info["recipe"], info["attributes"]), args.out, args.overwrite)
             widened = " (written as float32: NetCDF 3 has no float16)" if _widened(states, args.out) else ""
             print(f"wrote {args.out}: {dict(states.sizes)} {states.dtype}{widened}")
     return 0
@@ -368,18 +352,6 @@ def _print_jobs(jobs: list) -> None:
         )
 
 
-def _with_provenance(states, info: dict):
-    """``states`` carrying the run's recipe (model and weights, method, site, dtype, ...) and attributes
-    (provenance, history) as JSON text, named in ``json_attributes`` as a store does: a saved file says
-    what made its numbers."""
-    extra = {
-        "recipe": json.dumps(info["recipe"]),
-        "run_attributes": json.dumps(info["attributes"]),
-        "json_attributes": "recipe run_attributes",
-    }
-    return states.assign_attrs(extra)
-
-
 def _widened(states, out: Path) -> bool:
     return out.suffix == ".nc" and states.dtype == np.float16
 
@@ -388,9 +360,7 @@ def _save(states, out: Path, overwrite: bool) -> None:
     if out.suffix == ".npy":
         np.save(out, states.values)
     elif out.suffix == ".nc":
-        if _widened(states, out):  # exact: every float16 is a float32
-            states = states.astype(np.float32).assign_attrs(states.attrs, stored_dtype="float16")
-        states.to_dataset().assign_attrs(states.attrs).to_netcdf(out)
+        save_netcdf(states, out)
     elif out.suffix == ".zarr":
         states.to_dataset().assign_attrs(states.attrs).to_zarr(out, mode="w" if overwrite else "w-", consolidated=False)
     else:
