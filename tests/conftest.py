@@ -60,6 +60,7 @@ SLOW_TESTS = {
     "test_a_second_server_on_a_busy_port_refuses_to_start",
     "test_tls_with_several_replicas",
     "test_every_site_and_positions_mode_equals_a_direct_forward_bit_for_bit",  # a server per positions mode
+    "test_a_training_job_killed_at_batch_k_resumes_with_batch_k_plus_one",  # three training processes
 }
 
 

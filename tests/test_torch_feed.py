@@ -282,6 +282,23 @@ def test_reading_through_a_server_gives_the_local_stream(store, feed_server):
     assert len(local) == len(remote)
     for a, b in zip(local, remote):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with Client(feed_server.address) as client:
+        ds = activations(client, MODEL, METHOD, SITE, 0, batch_size=40, block_rows=32)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn", timeout=120)
+    assert sorted(seen_rows(loader)) == list(range(n_rows(store)))  # each worker opens its own connection
+
+
+def test_several_runs_read_as_one_with_each_rows_run(tmp_path):
+    for method in ("0shot", "5shot"):
+        write_synthetic_run(Store(tmp_path), MODEL, method, n_samples=30 if method == "0shot" else 45, hidden=HIDDEN)
+    ds = activations(tmp_path, MODEL, ["0shot", "5shot"], None, 1, batch_size=16, block_rows=8, buffer_size=24)
+    assert ds.n_rows == 75 and len(ds.runs) == 2 and "5shot" in ds.runs[1]
+    seen = [
+        (int(run), int(sample))
+        for b in DataLoader(ds, batch_size=None, num_workers=2)
+        for run, sample in zip(b["run"], b["sample"])
+    ]
+    assert sorted(seen) == [(0, s) for s in range(30)] + [(1, s) for s in range(45)]
 
 
 def test_workers_forked_after_the_main_process_read_still_read(store):
