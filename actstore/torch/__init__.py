@@ -15,6 +15,11 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+try:
+    import torch  # noqa: F401
+except ModuleNotFoundError as missing:
+    raise ModuleNotFoundError("actstore.torch needs PyTorch: pip install 'actstore[torch]'") from missing
+
 from actstore.client import Client
 from actstore.store import Store
 from actstore.torch.rows import ActivationRows
