@@ -19,6 +19,7 @@ from actstore.store import Store, StoreError
 from actstore.store.layout import StateLayout
 
 CORE = ("sample", "position")  # every item has them: the row's text (question) and token position
+REMOTE_BLOCK_BYTES = 16 << 20  # a block read through a server: each call costs a round trip and a selection
 
 
 class RunChanged(StoreError):
@@ -175,7 +176,7 @@ class RemoteSource:
             n_rows=int(info["n_samples"]),
             hidden=hidden,
             dtype="float16" if info["store_dtype"] == "float16" else "float32",  # bfloat16 is kept in float32
-            block_rows=StateLayout(hidden).shard_samples,
+            block_rows=max(StateLayout(hidden).shard_samples, REMOTE_BLOCK_BYTES // (4 * hidden)),
             identity=json.dumps([info["recipe"], (attrs.get("history") or [None])[0]], sort_keys=True, default=str),
             categories=_categories(coords, spec.labels),
         )
