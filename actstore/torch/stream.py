@@ -23,6 +23,7 @@ from actstore.torch.sources import LocalSource, RemoteSource
 
 Source = LocalSource | RemoteSource
 ITEM_CHUNK = 1024  # rows gathered at once when the dataset yields single items
+CAST_ELEMENTS = 32768  # torch copies fewer elements than its grain size in the calling thread
 Rows = slice | np.ndarray  # a window's rows in a batch: in order, or picked
 _BLOCKS = ForkSafePool(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="actstore-blocks")
 
@@ -159,7 +160,7 @@ class Activations(IterableDataset):
         def fill(k: int) -> dict[str, np.ndarray]:
             i, lo, hi = parts[k]
             rows = self.sources[i].read(lo, hi)
-            states[at[k] : at[k + 1]] = rows.states[0] if self.one_layer else rows.states.transpose(1, 0, 2)
+            _cast(states[at[k] : at[k + 1]], rows.states[0] if self.one_layer else rows.states.transpose(1, 0, 2))
             return {**rows.coords, "run": np.full(hi - lo, i)} if len(self.sources) > 1 else rows.coords
 
         coords = list(_BLOCKS.map(fill, range(len(parts))))
@@ -172,6 +173,14 @@ class Activations(IterableDataset):
         states = _take([(window.states, rows) for window, rows in pieces])
         batch["states"] = states if self.dtype is None or states.dtype == self.dtype else states.to(self.dtype)
         return batch
+
+
+def _cast(out: np.ndarray, values: np.ndarray) -> None:
+    """``out[...] = values``, through torch's F16C casts (~4x numpy's from float16) in pieces below torch's grain
+    size: it runs each in this thread, as a window's blocks are cast in several threads at once."""
+    step = max(1, CAST_ELEMENTS // int(np.prod(values.shape[1:])))
+    for i in range(0, len(values), step):
+        torch.from_numpy(out[i : i + step]).copy_(torch.from_numpy(values[i : i + step]))
 
 
 def _take(pieces: list[tuple[np.ndarray, Rows]]) -> torch.Tensor:
