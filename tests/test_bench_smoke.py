@@ -24,6 +24,20 @@ BENCHES = {  # script: its arguments at a tiny size
     "analysis.py": ["--dims", "576", "--samples", "600"],  # at 300 (~5 per subject) its overlap check fails
     "ingest.py": ["--limit", "2", "--repeats", "1"],  # the packaged SmolLM2 on 2 questions
     "capture.py": ["--limit", "2", "--repeats", "1", "--no-sizes"],  # the packaged SmolLM2 on 2 texts
+    "feed.py": [  # the packaged SmolLM2 on 2 texts (one context of 128 tokens), 256 synthetic tokens
+        "--limit",
+        "2",
+        "--synthetic-tokens",
+        "256",
+        "--batch-size",
+        "128",
+        "--buffer-size",
+        "256",
+        "--repeats",
+        "1",
+        "--sample-mb",
+        "1",
+    ],
     "finetune.py": [
         "--subjects",
         "world_religions",
