@@ -319,3 +319,12 @@ def test_a_folder_and_a_bucket_feed_alike_and_check_every_chunk(any_store):
     write_object(any_store, key, bytes(data))
     with pytest.raises(CorruptData, match=rf"run {MODEL}/{METHOD}, layer 1"):
         list(DataLoader(ds, batch_size=None, num_workers=2, timeout=120))
+
+
+def test_states_read_into_a_given_array_equal_a_fresh_read(store):
+    run = Store(store).run(MODEL, METHOD)
+    out = np.empty((2, 50, HIDDEN), dtype=np.float32)
+    assert run.read_states([0, 1], 10, 60, SITE, out=out) is out
+    np.testing.assert_array_equal(out, run.read_states([0, 1], 10, 60, SITE))
+    with pytest.raises(ValueError, match="out is float64"):
+        run.read_states([0, 1], 10, 60, SITE, out=np.empty((2, 50, HIDDEN)))

@@ -66,6 +66,11 @@ def _prefetched(fetch: Callable[[int], T], items: range, ahead: int = 4) -> Iter
         yield pending.popleft().result()
 
 
+def _filled(out: np.ndarray, values: np.ndarray) -> np.ndarray:
+    out[...] = values
+    return out
+
+
 class _StaleIndex(Exception):
     """Bytes that fail their checks under a cached index that may be older than the object."""
 
@@ -96,11 +101,17 @@ class StateReader:
         self._partial: dict | None = self.shard_record.get("partial") if self.shard_record else None
         self._indexes: dict[str, tuple[Hashable | None, Index]] = {}  # by shard key, with its version; GIL-safe
 
-    def read(self, layers: list[int], start: int, stop: int) -> np.ndarray:
-        """States of ``layers`` for samples ``start:stop``, shape (len(layers), stop - start, hidden)."""
+    def read(self, layers: list[int], start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """States of ``layers`` for samples ``start:stop``, shape (len(layers), stop - start, hidden): in ``out``
+        when given (of that shape and the stored dtype), so that a caller gathering blocks saves a copy."""
         if not self.direct:
-            return self._read_through_zarr(layers, start, stop)
-        out = np.empty((len(layers), stop - start, self.hidden), dtype=self.dtype)
+            values = self._read_through_zarr(layers, start, stop)
+            return values if out is None else _filled(out, values)
+        shape = (len(layers), stop - start, self.hidden)
+        if out is None:
+            out = np.empty(shape, dtype=self.dtype)
+        elif out.shape != shape or out.dtype != self.dtype:
+            raise ValueError(f"out is {out.dtype} {out.shape}; reading {shape} of {self.dtype} states")
         shards = range(start // self.shard_samples, -(-stop // self.shard_samples))
         tasks = [(layer, shard, out[i], start, stop) for i, layer in enumerate(layers) for shard in shards]
         if self.location.local and out.nbytes < _PARALLEL_BYTES:  # thread hand-offs would cost more than decoding

@@ -202,16 +202,21 @@ class Run:
         return {}
 
     def read_states(
-        self, layers: list[int], start: int = 0, stop: int | None = None, site: str | None = None
+        self,
+        layers: list[int],
+        start: int = 0,
+        stop: int | None = None,
+        site: str | None = None,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Committed states of ``layers`` for rows ``start:stop`` as (layer, row, hidden), of ``site`` (by default
-        the first): float32, or float16 where stored so.
+        the first): float32, or float16 where stored so; written into ``out`` when given (that shape and dtype).
 
         Much faster than slicing the states through zarr-python for whole layers and single samples.
         """
         stop = self.n_samples if stop is None else stop
         self._check_bounds(layers, start, stop, site)
-        return self.reader_of(site).read(list(layers), start, stop)
+        return self.reader_of(site).read(list(layers), start, stop, out)
 
     def _check_bounds(self, layers: list[int], start: int, stop: int, site: str | None = None) -> None:
         n = self.n_samples

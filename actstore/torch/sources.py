@@ -106,9 +106,11 @@ class LocalSource:
     def description(self) -> str:
         return f"run {self.spec.model}/{self.spec.method} in store {self.url}"
 
-    def read(self, lo: int, hi: int) -> Rows:
+    def read(self, lo: int, hi: int, out: np.ndarray | None = None) -> Rows:
+        """Rows ``lo:hi``; their states decoded into ``out`` when given ((layer, row, hidden) of the stored dtype)."""
         run = self._run()
-        return self._rows(run.read_states(self.spec.layers, lo, hi, self.spec.site), run.labels(), slice(lo, hi))
+        states = run.read_states(self.spec.layers, lo, hi, self.spec.site, out)
+        return self._rows(states, run.labels(), slice(lo, hi))
 
     def read_rows(self, rows: np.ndarray) -> Rows:
         """Rows at any positions (for map-style datasets)."""
@@ -189,14 +191,19 @@ class RemoteSource:
     def description(self) -> str:
         return f"run {self.spec.model}/{self.spec.method} at {self.address}"
 
-    def read(self, lo: int, hi: int) -> Rows:
+    def read(self, lo: int, hi: int, out: np.ndarray | None = None) -> Rows:
+        """Rows ``lo:hi``; their states copied into ``out`` when given."""
         client = self._connection()
         rows = {"tokens": slice(lo, hi)} if self.capture else {"samples": slice(lo, hi)}
         array = client.hidden_states(
             self.spec.model, self.spec.method, layers=self.spec.layers, site=self.spec.site, **rows
         )
         coords = {name: array[name].values for name in (*CORE, *self.spec.labels) if name in array.coords}
-        return Rows(array.values, row_coords(coords, self.spec, self.pinned))
+        states = array.values
+        if out is not None:
+            out[...] = states
+            states = out
+        return Rows(states, row_coords(coords, self.spec, self.pinned))
 
     def _connection(self) -> Client:
         if self._client is None or self._client[0] != os.getpid():

@@ -159,8 +159,12 @@ class Activations(IterableDataset):
 
         def fill(k: int) -> dict[str, np.ndarray]:
             i, lo, hi = parts[k]
-            rows = self.sources[i].read(lo, hi)
-            _cast(states[at[k] : at[k + 1]], rows.states[0] if self.one_layer else rows.states.transpose(1, 0, 2))
+            place = states[at[k] : at[k + 1]]
+            if self.one_layer and place.dtype == np.dtype(self.sources[i].pinned.dtype):
+                rows = self.sources[i].read(lo, hi, out=place[np.newaxis])  # decoded in place: no copy
+            else:
+                rows = self.sources[i].read(lo, hi)
+                _cast(place, rows.states[0] if self.one_layer else rows.states.transpose(1, 0, 2))
             return {**rows.coords, "run": np.full(hi - lo, i)} if len(self.sources) > 1 else rows.coords
 
         coords = list(_BLOCKS.map(fill, range(len(parts))))
