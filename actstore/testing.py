@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from actstore.store import Store
+    from actstore.store.capture import CaptureLayout
 
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
 
@@ -208,6 +209,55 @@ def write_synthetic_run(
             writer.add(states[:, start:stop], {name: values[start:stop] for name, values in labels.items()})
             writer.commit()
     return states
+
+
+def write_synthetic_capture(
+    store: Store,
+    model: str,
+    method: str,
+    capture: CaptureLayout,
+    lengths: np.ndarray,
+    *,
+    commits: int = 3,
+    seed: int = 0,
+    provenance: dict | None = None,
+) -> None:
+    """A capture run of token rows written through the run writer in ``commits`` commits: ``len(lengths)`` texts
+    of ``lengths`` tokens under random sample ids, standard normal states at every site, and every array the
+    layout asks for (label columns by their dtype, top logits, letter logits) filled from the text's index.
+    For tests and benches that need a capture run of given shapes without a model."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(10 * len(lengths))[: len(lengths)]
+    labels = {
+        "float64": lambda t: (t % 4) / 2,
+        "bool": lambda t: t % 3 == 0,
+        "str": lambda t: np.array([f"t{i % 5}" for i in t], dtype=object),
+        "int64": lambda t: t % 7,
+    }
+    with store.begin_run(model, method, recipe={"positions": "all", "synthetic": seed}) as writer:
+        writer.start(provenance=provenance or {}, capture=capture, planned=len(lengths))
+        for batch in np.array_split(np.arange(len(lengths)), commits):
+            texts = np.repeat(batch, lengths[batch])
+            rows = len(texts)
+            coords = {
+                "sample": ids[texts],
+                "position": np.concatenate([np.arange(k) for k in lengths[batch]]),
+                "token_id": rng.integers(0, 400, size=rows),
+                **{name: labels[dtype](texts) for name, dtype in capture.labels.items()},
+            }
+            if capture.top_k:
+                coords["top_ids"] = rng.integers(0, 400, size=(rows, capture.top_k))
+                coords["top_logits"] = rng.standard_normal((rows, capture.top_k), dtype=np.float32)
+            if capture.letters:
+                coords["letter_logits"] = rng.standard_normal((rows, len(capture.letters)), dtype=np.float32)
+            states = {
+                site: rng.standard_normal((capture.n_layers, rows, width), dtype=np.float32)
+                for site, width in capture.sites.items()
+            }
+            writer.add(states, coords)
+            writer.commit()
 
 
 def shard_key(model: str, method: str, layer: int, shard: int) -> str:

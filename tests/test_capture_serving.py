@@ -28,10 +28,9 @@ SYNTHETIC = ("synthetic", "0shot")  # a capture run written through the store: l
 S = grpc.StatusCode
 
 
-def write_synthetic_capture(root) -> None:
+def write_large_capture(root) -> None:
     """~6,000 token rows of two sites (64 and 96 wide) with float64, bool and str labels: reads above the
     stream's message size, forwarded as stored Blosc chunks or gathered."""
-    rng = np.random.default_rng(0)
     capture = CaptureLayout(
         rows="token",
         n_layers=2,
@@ -39,28 +38,8 @@ def write_synthetic_capture(root) -> None:
         sites={"resid_post": 64, "wide": 96},
         labels={"score": "float64", "flag": "bool", "tag": "str"},
     )
-    lengths = rng.integers(20, 80, size=120)
-    ids = rng.permutation(1000)[: len(lengths)]
-    with Store(root).begin_run(*SYNTHETIC, recipe={"positions": "all", "synthetic": 1}) as writer:
-        writer.start(provenance={}, capture=capture, planned=len(lengths))
-        for batch in np.array_split(np.arange(len(lengths)), 4):
-            n = lengths[batch]
-            texts = np.repeat(batch, n)
-            writer.add(
-                {
-                    site: rng.standard_normal((2, n.sum(), width), dtype=np.float32)
-                    for site, width in capture.sites.items()
-                },
-                {
-                    "sample": ids[texts],
-                    "position": np.concatenate([np.arange(k) for k in n]),
-                    "token_id": rng.integers(0, 400, size=n.sum()),
-                    "score": (texts % 4) / 2,
-                    "flag": texts % 3 == 0,
-                    "tag": np.array([f"t{t % 5}" for t in texts], dtype=object),
-                },
-            )
-            writer.commit()
+    lengths = np.random.default_rng(0).integers(20, 80, size=120)
+    testing.write_synthetic_capture(Store(root), *SYNTHETIC, capture, lengths, commits=4, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +62,7 @@ def capture_served(tmp_path_factory, tiny_model, questions_file):
         assert main(testing.ingest_args(store, tiny_model, texts, *common, *private)) == 0
         question = ["--methods", "0shot", "--name", "questions", "--group", "lab-a", "--limit", "6"]
         assert main(testing.ingest_args(store, tiny_model, questions_file, *question)) == 0
-    write_synthetic_capture(store)
+    write_large_capture(store)
     auth = root / "auth.toml"
     auth.write_text("[tokens]\n" + "".join(f'"{t}" = "{g}"\n' for t, g in TOKENS.items()))
     server = ServerProcess(store, root / "server.log", "--auth", str(auth))

@@ -21,7 +21,7 @@ from actstore.exchange import cache_import as import_module
 from actstore.exchange import selection as selection_module
 from actstore.store import Store
 from actstore.store.capture import CaptureLayout
-from actstore.testing import write_synthetic_run
+from actstore.testing import write_synthetic_capture, write_synthetic_run
 
 MODEL = "synth"
 TOKENS, TEXTS, QUESTIONS = "tokens", "texts-f16", "0shot"
@@ -31,7 +31,6 @@ HOOK = "blocks.6.hook_resid_post"
 def _write_tokens(store: Store) -> None:
     """Token rows of 14 texts (3 to 9 tokens) over two sites, 16 and 24 wide, with float64, bool and str labels,
     the 2 largest logits and the logits of two answer letters, in three commits."""
-    rng = np.random.default_rng(1)
     capture = CaptureLayout(
         rows="token",
         n_layers=3,
@@ -41,33 +40,9 @@ def _write_tokens(store: Store) -> None:
         top_k=2,
         letters=("A", "B"),
     )
-    lengths = rng.integers(3, 10, size=14)
-    ids = rng.permutation(100)[: len(lengths)]
-    recipe = {"positions": "all", "synthetic": 2}
-    with store.begin_run(MODEL, TOKENS, recipe=recipe) as writer:
-        writer.start(provenance={"created": "now", "access": {"visibility": "public"}}, capture=capture, planned=14)
-        for batch in np.array_split(np.arange(len(lengths)), 3):
-            n = lengths[batch]
-            texts = np.repeat(batch, n)
-            rows = int(n.sum())
-            writer.add(
-                {
-                    site: rng.standard_normal((3, rows, width), dtype=np.float32)
-                    for site, width in capture.sites.items()
-                },
-                {
-                    "sample": ids[texts],
-                    "position": np.concatenate([np.arange(k) for k in n]),
-                    "token_id": rng.integers(0, 400, size=rows),
-                    "score": (texts % 4) / 2,
-                    "flag": texts % 3 == 0,
-                    "tag": np.array([f"t{t % 5}" for t in texts], dtype=object),
-                    "top_ids": rng.integers(0, 400, size=(rows, 2)),
-                    "top_logits": rng.standard_normal((rows, 2), dtype=np.float32),
-                    "letter_logits": rng.standard_normal((rows, 2), dtype=np.float32),
-                },
-            )
-            writer.commit()
+    lengths = np.random.default_rng(1).integers(3, 10, size=14)
+    provenance = {"created": "now", "access": {"visibility": "public"}}
+    write_synthetic_capture(store, MODEL, TOKENS, capture, lengths, seed=2, provenance=provenance)
 
 
 def _write_texts(store: Store) -> None:
