@@ -61,6 +61,15 @@ SLOW_TESTS = {
     "test_tls_with_several_replicas",
     "test_every_site_and_positions_mode_equals_a_direct_forward_bit_for_bit",  # a server per positions mode
     "test_a_training_job_killed_at_batch_k_resumes_with_batch_k_plus_one",  # three training processes
+    # DataLoaders with worker processes, each started anew
+    "test_a_corrupted_chunk_raises_corruption_naming_run_layer_and_samples",
+    "test_a_killed_worker_ends_the_iteration_with_an_error_not_a_hang",
+    "test_workers_forked_after_the_main_process_read_still_read",
+    "test_rows_appended_after_the_dataset_was_made_are_not_read",
+    "test_a_run_replaced_since_is_refused",
+    "test_start_k_with_workers_continues_with_batch_k_plus_one",
+    "test_several_runs_read_as_one_with_each_rows_run",
+    "test_the_probe_runs_on_a_tiny_study_run",
 }
 
 
