@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def cut(n_rows: int, block_rows: int) -> list[int]:
-    """The sizes of the blocks ``n_rows`` rows are cut into."""
-    return [min(block_rows, n_rows - lo) for lo in range(0, n_rows, block_rows)]
+def cut(n_rows: int, block_rows: int) -> list[tuple[int, int]]:
+    """The (first row, rows) of the blocks ``n_rows`` rows are cut into."""
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be at least 1, not {block_rows}")
+    return [(lo, min(block_rows, n_rows - lo)) for lo in range(0, n_rows, block_rows)]
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,7 @@ class EpochPlan:
         return [sum(self.block_sizes[b] for b in window) for window in self.windows(reader, readers)]
 
     def row_order(self, n: int, reader: int, window: int) -> np.ndarray:
-        """The order in which a window's ``n`` rows (as read, block after block) are yielded."""
-        if not self.shuffle:
-            return np.arange(n)
+        """The order in which a shuffled window's ``n`` rows (as read, block after block) are yielded."""
         return np.random.default_rng([self.seed, self.epoch, reader, window, 1]).permutation(n)
 
     def _rng(self) -> np.random.Generator:

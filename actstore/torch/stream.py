@@ -80,7 +80,7 @@ class Activations(IterableDataset):
         self.blocks = [
             (i, lo, lo + size)
             for i, source in enumerate(self.sources)
-            for lo, size in _cut_at(source.pinned.n_rows, block_rows or source.pinned.block_rows)
+            for lo, size in cut(source.pinned.n_rows, block_rows or source.pinned.block_rows)
         ]
 
     @property
@@ -124,7 +124,7 @@ class Activations(IterableDataset):
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Batches of ``size`` rows of ``reader``'s share, from its row ``skip`` on."""
         windows = plan.windows(reader, readers)
-        sizes = [sum(self.blocks[b][2] - self.blocks[b][1] for b in window) for window in windows]
+        sizes = plan.window_sizes(reader, readers)
         first = 0
         while first < len(windows) and skip >= sizes[first]:
             skip -= sizes[first]
@@ -191,13 +191,6 @@ def _take(pieces: list[tuple[np.ndarray, Rows]]) -> torch.Tensor:
     """The rows of each array, side by side (np.take: several times faster here than torch's indexing)."""
     parts = [values[rows] if isinstance(rows, slice) else np.take(values, rows, axis=0) for values, rows in pieces]
     return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
-
-
-def _cut_at(n_rows: int, block_rows: int) -> list[tuple[int, int]]:
-    if block_rows < 1:
-        raise ValueError(f"block_rows must be at least 1, not {block_rows}")
-    sizes = cut(n_rows, block_rows)
-    return [(i * block_rows, size) for i, size in enumerate(sizes)]
 
 
 def _numpy(dtype: torch.dtype) -> np.dtype:
