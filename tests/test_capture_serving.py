@@ -6,6 +6,7 @@ and one line from the shell; a private capture run is hidden from other groups e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import grpc
@@ -16,15 +17,19 @@ import xarray as xr
 from actstore import testing
 from actstore.cli import main
 from actstore.client import ActstoreError, Client
+from actstore.client.channel import CLIENT_OPTIONS
 from actstore.server.process import ServerProcess
 from actstore.store import Store, layout
 from actstore.store.capture import CaptureLayout
 from actstore.testing import make_questions, write_jsonl
+from actstore.v1 import actstore_pb2 as pb
+from actstore.v1 import actstore_pb2_grpc as pb_grpc
 
 TOKENS = {"tok-a-at-least-16-chars": "lab-a", "tok-b-at-least-16-chars": "lab-b"}
 SITES = "resid_post,mlp_out,act=model.layers.*.mlp.act_fn"
 RUNS = {"tok": ("--positions", "all"), "last": ("--positions", "last"), "f16": ("--positions", "all")}
 SYNTHETIC = ("synthetic", "0shot")  # a capture run written through the store: larger, labels of every dtype
+SYNTHETIC_F16 = ("synthetic", "f16")  # the same rows, stored as float16
 S = grpc.StatusCode
 
 
@@ -40,6 +45,8 @@ def write_large_capture(root) -> None:
     )
     lengths = np.random.default_rng(0).integers(20, 80, size=120)
     testing.write_synthetic_capture(Store(root), *SYNTHETIC, capture, lengths, commits=4, seed=1)
+    half = dataclasses.replace(capture, store_dtype="float16")
+    testing.write_synthetic_capture(Store(root), *SYNTHETIC_F16, half, lengths, commits=4, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +189,31 @@ def test_large_reads_stream_as_stored_chunks_or_gathered_and_every_label_dtype_f
         assert code == S.FAILED_PRECONDITION and "float16 would change values" in message  # never rounded silently
 
 
+def test_float16_states_stream_as_stored_chunks_to_a_client_that_decodes_them(capture_served):
+    """A float16 run read as stored travels as its Blosc chunks, decoded by the client bit for bit; a client
+    that decodes only float32 blocks (accept_blosc alone, as before float16 blocks) gets raw bytes."""
+    server, store = capture_served
+    run = store.run(*SYNTHETIC_F16)
+    with client(server) as c:
+        got = c.hidden_states(*SYNTHETIC_F16, site="wide")
+    assert_equals_store(got, run, "wide", [0, 1], np.arange(run.n_samples))
+    assert got.dtype == np.float16
+    metadata = (("authorization", "Bearer tok-a-at-least-16-chars"),)
+    with grpc.insecure_channel(server.address, options=CLIENT_OPTIONS) as channel:
+        read = pb_grpc.DataServiceStub(channel).ReadStates
+        request = pb.ReadStatesRequest(run=pb.RunRef(model=SYNTHETIC_F16[0], method=SYNTHETIC_F16[1]), site="wide")
+        request.accept_blosc = True
+        older = list(read(request, metadata=metadata, timeout=30))
+        request.accept_blosc_float16 = True
+        newer = list(read(request, metadata=metadata, timeout=30))
+    assert not any(m.blocks for m in older)
+    blocks = [b for m in newer for b in m.blocks]
+    assert sum(b.n_samples for b in blocks) > 0.9 * 2 * run.n_samples  # all but the last, partial chunks
+    assert sum(len(b.blosc) for b in blocks) < got.nbytes  # stored compressed: fewer bytes than raw float16
+    raw = b"".join(m.chunk.data for m in older)
+    assert raw == got.values.tobytes()
+
+
 def test_query_get_writes_the_site_with_its_coordinates(capture_served, tmp_path, monkeypatch, capsys):
     server, store = capture_served
     monkeypatch.setenv("ACTSTORE_TOKEN", "tok-a-at-least-16-chars")
@@ -270,7 +302,8 @@ def test_the_shell_says_a_bad_request_in_one_line(capture_served, tmp_path, monk
 def test_a_private_capture_run_is_hidden_from_other_groups_like_a_question_run(capture_served):
     server, _ = capture_served
     with client(server, token="tok-b-at-least-16-chars") as b:
-        assert {(r["model"], r["method"]) for r in b.runs()} == {(n, "0shot") for n in [*RUNS, "synthetic"]}
+        listed = {(r["model"], r["method"]) for r in b.runs()}
+        assert listed == {(n, "0shot") for n in [*RUNS, "synthetic"]} | {SYNTHETIC_F16}
         for call in (b.describe, b.labels, lambda *run: b.hidden_states(*run, layers=0)):
             capture = refusal(lambda: call("secret", "0shot"))
             question = refusal(lambda: call("questions", "0shot"))

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "actstore"
 # Lowest first. A module may import from a lower floor, and from its own package.
 FLOORS = [
     {"v1", "__init__"},
-    {"protocol", "wire", "address"},
+    {"protocol", "wire", "address", "pools"},
     {"store"},
     {"arguments", "adapter", "testing"},
     {"analysis", "ingest", "exchange"},

@@ -130,6 +130,7 @@ class Client(Connection):
             dtype=pb.DTYPE_UNSPECIFIED if dtype is None else DTYPE_ENUMS[dtype],
             allow_lossy=allow_lossy,
             accept_blosc=True,
+            accept_blosc_float16=True,
             site=site or "",
             **layer_fields(layers),
         )

@@ -1,21 +1,29 @@
 """Assembling a ReadStates stream into one array: raw chunks at their byte offsets, stored Blosc blocks
-decoded in place, and a stream that ends short or carries a malformed block reported as DATA_LOSS."""
+decoded in place on a few threads while the next messages arrive, and a stream that ends short or carries a
+malformed block reported as DATA_LOSS."""
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 import grpc
 import numpy as np
 
 from actstore.client.errors import ActstoreError
+from actstore.pools import ForkSafePool
 from actstore.protocol import DTYPE_NAMES
 from actstore.v1 import actstore_pb2 as pb
 from actstore.wire.states import MalformedBlock, decode_block
 
+_DECODE = ForkSafePool(max_workers=4, thread_name_prefix="actstore-decode")
+MAX_PENDING = 8  # blocks decoding or waiting at once: what a stream holds beyond its answer (~0.5 MiB each)
+
 
 def receive_states(stream: Iterator[pb.ReadStatesResponse]) -> tuple[pb.StatesHeader, np.ndarray]:
     """The header and the array of a ReadStates stream (a gRPC call: cancelled when left early)."""
+    pending: collections.deque[Future[int]] = collections.deque()
     try:
         header = None
         received = 0
@@ -28,11 +36,17 @@ def receive_states(stream: Iterator[pb.ReadStatesResponse]) -> tuple[pb.StatesHe
             flat[chunk.offset : chunk.offset + len(chunk.data)] = np.frombuffer(chunk.data, dtype=np.uint8)
             received += len(chunk.data)
             for block in message.blocks:  # stored chunks, forwarded undecoded by the server
-                received += decode_block(block, data[block.layer_index])
+                pending.append(_DECODE.submit(decode_block, block, data))
+                while len(pending) > MAX_PENDING:
+                    received += pending.popleft().result()
+        while pending:
+            received += pending.popleft().result()
     except MalformedBlock as exc:
         raise ActstoreError(grpc.StatusCode.DATA_LOSS, str(exc)) from None
     finally:
         stream.cancel()  # a no-op once complete; stops the server's work if we leave early
+        for job in pending:  # left early: no thread writes into the array after this returns
+            job.cancel() or job.exception()
     if header is None:
         raise ActstoreError(grpc.StatusCode.DATA_LOSS, "the server's stream ended before its header")
     if received != flat.size:

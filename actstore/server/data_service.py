@@ -209,12 +209,14 @@ class DataService(Servicer, pb_grpc.DataServiceServicer):
         positions: np.ndarray,
         cols: slice,
     ) -> tuple[bytes, Iterator[Message], int]:
-        """The serialized header, the messages (stored Blosc chunks where the client takes them and the
-        read is a range of whole float32 rows stored as float32; raw bytes otherwise) and the answer's size."""
+        """The serialized header, the messages (stored Blosc chunks where the client decodes them in the
+        dtype asked for, which is the stored one, and the read is a range of whole rows; raw bytes otherwise)
+        and the answer's size."""
         size = int(np.prod(tuple(header.shape))) * source.dtype.itemsize
-        float32 = source.dtype == np.float32 and np.dtype(source.array.dtype) == np.float32
-        whole_rows = float32 and cols == slice(0, source.width)
-        if request.accept_blosc and whole_rows and size >= CHUNK_BYTES and is_range(positions):
+        decoded = {np.float32: request.accept_blosc, np.float16: request.accept_blosc_float16}
+        as_stored = source.dtype == np.dtype(source.array.dtype) and decoded.get(source.dtype.type, False)
+        whole_rows = as_stored and cols == slice(0, source.width)
+        if whole_rows and size >= CHUNK_BYTES and is_range(positions):
             messages = stored_chunks(source, layers, int(positions[0]), len(positions))
         else:
             messages = raw_messages(source, layers, positions, cols, request.allow_lossy)

@@ -15,7 +15,7 @@ from actstore.protocol import CHUNK_BYTES
 from actstore.server.errors import Lossy
 from actstore.store import Run
 from actstore.v1 import actstore_pb2 as pb
-from actstore.wire.states import encode_block
+from actstore.wire.states import blocks_message
 
 READ_BYTES = CHUNK_BYTES // 2  # what a stream reads at a time: about one message, all a stalled stream holds
 
@@ -85,12 +85,12 @@ def _chunk_message(offset: int, block: np.ndarray) -> Message:
 
 
 def stored_chunks(source: Source, layers: list[int], first: int, n: int) -> Iterator[Message]:
-    """A sample range of whole rows of float32 states as the stored Blosc chunks, undecoded: runs of
+    """A sample range of whole rows of states, in their stored dtype, as the stored Blosc chunks, undecoded: runs of
     consecutive chunks travel as one EncodedBlock, about READ_BYTES of them per message; its blocks are let
     go before it is yielded, so a suspended stream holds the message and the chunks of one read
     (``_encoded``)."""
-    row_bytes = source.width * 4
-    blocks: list[pb.EncodedBlock] = []
+    row_bytes = source.width * source.dtype.itemsize
+    blocks: list[tuple[int, int, int, list[bytes]]] = []
     wire = carried = 0
     for index, layer in enumerate(layers):
         pieces: list[bytes] = []
@@ -105,16 +105,16 @@ def stored_chunks(source: Source, layers: list[int], first: int, n: int) -> Iter
             else:  # a partial chunk at either end of the range, decoded
                 yield _chunk_message((index * n + start - first) * row_bytes, payload)
             if pieces and (wire >= READ_BYTES or not isinstance(payload, bytes)):
-                blocks.append(encode_block(index, run_start, run_count, pieces))
+                blocks.append((index, run_start, run_count, pieces))
                 pieces = []
             if wire >= READ_BYTES:
-                message, blocks = pb.ReadStatesResponse(blocks=blocks).SerializeToString(), []
+                message, blocks = blocks_message(blocks), []
                 yield message, carried
                 wire, carried = 0, 0
         if pieces:
-            blocks.append(encode_block(index, run_start, run_count, pieces))
+            blocks.append((index, run_start, run_count, pieces))
     if blocks:
-        yield pb.ReadStatesResponse(blocks=blocks).SerializeToString(), carried
+        yield blocks_message(blocks), carried
 
 
 def _encoded(source: Source, layer: int, start: int, stop: int) -> Iterator[tuple[int, int, bytes | np.ndarray]]:

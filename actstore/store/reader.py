@@ -34,10 +34,10 @@ import numcodecs
 import numpy as np
 import zarr
 
+from actstore.pools import ForkSafePool
 from actstore.store.checksum import CRC_BYTES, ChunkMismatch, Mismatch, chunk_frames, span_crc, table_crc
 from actstore.store.errors import CorruptData
 from actstore.store.location import Location, ShardBytes, join
-from actstore.store.pools import ForkSafePool
 from actstore.store.shard_format import CHECKSUMMED, MISSING, PLAIN, Index, inner_codecs, parse_index
 
 log = logging.getLogger(__name__)

@@ -39,10 +39,10 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from actstore.pools import ForkSafePool
 from actstore.store.checksum import CRC_BYTES, Mismatch, chunk_frames, span_crc
 from actstore.store.errors import CorruptData
 from actstore.store.location import Location, join
-from actstore.store.pools import ForkSafePool
 from actstore.store.shard_format import CHECKSUMMED, MISSING, PLAIN, inner_codecs, parse_index
 
 _ENCODE = ForkSafePool(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="actstore-encode")

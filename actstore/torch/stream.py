@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from actstore.store.pools import ForkSafePool
+from actstore.pools import ForkSafePool
 from actstore.torch.order import EpochPlan, cut, delivered, n_batches
 from actstore.torch.sources import LocalSource, RemoteSource
 

@@ -207,7 +207,7 @@ class LabelFilter(_message.Message):
     def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReadStatesRequest(_message.Message):
-    __slots__ = ("run", "layers", "layer_range", "samples", "hidden_range", "dtype", "allow_lossy", "accept_blosc", "site")
+    __slots__ = ("run", "layers", "layer_range", "samples", "hidden_range", "dtype", "allow_lossy", "accept_blosc", "site", "accept_blosc_float16")
     RUN_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     LAYER_RANGE_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +217,7 @@ class ReadStatesRequest(_message.Message):
     ALLOW_LOSSY_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_BLOSC_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_BLOSC_FLOAT16_FIELD_NUMBER: _ClassVar[int]
     run: RunRef
     layers: _containers.RepeatedScalarFieldContainer[int]
     layer_range: Range
@@ -226,7 +227,8 @@ class ReadStatesRequest(_message.Message):
     allow_lossy: bool
     accept_blosc: bool
     site: str
-    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., layers: _Optional[_Iterable[int]] = ..., layer_range: _Optional[_Union[Range, _Mapping]] = ..., samples: _Optional[_Union[SampleSelection, _Mapping]] = ..., hidden_range: _Optional[_Union[Range, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., allow_lossy: _Optional[bool] = ..., accept_blosc: _Optional[bool] = ..., site: _Optional[str] = ...) -> None: ...
+    accept_blosc_float16: bool
+    def __init__(self, run: _Optional[_Union[RunRef, _Mapping]] = ..., layers: _Optional[_Iterable[int]] = ..., layer_range: _Optional[_Union[Range, _Mapping]] = ..., samples: _Optional[_Union[SampleSelection, _Mapping]] = ..., hidden_range: _Optional[_Union[Range, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., allow_lossy: _Optional[bool] = ..., accept_blosc: _Optional[bool] = ..., site: _Optional[str] = ..., accept_blosc_float16: _Optional[bool] = ...) -> None: ...
 
 class StatesHeader(_message.Message):
     __slots__ = ("shape", "dtype", "dims", "layers", "labels", "hidden_start", "run_complete", "columns", "site")

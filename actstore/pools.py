@@ -1,4 +1,4 @@
-"""Thread pools that survive ``fork``.
+"""Thread pools that survive ``fork`` (the store's readers and writers, the client's decoding, the feed).
 
 Threads do not survive a fork, but a ThreadPoolExecutor copied into the child still counts its idle threads
 and queues work for them: the first read in a forked DataLoader worker, or a Dask worker forked from a
