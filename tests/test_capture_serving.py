@@ -259,9 +259,12 @@ BAD = [
     ("tok", {"mood": "happy"}, S.INVALID_ARGUMENT, "unknown label 'mood'; filter on sample, position, token_id"),
     ("tok", {"topic": "alchemy"}, S.INVALID_ARGUMENT, "matches no row"),
     ("tok", {"samples": [10**6]}, S.NOT_FOUND, "not in this run"),
+    ("tok", {"rows": [0, 10**6]}, S.INVALID_ARGUMENT, "1 row(s) outside the"),
+    ("tok", {"rows": [0], "tokens": slice(0, 5)}, S.INVALID_ARGUMENT, "or rows: one of them"),
     ("last", {"positions": [0]}, S.INVALID_ARGUMENT, "no row of run last/0shot is at token position 0"),
     ("last", {"positions": [-2]}, S.INVALID_ARGUMENT, "at token position -2: it holds positions 'last'"),
     ("questions", {"positions": [0]}, S.INVALID_ARGUMENT, "holds one row per question"),
+    ("questions", {"rows": [0]}, S.INVALID_ARGUMENT, "holds one row per question"),
     ("questions", {"site": "mlp_out"}, S.INVALID_ARGUMENT, "no site 'mlp_out'"),
 ]
 

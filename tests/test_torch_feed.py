@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from actstore.client import Client
+from actstore.client import ActstoreError, Client
 from actstore.server.process import ServerProcess
 from actstore.store import CorruptData, Store
 from actstore.store.capture import CaptureLayout
@@ -286,6 +286,26 @@ def test_reading_through_a_server_gives_the_local_stream(store, feed_server):
         ds = activations(client, MODEL, METHOD, SITE, 0, batch_size=40, block_rows=32)
     loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn", timeout=120)
     assert sorted(seen_rows(loader)) == list(range(n_rows(store)))  # each worker opens its own connection
+
+
+def test_map_style_rows_through_a_server_equal_the_stores(store, feed_server, tmp_path):
+    """Any rows, repeated or out of order, in one call per batch; a question run's rows by sample id."""
+    picked = [17, 3, 3, n_rows(store) - 1, 0, 250]
+    write_synthetic_run(Store(store), MODEL, "questions", n_samples=40, hidden=HIDDEN)
+    with Client(feed_server.address) as client:
+        for method, site, layer, batch in ((METHOD, SITE, [0, 1], picked), ("questions", None, 1, [39, 5, 5, 0])):
+            local = rows(store, MODEL, method, site, layer, labels=["topic"] if site else ())
+            remote = rows(client, MODEL, method, site, layer, labels=["topic"] if site else ())
+            got, want = remote.__getitems__(batch), local.__getitems__(batch)
+            assert len(remote) == len(local) and len(got) == len(batch)
+            for a, b in zip(got, want):
+                assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        loader = DataLoader(rows(client, MODEL, METHOD, SITE, 1), batch_size=64, shuffle=True)
+        assert sorted(int(s) for batch in loader for s in batch["states"][:, 0]) == list(range(n_rows(store)))
+        with pytest.raises(IndexError, match="outside"):
+            rows(client, MODEL, METHOD, SITE, 0)[n_rows(store)]
+        with pytest.raises(ActstoreError, match="row\\(s\\) outside"):
+            client.hidden_states(MODEL, METHOD, site=SITE, rows=[0, n_rows(store)])
 
 
 def test_several_runs_read_as_one_with_each_rows_run(tmp_path):

@@ -81,6 +81,7 @@ class Client(Connection):
         answer: Labels = None,
         positions: Positions = None,
         tokens: slice | range | None = None,
+        rows: Sequence[int] | None = None,
         **filters: Labels,
     ) -> xr.Dataset:
         """Per-sample labels (subject, answer, prediction, correct) indexed by sample id; for a capture run, the
@@ -88,7 +89,9 @@ class Client(Connection):
         ``hidden_states``."""
         request = pb.ReadLabelsRequest(
             run=run_ref(model, method),
-            samples=sample_selection(samples, {"subject": subject, "answer": answer, **filters}, positions, tokens),
+            samples=sample_selection(
+                samples, {"subject": subject, "answer": answer, **filters}, positions, tokens, rows
+            ),
         )
         response = self.call(self.data_stub.ReadLabels, request)
         attrs = {"run_complete": response.run_complete}
@@ -110,6 +113,7 @@ class Client(Connection):
         site: str | None = None,
         positions: Positions = None,
         tokens: slice | range | None = None,
+        rows: Sequence[int] | None = None,
         **filters: Labels,
     ) -> xr.DataArray:
         """States as a DataArray (layer, sample, hidden) with the sample labels as coordinates.
@@ -122,11 +126,14 @@ class Client(Connection):
         or, one row per text, (layer, sample, hidden) (a site of another width: ``{site}.hidden``), with the
         rows' sample, position, token_id and label columns as coordinates. ``samples``: the texts' ids (every
         row of each); ``positions``: token positions in each text, negative from its end; ``tokens``: a slice of
-        the run's rows; ``filters``: any label column, values compared as text (``topic="news"``, ``n=[1, 2]``).
+        the run's rows; ``rows``: rows by index, in the order given; ``filters``: any label column, values
+        compared as text (``topic="news"``, ``n=[1, 2]``).
         """
         request = pb.ReadStatesRequest(
             run=run_ref(model, method),
-            samples=sample_selection(samples, {"subject": subject, "answer": answer, **filters}, positions, tokens),
+            samples=sample_selection(
+                samples, {"subject": subject, "answer": answer, **filters}, positions, tokens, rows
+            ),
             dtype=pb.DTYPE_UNSPECIFIED if dtype is None else DTYPE_ENUMS[dtype],
             allow_lossy=allow_lossy,
             accept_blosc=True,

@@ -47,9 +47,11 @@ def sample_selection(
     filters: dict[str, Labels],
     positions: Positions = None,
     tokens: slice | range | None = None,
+    rows: Sequence[int] | None = None,
 ) -> pb.SampleSelection:
     """Sample ids (a sequence) or positions (a slice), narrowed by label filters (None: no filter); for a
-    capture run, token ``positions`` in each text (negative from its end) and a range of rows (``tokens``)."""
+    capture run, token ``positions`` in each text (negative from its end), a range of rows (``tokens``) or
+    rows by index (``rows``)."""
     selection = pb.SampleSelection(
         filters=[
             pb.LabelFilter(name=name, values=[str(v) for v in _values(values)])
@@ -65,6 +67,8 @@ def sample_selection(
         selection.token_positions.extend(int(p) for p in ([positions] if np.ndim(positions) == 0 else positions))
     if tokens is not None:
         selection.token_range.CopyFrom(range_of(tokens))
+    if rows is not None:
+        selection.rows.extend(int(r) for r in rows)
     return selection
 
 

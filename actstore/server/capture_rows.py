@@ -11,6 +11,8 @@ an id the run lacks, as for a question run).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from actstore.server.selection import BadRequest, NotFound, first_repeat
@@ -42,8 +44,14 @@ def rows(selection: pb.SampleSelection, wanted: np.ndarray | None, run: Run) -> 
     """The rows a selection takes, in the order asked (ids) or stored (range, everything), narrowed by token
     positions and label filters. ``wanted`` is ``selection.sample_ids(selection)``."""
     labels, n = run.labels(), run.n_samples
-    if selection.HasField("token_range") and (selection.HasField("positions") or wanted is not None):
-        raise BadRequest("give sample ids, a sample position range or a row range (token_range): one of them")
+    ways = [
+        wanted is not None,
+        selection.HasField("positions"),
+        selection.HasField("token_range"),
+        bool(selection.rows),
+    ]
+    if sum(ways) > 1:
+        raise BadRequest("give sample ids, a sample position range, a row range (token_range) or rows: one of them")
     if selection.HasField("positions") and run.row_dim == "token":
         raise BadRequest(
             f"run {run.key} holds a row per token: give a range of its rows as token_range (the client's "
@@ -51,6 +59,8 @@ def rows(selection: pb.SampleSelection, wanted: np.ndarray | None, run: Run) -> 
         )
     if wanted is not None:
         chosen = _rows_of_texts(labels["sample"], run.sample_order, wanted)
+    elif selection.rows:
+        chosen = _indexed_rows(selection.rows, run)
     elif selection.HasField("token_range") or selection.HasField("positions"):
         tokens = selection.HasField("token_range")
         r = selection.token_range if tokens else selection.positions
@@ -180,6 +190,18 @@ def columns(run: Run, chosen: np.ndarray) -> list[pb.Column]:
     """The coordinates of the ``chosen`` rows, one Column each, in ``column_dtypes`` order."""
     labels = run.labels()
     return [encode_column(name, dtype, labels[name][chosen]) for name, dtype in column_dtypes(run).items()]
+
+
+def _indexed_rows(rows: Sequence[int], run: Run) -> np.ndarray:
+    """``rows`` as an array, every one among the run's committed rows."""
+    chosen = np.asarray(rows, dtype=np.int64)
+    outside = chosen[(chosen < 0) | (chosen >= run.n_samples)]
+    if outside.size:
+        raise BadRequest(
+            f"{outside.size} row(s) outside the {run.n_samples} rows of run {run.key} (0..{run.n_samples - 1}), "
+            f"e.g. {int(outside[0])}"
+        )
+    return chosen
 
 
 def min_row_bytes(run: Run) -> int:

@@ -78,10 +78,10 @@ def first_repeat(values: np.ndarray) -> int | None:
 
 def question_run(selection: pb.SampleSelection, site: str, run: Run) -> None:
     """Refuse, on a run of the study's questions, what only a capture run has: tokens, other sites."""
-    if selection.token_positions or selection.HasField("token_range"):
+    if selection.token_positions or selection.HasField("token_range") or selection.rows:
         raise BadRequest(
-            "token positions and token ranges select a capture run's rows: this run holds one row per question "
-            "(select samples by id, position range or label)"
+            "token positions, token ranges and row indices select a capture run's rows: this run holds one row "
+            "per question (select samples by id, position range or label)"
         )
     if site and site not in run.sites:
         raise BadRequest(f"run {run.key} has no site {echo(site)}; its sites: {', '.join(run.sites)}")

@@ -61,18 +61,21 @@ def activations(
 
 
 def rows(
-    store: Store | str | os.PathLike[str],
+    store: Where,
     model: str,
     method: str,
     site: str | None = None,
     layer: int | Sequence[int] = 0,
     *,
     labels: Sequence[str] = (),
+    token: str | None = None,
+    tls: bool | str = False,
     **options: Any,
 ) -> ActivationRows:
-    """A map-style Dataset over the rows of one run in a store, items as ``activations`` gives them."""
+    """A map-style Dataset over the rows of one run, in a store or through a server (as for ``activations``),
+    items as ``activations`` gives them; a DataLoader's batch of rows is one read."""
     layers = [layer] if isinstance(layer, int) else list(layer)
-    source = LocalSource(store, RunSpec(model, method, site, layers, tuple(labels)))
+    source = _source(store, RunSpec(model, method, site, layers, tuple(labels)), token, tls)
     return ActivationRows(source, isinstance(layer, int), **options)
 
 

@@ -1,5 +1,5 @@
 """Activations as a map-style torch Dataset: any row by its index, for samplers (a probe's train/test split,
-``DistributedSampler``) over a run small enough to pick rows one by one."""
+``DistributedSampler``), from a store or through a server."""
 
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from actstore.torch.sources import LocalSource
+from actstore.torch.sources import LocalSource, RemoteSource
 
 
 class ActivationRows(Dataset):
-    """Row ``i`` of a run in a store as a dict of tensors, as ``Activations`` yields them. A DataLoader fetches
-    a batch's rows in one read (``__getitems__``): neighbouring rows share their chunks' reads."""
+    """Row ``i`` of a run as a dict of tensors, as ``Activations`` yields them. A DataLoader fetches a batch's
+    rows in one read (``__getitems__``; through a server, one call): neighbouring rows share their chunks' reads."""
 
-    def __init__(self, source: LocalSource, one_layer: bool, dtype: torch.dtype | None = torch.float32) -> None:
+    def __init__(
+        self, source: LocalSource | RemoteSource, one_layer: bool, dtype: torch.dtype | None = torch.float32
+    ) -> None:
         self.source, self.one_layer, self.dtype = source, one_layer, dtype
         self.categories = source.pinned.categories
 
@@ -26,6 +28,8 @@ class ActivationRows(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         rows = np.asarray(indices, dtype=np.int64)
+        if not len(rows):
+            return []
         n = len(self)
         bad = rows[(rows < -n) | (rows >= n)]
         if bad.size:

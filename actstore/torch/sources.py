@@ -182,6 +182,7 @@ class RemoteSource:
             identity=json.dumps([info["recipe"], (attrs.get("history") or [None])[0]], sort_keys=True, default=str),
             categories=_categories(coords, spec.labels),
         )
+        self._sample_ids = None if self.capture else coords["sample"]  # a question run selects rows by sample id
         self._client: tuple[int, Client] | None = (os.getpid(), client)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -193,10 +194,18 @@ class RemoteSource:
 
     def read(self, lo: int, hi: int, out: np.ndarray | None = None) -> Rows:
         """Rows ``lo:hi``; their states copied into ``out`` when given."""
-        client = self._connection()
-        rows = {"tokens": slice(lo, hi)} if self.capture else {"samples": slice(lo, hi)}
-        array = client.hidden_states(
-            self.spec.model, self.spec.method, layers=self.spec.layers, site=self.spec.site, **rows
+        return self._read({"tokens": slice(lo, hi)} if self.capture else {"samples": slice(lo, hi)}, out)
+
+    def read_rows(self, rows: np.ndarray) -> Rows:
+        """Rows at any positions (for map-style datasets), in one call: each row once, in stored order (a
+        server refuses repeated sample ids), then put in the order asked."""
+        unique, order = np.unique(rows, return_inverse=True)
+        read = self._read({"rows": unique} if self._sample_ids is None else {"samples": self._sample_ids[unique]})
+        return Rows(read.states[:, order], {name: values[order] for name, values in read.coords.items()})
+
+    def _read(self, selection: dict[str, Any], out: np.ndarray | None = None) -> Rows:
+        array = self._connection().hidden_states(
+            self.spec.model, self.spec.method, layers=self.spec.layers, site=self.spec.site, **selection
         )
         coords = {name: array[name].values for name in (*CORE, *self.spec.labels) if name in array.coords}
         states = array.values

@@ -185,18 +185,20 @@ class Range(_message.Message):
     def __init__(self, start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
 
 class SampleSelection(_message.Message):
-    __slots__ = ("ids", "positions", "filters", "token_positions", "token_range")
+    __slots__ = ("ids", "positions", "filters", "token_positions", "token_range", "rows")
     IDS_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_RANGE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
     positions: Range
     filters: _containers.RepeatedCompositeFieldContainer[LabelFilter]
     token_positions: _containers.RepeatedScalarFieldContainer[int]
     token_range: Range
-    def __init__(self, ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Union[Range, _Mapping]] = ..., filters: _Optional[_Iterable[_Union[LabelFilter, _Mapping]]] = ..., token_positions: _Optional[_Iterable[int]] = ..., token_range: _Optional[_Union[Range, _Mapping]] = ...) -> None: ...
+    rows: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Union[Range, _Mapping]] = ..., filters: _Optional[_Iterable[_Union[LabelFilter, _Mapping]]] = ..., token_positions: _Optional[_Iterable[int]] = ..., token_range: _Optional[_Union[Range, _Mapping]] = ..., rows: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LabelFilter(_message.Message):
     __slots__ = ("name", "values")
