@@ -19,7 +19,7 @@ from actstore.client import ActstoreError, Client
 from actstore.server.process import ServerProcess
 from actstore.store import CorruptData, Store
 from actstore.store.capture import CaptureLayout
-from actstore.testing import read_object, shard_key, write_object, write_synthetic_run
+from actstore.testing import read_object, shard_key, write_object, write_synthetic_capture, write_synthetic_run
 from actstore.torch import RunChanged, activations, rows
 from actstore.torch.order import delivered
 
@@ -306,6 +306,24 @@ def test_map_style_rows_through_a_server_equal_the_stores(store, feed_server, tm
             rows(client, MODEL, METHOD, SITE, 0)[n_rows(store)]
         with pytest.raises(ActstoreError, match="row\\(s\\) outside"):
             client.hidden_states(MODEL, METHOD, site=SITE, rows=[0, n_rows(store)])
+
+
+@pytest.mark.parametrize("stored", ["float16", "float32"])
+def test_states_come_in_the_dtype_asked_for_holding_the_stored_values(tmp_path, stored):
+    capture = CaptureLayout(rows="token", n_layers=1, hidden=HIDDEN, sites={SITE: HIDDEN}, store_dtype=stored)
+    write_synthetic_capture(Store(tmp_path), MODEL, METHOD, capture, np.full(20, 30), commits=2)
+    run = Store(tmp_path).run(MODEL, METHOD)
+    values = torch.from_numpy(run.read_states([0], site=SITE)[0])
+    labels = run.labels()
+    row_of = {(int(s), int(p)): i for i, (s, p) in enumerate(zip(labels["sample"], labels["position"]))}
+    for dtype in (torch.float32, None, torch.bfloat16, torch.float16):
+        for shuffle in (True, False):
+            ds = activations(tmp_path, MODEL, METHOD, SITE, 0, shuffle, batch_size=64, buffer_size=256, dtype=dtype)
+            batches = list(ds)
+            got = torch.cat([b["states"] for b in batches])
+            rows = [row_of[int(s), int(p)] for b in batches for s, p in zip(b["sample"], b["position"])]
+            assert got.dtype == (values.dtype if dtype is None else dtype), (dtype, shuffle)
+            assert torch.equal(got, values[rows].to(got.dtype)), (dtype, shuffle)
 
 
 def test_several_runs_read_as_one_with_each_rows_run(tmp_path):

@@ -58,8 +58,8 @@ class Activations(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        """``buffer_size``: rows mixed at once (memory: about twice that many rows of states). ``block_rows``:
-        rows read at once (default: a shard's). ``start``: batches (items without ``batch_size``) of this
+        """``buffer_size``: rows mixed at once (memory: about twice that many rows of states, as stored or in
+        ``dtype`` where narrower). ``block_rows``: rows read at once (default: a shard's). ``start``: batches (items without ``batch_size``) of this
         epoch to skip, as a DataLoader hands them on: a job restarted after batch k passes ``start=k`` and the
         same seed, epoch and number of workers, and continues with batch k + 1. ``dtype``: of the states
         (None: as stored). ``rank`` and ``world_size``: this process's share (default: torch.distributed's,
@@ -153,7 +153,7 @@ class Activations(IterableDataset):
         parts = [self.blocks[b] for b in blocks]
         at = np.cumsum([0] + [hi - lo for _, lo, hi in parts])
         source = self.sources[0]
-        dtype = np.dtype(source.pinned.dtype) if self.dtype is None else _numpy(self.dtype)
+        dtype = self._window_dtype()
         width = (source.pinned.hidden,) if self.one_layer else (len(source.spec.layers), source.pinned.hidden)
         states = np.empty((at[-1], *width), dtype=dtype)
 
@@ -169,6 +169,14 @@ class Activations(IterableDataset):
 
         coords = list(_BLOCKS.map(fill, range(len(parts))))
         return _Window(states, {name: np.concatenate([c[name] for c in coords]) for name in coords[0]})
+
+    def _window_dtype(self) -> np.dtype:
+        """What a window holds: the stored dtype, or the one asked for where narrower. A batch is cast after its
+        gather, which so moves half the bytes for float16 states read as float32, and blocks of one layer are
+        decoded straight into the window."""
+        stored = np.result_type(*(np.dtype(source.pinned.dtype) for source in self.sources))
+        wanted = stored if self.dtype is None else _numpy(self.dtype)
+        return wanted if wanted.itemsize < stored.itemsize else stored
 
     def _gather(self, pieces: list[tuple[_Window, Rows]]) -> dict[str, torch.Tensor]:
         """One batch: the rows ``pieces`` name, of one window or (at a window's end) two; a slice of rows in
