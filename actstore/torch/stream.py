@@ -59,11 +59,11 @@ class Activations(IterableDataset):
         world_size: int | None = None,
     ) -> None:
         """``buffer_size``: rows mixed at once (memory: about twice that many rows of states, as stored or in
-        ``dtype`` where narrower). ``block_rows``: rows read at once (default: a shard's). ``start``: batches (items without ``batch_size``) of this
-        epoch to skip, as a DataLoader hands them on: a job restarted after batch k passes ``start=k`` and the
-        same seed, epoch and number of workers, and continues with batch k + 1. ``dtype``: of the states
-        (None: as stored). ``rank`` and ``world_size``: this process's share (default: torch.distributed's,
-        when initialised); each rank reads other blocks."""
+        ``dtype`` where narrower). ``block_rows``: rows read at once (default: a shard's). ``start``: batches
+        (items without ``batch_size``) of this epoch to skip, as a DataLoader hands them on: a job restarted
+        after batch k passes ``start=k`` and the same seed, epoch and number of workers, and continues with
+        batch k + 1. ``dtype``: of the states (None: as stored). ``rank`` and ``world_size``: this process's
+        share (default: torch.distributed's, when initialised); each rank reads other blocks."""
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         if start < 0:
