@@ -50,7 +50,10 @@ def test_a_block_that_does_not_decode_to_its_rows_is_refused_and_writes_nothing_
         "another width": block(1, 0, 100, frames_of(rows.reshape(200, 4)[:100], 25)),
         "no such layer": block(2, 0, 100, frames),
         "not Blosc": block(0, 0, 100, [b"\x02\x01" + bytes(40)] * 4),
-        "a cut frame": block(0, 0, 100, [frames[0][:10], *frames[1:]]),
+        "a frame cut within its header": block(0, 0, 100, [frames[0][:10], *frames[1:]]),
+        "a frame cut after its header": block(0, 0, 100, [*frames[:3], frames[3][:100]]),
+        "a frame with bytes past its end": block(0, 0, 25, [frames[0] + frames[1]]),
+        "frames split elsewhere": block(0, 0, 100, [frames[0] + frames[1][:50], frames[1][50:], *frames[2:]]),
     }
     for name, malformed in bad.items():
         with pytest.raises(MalformedBlock):
