@@ -64,7 +64,8 @@ def decode_block(block: pb.EncodedBlock, data: np.ndarray) -> int:
 def _decoded_size(frame: memoryview) -> int:
     """A Blosc frame's decoded size, from its 16-byte header (the Blosc 1 format: little-endian sizes, decoded
     at bytes 4-7, compressed at 12-15). A frame whose compressed size is not its length is refused: Blosc
-    would read past its end (into the next frame, or past the message) and decode garbage."""
+    would read past its end (into the next frame, or past the message) and decode garbage. Read here, as
+    numcodecs keeps its header reader private (``_cbuffer_sizes``)."""
     if len(frame) < 16:
         raise ValueError("a frame shorter than a Blosc header")
     if int.from_bytes(frame[12:16], "little") != len(frame):
