@@ -69,6 +69,7 @@ SLOW_TESTS = {
     "test_a_run_replaced_since_is_refused",
     "test_start_k_with_workers_continues_with_batch_k_plus_one",
     "test_several_runs_read_as_one_with_each_rows_run",
+    "test_ranks_of_a_real_process_group_read_disjoint_shares_covering_the_run",
     "test_the_probe_runs_on_a_tiny_study_run",
 }
 

@@ -3,6 +3,7 @@ seeded and resumable, at one snapshot, failing loudly on corrupt bytes and dead 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -111,6 +112,47 @@ def test_the_states_are_the_stored_ones_with_their_coordinates_and_labels(store)
         np.testing.assert_array_equal(batch["sample"].numpy(), labels["sample"][row])
         np.testing.assert_array_equal(np.asarray(ds.categories["topic"])[batch["topic"].numpy()], labels["topic"][row])
     assert ds.categories["topic"] == ["topic0", "topic1", "topic2"]
+
+
+def test_ranks_of_a_real_process_group_read_disjoint_shares_covering_the_run(store, tmp_path):
+    """Two processes in a gloo group, each with 2 DataLoader workers: the dataset takes its rank from
+    torch.distributed, and the group sees every row once."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json, sys
+            import torch.distributed as dist
+            from torch.utils.data import DataLoader
+            from actstore.torch import activations
+
+            if __name__ == "__main__":
+                rank = int(sys.argv[1])
+                dist.init_process_group("gloo", init_method={(tmp_path / "rendezvous").as_uri()!r}, rank=rank,
+                                        world_size=2)
+                ds = activations({str(store)!r}, {MODEL!r}, {METHOD!r}, {SITE!r}, 1, batch_size=30,
+                                 buffer_size=100, block_rows=40)
+                mine = [int(row) for batch in DataLoader(ds, batch_size=None, num_workers=2)
+                        for row in batch["states"][:, 0]]
+                every = [None, None]
+                dist.all_gather_object(every, mine)
+                if rank == 0:
+                    print(json.dumps(every))
+                dist.destroy_process_group()
+            """
+        )
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    ranks = [
+        subprocess.Popen([sys.executable, str(script), str(rank)], stdout=subprocess.PIPE, text=True, env=env)
+        for rank in (0, 1)
+    ]
+    outputs = [process.communicate(timeout=120)[0] for process in ranks]
+    assert [process.returncode for process in ranks] == [0, 0]
+    first, second = json.loads(outputs[0])
+    assert first and second, "a rank read nothing"
+    assert not set(first) & set(second)
+    assert sorted(first + second) == list(range(n_rows(store)))
 
 
 def test_items_without_batch_size_are_single_rows(store):

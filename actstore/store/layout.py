@@ -81,15 +81,20 @@ def state_compressors(itemsize: int = 4) -> list[BloscCodec | Crc32cCodec]:
 # in all cases; float32 values computed in float32 do not compress (their low mantissa bytes are noise), so
 # LZ4 at its fastest (~12x LZ4HC's encoding speed there, 4 % larger); 16-bit values (bfloat16 kept in float32,
 # float16) compress, and Zstandard level 1 makes them 6-14 % smaller than LZ4HC while encoding ~4x faster.
-# Measured on SmolLM2 states of MMLU text (docs/benchmarks.md, "Capture").
+# Measured on SmolLM2 states of MMLU text (docs/benchmarks.md, "Capture"). Each inner chunk is one Blosc block
+# (CAPTURE_BLOCK_BYTES): Blosc's own choice for Zstandard level 1 cuts a chunk into 32 KiB blocks, each with its
+# own entropy tables, which decodes ~1.3x slower and encodes ~1.1x slower (a 36 KiB chunk of SmolLM2's float16
+# states) for no gain in size.
 CAPTURE_CODECS = {"float32": ("lz4", 1), "bfloat16": ("zstd", 1), "float16": ("zstd", 1)}
+CAPTURE_BLOCK_BYTES = INNER_CHUNK_BYTES
 
 
 def capture_compressors(store_dtype: str) -> list[BloscCodec | Crc32cCodec]:
     """A capture run's chunk codecs for states stored as ``store_dtype`` (CAPTURE_CODECS), then the CRC-32C."""
     cname, clevel = CAPTURE_CODECS[store_dtype]
     itemsize = np.dtype(STORE_DTYPES[store_dtype]).itemsize
-    return [BloscCodec(cname=cname, clevel=clevel, shuffle="shuffle", typesize=itemsize), Crc32cCodec()]
+    blosc = BloscCodec(cname=cname, clevel=clevel, shuffle="shuffle", typesize=itemsize, blocksize=CAPTURE_BLOCK_BYTES)
+    return [blosc, Crc32cCodec()]
 
 
 def compressed_nbytes(states: np.ndarray, store_dtype: str | None = None) -> int:
