@@ -1,6 +1,7 @@
 """Capture benchmark: every token of MMLU questions as plain text, three sites, SmolLM2-135M, side by side.
 
     .venv/bin/python bench/capture.py [--limit 64] [--repeats 3] [--sites resid_pre,attn_out,mlp_out]
+                                      [--commit-seconds 10] [--torch-threads 1]
 
 Prints the capture ingest's time over the same forward passes with the same hooks and no storage (target:
 <= 1.10), alternating so that drift hits both alike; whether the stored values equal the forward's exactly;
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -43,6 +45,7 @@ def options(store: Path, args: argparse.Namespace, dtype: str = "auto", store_dt
         dtype=dtype,
         store_dtype=store_dtype,
         batch_size=DEFAULT_BATCH_SIZE,
+        commit_seconds=args.commit_seconds,
         overwrite=True,
     )
 
@@ -112,7 +115,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", action=argparse.BooleanOptionalAction, default=True, help="float16, bfloat16 sizes")
     parser.add_argument("--client", action=argparse.BooleanOptionalAction, default=True, help="client / local reads")
+    parser.add_argument(
+        "--commit-seconds",
+        type=float,
+        default=IngestOptions.commit_seconds,
+        help="as ingest's: a run longer than it commits in the background while the forward goes on; only its "
+        "last commit stops the forward",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        help="the forward's CPU threads (default: torch's, every core); 1 on a 2-core machine leaves a core to the "
+        "writer's commits, as a forward on a GPU leaves the CPU",
+    )
     args = parser.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -130,7 +148,8 @@ def main() -> None:
         tokens = report.rows
         ratio = np.median(fulls) / np.median(forwards)
         print(
-            f"{args.limit} texts, {tokens:,} tokens, sites {args.sites}, compute {ingest.store_dtype}, medians of "
+            f"{args.limit} texts, {tokens:,} tokens, sites {args.sites}, compute {ingest.store_dtype} on "
+            f"{torch.get_num_threads()} CPU threads, medians of "
             f"{args.repeats}: forward {np.median(forwards):.2f} s, ingest {np.median(fulls):.2f} s "
             f"({tokens / np.median(fulls):,.0f} tokens/s)"
         )

@@ -267,3 +267,16 @@ def test_a_failed_shard_write_keeps_every_commit_and_the_run_resumes(tmp_path, m
     write_run(store, "float32", states, [40], first=30)
     np.testing.assert_array_equal(Store(tmp_path).run(MODEL, METHOD).read_states([0, 1, 2]), states[:, :70])
     assert not list(Path(tmp_path).rglob("*.partial"))
+
+
+def test_float16_chunks_are_blosc_blocks_split_into_byte_streams(tmp_path):
+    """Each byte of a 16-bit value compressed as a stream of its own (blosc_split.py: smaller, faster to
+    decode): every stored frame's header says so (flag 0x10, "not split", clear); the tests above read them."""
+    write_run(Store(tmp_path), "float16", random_states("float16"), [40])
+    shards = list(tmp_path.glob(f"{MODEL}/{METHOD}/{SITE}/c/*/*/0"))
+    assert len(shards) == 3 * 2
+    for shard in shards:
+        stored = shard.read_bytes()
+        index = np.frombuffer(stored[-(16 * 4 + 4) : -4], dtype="<u8").reshape(-1, 2)
+        frames = [stored[offset : offset + size] for offset, size in index if offset != MISSING]
+        assert frames and all(frame[2] & 0x10 == 0 for frame in frames), shard

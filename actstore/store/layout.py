@@ -22,6 +22,8 @@ import numcodecs
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from actstore.store.blosc_split import split_byte_streams
+
 STATE_DTYPE = "float32"
 # What a capture run may store its states as (``--store-dtype``). bfloat16 is kept in a float32 container (Zarr
 # has no bfloat16 type every reader knows): the values are bf16's, exact, and byte shuffle drops the zero bytes.
@@ -103,4 +105,5 @@ def compressed_nbytes(states: np.ndarray, store_dtype: str | None = None) -> int
     cname, clevel = CAPTURE_CODECS[store_dtype] if store_dtype else (BLOSC_CNAME, BLOSC_LEVEL)
     dtype = STORE_DTYPES[store_dtype] if store_dtype else STATE_DTYPE
     codec = numcodecs.Blosc(cname, clevel, numcodecs.Blosc.SHUFFLE)
+    split_byte_streams()  # as runs are written
     return len(codec.encode(np.ascontiguousarray(states, dtype=dtype)))

@@ -40,6 +40,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from actstore.pools import ForkSafePool
+from actstore.store.blosc_split import split_byte_streams
 from actstore.store.checksum import CRC_BYTES, Mismatch, chunk_frames, span_crc
 from actstore.store.errors import CorruptData
 from actstore.store.location import Location, join
@@ -245,7 +246,9 @@ class _Blocks:
 
 
 def _blosc(codec: BloscCodec, itemsize: int) -> numcodecs.Blosc:
-    """numcodecs' Blosc with the parameters of the array's codec, as zarr-python encodes with it."""
+    """numcodecs' Blosc with the parameters of the array's codec, as zarr-python encodes with it, its blocks
+    split into byte streams (blosc_split.py)."""
+    split_byte_streams()
     typesize = codec.typesize or itemsize
     shuffle = codec.shuffle.value if codec.shuffle is not None else ("shuffle" if typesize > 1 else "bitshuffle")
     return numcodecs.Blosc(

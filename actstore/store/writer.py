@@ -30,6 +30,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -90,6 +91,9 @@ def _create_arrays(group: zarr.Group, n_layers: int, hidden: int, site: str) -> 
         group.create_array(name, shape=(0,), dtype=dtype, chunks=(LABEL_CHUNK,), dimension_names=("sample",))
 
 
+Batch = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # a batch's states (per array) and row labels
+
+
 class RunWriter:
     """Appends batches to a run, committing them atomically; holds the run's writer lock from ``begin`` to
     ``close``.
@@ -97,9 +101,10 @@ class RunWriter:
     Begun before expensive work (loading a model), so that a second writer, or a writer of another recipe,
     is refused at once; ``start`` then lays the run out if it is new, with the shapes that only the loaded
     model knows, and publishes the session's start in one write. Batches are buffered in memory and
-    committed every ``commit_seconds`` (and on ``close``), so a kill loses at most that much work while
-    commits stay cheap. Use as a context manager. A write that fails (a full disk) raises StoreNotWritable
-    and leaves the run as of its last commit.
+    committed every ``commit_seconds``, in the background while the next are computed (and on ``close``), so
+    a kill loses at most that much work while commits stay cheap. Use as a context manager. A write that
+    fails (a full disk) raises StoreNotWritable, from the next ``add`` or ``close`` when it ran in the
+    background, and leaves the run as of its last commit.
     """
 
     def __init__(
@@ -118,9 +123,11 @@ class RunWriter:
         self._lock = lock
         self._recipe = recipe
         self._commit_seconds = commit_seconds
-        self._pending: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        self._pending: list[Batch] = []
         self._last_commit = time.monotonic()
         self._failed = False
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="actstore-commit")
+        self._committing: Future[list[Batch]] | None = None
         if run is not None:
             with self._writing():
                 self._settle()
@@ -214,10 +221,11 @@ class RunWriter:
         waited = time.monotonic() - self._last_commit
         if waited >= self._commit_seconds:
             # a partly filled chunk only once a whole one has been awaited for another interval
-            self.commit(whole_chunks=waited < 2 * self._commit_seconds)
+            self._commit_behind(whole_chunks=waited < 2 * self._commit_seconds)
 
     def commit(self, whole_chunks: bool = False) -> None:
-        """Write the buffered batches past the published end, then publish them with one metadata write.
+        """Write the buffered batches past the published end, then publish them with one metadata write; after
+        any commit still running in the background (whose error, if it failed, this raises).
 
         ``whole_chunks``: commit only up to the last whole inner chunk of states buffered, keeping the rest
         for the next commit, so that plain readers, who are shown whole chunks (``_whole_chunks``), see
@@ -225,17 +233,41 @@ class RunWriter:
         buffered past the published end (``add`` then commits everything one interval later, so a kill loses
         at most about twice ``commit_seconds`` of work even when a chunk takes longer to fill).
         """
-        if not self._pending:
+        self._await_commit()
+        batches, self._pending = self._pending, []
+        self._pending = self._commit(batches, whole_chunks) + self._pending
+        self._last_commit = time.monotonic()
+
+    def _commit_behind(self, whole_chunks: bool) -> None:
+        """``commit`` in the background, while the caller computes the next batches: encoding and writing a
+        commit would otherwise stop the model for as long (on 2 cores, 30 % of a capture's time). One commit
+        runs at a time: the next waits for it, which bounds the memory to two intervals' batches."""
+        self._await_commit()
+        batches, self._pending = self._pending, []
+        self._committing = self._committer.submit(self._commit, batches, whole_chunks)
+        self._last_commit = time.monotonic()
+
+    def _await_commit(self) -> None:
+        """Wait for the background commit, if any; its batches not committed go back in front of the buffer,
+        and its error (a full disk, a lost lease) is raised here."""
+        if self._committing is None:
             return
+        committing, self._committing = self._committing, None
+        self._pending = committing.result() + self._pending
+
+    def _commit(self, batches: list[Batch], whole_chunks: bool) -> list[Batch]:
+        """Commit ``batches`` (see ``commit``); returns those kept for the next commit."""
+        if not batches:
+            return []
         start = self.n_committed
         # the states stay in their batches (joining them would copy everything once more): see ShardWriter.write
-        states = {k: [s[k] for s, _ in self._pending] for k in self._state_names}
-        labels = {k: np.concatenate([lab[k] for _, lab in self._pending]) for k in self._row_names}
+        states = {k: [s[k] for s, _ in batches] for k in self._state_names}
+        labels = {k: np.concatenate([lab[k] for _, lab in batches]) for k in self._row_names}
         stop = start + len(labels["sample"])
-        rest: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+        rest: list[Batch] = []
         if self._capture is None and whole_chunks:  # a capture run's commits end with a sample instead
             if self._whole_chunks(stop) <= start:
-                return
+                return batches
             if self._whole_chunks(stop) < stop:
                 stop = self._whole_chunks(stop)
                 kept = stop - start
@@ -248,8 +280,7 @@ class RunWriter:
             for name in self._arrays:
                 self._write_rows(name, values[name], start, stop)
             self._publish(stop, {**self._progress(stop, labels), **self._shard_record(stop)})
-        self._pending = rest
-        self._last_commit = time.monotonic()
+        return rest
 
     def _write_rows(self, name: str, values: np.ndarray | list[np.ndarray], start: int, stop: int) -> None:
         """Write rows ``start:stop`` of array ``name`` past the published end: states (a list of batches)
@@ -266,11 +297,13 @@ class RunWriter:
     def close(self) -> None:
         """Commit what is buffered (unless a write already failed), finish, and release the lock."""
         try:
+            self._await_commit()
             if not self._failed and self.run is not None:
                 self.commit()
                 with self._writing():
                     self._finish()
         finally:
+            self._committer.shutdown()
             self._lock.release()
 
     def __enter__(self) -> RunWriter:
