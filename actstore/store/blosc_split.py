@@ -4,8 +4,8 @@ Blosc 1 compresses each byte position of a block's values (after shuffling) as a
 every codec but Zstandard and zlib, whose blocks it compresses whole unless told otherwise. On activations
 stored in 16 bits, the high bytes (sign and exponent) are skewed and the low ones (mantissa) close to noise:
 compressed whole, one Zstandard block shares one Huffman table between both and codes the skewed half
-poorly. Split, each stream has its own table: SmolLM2's states take 0.70 of raw float16 stored as
-bfloat16 instead of 0.79, and 0.86 instead of 0.93 stored as float16, and decode ~1.4x faster.
+poorly. Split, each stream has its own table: SmolLM2's states take 0.71 of raw float16 stored as
+bfloat16 instead of 0.79, and 0.86 instead of 0.93 stored as float16, which decode ~1.4x faster.
 
 Split blocks are part of the Blosc 1 format (a flag in each frame's header), so every Blosc reader (zarr,
 numcodecs, c-blosc, the client) decodes them unchanged. numcodecs does not expose c-blosc's
