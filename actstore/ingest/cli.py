@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--commit-seconds",
         type=float,
         default=10.0,
-        help="commit buffered batches at least this often (default 10): the most work a kill loses",
+        help="commit buffered batches at least this often (default 10), in the background: a kill loses at most about "
+        "twice this",
     )
     p.add_argument("--group", help="owner group of the runs this ingest creates (for a served, shared store)")
     p.add_argument(
