@@ -102,7 +102,7 @@ class RunWriter:
     is refused at once; ``start`` then lays the run out if it is new, with the shapes that only the loaded
     model knows, and publishes the session's start in one write. Batches are buffered in memory and
     committed every ``commit_seconds``, in the background while the next are computed (and on ``close``), so
-    a kill loses at most that much work while commits stay cheap. Use as a context manager. A write that
+    a kill loses at most about twice that much work while commits stay cheap. Use as a context manager. A write that
     fails (a full disk) raises StoreNotWritable, from the next ``add`` or ``close`` when it ran in the
     background, and leaves the run as of its last commit.
     """
@@ -234,14 +234,14 @@ class RunWriter:
         at most about twice ``commit_seconds`` of work even when a chunk takes longer to fill).
         """
         self._await_commit()
-        batches, self._pending = self._pending, []
-        self._pending = self._commit(batches, whole_chunks) + self._pending
+        self._pending = self._commit(self._pending, whole_chunks)
         self._last_commit = time.monotonic()
 
     def _commit_behind(self, whole_chunks: bool) -> None:
-        """``commit`` in the background, while the caller computes the next batches: encoding and writing a
-        commit would otherwise stop the model for as long (on 2 cores, 30 % of a capture's time). One commit
-        runs at a time: the next waits for it, which bounds the memory to two intervals' batches."""
+        """``commit`` in the background, while the caller computes the next batches: where the model leaves CPU
+        free (a GPU; one torch thread of two here), a capture then took 1.02x its forward alone against 1.08x
+        (docs/benchmarks.md). One commit runs at a time: the next waits for it, which bounds the memory to two
+        intervals' batches."""
         self._await_commit()
         batches, self._pending = self._pending, []
         self._committing = self._committer.submit(self._commit, batches, whole_chunks)
