@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -96,6 +97,25 @@ def _wait_until_up(endpoint: str, server: subprocess.Popen, log: Path, timeout: 
 SUBJECTS = ("anatomy", "astronomy", "college_biology")
 PER_SUBJECT = 34  # 5 held out as shots, 20 as fine-tuning questions, 9 probed by every method
 WORDS = "cell bone star orbit protein heart moon gene lung planet enzyme nerve comet tissue light mass".split()
+
+
+def small_disk(mount: Path, size: str) -> list[str] | None:
+    """A command prefix that runs a command with a tmpfs of ``size`` (as mount's ``size=``, e.g. "32m") mounted
+    at ``mount``: in an unprivileged user and mount namespace where the kernel allows one, else (as root)
+    mounted for the command; None if neither."""
+    script = f'mount -t tmpfs -o size={size} tmpfs "$0" && exec "$@"'
+    if shutil.which("unshare"):
+        prefix = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, str(mount)]
+        if subprocess.run([*prefix, "true"], capture_output=True).returncode == 0:
+            return prefix
+    if os.geteuid() == 0:
+        return [
+            "sh",
+            "-c",
+            f'mount -t tmpfs -o size={size} tmpfs "$0" || exit 1; "$@"; rc=$?; umount "$0"; exit $rc',
+            str(mount),
+        ]
+    return None
 
 
 def make_questions(seed: int = 0) -> list[dict]:

@@ -254,6 +254,46 @@ def test_a_resumed_capture_appends_only_the_missing_texts(tiny_model, texts_file
     assert sorted(a.committed_samples()) == sorted(b.committed_samples())
 
 
+REFUSE_THEN_FORCE = """
+import json, os, subprocess, sys
+argv, mount = json.loads(sys.argv[1]), sys.argv[2]
+out = []
+for extra in ([], ["--no-space-check"]):
+    done = subprocess.run([sys.executable, "-m", "actstore", *argv, *extra], capture_output=True, text=True)
+    out.append({"rc": done.returncode, "err": done.stderr, "files": sorted(os.listdir(mount))})
+print(json.dumps(out))
+"""
+
+
+def test_a_capture_larger_than_its_disks_free_space_is_refused_before_anything_is_written(
+    tiny_model, texts_file, tmp_path, capsys
+):
+    sites = ("--positions", "all", "--sites", ",".join(SITES))
+    assert main([*capture_args(tmp_path / "unused", tiny_model, texts_file, *sites), "--dry-run"]) == 0
+    estimated = float(capsys.readouterr().out.strip().splitlines()[-1].split()[-1].removesuffix("MB")) * 1e6
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    prefix = testing.small_disk(mount, f"{int(estimated / 4) // 4096 * 4}k")  # a quarter of the estimate
+    if prefix is None:
+        pytest.skip("no small filesystem: neither a user+mount namespace (unshare) nor root to mount a tmpfs")
+    argv = capture_args(mount / "store", tiny_model, texts_file, *sites)
+    done = subprocess.run(
+        [*prefix, sys.executable, "-c", REFUSE_THEN_FORCE, json.dumps(argv), str(mount)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    refused, forced = json.loads(done.stdout)
+    last = refused["err"].strip().splitlines()[-1]
+    assert refused["rc"] == 1 and "Traceback" not in refused["err"], refused["err"][-2000:]
+    assert last.startswith("actstore: error: tiny-llama/0shot's capture would write about") and "B free" in last
+    assert "--limit" in last and "--no-space-check" in last
+    assert refused["files"] == []  # refused before the store was made
+    forced_last = forced["err"].strip().splitlines()[-1]
+    assert forced["rc"] == 1 and "No space left" in forced_last, forced["err"][-2000:]  # the check was the refusal
+
+
 LEASE_SECONDS = 2.0  # the killed capture's writer lease, short so that the test need not wait a minute
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -201,29 +200,11 @@ def fill_disk_during_ingest(mount: str, argv_json: str, out: str) -> None:
     shutil.copytree(store, Path(out, "store"), symlinks=True)
 
 
-def small_disk(mount: Path) -> list[str] | None:
-    """A command prefix that runs a command with a 32 MB tmpfs mounted at ``mount``: in an unprivileged user
-    and mount namespace where the kernel allows one, else (as root) mounted for the command; None if neither."""
-    script = 'mount -t tmpfs -o size=32m tmpfs "$0" && exec "$@"'
-    if shutil.which("unshare"):
-        prefix = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, str(mount)]
-        if subprocess.run([*prefix, "true"], capture_output=True).returncode == 0:
-            return prefix
-    if os.geteuid() == 0:
-        return [
-            "sh",
-            "-c",
-            'mount -t tmpfs -o size=32m tmpfs "$0" || exit 1; "$@"; rc=$?; umount "$0"; exit $rc',
-            str(mount),
-        ]
-    return None
-
-
 def test_a_full_disk_is_a_one_line_error_keeps_commits_and_resumes(wide_model, big_data, reference, tmp_path):
     mount, out = tmp_path / "small-disk", tmp_path / "out"
     mount.mkdir()
     out.mkdir()
-    prefix = small_disk(mount)
+    prefix = testing.small_disk(mount, "32m")
     if prefix is None:
         pytest.skip("no small filesystem: neither a user+mount namespace (unshare) nor root to mount a tmpfs")
     argv = ["ingest", *ingest_args(Path("unused"), wide_model, big_data, "--commit-seconds", "0")[3:]]  # --store: after

@@ -46,6 +46,10 @@ from actstore.store.layout import compressed_nbytes
 log = logging.getLogger(__name__)
 
 DEFAULT_SITES = ["resid_post"]
+NO_ROOM = (
+    "capture fewer texts (--limit), sites or positions, store 16-bit states (--store-dtype float16), use another "
+    "--store, or write anyway with --no-space-check (a full disk then stops the ingest, every committed text kept)"
+)
 METHOD = "0shot"  # a text is captured as given: no shots, no fine-tuning
 
 
@@ -196,15 +200,14 @@ class CaptureIngest:
             raise DatasetError(str(exc)) from None
         return lengths
 
-    def layout(self, job: Job, capture: Capture, sites: list[Site], probe: Text) -> CaptureLayout:
-        """The run's arrays: one per site, its width seen on one text (a module pattern's width is known only
-        from its output)."""
-        captured = capture([probe.text], dtype=self.store_dtype)
+    def layout(self, job: Job, sites: list[Site], probe: Captured) -> CaptureLayout:
+        """The run's arrays: one per site, its width seen on ``probe``, one text captured (a module pattern's
+        width is known only from its output)."""
         return CaptureLayout(
             rows="sample" if self.positions.per_text == 1 else "token",
             n_layers=sites[0].n_layers,
             hidden=self.model(job.source).hidden_size,
-            sites={site.name: captured.states[site.name].shape[2] for site in sites},
+            sites={site.name: probe.states[site.name].shape[2] for site in sites},
             store_dtype=self.store_dtype,
             labels={name: _label_dtype(values) for name, values in job.labels.items()}
             | ({"prediction": "str", "correct": "bool"} if job.answers else {}),
@@ -220,8 +223,13 @@ class CaptureIngest:
             say(f"{key}: up to date, nothing to do")
             return None
         capture, sites = self.capture(job)
-        self.check_positions(capture, pending)
-        layout = self.layout(job, capture, sites, pending[0])
+        lengths = self.check_positions(capture, pending)
+        probe = capture([pending[0].text], dtype=self.store_dtype)
+        layout = self.layout(job, sites, probe)
+        if opts.space_check:
+            nbytes = int(_row_bytes(probe, self.store_dtype, job) * _n_rows(self.positions, lengths))
+            replacing = (self.name, job.method) if opts.overwrite else None
+            self.store.check_room(nbytes, f"{key}'s capture", NO_ROOM, replacing)
         with self.store.begin_run(
             self.name, job.method, recipe=job.recipe, overwrite=opts.overwrite, commit_seconds=opts.commit_seconds
         ) as writer:
@@ -321,8 +329,7 @@ def estimate_capture(ingest: CaptureIngest, job: Job) -> dict:
         return result
     capture, _ = ingest.capture(job)
     lengths = ingest.check_positions(capture, texts)
-    per_text = ingest.positions.per_text
-    rows = sum(lengths) if per_text is None else per_text * len(texts)
+    rows = _n_rows(ingest.positions, lengths)
     batch_size = ingest.opts.batch_size or DEFAULT_BATCH_SIZE
     middle = len(texts) // 2
     sample = texts[middle : middle + batch_size]
@@ -330,17 +337,26 @@ def estimate_capture(ingest: CaptureIngest, job: Job) -> dict:
     started = time.perf_counter()
     captured = capture([t.text for t in sample], dtype=ingest.store_dtype)
     seconds = time.perf_counter() - started
-    stored = sum(compressed_nbytes(states, ingest.store_dtype) for states in captured.states.values())
-    row_bytes = stored / max(len(captured.text), 1) + 8 * (3 + len(job.labels))
     result.update(
         tokens=int(sum(lengths)),
         rows=int(rows),
         seconds=seconds
         / (len(sample) * max(lengths[middle : middle + batch_size]))
         * _padded_tokens(lengths, batch_size),
-        bytes=int(row_bytes * rows),
+        bytes=int(_row_bytes(captured, ingest.store_dtype, job) * rows),
     )
     return result
+
+
+def _n_rows(positions: Positions, lengths: list[int]) -> int:
+    """The rows texts of ``lengths`` tokens give at ``positions``."""
+    return sum(lengths) if positions.per_text is None else positions.per_text * len(lengths)
+
+
+def _row_bytes(captured: Captured, store_dtype: str, job: Job) -> float:
+    """A row's bytes on disk, as ``captured``'s compress: its states at every site, its coordinates, labels."""
+    stored = sum(compressed_nbytes(states, store_dtype) for states in captured.states.values())
+    return stored / max(len(captured.text), 1) + 8 * (3 + len(job.labels))
 
 
 def _padded_tokens(lengths: list[int], batch_size: int) -> int:

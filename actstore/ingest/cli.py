@@ -90,6 +90,12 @@ def add_capture_arguments(p: argparse._ArgumentGroup) -> None:
         "--top-logits", type=non_negative, default=0, help="also store the K largest next-token logits per row"
     )
     p.add_argument("--max-tokens", type=positive, help="cut each text to its first N tokens")
+    p.add_argument(
+        "--no-space-check",
+        dest="space_check",
+        action="store_false",
+        help="write even where the capture's estimated size exceeds the free space of the store's disk",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         store_dtype=args.store_dtype,
         top_logits=args.top_logits,
         max_tokens=args.max_tokens,
+        space_check=args.space_check,
     )
     if opts.captures:
         return _capture(opts, args.dry_run)

@@ -6,6 +6,7 @@ Everything else reads and writes runs through :class:`Store`, :class:`Run` and :
 from actstore.store.errors import (
     CorruptData,
     InvalidName,
+    NotEnoughSpace,
     RecipeMismatch,
     RunLocked,
     RunNotFound,
@@ -22,6 +23,7 @@ __all__ = [
     "DEFAULT_STORE",
     "LABELS",
     "InvalidName",
+    "NotEnoughSpace",
     "RecipeMismatch",
     "Run",
     "RunLocked",

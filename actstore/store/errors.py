@@ -28,6 +28,10 @@ class StoreNotWritable(StoreError):
     """The store root cannot be created or written."""
 
 
+class NotEnoughSpace(StoreError):
+    """What a job is about to write would not fit on the store's disk: refused before anything is written."""
+
+
 class CorruptData(StoreError):
     """Stored bytes fail verification (checksum, size or decoding): the message names the run, layer and
     sample range, so an operator knows what to restore or re-ingest."""

@@ -71,6 +71,13 @@ class Folder(Location):
         probe.write_bytes(b"")
         probe.unlink()
 
+    def free_bytes(self) -> int:
+        """Free space on the disk holding the root (or, before the root exists, its nearest existing parent)."""
+        path = self.path.absolute()
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return shutil.disk_usage(path).free
+
     def lock(self, key: str, what: str, create: bool = False) -> FolderLock:
         return FolderLock(self.path / key, what, create=create)
 

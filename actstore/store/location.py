@@ -121,6 +121,10 @@ class Location(ABC):
     def discard_partial_writes(self, key: str) -> None:
         """Remove what an interrupted write left below ``key`` (none: object writes are atomic)."""
 
+    def free_bytes(self) -> int | None:
+        """Bytes that can still be written at the root, or None where there is no such limit to read (a bucket)."""
+        return None
+
     def open_xarray(self, group: str) -> xr.Dataset:
         """The group as xarray opens it from this location (lazily), with the group's consolidated metadata:
         opened as the root of its own store, since xarray looks for consolidated metadata at the root (which

@@ -12,7 +12,15 @@ from typing import Any
 import zarr
 
 from actstore.store.attributes import read_attr, write_attrs
-from actstore.store.errors import DamagedRun, RefusedEntry, RunLocked, RunNotFound, StoreError, StoreNotWritable
+from actstore.store.errors import (
+    DamagedRun,
+    NotEnoughSpace,
+    RefusedEntry,
+    RunLocked,
+    RunNotFound,
+    StoreError,
+    StoreNotWritable,
+)
 from actstore.store.folder import Folder
 from actstore.store.location import Location, join
 from actstore.store.names import validate_name
@@ -247,6 +255,18 @@ class Store:
         shown = (run.access, run.shape, run.complete, run.accuracy)
         log.debug("opened run %s: access, shape, complete, accuracy %s", run.key, shown)
 
+    def check_room(self, nbytes: int, what: str, remedy: str, replacing: tuple[str, str] | None = None) -> None:
+        """Refuse (NotEnoughSpace) ``what``, about to write about ``nbytes``, where the store's disk has less free
+        (counting the files of the run ``replacing``, (model, method), as free): a job that would fill a disk
+        is stopped before it starts, not hours in. A bucket has no such check."""
+        free = self.location.free_bytes()
+        if free is not None and replacing is not None and self.location.exists(join(*replacing)):
+            free += self.location.size(join(*replacing))
+        if free is not None and nbytes > free:
+            raise NotEnoughSpace(
+                f"{what} would write about {_size(nbytes)} and the disk of {self.url} has {_size(free)} free: {remedy}"
+            )
+
     def ensure_writable(self) -> None:
         """Create the store if needed; raise StoreNotWritable early, before any expensive work."""
         try:
@@ -276,3 +296,7 @@ def _access(group: zarr.Group | None) -> dict[str, Any] | None:
         return None if group is None else {**DEFAULT_ACCESS, **read_attr(group, "access", {})}
     except _DAMAGE:
         return None
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.3g} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.3g} MB"
