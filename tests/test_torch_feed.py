@@ -280,7 +280,7 @@ def test_a_killed_worker_ends_the_iteration_with_an_error_not_a_hang(store):
 def test_bad_arguments_are_refused_in_one_line(store):
     with pytest.raises(IndexError, match=r"layers \[5\] outside 0..1"):
         activations(store, MODEL, METHOD, SITE, 5)
-    with pytest.raises(KeyError, match="no site 'nope'"):
+    with pytest.raises(KeyError, match="^run .* has no site 'nope'; its sites: "):  # unquoted, unlike KeyError's
         activations(store, MODEL, METHOD, "nope", 0)
     with pytest.raises(KeyError, match="no label 'colour'"):
         activations(store, MODEL, METHOD, SITE, 0, labels=["colour"])

@@ -10,6 +10,7 @@ from actstore.store.errors import (
     RecipeMismatch,
     RunLocked,
     RunNotFound,
+    SiteNotFound,
     StoreError,
     StoreNotWritable,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "Run",
     "RunLocked",
     "RunNotFound",
+    "SiteNotFound",
     "RunWriter",
     "Store",
     "StoreError",

@@ -16,6 +16,16 @@ class RunNotFound(StoreError, KeyError):
         return str(self.args[0])
 
 
+class SiteNotFound(StoreError, KeyError):
+    """The run holds no states of the requested site; the message lists the sites it holds."""
+
+    def __init__(self, run: str, site: str | None, sites: list[str]) -> None:
+        super().__init__(f"run {run} has no site {site!r}; its sites: {', '.join(sites)}")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
 class RunLocked(StoreError):
     """Another process holds the run for writing."""
 

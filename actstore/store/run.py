@@ -39,7 +39,7 @@ from zarr.errors import ContainsGroupError
 
 from actstore.store.attributes import as_stored, encode, read_attr, read_attrs
 from actstore.store.capture import CaptureLayout
-from actstore.store.errors import RecipeMismatch, StoreError
+from actstore.store.errors import RecipeMismatch, SiteNotFound, StoreError
 from actstore.store.location import Location, join
 from actstore.store.names import validate_name
 from actstore.store.reader import StateReader
@@ -177,7 +177,7 @@ class Run:
         if site is None:
             return self.state_arrays[0]
         if site not in self.sites:
-            raise KeyError(f"run {self.key} has no site {site!r}; its sites: {', '.join(self.sites)}")
+            raise SiteNotFound(self.key, site, list(self.sites))
         return self.sites[site]
 
     def _committed(self, name: str) -> zarr.Array:

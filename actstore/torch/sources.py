@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from actstore.client import Client
-from actstore.store import Store, StoreError
+from actstore.store import SiteNotFound, Store, StoreError
 from actstore.store.layout import StateLayout
 
 CORE = ("sample", "position")  # every item has them: the row's text (question) and token position
@@ -165,7 +165,7 @@ class RemoteSource:
         sites = {site["name"]: site for site in info["sites"] or []}
         spec.site = spec.site or next(iter(sites), None)
         if self.capture and spec.site not in sites:
-            raise KeyError(f"run {spec.model}/{spec.method} has no site {spec.site!r}; its sites: {', '.join(sites)}")
+            raise SiteNotFound(f"{spec.model}/{spec.method}", spec.site, list(sites))
         self.spec = spec
         labels = client.labels(spec.model, spec.method)
         coords = {name: labels[name].values for name in labels.coords}
