@@ -21,9 +21,13 @@ class SiteNotFound(StoreError, KeyError):
 
     def __init__(self, run: str, site: str | None, sites: list[str]) -> None:
         super().__init__(f"run {run} has no site {site!r}; its sites: {', '.join(sites)}")
+        self.run, self.site, self.sites = run, site, sites
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+    def __reduce__(self) -> tuple:  # pickled whole: Dask workers send errors back to the client
+        return type(self), (self.run, self.site, self.sites)
 
 
 class RunLocked(StoreError):
