@@ -273,7 +273,8 @@ def test_a_capture_larger_than_its_disks_free_space_is_refused_before_anything_i
     estimated = float(capsys.readouterr().out.strip().splitlines()[-1].split()[-1].removesuffix("MB")) * 1e6
     mount = tmp_path / "small-disk"
     mount.mkdir()
-    prefix = testing.small_disk(mount, f"{int(estimated / 4) // 4096 * 4}k")  # a quarter of the estimate
+    kib = max(4, int(estimated / 4) // 4096 * 4)  # a quarter of the estimate, in pages (tmpfs size=0: no limit)
+    prefix = testing.small_disk(mount, f"{kib}k")
     if prefix is None:
         pytest.skip("no small filesystem: neither a user+mount namespace (unshare) nor root to mount a tmpfs")
     argv = capture_args(mount / "store", tiny_model, texts_file, *sites)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from actstore.store import Run, echo
+from actstore.store import Run, SiteNotFound
 
 BLOCK_BYTES = 64 * 1024 * 1024  # states read and written at once: a Parquet row group, an Arrow record batch
 MULTI_COLUMNS = ("top_ids", "top_logits", "letter_logits")  # a capture run's coordinates of several values a row
@@ -111,7 +111,7 @@ def select(
     committed row. Raises ExchangeError naming what the run holds."""
     site = run.default_site if site is None else site
     if site not in run.sites:
-        raise ExchangeError(f"run {run.key} has no site {echo(site)}; its sites: {', '.join(run.sites)}")
+        raise ExchangeError(str(SiteNotFound(run.key, site, list(run.sites))))
     n_layers = run.states(site).shape[0]
     if isinstance(layers, slice):
         layers = list(range(layers.start, layers.stop))

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from actstore.server.selection import BadRequest, NotFound, first_repeat
-from actstore.store import Run, echo
+from actstore.store import Run, SiteNotFound, echo
 from actstore.store.capture import ROW_COORDS
 from actstore.v1 import actstore_pb2 as pb
 from actstore.wire.columns import encode_column
@@ -31,7 +31,7 @@ def site_of(run: Run, name: str) -> str:
     if not name:
         return run.default_site
     if name not in run.sites:
-        raise BadRequest(f"run {run.key} has no site {echo(name)}; its sites: {', '.join(run.sites)}")
+        raise BadRequest(str(SiteNotFound(run.key, name, list(run.sites))))
     return name
 
 

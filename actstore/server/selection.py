@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from actstore.store import Run, echo
+from actstore.store import Run, SiteNotFound, echo
 from actstore.v1 import actstore_pb2 as pb
 
 LABEL_NAMES = ("subject", "answer", "prediction", "correct")
@@ -84,7 +84,7 @@ def question_run(selection: pb.SampleSelection, site: str, run: Run) -> None:
             "per question (select samples by id, position range or label)"
         )
     if site and site not in run.sites:
-        raise BadRequest(f"run {run.key} has no site {echo(site)}; its sites: {', '.join(run.sites)}")
+        raise BadRequest(str(SiteNotFound(run.key, site, list(run.sites))))
 
 
 def positions(

@@ -13,8 +13,9 @@ from actstore.store.errors import (
     SiteNotFound,
     StoreError,
     StoreNotWritable,
+    echo,
 )
-from actstore.store.names import echo, safe_name, validate_name
+from actstore.store.names import safe_name, validate_name
 from actstore.store.run import LABELS, VISIBILITIES, Run
 from actstore.store.store import DEFAULT_STORE, Store
 from actstore.store.writer import RunWriter

@@ -1,5 +1,14 @@
 """Errors the store raises; each names what went wrong and what to do about it."""
 
+ECHO_CHARS = 64
+
+
+def echo(value: object, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message that quotes what a caller sent must not
+    grow with it (a 20,000-character name would otherwise come back whole, past gRPC's metadata limits)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value))} characters)"
+
 
 class StoreError(Exception):
     """Base class for every error the store raises on purpose."""
@@ -20,7 +29,7 @@ class SiteNotFound(StoreError, KeyError):
     """The run holds no states of the requested site; the message lists the sites it holds."""
 
     def __init__(self, run: str, site: str | None, sites: list[str]) -> None:
-        super().__init__(f"run {run} has no site {site!r}; its sites: {', '.join(sites)}")
+        super().__init__(f"run {run} has no site {echo(site)}; its sites: {', '.join(sites)}")
         self.run, self.site, self.sites = run, site, sites
 
     def __str__(self) -> str:  # KeyError would quote the message

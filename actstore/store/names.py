@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import re
 
-from actstore.store.errors import InvalidName
+from actstore.store.errors import InvalidName, echo
 
-ECHO_CHARS = 64
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
@@ -23,13 +22,6 @@ def validate_name(name: str, what: str = "name") -> str:
             "starting with a letter or digit, without '..' or '/'"
         )
     return name
-
-
-def echo(value: object, limit: int = ECHO_CHARS) -> str:
-    """``repr(value)`` cut to ``limit`` characters: an error message that quotes what a caller sent must not
-    grow with it (a 20,000-character name would otherwise come back whole, past gRPC's metadata limits)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value))} characters)"
 
 
 def safe_name(text: str) -> str:
