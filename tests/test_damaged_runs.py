@@ -25,7 +25,7 @@ from actstore.client import ActstoreError, Client
 from actstore.server.process import ServerProcess
 from actstore.store import Store
 from actstore.store import files as files_module
-from actstore.store.errors import DamagedRun, RefusedEntry, SiteNotFound
+from actstore.store.errors import DamagedRun, LabelNotFound, RefusedEntry, SiteNotFound
 from actstore.testing import shard_key, write_synthetic_run
 
 MODEL, HIDDEN, N_LAYERS, N_SAMPLES = "m", 32, 2, 40
@@ -257,10 +257,12 @@ def test_the_errors_travel_from_dask_workers_and_map_to_their_statuses():
     refused = RefusedEntry("m/x/hidden_states/c/0/0/0", "/data/store", "a FIFO, not a regular file")
     damaged = DamagedRun("run m/x in store /data/store is damaged: ...", access={"visibility": "private"})
     no_site = SiteNotFound("m/x", "mlp_out", ["resid_pre"])
+    no_label = LabelNotFound("m/x", "colour", ["topic"])
     for error, code in (
         (refused, grpc.StatusCode.FAILED_PRECONDITION),
         (damaged, grpc.StatusCode.DATA_LOSS),
         (no_site, grpc.StatusCode.NOT_FOUND),
+        (no_label, grpc.StatusCode.NOT_FOUND),
     ):
         copy = pickle.loads(pickle.dumps(error))
         assert type(copy) is type(error) and str(copy) == str(error) and status_of(copy) == code

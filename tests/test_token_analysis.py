@@ -9,7 +9,7 @@ import pytest
 from actstore import testing
 from actstore.analysis.tokens import Reduction, analyse_tokens, reduce_layer
 from actstore.cli import main
-from actstore.store import Store
+from actstore.store import LabelNotFound, Store
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +53,17 @@ def test_a_token_cloud_is_analysed_with_a_label_and_cached(token_run):
 
 
 @pytest.mark.parametrize(
-    ("reduction", "label", "words"),
-    [("sample:100000", None, "more tokens"), ("last", "nope", "no label 'nope'"), ("position:-500", None, "beyond")],
+    ("reduction", "error", "words"),
+    [("sample:100000", ValueError, "more tokens"), ("position:-500", ValueError, "beyond")],
 )
-def test_bad_reductions_are_refused_in_one_line(token_run, reduction, label, words):
-    with pytest.raises(ValueError, match=words):
-        analyse_tokens(token_run, 1, Reduction.parse(reduction), label=label)
+def test_bad_reductions_are_refused_in_one_line(token_run, reduction, error, words):
+    with pytest.raises(error, match=words):
+        analyse_tokens(token_run, 1, Reduction.parse(reduction))
+
+
+def test_a_label_the_run_lacks_is_named_with_the_labels_it_has(token_run):
+    with pytest.raises(LabelNotFound, match="^run .* has no label 'nope'; its labels: .*topic"):
+        analyse_tokens(token_run, 1, Reduction.parse("last"), label="nope")
 
 
 def test_an_unknown_reduction_names_the_choices():

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from actstore.client import ActstoreError, Client
 from actstore.server.process import ServerProcess
-from actstore.store import CorruptData, Store
+from actstore.store import CorruptData, LabelNotFound, Store
 from actstore.store.capture import CaptureLayout
 from actstore.testing import read_object, shard_key, write_object, write_synthetic_capture, write_synthetic_run
 from actstore.torch import RunChanged, activations, rows
@@ -282,7 +282,7 @@ def test_bad_arguments_are_refused_in_one_line(store):
         activations(store, MODEL, METHOD, SITE, 5)
     with pytest.raises(KeyError, match="^run .* has no site 'nope'; its sites: "):  # unquoted, unlike KeyError's
         activations(store, MODEL, METHOD, "nope", 0)
-    with pytest.raises(KeyError, match="no label 'colour'"):
+    with pytest.raises(LabelNotFound, match="^run .* has no label 'colour'; its labels: .*topic"):
         activations(store, MODEL, METHOD, SITE, 0, labels=["colour"])
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         activations(store, MODEL, METHOD, SITE, 0, batch_size=0)
@@ -325,6 +325,8 @@ def test_reading_through_a_server_gives_the_local_stream(store, feed_server):
     for a, b in zip(local, remote):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with Client(feed_server.address) as client:
+        with pytest.raises(LabelNotFound, match="^run .* has no label 'colour'; its labels: .*topic"):
+            activations(client, MODEL, METHOD, SITE, 0, labels=["colour"])
         ds = activations(client, MODEL, METHOD, SITE, 0, batch_size=40, block_rows=32)
     loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn", timeout=120)
     assert sorted(seen_rows(loader)) == list(range(n_rows(store)))  # each worker opens its own connection

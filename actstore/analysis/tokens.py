@@ -29,7 +29,7 @@ from actstore.analysis.keys import cache_key
 from actstore.analysis.neighbours import knn
 from actstore.analysis.params import MIN_SAMPLES, PAPER, DensityParams, fitted
 from actstore.analysis.rows import first_unique_rows
-from actstore.store import Run
+from actstore.store import LabelNotFound, Run
 
 READ_ROWS = 1 << 16  # rows read at once when a reduction goes over every row of a layer
 _REDUCTION = re.compile(r"last|mean|position:(-?\d+)|sample:(\d+)(?::(\d+))?")
@@ -149,7 +149,7 @@ def analyse_tokens(
     site = site or run.default_site
     labels = run.labels()
     if label is not None and label not in labels:
-        raise ValueError(f"run {run.key} has no label {label!r}; its labels: {', '.join(labels)}")
+        raise LabelNotFound(run.key, label, list(labels))
     key = cache_key("tokens", run.content_key(), site, layer, str(reduction), dataclasses.asdict(params), label)
     cached = run.load_derived("tokens", key)
     if cached is not None:

@@ -22,7 +22,7 @@ from actstore.server.job import Job
 from actstore.server.job_requests import fewest_samples, params_from
 from actstore.server.jobs import JobManager
 from actstore.server.rpc import Servicer, rpc
-from actstore.store import Run, SiteNotFound
+from actstore.store import LabelNotFound, Run, SiteNotFound
 from actstore.v1 import actstore_pb2 as pb
 from actstore.v1 import actstore_pb2_grpc as pb_grpc
 
@@ -139,9 +139,7 @@ def _mask(request: pb.StartAnalysisRequest, runs: list[Run], pairs: list[tuple[R
         if request.site and request.site not in run.sites:
             raise selection.BadRequest(str(SiteNotFound(run.key, request.site, list(run.sites))))
         if request.label and request.label not in run.labels():
-            raise selection.BadRequest(
-                f"run {run.key} has no label {request.label!r}; its labels: {', '.join(run.labels())}"
-            )
+            raise selection.BadRequest(str(LabelNotFound(run.key, request.label, list(run.labels()))))
     mask = Mask(site=request.site or None, reduction=request.reduction or "last", label=request.label or None)
     for run in captures:
         try:

@@ -6,6 +6,7 @@ Everything else reads and writes runs through :class:`Store`, :class:`Run` and :
 from actstore.store.errors import (
     CorruptData,
     InvalidName,
+    LabelNotFound,
     NotEnoughSpace,
     RecipeMismatch,
     RunLocked,
@@ -25,6 +26,7 @@ __all__ = [
     "DEFAULT_STORE",
     "LABELS",
     "InvalidName",
+    "LabelNotFound",
     "NotEnoughSpace",
     "RecipeMismatch",
     "Run",

@@ -25,18 +25,33 @@ class RunNotFound(StoreError, KeyError):
         return str(self.args[0])
 
 
-class SiteNotFound(StoreError, KeyError):
-    """The run holds no states of the requested site; the message lists the sites it holds."""
+class NameNotHeld(StoreError, KeyError):
+    """A name of something a run holds (a site, a label) that it does not hold; the message lists those it
+    does, so one reading fixes every mistaken name."""
 
-    def __init__(self, run: str, site: str | None, sites: list[str]) -> None:
-        super().__init__(f"run {run} has no site {echo(site)}; its sites: {', '.join(sites)}")
-        self.run, self.site, self.sites = run, site, sites
+    kind = "name"
+
+    def __init__(self, run: str, name: str | None, held: list[str]) -> None:
+        super().__init__(f"run {run} has no {self.kind} {echo(name)}; its {self.kind}s: {', '.join(held) or 'none'}")
+        self.run, self.name, self.held = run, name, held
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
 
     def __reduce__(self) -> tuple:  # pickled whole: Dask workers send errors back to the client
-        return type(self), (self.run, self.site, self.sites)
+        return type(self), (self.run, self.name, self.held)
+
+
+class SiteNotFound(NameNotHeld):
+    """The run holds no states of the requested site."""
+
+    kind = "site"
+
+
+class LabelNotFound(NameNotHeld):
+    """The run has no label (coordinate) of the requested name."""
+
+    kind = "label"
 
 
 class RunLocked(StoreError):

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from actstore.client import Client
-from actstore.store import SiteNotFound, Store, StoreError
+from actstore.store import LabelNotFound, SiteNotFound, Store, StoreError
 from actstore.store.layout import StateLayout
 
 CORE = ("sample", "position")  # every item has them: the row's text (question) and token position
@@ -141,10 +141,7 @@ class LocalSource:
         labels = run.labels()
         missing = [name for name in spec.labels if name not in labels]
         if missing:
-            raise KeyError(
-                f"run {run.key} has no label {', '.join(map(repr, missing))}; its labels: "
-                f"{', '.join(name for name in labels if name not in CORE)}"
-            )
+            raise LabelNotFound(run.key, missing[0], [name for name in labels if name not in CORE])
 
 
 def _identity(run: Any) -> str:
@@ -171,7 +168,8 @@ class RemoteSource:
         coords = {name: labels[name].values for name in labels.coords}
         missing = [name for name in spec.labels if name not in coords]
         if missing:
-            raise KeyError(f"run {spec.model}/{spec.method} has no label {', '.join(map(repr, missing))}")
+            held = [name for name in coords if name not in CORE]
+            raise LabelNotFound(f"{spec.model}/{spec.method}", missing[0], held)
         hidden = int(sites[spec.site]["width"]) if self.capture else int(info["hidden"])
         attrs = info["attributes"]
         self.pinned = Pinned(
