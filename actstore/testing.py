@@ -118,6 +118,31 @@ def small_disk(mount: Path, size: str) -> list[str] | None:
     return None
 
 
+_REFUSE_THEN_FORCE = """
+import json, os, subprocess, sys
+argv, mount = json.loads(sys.argv[1]), sys.argv[2]
+out = []
+for extra in ([], ["--no-space-check"]):
+    done = subprocess.run([sys.executable, "-m", "actstore", *argv, *extra], capture_output=True, text=True)
+    out.append({"rc": done.returncode, "err": done.stderr, "files": sorted(os.listdir(mount))})
+print(json.dumps(out))
+"""
+
+
+def refused_then_forced(prefix: list[str], mount: Path, argv: list[str]) -> tuple[dict, dict]:
+    """``actstore argv`` run twice under ``prefix`` (a small_disk mounted at ``mount``): as given, then with
+    --no-space-check; each as {"rc", "err", "files": what mount then holds}."""
+    done = subprocess.run(
+        [*prefix, sys.executable, "-c", _REFUSE_THEN_FORCE, json.dumps(argv), str(mount)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    refused, forced = json.loads(done.stdout)
+    return refused, forced
+
+
 def make_questions(seed: int = 0) -> list[dict]:
     """MMLU-jsonl rows (answer_a..d, correct_answer, topic) of varied length, plus one header row."""
     rng = random.Random(seed)

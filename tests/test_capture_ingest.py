@@ -254,17 +254,6 @@ def test_a_resumed_capture_appends_only_the_missing_texts(tiny_model, texts_file
     assert sorted(a.committed_samples()) == sorted(b.committed_samples())
 
 
-REFUSE_THEN_FORCE = """
-import json, os, subprocess, sys
-argv, mount = json.loads(sys.argv[1]), sys.argv[2]
-out = []
-for extra in ([], ["--no-space-check"]):
-    done = subprocess.run([sys.executable, "-m", "actstore", *argv, *extra], capture_output=True, text=True)
-    out.append({"rc": done.returncode, "err": done.stderr, "files": sorted(os.listdir(mount))})
-print(json.dumps(out))
-"""
-
-
 def test_a_capture_larger_than_its_disks_free_space_is_refused_before_anything_is_written(
     tiny_model, texts_file, tmp_path, capsys
 ):
@@ -277,15 +266,9 @@ def test_a_capture_larger_than_its_disks_free_space_is_refused_before_anything_i
     prefix = testing.small_disk(mount, f"{kib}k")
     if prefix is None:
         pytest.skip("no small filesystem: neither a user+mount namespace (unshare) nor root to mount a tmpfs")
-    argv = capture_args(mount / "store", tiny_model, texts_file, *sites)
-    done = subprocess.run(
-        [*prefix, sys.executable, "-c", REFUSE_THEN_FORCE, json.dumps(argv), str(mount)],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    refused, forced = testing.refused_then_forced(
+        prefix, mount, capture_args(mount / "store", tiny_model, texts_file, *sites)
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    refused, forced = json.loads(done.stdout)
     last = refused["err"].strip().splitlines()[-1]
     assert refused["rc"] == 1 and "Traceback" not in refused["err"], refused["err"][-2000:]
     assert last.startswith("actstore: error: tiny-llama/0shot's capture would write about") and "B free" in last

@@ -200,6 +200,29 @@ def fill_disk_during_ingest(mount: str, argv_json: str, out: str) -> None:
     shutil.copytree(store, Path(out, "store"), symlinks=True)
 
 
+def test_an_ingest_larger_than_its_disks_free_space_is_refused_before_anything_is_written(
+    wide_model, big_data, reference, tmp_path
+):
+    """Two runs of ~5 MB of states each on a 1 MB disk: the first run's check counts the second's too."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    prefix = testing.small_disk(mount, "1m")
+    if prefix is None:
+        pytest.skip("no small filesystem: neither a user+mount namespace (unshare) nor root to mount a tmpfs")
+    argv = testing.ingest_args(mount / "store", wide_model, big_data, "--methods", "0shot,1shot")
+    refused, forced = testing.refused_then_forced(prefix, mount, argv)
+    last = refused["err"].strip().splitlines()[-1]
+    assert refused["rc"] == 1 and "Traceback" not in refused["err"], refused["err"][-2000:]
+    estimated = float(re.search(r"would write about ([\d.]+) MB", last)[1]) * 1e6
+    raw = 2 * reference.hidden_states.nbytes  # float32 values of a model computing in float32 barely compress
+    assert last.startswith("actstore: error: tiny-llama/0shot and the 1 run after it would write")
+    assert 0.8 * raw < estimated < 1.1 * raw, (estimated, raw)
+    assert "--limit" in last and "--no-space-check" in last
+    assert refused["files"] == []  # refused before the store was made
+    forced_last = forced["err"].strip().splitlines()[-1]
+    assert forced["rc"] == 1 and "No space left" in forced_last, forced["err"][-2000:]  # the check was the refusal
+
+
 def test_a_full_disk_is_a_one_line_error_keeps_commits_and_resumes(wide_model, big_data, reference, tmp_path):
     mount, out = tmp_path / "small-disk", tmp_path / "out"
     mount.mkdir()

@@ -228,7 +228,7 @@ class CaptureIngest:
         layout = self.layout(job, sites, probe)
         if opts.space_check:
             nbytes = int(_row_bytes(probe, self.store_dtype, job) * _n_rows(self.positions, lengths))
-            replacing = (self.name, job.method) if opts.overwrite else None
+            replacing = [(self.name, job.method)] if opts.overwrite else []
             self.store.check_room(nbytes, f"{key}'s capture", NO_ROOM, replacing)
         with self.store.begin_run(
             self.name, job.method, recipe=job.recipe, overwrite=opts.overwrite, commit_seconds=opts.commit_seconds

@@ -52,6 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--share-with", type=csv_list, default=[], help="comma list of groups for --visibility shared")
     p.add_argument("--dry-run", action="store_true", help="print questions, tokens, time and size; write nothing")
+    p.add_argument(
+        "--no-space-check",
+        dest="space_check",
+        action="store_false",
+        help="write even where the runs' estimated size exceeds the free space of the store's disk",
+    )
     add_capture_arguments(p.add_argument_group("capture (any text dataset, sites and token positions)"))
     p.set_defaults(func=run)
 
@@ -90,12 +96,6 @@ def add_capture_arguments(p: argparse._ArgumentGroup) -> None:
         "--top-logits", type=non_negative, default=0, help="also store the K largest next-token logits per row"
     )
     p.add_argument("--max-tokens", type=positive, help="cut each text to its first N tokens")
-    p.add_argument(
-        "--no-space-check",
-        dest="space_check",
-        action="store_false",
-        help="write even where the capture's estimated size exceeds the free space of the store's disk",
-    )
 
 
 def run(args: argparse.Namespace) -> int:

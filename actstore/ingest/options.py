@@ -50,7 +50,7 @@ class IngestOptions:
     store_dtype: str = "auto"
     top_logits: int = 0
     max_tokens: int | None = None
-    space_check: bool = True  # refuse a capture estimated larger than the free space of its store's disk
+    space_check: bool = True  # refuse runs estimated larger than the free space of their store's disk
 
     @property
     def captures(self) -> bool:

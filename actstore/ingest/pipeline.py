@@ -6,7 +6,7 @@ import importlib.metadata
 import logging
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +29,10 @@ from actstore.store.layout import compressed_nbytes
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8
+NO_ROOM = (
+    "ingest fewer questions (--limit, --per-subject, --subjects) or methods, use another --store, or write anyway "
+    "with --no-space-check (a full disk then stops the ingest, every committed question kept)"
+)
 _VERSIONED = ("actstore", "torch", "transformers", "tokenizers", "zarr", "numcodecs", "numpy", "gguf", "peft")
 
 
@@ -202,10 +206,12 @@ class Ingest:
             self._loaded[source] = load_model(source, self.device, self.dtype)
         return self._loaded[source]
 
-    def run(self, plan: Plan) -> RunReport:
+    def run(self, plan: Plan, later: Sequence[Plan] = ()) -> RunReport:
         """Run the model over the plan's pending questions, committing as it goes; resumable at any kill.
 
-        The run's lock is taken first, so a second writer of the run is refused before the model loads.
+        The run's lock is taken first, so a second writer of the run is refused before the model loads. Then
+        runs that would not fit the store's disk, this one and the ``later`` ones this ingest writes after it,
+        are refused before anything is written.
         """
         method = plan.method
         with self.store.begin_run(
@@ -220,6 +226,10 @@ class Ingest:
             started = time.perf_counter()
             extractor = StateExtractor(loaded, self.opts.site)
             pending = _missing(self.selection.queries, writer.committed_ids())  # again, under the lock
+            shots = {s: self.selection.shots(s, method.k) for s in self.selection.shot_pool}
+            if self.opts.space_check and pending:
+                first = build_prompt(pending[0], shots[pending[0].subject], self.opts.shot_seed)
+                self._check_room(extractor, first, [plan, *later])
             batch_size = self.opts.batch_size or writer.stored_attrs.get("batch_size") or DEFAULT_BATCH_SIZE
             writer.start(
                 provenance=self._provenance(loaded, method, extractor),
@@ -229,7 +239,6 @@ class Ingest:
                 planned=writer.n_committed + len(pending),
                 history=self._history_entry(len(pending), batch_size),
             )
-            shots = {s: self.selection.shots(s, method.k) for s in self.selection.shot_pool}
             with tqdm(total=len(pending), unit="q", desc=f"{self.name}/{method.name}", mininterval=1.0) as bar:
                 for batch in _batches(pending, batch_size):
                     prompts = [build_prompt(q, shots[q.subject], self.opts.shot_seed) for q in batch]
@@ -246,6 +255,20 @@ class Ingest:
             run.size_bytes(),
             time.perf_counter() - started,
             started - load_started,
+        )
+
+    def _check_room(self, extractor: StateExtractor, prompt: str, plans: Sequence[Plan]) -> None:
+        """Refuse ``plans`` (NotEnoughSpace) where their questions' states, compressed as one probe's, exceed the
+        free space of the store's disk (the runs they replace counted as free)."""
+        states, _ = extractor([prompt])
+        n_questions = sum(len(plan.pending) for plan in plans)
+        methods = [plan.method.name for plan in plans]
+        after = f" and the {len(plans) - 1} run{'s' * (len(plans) > 2)} after it" if len(plans) > 1 else ""
+        self.store.check_room(
+            compressed_nbytes(states) * n_questions,
+            f"{self.name}/{methods[0]}{after}",
+            NO_ROOM,
+            [(self.name, method) for method in methods] if self.opts.overwrite else [],
         )
 
     def _provenance(self, loaded: LoadedModel, method: Method, extractor: StateExtractor) -> dict:
@@ -409,11 +432,12 @@ def ingest_all(opts: IngestOptions, say: Callable[[str], None] = log.info) -> st
     model's name in the store."""
     ingest = Ingest(opts)
     with ingest.store.writing():  # a store this ingest creates is removed again if it fails before committing
-        for plan in ingest.plans():
+        plans = list(ingest.plans())
+        for i, plan in enumerate(plans):
             if not plan.pending:
                 say(f"{ingest.name}/{plan.method.name}: up to date, nothing to do")
                 continue
-            r = ingest.run(plan)
+            r = ingest.run(plan, later=[later for later in plans[i + 1 :] if later.pending])
             accuracy = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
             say(
                 f"{r.model}/{r.method}: +{r.added} questions ({r.samples} stored), accuracy {accuracy}, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -255,13 +255,13 @@ class Store:
         shown = (run.access, run.shape, run.complete, run.accuracy)
         log.debug("opened run %s: access, shape, complete, accuracy %s", run.key, shown)
 
-    def check_room(self, nbytes: int, what: str, remedy: str, replacing: tuple[str, str] | None = None) -> None:
+    def check_room(self, nbytes: int, what: str, remedy: str, replacing: Sequence[tuple[str, str]] = ()) -> None:
         """Refuse (NotEnoughSpace) ``what``, about to write about ``nbytes``, where the store's disk has less free
-        (counting the files of the run ``replacing``, (model, method), as free): a job that would fill a disk
-        is stopped before it starts, not hours in. A bucket has no such check."""
+        (counting the files of the runs ``replacing``, (model, method) each, as free): a job that would fill a
+        disk is stopped before it starts, not hours in. A bucket has no such check."""
         free = self.location.free_bytes()
-        if free is not None and replacing is not None and self.location.exists(join(*replacing)):
-            free += self.location.size(join(*replacing))
+        if free is not None:
+            free += sum(self.location.size(join(*run)) for run in replacing if self.location.exists(join(*run)))
         if free is not None and nbytes > free:
             raise NotEnoughSpace(
                 f"{what} would write about {_size(nbytes)} and the disk of {self.url} has {_size(free)} free: {remedy}"
