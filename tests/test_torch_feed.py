@@ -100,6 +100,16 @@ def test_every_row_once_per_epoch_across_two_workers_and_two_ranks(store, batch_
     assert found != sorted(found), "shuffled, yet read in order"
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_batches_kept_past_their_window_keep_their_rows(store, shuffle):
+    """Windows' memory is reused within an epoch; a sequential pass yields views of a window, so a batch a
+    trainer keeps must keep its window's memory from being filled again."""
+    ds = activations(store, MODEL, METHOD, SITE, 1, shuffle=shuffle, batch_size=30, buffer_size=64, block_rows=32)
+    kept = list(DataLoader(ds, batch_size=None))  # every batch of the epoch, held to its end (~20 windows)
+    found = seen_rows(kept)  # each batch's states still carry its own rows' sample and position
+    assert sorted(found) == list(range(n_rows(store))) and (found == sorted(found)) != shuffle
+
+
 def test_the_states_are_the_stored_ones_with_their_coordinates_and_labels(store):
     run = Store(store).run(MODEL, METHOD)
     ds = activations(store, MODEL, METHOD, None, [0, 1], labels=["topic"], batch_size=37, buffer_size=64, block_rows=32)
