@@ -44,8 +44,8 @@ class _WindowMemory:
         self._buffers: list[tuple[torch.Tensor, weakref.ref[np.ndarray]]] = []
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """An uninitialised array, in a buffer no live window uses where one is large enough; buffers that are
-        free and too small are dropped."""
+        """An uninitialised array, in a buffer no live window uses where one is large enough; the other free
+        buffers are dropped, so memory holds no more than the windows alive and this one."""
         count = math.prod(shape)
         nbytes = count * dtype.itemsize
         busy = [(buffer, window) for buffer, window in self._buffers if window() is not None]
