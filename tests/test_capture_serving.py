@@ -189,6 +189,28 @@ def test_large_reads_stream_as_stored_chunks_or_gathered_and_every_label_dtype_f
         assert code == S.FAILED_PRECONDITION and "float16 would change values" in message  # never rounded silently
 
 
+def test_an_answer_is_decoded_into_the_callers_array_when_it_fits(capture_served):
+    """``out`` receives the answer, blocks and raw ends alike, and the DataArray wraps it; an array of another
+    shape, dtype or layout is refused in one line, and the connection serves the next call."""
+    server, store = capture_served
+    run = store.run(*SYNTHETIC_F16)
+    rows = slice(7, run.n_samples - 5)  # stored chunks and partial ones at both ends
+    taken = np.arange(run.n_samples)[rows]
+    with client(server) as c:
+        out = np.full((2, rows.stop - rows.start, 96), np.nan, dtype=np.float16)
+        got = c.hidden_states(*SYNTHETIC_F16, site="wide", tokens=rows, out=out)
+        assert np.shares_memory(got.values, out)
+        assert_equals_store(got, run, "wide", [0, 1], taken)
+        for wrong, words in (
+            (np.empty((2, 10, 96), np.float16), r"out is float16 \(2, 10, 96\); the answer is float16 \(2, \d+, 96\)"),
+            (np.empty(out.shape, np.float32), "out is float32"),
+            (np.empty(out.shape[::-1], np.float16).T, "not C-contiguous"),
+        ):
+            with pytest.raises(ValueError, match=words):
+                c.hidden_states(*SYNTHETIC_F16, site="wide", tokens=rows, out=wrong)
+        assert_equals_store(c.hidden_states(*SYNTHETIC_F16, site="wide", tokens=rows), run, "wide", [0, 1], taken)
+
+
 def test_float16_states_stream_as_stored_chunks_to_a_client_that_decodes_them(capture_served):
     """A float16 run read as stored travels as its Blosc chunks, decoded by the client bit for bit; a client
     that decodes only float32 blocks (accept_blosc alone, as before float16 blocks) gets raw bytes."""

@@ -261,8 +261,8 @@ def test_the_errors_travel_from_dask_workers_and_map_to_their_statuses():
     for error, code in (
         (refused, grpc.StatusCode.FAILED_PRECONDITION),
         (damaged, grpc.StatusCode.DATA_LOSS),
-        (no_site, grpc.StatusCode.NOT_FOUND),
-        (no_label, grpc.StatusCode.NOT_FOUND),
+        (no_site, grpc.StatusCode.INVALID_ARGUMENT),  # as when the service's own checks find them
+        (no_label, grpc.StatusCode.INVALID_ARGUMENT),
     ):
         copy = pickle.loads(pickle.dumps(error))
         assert type(copy) is type(error) and str(copy) == str(error) and status_of(copy) == code

@@ -114,6 +114,7 @@ class Client(Connection):
         positions: Positions = None,
         tokens: slice | range | None = None,
         rows: Sequence[int] | None = None,
+        out: np.ndarray | None = None,
         **filters: Labels,
     ) -> xr.DataArray:
         """States as a DataArray (layer, sample, hidden) with the sample labels as coordinates.
@@ -128,6 +129,10 @@ class Client(Connection):
         row of each); ``positions``: token positions in each text, negative from its end; ``tokens``: a slice of
         the run's rows; ``rows``: rows by index, in the order given; ``filters``: any label column, values
         compared as text (``topic="news"``, ``n=[1, 2]``).
+
+        ``out``: a C-contiguous array of the answer's shape and dtype to decode into, which the DataArray then
+        wraps (ValueError if it does not fit; on any error its contents are undefined). Reading many pieces
+        into one buffer so skips allocating each answer, whose pages the kernel would zero first.
         """
         request = pb.ReadStatesRequest(
             run=run_ref(model, method),
@@ -144,7 +149,7 @@ class Client(Connection):
         if hidden is not None:
             request.hidden_range.CopyFrom(range_of(hidden))
         header, data = self.retry(
-            lambda: receive_states(self.stream(self.data_stub.ReadStates, request, self.stream_timeout))
+            lambda: receive_states(self.stream(self.data_stub.ReadStates, request, self.stream_timeout), out)
         )
         attrs = {"model": model, "method": method, "run_complete": header.run_complete}
         width = {header.dims[2]: np.arange(header.hidden_start, header.hidden_start + data.shape[2])}

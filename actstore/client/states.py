@@ -21,8 +21,11 @@ _DECODE = ForkSafePool(max_workers=4, thread_name_prefix="actstore-decode")
 MAX_PENDING = 8  # blocks decoding or waiting at once: what a stream holds beyond its answer (~0.5 MiB each)
 
 
-def receive_states(stream: Iterator[pb.ReadStatesResponse]) -> tuple[pb.StatesHeader, np.ndarray]:
-    """The header and the array of a ReadStates stream (a gRPC call: cancelled when left early)."""
+def receive_states(
+    stream: Iterator[pb.ReadStatesResponse], out: np.ndarray | None = None
+) -> tuple[pb.StatesHeader, np.ndarray]:
+    """The header and the array of a ReadStates stream (a gRPC call: cancelled when left early), written into
+    ``out`` when given (see ``Client.hidden_states``)."""
     pending: collections.deque[Future[int]] = collections.deque()
     try:
         header = None
@@ -30,7 +33,7 @@ def receive_states(stream: Iterator[pb.ReadStatesResponse]) -> tuple[pb.StatesHe
         for message in stream:
             if header is None:
                 header = message.header
-                data = np.empty(tuple(header.shape), dtype=DTYPE_NAMES[header.dtype])
+                data = _answer_array(header, out)
                 flat = data.reshape(-1).view(np.uint8)
             chunk = message.chunk
             flat[chunk.offset : chunk.offset + len(chunk.data)] = np.frombuffer(chunk.data, dtype=np.uint8)
@@ -52,3 +55,14 @@ def receive_states(stream: Iterator[pb.ReadStatesResponse]) -> tuple[pb.StatesHe
     if received != flat.size:
         raise ActstoreError(grpc.StatusCode.DATA_LOSS, f"received {received} of {flat.size} bytes")
     return header, data
+
+
+def _answer_array(header: pb.StatesHeader, out: np.ndarray | None) -> np.ndarray:
+    """Where the answer goes: ``out``, checked against the header, or a new array."""
+    shape, dtype = tuple(header.shape), np.dtype(DTYPE_NAMES[header.dtype])
+    if out is None:
+        return np.empty(shape, dtype)
+    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+        layout = "" if out.flags.c_contiguous else ", not C-contiguous"
+        raise ValueError(f"out is {out.dtype} {out.shape}{layout}; the answer is {dtype} {shape}, C-contiguous")
+    return out

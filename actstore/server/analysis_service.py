@@ -137,9 +137,9 @@ def _mask(request: pb.StartAnalysisRequest, runs: list[Run], pairs: list[tuple[R
         raise selection.BadRequest(str(exc)) from None
     for run in captures:
         if request.site and request.site not in run.sites:
-            raise selection.BadRequest(str(SiteNotFound(run.key, request.site, list(run.sites))))
+            raise SiteNotFound(run.key, request.site, list(run.sites))
         if request.label and request.label not in run.labels():
-            raise selection.BadRequest(str(LabelNotFound(run.key, request.label, list(run.labels()))))
+            raise LabelNotFound(run.key, request.label, list(run.labels()))
     mask = Mask(site=request.site or None, reduction=request.reduction or "last", label=request.label or None)
     for run in captures:
         try:

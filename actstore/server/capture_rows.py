@@ -31,7 +31,7 @@ def site_of(run: Run, name: str) -> str:
     if not name:
         return run.default_site
     if name not in run.sites:
-        raise BadRequest(str(SiteNotFound(run.key, name, list(run.sites))))
+        raise SiteNotFound(run.key, name, list(run.sites))
     return name
 
 

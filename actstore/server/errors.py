@@ -11,7 +11,7 @@ import grpc
 from actstore.server.auth import AuthError
 from actstore.server.selection import BadRequest, NotFound
 from actstore.store import CorruptData, InvalidName, RunLocked, RunNotFound
-from actstore.store.errors import RefusedEntry
+from actstore.store.errors import NameNotHeld, RefusedEntry
 
 
 class Forbidden(Exception):
@@ -37,8 +37,10 @@ class Unavailable(Exception):
 _STATUS = [
     (AuthError, grpc.StatusCode.UNAUTHENTICATED),
     (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
+    # NameNotHeld (a site or label the run lacks) is a KeyError, but a bad argument like an unknown label value:
+    # INVALID_ARGUMENT whether a handler's check or a Dask worker's read finds it
+    ((InvalidName, BadRequest, NameNotHeld), grpc.StatusCode.INVALID_ARGUMENT),
     ((RunNotFound, NotFound, LookupError), grpc.StatusCode.NOT_FOUND),
-    ((InvalidName, BadRequest), grpc.StatusCode.INVALID_ARGUMENT),
     (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     ((Lossy, RefusedEntry, TooSmall), grpc.StatusCode.FAILED_PRECONDITION),  # RefusedEntry: a file not opened
     (CorruptData, grpc.StatusCode.DATA_LOSS),  # DamagedRun among them: a run whose metadata cannot be read

@@ -84,7 +84,7 @@ def question_run(selection: pb.SampleSelection, site: str, run: Run) -> None:
             "per question (select samples by id, position range or label)"
         )
     if site and site not in run.sites:
-        raise BadRequest(str(SiteNotFound(run.key, site, list(run.sites))))
+        raise SiteNotFound(run.key, site, list(run.sites))
 
 
 def positions(

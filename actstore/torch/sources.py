@@ -203,14 +203,10 @@ class RemoteSource:
 
     def _read(self, selection: dict[str, Any], out: np.ndarray | None = None) -> Rows:
         array = self._connection().hidden_states(
-            self.spec.model, self.spec.method, layers=self.spec.layers, site=self.spec.site, **selection
+            self.spec.model, self.spec.method, layers=self.spec.layers, site=self.spec.site, out=out, **selection
         )
         coords = {name: array[name].values for name in (*CORE, *self.spec.labels) if name in array.coords}
-        states = array.values
-        if out is not None:
-            out[...] = states
-            states = out
-        return Rows(states, row_coords(coords, self.spec, self.pinned))
+        return Rows(array.values, row_coords(coords, self.spec, self.pinned))
 
     def _connection(self) -> Client:
         if self._client is None or self._client[0] != os.getpid():
