@@ -327,13 +327,16 @@ def feed_server(store, tmp_path):
 
 
 def test_reading_through_a_server_gives_the_local_stream(store, feed_server):
-    kw = dict(batch_size=40, buffer_size=100, block_rows=32, seed=2, labels=["topic"])
-    local = list(activations(store, MODEL, METHOD, SITE, [0, 1], **kw))
-    with Client(feed_server.address) as client:
-        remote = list(activations(client, MODEL, METHOD, SITE, [0, 1], **kw))
-    assert len(local) == len(remote)
-    for a, b in zip(local, remote):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    """Shuffled with the same blocks, and in stored order with each side's default blocks (larger through a
+    server, where each is a call)."""
+    shuffled = dict(batch_size=40, buffer_size=100, block_rows=32, seed=2, labels=["topic"])
+    for kw in (shuffled, dict(batch_size=40, shuffle=False, labels=["topic"])):
+        local = list(activations(store, MODEL, METHOD, SITE, [0, 1], **kw))
+        with Client(feed_server.address) as client:
+            remote = list(activations(client, MODEL, METHOD, SITE, [0, 1], **kw))
+        assert len(local) == len(remote)
+        for a, b in zip(local, remote):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with Client(feed_server.address) as client:
         with pytest.raises(LabelNotFound, match="^run .* has no label 'colour'; its labels: .*topic"):
             activations(client, MODEL, METHOD, SITE, 0, labels=["colour"])

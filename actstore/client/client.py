@@ -17,14 +17,14 @@ from actstore.client.requests import (
     Labels,
     Layers,
     Positions,
-    layer_fields,
     range_of,
     run_of,
     run_ref,
     sample_selection,
+    states_request,
 )
 from actstore.client.states import receive_states
-from actstore.protocol import DTYPE_ENUMS, VISIBILITY_ENUMS
+from actstore.protocol import VISIBILITY_ENUMS
 from actstore.v1 import actstore_pb2 as pb
 from actstore.wire.columns import column_coords
 from actstore.wire.labels import label_coords
@@ -134,23 +134,13 @@ class Client(Connection):
         wraps (ValueError if it does not fit; on any error its contents are undefined). Reading many pieces
         into one buffer so skips allocating each answer, whose pages the kernel would zero first.
         """
-        request = pb.ReadStatesRequest(
-            run=run_ref(model, method),
-            samples=sample_selection(
-                samples, {"subject": subject, "answer": answer, **filters}, positions, tokens, rows
-            ),
-            dtype=pb.DTYPE_UNSPECIFIED if dtype is None else DTYPE_ENUMS[dtype],
-            allow_lossy=allow_lossy,
-            accept_blosc=True,
-            accept_blosc_float16=True,
-            site=site or "",
-            **layer_fields(layers),
+        labels = {"subject": subject, "answer": answer, **filters}
+        request = states_request(
+            model, method, layers, site, sample_selection(samples, labels, positions, tokens, rows), dtype, allow_lossy
         )
         if hidden is not None:
             request.hidden_range.CopyFrom(range_of(hidden))
-        header, data = self.retry(
-            lambda: receive_states(self.stream(self.data_stub.ReadStates, request, self.stream_timeout), out)
-        )
+        header, data = self.read_states(request, out)
         attrs = {"model": model, "method": method, "run_complete": header.run_complete}
         width = {header.dims[2]: np.arange(header.hidden_start, header.hidden_start + data.shape[2])}
         if header.columns:  # a capture run
@@ -164,6 +154,17 @@ class Client(Connection):
             coords={"layer": list(header.layers), **label_coords(header.labels), **width},
             name="hidden_states",
             attrs=attrs,
+        )
+
+    def read_states(
+        self, request: pb.ReadStatesRequest, out: np.ndarray | None = None
+    ) -> tuple[pb.StatesHeader, np.ndarray]:
+        """One ReadStates call as it arrives (retried while the server is unavailable): its header, whose rows'
+        coordinates ``header_coords`` gives as numpy arrays, and the array, decoded into ``out`` when given.
+        What ``hidden_states`` wraps in a DataArray; a caller reading many pieces (actstore.torch) skips that,
+        which costs milliseconds an answer."""
+        return self.retry(
+            lambda: receive_states(self.stream(self.data_stub.ReadStates, request, self.stream_timeout), out)
         )
 
     # -- analyses ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from actstore.protocol import DTYPE_ENUMS
 from actstore.v1 import actstore_pb2 as pb
 
 Layers = int | Sequence[int] | range | slice | None
@@ -40,6 +41,29 @@ def layer_fields(layers: Layers) -> dict:
     if isinstance(layers, (slice, range)):
         return {"layer_range": range_of(layers)}
     return {"layers": list(layers)}
+
+
+def states_request(
+    model: str,
+    method: str,
+    layers: Layers,
+    site: str | None,
+    samples: pb.SampleSelection,
+    dtype: str | None = None,
+    allow_lossy: bool = False,
+) -> pb.ReadStatesRequest:
+    """A ReadStatesRequest from a client that decodes stored Blosc blocks (float32 and float16) itself.
+    ``dtype``: "float32" or "float16"; None: as stored."""
+    return pb.ReadStatesRequest(
+        run=run_ref(model, method),
+        samples=samples,
+        dtype=pb.DTYPE_UNSPECIFIED if dtype is None else DTYPE_ENUMS[dtype],
+        allow_lossy=allow_lossy,
+        accept_blosc=True,
+        accept_blosc_float16=True,
+        site=site or "",
+        **layer_fields(layers),
+    )
 
 
 def sample_selection(

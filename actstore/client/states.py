@@ -15,6 +15,8 @@ from actstore.client.errors import ActstoreError
 from actstore.pools import ForkSafePool
 from actstore.protocol import DTYPE_NAMES
 from actstore.v1 import actstore_pb2 as pb
+from actstore.wire.columns import column_coords
+from actstore.wire.labels import label_coords
 from actstore.wire.states import MalformedBlock, decode_block
 
 _DECODE = ForkSafePool(max_workers=4, thread_name_prefix="actstore-decode")
@@ -66,3 +68,10 @@ def _answer_array(header: pb.StatesHeader, out: np.ndarray | None) -> np.ndarray
         layout = "" if out.flags.c_contiguous else ", not C-contiguous"
         raise ValueError(f"out is {out.dtype} {out.shape}{layout}; the answer is {dtype} {shape}, C-contiguous")
     return out
+
+
+def header_coords(header: pb.StatesHeader) -> dict[str, np.ndarray]:
+    """Each row's coordinates in an answer, as arrays (row,): a capture run's columns (sample, position, token_id,
+    its labels), or a question run's sample ids and labels."""
+    coords = column_coords(header.columns, header.dims[1]) if header.columns else label_coords(header.labels)
+    return {name: value[1] if isinstance(value, tuple) else value for name, value in coords.items()}

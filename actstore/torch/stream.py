@@ -86,12 +86,13 @@ class Activations(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        """``buffer_size``: rows mixed at once (memory: about twice that many rows of states, as stored or in
-        ``dtype`` where narrower). ``block_rows``: rows read at once (default: a shard's). ``start``: batches
-        (items without ``batch_size``) of this epoch to skip, as a DataLoader hands them on: a job restarted
-        after batch k passes ``start=k`` and the same seed, epoch and number of workers, and continues with
-        batch k + 1. ``dtype``: of the states (None: as stored). ``rank`` and ``world_size``: this process's
-        share (default: torch.distributed's, when initialised); each rank reads other blocks."""
+        """``buffer_size``: rows mixed at once (memory: about twice that many rows of states and a block, as
+        stored or in ``dtype`` where narrower). ``block_rows``: rows read at once (default: a shard's; through a
+        server, 16 MB of float32 rows, 64 MB without ``shuffle``). ``start``: batches (items without
+        ``batch_size``) of this epoch to skip, as a DataLoader hands them on: a job restarted after batch k
+        passes ``start=k`` and the same seed, epoch and number of workers, and continues with batch k + 1.
+        ``dtype``: of the states (None: as stored). ``rank`` and ``world_size``: this process's share (default:
+        torch.distributed's, when initialised); each rank reads other blocks."""
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         if start < 0:
@@ -108,8 +109,12 @@ class Activations(IterableDataset):
         self.blocks = [
             (i, lo, lo + size)
             for i, source in enumerate(self.sources)
-            for lo, size in cut(source.pinned.n_rows, block_rows or source.pinned.block_rows)
+            for lo, size in cut(source.pinned.n_rows, block_rows or self._block_rows(source))
         ]
+
+    def _block_rows(self, source: Source) -> int:
+        """Blocks are the places a shuffled window mixes; in stored order, only how many calls they take counts."""
+        return source.pinned.block_rows if self.shuffle else source.pinned.pass_rows
 
     @property
     def runs(self) -> list[str]:
