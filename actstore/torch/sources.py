@@ -22,7 +22,7 @@ from actstore.store.layout import StateLayout
 from actstore.v1 import actstore_pb2 as pb
 
 CORE = ("sample", "position")  # every item has them: the row's text (question) and token position
-# A block read through a server (as float32): each call costs a round trip and a selection, ~4 ms here, so
+# A block read through a server (as float32): each call costs a round trip and a selection, ~3 ms here, so
 # blocks are larger than a shard; but a shuffled window mixes as many places in the run as it holds blocks.
 # A pass in stored order mixes nothing, and reads blocks four times larger (~1.15x the tokens/s of 16 MB ones).
 REMOTE_BLOCK_BYTES = 16 << 20
