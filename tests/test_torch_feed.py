@@ -327,8 +327,8 @@ def feed_server(store, tmp_path):
 
 
 def test_reading_through_a_server_gives_the_local_stream(store, feed_server):
-    """Shuffled with the same blocks, and in stored order with each side's default blocks (larger through a
-    server, where each is a call)."""
+    """Shuffled with the same blocks, and in stored order with each side's defaults (this run fits in one
+    block either way: the served rows and coordinates are checked, not the block size)."""
     shuffled = dict(batch_size=40, buffer_size=100, block_rows=32, seed=2, labels=["topic"])
     for kw in (shuffled, dict(batch_size=40, shuffle=False, labels=["topic"])):
         local = list(activations(store, MODEL, METHOD, SITE, [0, 1], **kw))
