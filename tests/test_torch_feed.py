@@ -102,10 +102,13 @@ def test_every_row_once_per_epoch_across_two_workers_and_two_ranks(store, batch_
 
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_batches_kept_past_their_window_keep_their_rows(store, shuffle):
-    """Windows' memory is reused within an epoch; a sequential pass yields views of a window, so a batch a
-    trainer keeps must keep its window's memory from being filled again."""
+    """Windows' memory is reused, within an epoch and in the next; a sequential pass yields views of a window,
+    so a batch a trainer keeps must keep its window's memory from being filled again."""
     ds = activations(store, MODEL, METHOD, SITE, 1, shuffle=shuffle, batch_size=30, buffer_size=64, block_rows=32)
     kept = list(DataLoader(ds, batch_size=None))  # every batch of the epoch, held to its end (~20 windows)
+    ds.set_epoch(1)
+    for batch in DataLoader(ds, batch_size=None):  # the next epoch, in buffers the first's left free or not
+        del batch
     found = seen_rows(kept)  # each batch's states still carry its own rows' sample and position
     assert sorted(found) == list(range(n_rows(store))) and (found == sorted(found)) != shuffle
 

@@ -114,7 +114,7 @@ class StateReader:
             raise ValueError(f"out is {out.dtype} {out.shape}; reading {shape} of {self.dtype} states")
         shards = range(start // self.shard_samples, -(-stop // self.shard_samples))
         tasks = [(layer, shard, out[i], start, stop) for i, layer in enumerate(layers) for shard in shards]
-        if self.location.local and out.nbytes < _PARALLEL_BYTES:  # thread hand-offs would cost more than decoding
+        if len(tasks) == 1 or (self.location.local and out.nbytes < _PARALLEL_BYTES):  # no hand-off pays
             for task in tasks:
                 self._read_shard(*task)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,33 +28,50 @@ Source = LocalSource | RemoteSource
 ITEM_CHUNK = 1024  # rows gathered at once when the dataset yields single items
 CAST_ELEMENTS = 32768  # torch copies fewer elements than its grain size in the calling thread
 Rows = slice | np.ndarray  # a window's rows in a batch: in order, or picked
+KEPT_WINDOWS = 3  # buffers a dataset keeps: the most windows a pass has alive at once
 _BLOCKS = ForkSafePool(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="actstore-blocks")
 
 
 class _WindowMemory:
-    """The memory of one iteration's windows: a buffer is filled again once the window made of it is gone.
+    """The memory of a dataset's windows, kept from one window and one epoch to the next in each process.
 
     A window is tens to hundreds of MB. glibc takes blocks that large from the kernel afresh and gives them
-    back when freed, and the kernel zeroes each page on first touch: a window decoded into fresh memory
-    takes ~15 % longer. So each window is a view of a numpy array made for it over a kept buffer (a tensor,
-    at which numpy stops looking for a view's base), and every view of the window refers to that array:
-    while any batch cut from a window lives (a sequential pass yields views), its buffer is not reused.
+    back when freed, and the kernel zeroes each page on first touch: a pass decoding into fresh memory spends
+    ~10 % of its time clearing pages. So each window is a view of a numpy array made for it over a kept buffer
+    (a tensor, at which numpy stops looking for a view's base), and every view of the window refers to that
+    array: while any batch cut from a window lives (a sequential pass yields views), its buffer is not reused.
+    A pass has at most three windows alive (the one batches are cut from, the one read ahead, and one a
+    batch still held refers to), so the dataset keeps that many buffers between epochs and no more.
     """
 
     def __init__(self) -> None:
-        self._buffers: list[tuple[torch.Tensor, weakref.ref[np.ndarray]]] = []
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._buffers: list[tuple[torch.Tensor, weakref.ref[np.ndarray] | None]] = []  # None: free
+
+    def __reduce__(self) -> tuple[type[_WindowMemory], tuple[()]]:
+        return _WindowMemory, ()  # a DataLoader worker starts with none
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """An uninitialised array, in a buffer no live window uses where one is large enough; the other free
-        buffers are dropped, so memory holds no more than the windows alive and this one."""
-        count = math.prod(shape)
-        nbytes = count * dtype.itemsize
-        busy = [(buffer, window) for buffer, window in self._buffers if window() is not None]
-        free = [buffer for buffer, window in self._buffers if window() is None and len(buffer) >= nbytes]
-        buffer = free[0] if free else torch.from_numpy(np.empty(nbytes, np.uint8))  # numpy's: in huge pages
-        window = buffer.numpy()
-        self._buffers = [*busy, (buffer, weakref.ref(window))]
+        """An uninitialised array, in the smallest free buffer large enough, else in a new one. Every buffer of a
+        live window is kept, and free ones, the largest first, while fewer than ``KEPT_WINDOWS`` are held."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's buffers are its own
+                self._pid, self._buffers = os.getpid(), []
+            free = [buffer for buffer, window in self._buffers if not _alive(window)]
+            fits = [buffer for buffer in free if len(buffer) >= nbytes]
+            buffer = min(fits, key=len) if fits else torch.from_numpy(np.empty(nbytes, np.uint8))  # in huge pages
+            window = buffer.numpy()
+            live = [(b, w) for b, w in self._buffers if _alive(w)]
+            spare = sorted((b for b in free if b is not buffer), key=len, reverse=True)
+            spare = spare[: max(0, KEPT_WINDOWS - len(live) - 1)]
+            self._buffers = [*live, (buffer, weakref.ref(window)), *((b, None) for b in spare)]
         return window[:nbytes].view(dtype).reshape(shape)
+
+
+def _alive(window: weakref.ref[np.ndarray] | None) -> bool:
+    return window is not None and window() is not None
 
 
 @dataclass
@@ -87,12 +105,13 @@ class Activations(IterableDataset):
         world_size: int | None = None,
     ) -> None:
         """``buffer_size``: rows mixed at once (memory: about twice that many rows of states and a block, as
-        stored or in ``dtype`` where narrower). ``block_rows``: rows read at once (default: a shard's; through a
-        server, 16 MB of float32 rows, 64 MB without ``shuffle``). ``start``: batches (items without
-        ``batch_size``) of this epoch to skip, as a DataLoader hands them on: a job restarted after batch k
-        passes ``start=k`` and the same seed, epoch and number of workers, and continues with batch k + 1.
-        ``dtype``: of the states (None: as stored). ``rank`` and ``world_size``: this process's share (default:
-        torch.distributed's, when initialised); each rank reads other blocks."""
+        stored or in ``dtype`` where narrower, kept by the dataset for its next epoch). ``block_rows``: rows
+        read at once (default: a shard's; through a server, 16 MB of float32 rows, 64 MB without ``shuffle``).
+        ``start``: batches (items without ``batch_size``) of this epoch to skip, as a DataLoader hands them
+        on: a job restarted after batch k passes ``start=k`` and the same seed, epoch and number of workers,
+        and continues with batch k + 1. ``dtype``: of the states (None: as stored). ``rank`` and
+        ``world_size``: this process's share (default: torch.distributed's, when initialised); each rank
+        reads other blocks."""
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         if start < 0:
@@ -102,6 +121,7 @@ class Activations(IterableDataset):
         self.shuffle, self.seed, self.epoch, self.start = shuffle, seed, epoch, start
         self.batch_size, self.buffer_size, self.drop_last, self.dtype = batch_size, buffer_size, drop_last, dtype
         self.rank, self.world_size = _distributed(rank, world_size)
+        self._memory = _WindowMemory()
         self.categories = _shared_categories(self.sources)
         widths = {source.pinned.hidden for source in self.sources}
         if len(widths) > 1:
@@ -164,7 +184,7 @@ class Activations(IterableDataset):
             first += 1
         pieces: list[tuple[_Window, Rows]] = []
         pending = 0
-        memory = _WindowMemory()
+        memory = self._memory
         with ThreadPoolExecutor(1, thread_name_prefix="actstore-feed") as pool:
             ahead: Future[_Window] | None = None
             for w in range(first, len(windows)):
@@ -199,7 +219,10 @@ class Activations(IterableDataset):
                 rows = self.sources[i].read(lo, hi, out=place[np.newaxis])  # decoded in place: no copy
             else:
                 rows = self.sources[i].read(lo, hi)
-                _cast(place, rows.states[0] if self.one_layer else rows.states.transpose(1, 0, 2))
+                _cast(
+                    torch.from_numpy(place),
+                    torch.from_numpy(rows.states[0] if self.one_layer else rows.states.transpose(1, 0, 2)),
+                )
             return {**rows.coords, "run": np.full(hi - lo, i)} if len(self.sources) > 1 else rows.coords
 
         coords = list(_BLOCKS.map(fill, range(len(parts))))
@@ -218,16 +241,26 @@ class Activations(IterableDataset):
         order is a view."""
         batch = {name: _take([(window.coords[name], rows) for window, rows in pieces]) for name in pieces[0][0].coords}
         states = _take([(window.states, rows) for window, rows in pieces])
-        batch["states"] = states if self.dtype is None or states.dtype == self.dtype else states.to(self.dtype)
+        batch["states"] = states if self.dtype is None or states.dtype == self.dtype else _converted(states, self.dtype)
         return batch
 
 
-def _cast(out: np.ndarray, values: np.ndarray) -> None:
+def _cast(out: torch.Tensor, values: torch.Tensor) -> None:
     """``out[...] = values``, through torch's F16C casts (~4x numpy's from float16) in pieces below torch's grain
     size: it runs each in this thread, as a window's blocks are cast in several threads at once."""
-    step = max(1, CAST_ELEMENTS // int(np.prod(values.shape[1:])))
+    step = max(1, CAST_ELEMENTS // math.prod(values.shape[1:]))
     for i in range(0, len(values), step):
-        torch.from_numpy(out[i : i + step]).copy_(torch.from_numpy(values[i : i + step]))
+        out[i : i + step].copy_(values[i : i + step])
+
+
+def _converted(states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``states.to(dtype)``, cast in halves on two of the block threads. torch would cast on its OpenMP threads,
+    which spin for a while after each operation and so keep a core from the threads decoding the next window:
+    a shuffled pass took ~20 % more CPU and ~10 % more time so (docs/benchmarks.md, "Feed")."""
+    out = torch.empty(states.shape, dtype=dtype)
+    half = max(1, -(-len(states) // 2))
+    list(_BLOCKS.map(lambda lo: _cast(out[lo : lo + half], states[lo : lo + half]), range(0, len(states), half)))
+    return out
 
 
 def _take(pieces: list[tuple[np.ndarray, Rows]]) -> torch.Tensor:
