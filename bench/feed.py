@@ -25,7 +25,8 @@ Prints, per run: whether the rows each side delivers in a shuffled epoch, as a m
 between the two sides (a pass is as many epochs as make ``--sample-mb`` of float32, at least one):
 
 - shuffled batches of 4,096, tokens/s: actstore (``activations(..., shuffle=True)`` through a DataLoader in
-  this process, ``set_epoch`` per epoch) / the Arrow cache read as SAELens does (target: >= 2x);
+  this process, ``set_epoch`` per epoch) / the Arrow cache read as SAELens does (target: >= 2x); each side
+  is opened once (a dataset, the cache, the run), as a trainer does, and its passes timed;
 - bytes on disk: the Arrow folder / actstore's shard files of that layer (target: >= 1.5x, stored float16);
 - a sequential pass (``shuffle=False``) / the local reader (``read_states`` of the layer a batch at a time,
   made float32) (target: >= 0.8x), and for SmolLM2 in float16 the same through a real server and the client
@@ -223,13 +224,18 @@ def write_arrow(path: Path, run: Run, seed: int = 0) -> None:
     datasets.concatenate_datasets(pieces).shuffle(seed=seed).save_to_disk(str(path))
 
 
+def arrow_cache(path: Path, hook: str) -> datasets.Dataset:
+    """The Arrow cache opened as SAELens' ActivationsStore opens a cached path."""
+    ds = datasets.load_from_disk(str(path))
+    ds.set_format(type="torch", columns=[hook, "token_ids"], dtype=torch.float32)
+    return ds
+
+
 def saelens_batches(
-    path: Path, hook: str, batch_size: int, buffer_size: int, seed: int = 0, epochs: int = 1
+    ds: datasets.Dataset, hook: str, batch_size: int, buffer_size: int, seed: int = 0, epochs: int = 1
 ) -> Iterator[torch.Tensor]:
     """Shuffled batches of the Arrow cache, read as SAELens' ActivationsStore reads a cached path (``epochs``
     times over, the buffer carried across)."""
-    ds = datasets.load_from_disk(str(path))
-    ds.set_format(type="torch", columns=[hook, "token_ids"], dtype=torch.float32)
 
     def pieces() -> Iterator[torch.Tensor]:
         for _ in range(epochs):
@@ -262,34 +268,44 @@ def mixing_buffer(
 # -- the passes ----------------------------------------------------------------------------------------------
 
 
-def actstore_batches(
-    run: Run, args: argparse.Namespace, shuffle: bool, epochs: int = 1, where: Client | None = None
-) -> Iterator[torch.Tensor]:
-    """The layer's batches as actstore.torch gives them, ``epochs`` epochs (each another order), in this process."""
-    dataset = activations(
-        where if where is not None else run.store,
-        run.model,
-        run.method,
-        SITE,
-        run.layer,
-        shuffle=shuffle,
-        seed=0,
-        batch_size=args.batch_size,
-        buffer_size=args.buffer_size,
-    )
-    for epoch in range(epochs):
-        dataset.set_epoch(epoch)
-        yield from (batch["states"] for batch in DataLoader(dataset, batch_size=None))
+class Feed:
+    """actstore's side: one dataset of the layer, made once as a trainer makes it (it keeps its windows'
+    memory from one epoch to the next); each pass runs the next ``epochs`` epochs, each another order."""
+
+    def __init__(self, run: Run, args: argparse.Namespace, shuffle: bool, where: Client | None = None) -> None:
+        self.dataset = activations(
+            where if where is not None else run.store,
+            run.model,
+            run.method,
+            SITE,
+            run.layer,
+            shuffle=shuffle,
+            seed=0,
+            batch_size=args.batch_size,
+            buffer_size=args.buffer_size,
+        )
+        self.epoch = 0
+
+    def batches(self, epochs: int = 1) -> Iterator[torch.Tensor]:
+        for _ in range(epochs):
+            self.dataset.set_epoch(self.epoch)
+            self.epoch += 1
+            yield from (batch["states"] for batch in DataLoader(self.dataset, batch_size=None))
 
 
-def reader_batches(run: Run, args: argparse.Namespace, epochs: int = 1) -> Iterator[torch.Tensor]:
-    """The layer read in order by the local reader, a batch at a time, as float32."""
+def reader_batches(run: Run, args: argparse.Namespace, epochs: int = 1) -> Callable[[], Iterator[torch.Tensor]]:
+    """Passes of ``epochs`` epochs over the layer, read in order by the local reader (the run opened once), a
+    batch at a time, as float32."""
     stored = Store(run.store).run(run.model, run.method)
     n = stored.n_samples
-    for _ in range(epochs):
-        for lo in range(0, n, args.batch_size):
-            block = stored.read_states([run.layer], lo, min(n, lo + args.batch_size), SITE)[0]
-            yield torch.from_numpy(block).float()
+
+    def batches() -> Iterator[torch.Tensor]:
+        for _ in range(epochs):
+            for lo in range(0, n, args.batch_size):
+                block = stored.read_states([run.layer], lo, min(n, lo + args.batch_size), SITE)[0]
+                yield torch.from_numpy(block).float()
+
+    return batches
 
 
 def timed(batches: Callable[[], Iterator[torch.Tensor]]) -> tuple[float, int]:
@@ -351,18 +367,17 @@ def compare(run: Run, folder: Path, args: argparse.Namespace, server: bool = Fal
     weights = np.random.default_rng(1).integers(1, 2**63, size=hidden, dtype=np.uint64)
     expected = np.sort(fingerprints(run.states, weights))
 
-    def ours(k: int = epochs, where: Client | None = None) -> Iterator[torch.Tensor]:
-        return actstore_batches(run, args, True, k, where)
+    shuffled, cache = Feed(run, args, shuffle=True), arrow_cache(arrow, run.hook)
 
     def theirs(k: int = epochs) -> Iterator[torch.Tensor]:
-        return saelens_batches(arrow, run.hook, args.batch_size, args.buffer_size, 0, k)
+        return saelens_batches(cache, run.hook, args.batch_size, args.buffer_size, 0, k)
 
-    checks = [("actstore", ours(1)), ("Arrow", theirs(1))]
+    checks = [("actstore", shuffled.batches(1)), ("Arrow", theirs(1))]
     print(
         "rows of a shuffled epoch, as a multiset, equal to the layer's: "
         + ", ".join(f"{name} {'yes' if same_rows(batches, expected, weights) else 'NO'}" for name, batches in checks)
     )
-    fast, slow = side_by_side(ours, theirs, args.repeats)
+    fast, slow = side_by_side(lambda: shuffled.batches(epochs), theirs, args.repeats)
     print(
         f"shuffled batches of {args.batch_size:,} (buffer {args.buffer_size:,} rows): actstore {fast:,.0f} tokens/s "
         f"({fast * hidden * 4 / 1e6:,.0f} MB/s as float32), Arrow read as SAELens does {slow:,.0f} tokens/s; "
@@ -376,26 +391,22 @@ def compare(run: Run, folder: Path, args: argparse.Namespace, server: bool = Fal
         f"{theirs_bytes / 1e6:,.1f} MB; Arrow / actstore "
         + (verdict(ratio, 1.5) if run.dtype == "float16" else f"{ratio:.2f}x (no target: float32 stored)")
     )
-    sequential, reader = side_by_side(
-        lambda: actstore_batches(run, args, False, epochs), lambda: reader_batches(run, args, epochs), args.repeats
-    )
+    in_order, reader = Feed(run, args, shuffle=False), reader_batches(run, args, epochs)
+    sequential, read = side_by_side(lambda: in_order.batches(epochs), reader, args.repeats)
     print(
-        f"sequential pass: actstore {sequential:,.0f} tokens/s, local reader (as float32) {reader:,.0f} tokens/s; "
-        f"actstore / reader {verdict(sequential / reader, 0.8)}"
+        f"sequential pass: actstore {sequential:,.0f} tokens/s, local reader (as float32) {read:,.0f} tokens/s; "
+        f"actstore / reader {verdict(sequential / read, 0.8)}"
     )
     shutil.rmtree(arrow)
     if server:
         with ServerProcess(run.store, folder / "server.log") as process, Client(process.address) as client:
-            same = same_rows(ours(1, client), expected, weights)
-            served, reader = side_by_side(
-                lambda: actstore_batches(run, args, False, epochs, client),
-                lambda: reader_batches(run, args, epochs),
-                args.repeats,
-            )
+            same = same_rows(Feed(run, args, True, client).batches(1), expected, weights)
+            remote = Feed(run, args, False, client)
+            served, read = side_by_side(lambda: remote.batches(epochs), reader, args.repeats)
         print(
             f"through a server and the client: rows of a shuffled epoch equal to the layer's: {'yes' if same else 'NO'}"
-            f"; sequential pass {served:,.0f} tokens/s, local reader {reader:,.0f} tokens/s; server / reader "
-            + verdict(served / reader, 0.5)
+            f"; sequential pass {served:,.0f} tokens/s, local reader {read:,.0f} tokens/s; server / reader "
+            + verdict(served / read, 0.5)
         )
 
 
