@@ -16,6 +16,11 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity, which containers set; else the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class ForkSafePool:
     """A ThreadPoolExecutor of ``max_workers`` threads, made on first use in each process."""
 

@@ -29,6 +29,7 @@ from actstore.analysis.compare import OVERLAP_K, Dendrogram, LayerComparison, de
 from actstore.analysis.density import Clusters, DensityParams, LayerDensity
 from actstore.analysis.layers import Mask, analyse, compare
 from actstore.analysis.tokens import Reduction, TokenCloud, analyse_tokens
+from actstore.pools import cores
 from actstore.store import CorruptData, Store
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,7 @@ def dask_client(address: str | None = None, n_workers: int | None = None, timeou
     if address:
         return Client(address, timeout=timeout)
     # made by the Client, the local cluster is closed with it (a Client given a cluster leaves it running)
-    return Client(
-        n_workers=n_workers or os.cpu_count() or 1, threads_per_worker=1, processes=True, dashboard_address=None
-    )
+    return Client(n_workers=n_workers or cores(), threads_per_worker=1, processes=True, dashboard_address=None)
 
 
 def restore_workers(client: Client) -> int:

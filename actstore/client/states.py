@@ -12,14 +12,16 @@ import grpc
 import numpy as np
 
 from actstore.client.errors import ActstoreError
-from actstore.pools import ForkSafePool
+from actstore.pools import ForkSafePool, cores
 from actstore.protocol import DTYPE_NAMES
 from actstore.v1 import actstore_pb2 as pb
 from actstore.wire.columns import column_coords
 from actstore.wire.labels import label_coords
 from actstore.wire.states import MalformedBlock, decode_block
 
-_DECODE = ForkSafePool(max_workers=4, thread_name_prefix="actstore-decode")
+# No more decoders than cores: with a server on the same 2 cores, 4 threads served a sequential feed ~12 %
+# slower than 2, and one layer's tokens ~8 % slower (docs/benchmarks.md, "Feed").
+_DECODE = ForkSafePool(max_workers=min(4, cores()), thread_name_prefix="actstore-decode")
 MAX_PENDING = 8  # blocks decoding or waiting at once: what a stream holds beyond its answer (~0.5 MiB each)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -16,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from actstore.address import parse_address
+from actstore.pools import cores
 from actstore.protocol import DEFAULT_ADDRESS, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES
 from actstore.server.auth import Authenticator
 from actstore.server.catalog_service import CatalogService
@@ -38,7 +38,7 @@ SERVICE_NAMES = [
     pb.DESCRIPTOR.services_by_name[name].full_name for name in ("CatalogService", "DataService", "AnalysisService")
 ]
 DEFAULT_MAX_RESPONSE_MB = 4096
-DEFAULT_WORKERS = min(32, 2 * (os.cpu_count() or 1) + 4)
+DEFAULT_WORKERS = min(32, 2 * cores() + 4)
 SHUTDOWN_GRACE_S = 30.0
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

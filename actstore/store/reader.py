@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import zlib
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
@@ -34,7 +33,7 @@ import numcodecs
 import numpy as np
 import zarr
 
-from actstore.pools import ForkSafePool
+from actstore.pools import ForkSafePool, cores
 from actstore.store.checksum import CRC_BYTES, ChunkMismatch, Mismatch, chunk_frames, span_crc, table_crc
 from actstore.store.errors import CorruptData
 from actstore.store.location import Location, ShardBytes, join
@@ -43,7 +42,7 @@ from actstore.store.shard_format import CHECKSUMMED, MISSING, PLAIN, Index, inne
 log = logging.getLogger(__name__)
 
 _PARALLEL_BYTES = 4 << 20
-_POOL = ForkSafePool(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="actstore-decode")
+_POOL = ForkSafePool(max_workers=max(2, cores()), thread_name_prefix="actstore-decode")
 _REQUESTS = ForkSafePool(max_workers=32, thread_name_prefix="actstore-get")  # a bucket's round trips overlap
 numcodecs.blosc.set_nthreads(1)  # parallelism comes from decoding several chunks at once
 

@@ -27,7 +27,6 @@ concurrently from another, so that a bucket's uploads overlap.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, wait
@@ -39,14 +38,14 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from actstore.pools import ForkSafePool
+from actstore.pools import ForkSafePool, cores
 from actstore.store.blosc_split import split_byte_streams
 from actstore.store.checksum import CRC_BYTES, Mismatch, chunk_frames, span_crc
 from actstore.store.errors import CorruptData
 from actstore.store.location import Location, join
 from actstore.store.shard_format import CHECKSUMMED, MISSING, PLAIN, inner_codecs, parse_index
 
-_ENCODE = ForkSafePool(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="actstore-encode")
+_ENCODE = ForkSafePool(max_workers=max(2, cores()), thread_name_prefix="actstore-encode")
 _PUT = ForkSafePool(max_workers=16, thread_name_prefix="actstore-put")  # a bucket's uploads overlap
 _IN_FLIGHT = 32  # shards encoded or being written at once: bounds what a large commit holds encoded
 _SHUFFLES = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE}

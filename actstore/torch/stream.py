@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from actstore.pools import ForkSafePool
+from actstore.pools import ForkSafePool, cores
 from actstore.torch.order import EpochPlan, cut, delivered, n_batches
 from actstore.torch.sources import LocalSource, RemoteSource
 
@@ -29,7 +29,7 @@ ITEM_CHUNK = 1024  # rows gathered at once when the dataset yields single items
 CAST_ELEMENTS = 32768  # torch copies fewer elements than its grain size in the calling thread
 Rows = slice | np.ndarray  # a window's rows in a batch: in order, or picked
 KEPT_WINDOWS = 3  # buffers a dataset keeps: the most windows a pass has alive at once
-_BLOCKS = ForkSafePool(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="actstore-blocks")
+_BLOCKS = ForkSafePool(max_workers=max(2, cores()), thread_name_prefix="actstore-blocks")
 
 
 class _WindowMemory:
