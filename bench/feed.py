@@ -293,7 +293,7 @@ class Feed:
             yield from (batch["states"] for batch in DataLoader(self.dataset, batch_size=None))
 
 
-def reader_batches(run: Run, args: argparse.Namespace, epochs: int = 1) -> Callable[[], Iterator[torch.Tensor]]:
+def reader_passes(run: Run, args: argparse.Namespace, epochs: int = 1) -> Callable[[], Iterator[torch.Tensor]]:
     """Passes of ``epochs`` epochs over the layer, read in order by the local reader (the run opened once), a
     batch at a time, as float32."""
     stored = Store(run.store).run(run.model, run.method)
@@ -391,7 +391,7 @@ def compare(run: Run, folder: Path, args: argparse.Namespace, server: bool = Fal
         f"{theirs_bytes / 1e6:,.1f} MB; Arrow / actstore "
         + (verdict(ratio, 1.5) if run.dtype == "float16" else f"{ratio:.2f}x (no target: float32 stored)")
     )
-    in_order, reader = Feed(run, args, shuffle=False), reader_batches(run, args, epochs)
+    in_order, reader = Feed(run, args, shuffle=False), reader_passes(run, args, epochs)
     sequential, read = side_by_side(lambda: in_order.batches(epochs), reader, args.repeats)
     print(
         f"sequential pass: actstore {sequential:,.0f} tokens/s, local reader (as float32) {read:,.0f} tokens/s; "

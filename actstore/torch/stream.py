@@ -56,9 +56,9 @@ class _WindowMemory:
         """An uninitialised array, in the smallest free buffer large enough, else in a new one. Every buffer of a
         live window is kept, and free ones, the largest first, while fewer than ``KEPT_WINDOWS`` are held."""
         nbytes = math.prod(shape) * dtype.itemsize
+        if self._pid != os.getpid():  # forked: the buffers are the parent's, the lock maybe held by a lost thread
+            self._pid, self._lock, self._buffers = os.getpid(), threading.Lock(), []
         with self._lock:
-            if self._pid != os.getpid():  # forked: the parent's buffers are its own
-                self._pid, self._buffers = os.getpid(), []
             free = [buffer for buffer, window in self._buffers if not _alive(window)]
             fits = [buffer for buffer in free if len(buffer) >= nbytes]
             buffer = min(fits, key=len) if fits else torch.from_numpy(np.empty(nbytes, np.uint8))  # in huge pages
