@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -278,16 +278,38 @@ def test_a_corrupted_chunk_raises_corruption_naming_run_layer_and_samples(store)
     assert seen_rows(activations(store, MODEL, METHOD, SITE, 0, batch_size=64)), "layer 0 still reads"
 
 
-def test_a_killed_worker_ends_the_iteration_with_an_error_not_a_hang(store):
-    ds = activations(store, MODEL, METHOD, SITE, 0, batch_size=1, block_rows=8, buffer_size=8)
-    iterator = iter(DataLoader(ds, batch_size=None, num_workers=2, prefetch_factor=1))
-    next(iterator)
-    os.kill(iterator._workers[0].pid, signal.SIGKILL)
-    started = time.monotonic()
-    with pytest.raises(RuntimeError, match="DataLoader worker .* exited unexpectedly|killed by signal"):
-        for _ in iterator:
-            pass
-    assert time.monotonic() - started < 60
+def test_a_killed_worker_ends_the_iteration_with_an_error_not_a_hang(store, tmp_path):
+    # In a process of its own: torch's SIGCHLD handler raises again, at any later bytecode, while the killed
+    # worker's pid is still registered; in pytest's process that lands in a later test or in pytest itself.
+    script = tmp_path / "kill_worker.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, signal, time
+            from torch.utils.data import DataLoader
+            from actstore.torch import activations
+
+            if __name__ == "__main__":
+                ds = activations({str(store)!r}, {MODEL!r}, {METHOD!r}, {SITE!r}, 0, batch_size=1, block_rows=8,
+                                 buffer_size=8)
+                iterator = iter(DataLoader(ds, batch_size=None, num_workers=2, prefetch_factor=1))
+                next(iterator)
+                os.kill(iterator._workers[0].pid, signal.SIGKILL)
+                started = time.monotonic()
+                try:
+                    for _ in iterator:
+                        pass
+                except RuntimeError as error:
+                    print(round(time.monotonic() - started), error, flush=True)
+            """
+        )
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.stdout, f"the iteration ended without an error: {done.stderr}"
+    seconds, message = done.stdout.split(" ", 1)
+    assert re.search("DataLoader worker .* exited unexpectedly|killed by signal", message), done.stdout + done.stderr
+    assert int(seconds) < 60
 
 
 def test_bad_arguments_are_refused_in_one_line(store):
