@@ -381,7 +381,8 @@ def compare(run: Run, folder: Path, args: argparse.Namespace, server: bool = Fal
     print(
         f"shuffled batches of {args.batch_size:,} (buffer {args.buffer_size:,} rows): actstore {fast:,.0f} tokens/s "
         f"({fast * hidden * 4 / 1e6:,.0f} MB/s as float32), Arrow read as SAELens does {slow:,.0f} tokens/s; "
-        f"actstore / Arrow {verdict(fast / slow, 2.0)}"
+        "actstore / Arrow "
+        + (verdict(fast / slow, 2.0) if run.dtype == "float16" else f"{fast / slow:.2f}x (no target: float32 stored)")
     )
     ours_bytes = size_of(run.store / run.model / run.method / SITE / "c" / str(run.layer))
     theirs_bytes = size_of(arrow)
