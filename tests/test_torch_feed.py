@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,6 +59,21 @@ def write_capture(root, texts: range = range(N_TEXTS)) -> None:
 def store(tmp_path):
     write_capture(tmp_path / "store")
     return tmp_path / "store"
+
+
+SCRIPT_IMPORTS = (
+    "import os, signal, sys, time\nfrom torch.utils.data import DataLoader\nfrom actstore.torch import activations"
+)
+
+
+def feed_script(path: Path, main: str) -> list[str]:
+    """A training job's script at ``path``, ``main`` the body of its ``__main__`` block (a DataLoader's workers
+    import the script): the command that runs it."""
+    path.write_text(f"{SCRIPT_IMPORTS}\n\nif __name__ == '__main__':\n{textwrap.indent(textwrap.dedent(main), '    ')}")
+    return [sys.executable, str(path)]
+
+
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def n_rows(store) -> int:
@@ -204,32 +220,24 @@ def test_start_k_with_workers_continues_with_batch_k_plus_one(store):
 
 
 def test_a_training_job_killed_at_batch_k_resumes_with_batch_k_plus_one(store, tmp_path):
-    script = tmp_path / "train.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import sys
-            from torch.utils.data import DataLoader
-            from actstore.torch import activations
-
-            if __name__ == "__main__":
-                start = int(sys.argv[1])
-                ds = activations({str(store)!r}, {MODEL!r}, {METHOD!r}, {SITE!r}, 1, batch_size=25, buffer_size=60,
-                                 block_rows=20, seed=11, start=start)
-                for k, batch in enumerate(DataLoader(ds, batch_size=None, num_workers=2), start=start + 1):
-                    print(k, *batch["states"][:, 0].long().tolist(), flush=True)
-            """
-        )
+    command = feed_script(
+        tmp_path / "train.py",
+        f"""
+        start = int(sys.argv[1])
+        ds = activations({str(store)!r}, {MODEL!r}, {METHOD!r}, {SITE!r}, 1, batch_size=25, buffer_size=60,
+                         block_rows=20, seed=11, start=start)
+        for k, batch in enumerate(DataLoader(ds, batch_size=None, num_workers=2), start=start + 1):
+            print(k, *batch["states"][:, 0].long().tolist(), flush=True)
+        """,
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
     def lines(start: int) -> list[str]:
-        done = subprocess.run([sys.executable, str(script), str(start)], capture_output=True, text=True, env=env)
+        done = subprocess.run([*command, str(start)], capture_output=True, text=True, env=OFFLINE)
         assert done.returncode == 0, done.stderr
         return done.stdout.splitlines()
 
     whole = lines(0)
-    killed = subprocess.Popen([sys.executable, str(script), "0"], stdout=subprocess.PIPE, text=True, env=env)
+    killed = subprocess.Popen([*command, "0"], stdout=subprocess.PIPE, text=True, env=OFFLINE)
     got = [killed.stdout.readline() for _ in range(5)]
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
@@ -281,31 +289,22 @@ def test_a_corrupted_chunk_raises_corruption_naming_run_layer_and_samples(store)
 def test_a_killed_worker_ends_the_iteration_with_an_error_not_a_hang(store, tmp_path):
     # In a process of its own: torch's SIGCHLD handler raises again, at any later bytecode, while the killed
     # worker's pid is still registered; in pytest's process that lands in a later test or in pytest itself.
-    script = tmp_path / "kill_worker.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import os, signal, time
-            from torch.utils.data import DataLoader
-            from actstore.torch import activations
-
-            if __name__ == "__main__":
-                ds = activations({str(store)!r}, {MODEL!r}, {METHOD!r}, {SITE!r}, 0, batch_size=1, block_rows=8,
-                                 buffer_size=8)
-                iterator = iter(DataLoader(ds, batch_size=None, num_workers=2, prefetch_factor=1))
-                next(iterator)
-                os.kill(iterator._workers[0].pid, signal.SIGKILL)
-                started = time.monotonic()
-                try:
-                    for _ in iterator:
-                        pass
-                except RuntimeError as error:
-                    print(round(time.monotonic() - started), error, flush=True)
-            """
-        )
+    command = feed_script(
+        tmp_path / "kill_worker.py",
+        f"""
+        ds = activations({str(store)!r}, {MODEL!r}, {METHOD!r}, {SITE!r}, 0, batch_size=1, block_rows=8, buffer_size=8)
+        iterator = iter(DataLoader(ds, batch_size=None, num_workers=2, prefetch_factor=1))
+        next(iterator)
+        os.kill(iterator._workers[0].pid, signal.SIGKILL)
+        started = time.monotonic()
+        try:
+            for _ in iterator:
+                pass
+        except RuntimeError as error:
+            print(round(time.monotonic() - started), error, flush=True)
+        """,
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(command, capture_output=True, text=True, env=OFFLINE, timeout=120)
     assert done.stdout, f"the iteration ended without an error: {done.stderr}"
     seconds, message = done.stdout.split(" ", 1)
     assert re.search("DataLoader worker .* exited unexpectedly|killed by signal", message), done.stdout + done.stderr
