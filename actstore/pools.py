@@ -17,7 +17,8 @@ T = TypeVar("T")
 
 
 def cores() -> int:
-    """The CPU cores this process may run on (its affinity, which containers set; else the machine's)."""
+    """The CPU cores this process may run on: its affinity, which ``taskset`` and a container's cpuset set (a CPU
+    quota, as ``docker --cpus`` sets, is not seen); else the machine's."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
