@@ -346,6 +346,11 @@ def verdict(ratio: float, target: float) -> str:
     return f"{shown}x (target >= {target}x: {'met' if ratio >= target else 'MISSED'})"
 
 
+def float16_verdict(ratio: float, target: float, dtype: str) -> str:
+    """The issue's shuffled and size targets are for runs stored as float16; a float32 run's ratio has none."""
+    return verdict(ratio, target) if dtype == "float16" else f"{ratio:.2f}x (no target: float32 stored)"
+
+
 def size_of(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
@@ -381,16 +386,14 @@ def compare(run: Run, folder: Path, args: argparse.Namespace, server: bool = Fal
     print(
         f"shuffled batches of {args.batch_size:,} (buffer {args.buffer_size:,} rows): actstore {fast:,.0f} tokens/s "
         f"({fast * hidden * 4 / 1e6:,.0f} MB/s as float32), Arrow read as SAELens does {slow:,.0f} tokens/s; "
-        "actstore / Arrow "
-        + (verdict(fast / slow, 2.0) if run.dtype == "float16" else f"{fast / slow:.2f}x (no target: float32 stored)")
+        f"actstore / Arrow {float16_verdict(fast / slow, 2.0, run.dtype)}"
     )
     ours_bytes = size_of(run.store / run.model / run.method / SITE / "c" / str(run.layer))
     theirs_bytes = size_of(arrow)
     ratio = theirs_bytes / ours_bytes
     print(
         f"bytes on disk: actstore's shard files of the layer {ours_bytes / 1e6:,.1f} MB, the Arrow folder "
-        f"{theirs_bytes / 1e6:,.1f} MB; Arrow / actstore "
-        + (verdict(ratio, 1.5) if run.dtype == "float16" else f"{ratio:.2f}x (no target: float32 stored)")
+        f"{theirs_bytes / 1e6:,.1f} MB; Arrow / actstore {float16_verdict(ratio, 1.5, run.dtype)}"
     )
     in_order, reader = Feed(run, args, shuffle=False), reader_passes(run, args, epochs)
     sequential, read = side_by_side(lambda: in_order.batches(epochs), reader, args.repeats)
